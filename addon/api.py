@@ -1,0 +1,161 @@
+"""The /datalab/* endpoints: start (upload), view (cookie + redirect) and static (fetch a path).
+
+Refusals are decided in `requestheaders`, before an upload body is read. Every error is an ApiError,
+turned into JSON here; anything unexpected is a 500, never a request sent upstream.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from mitmproxy import http
+from redis.exceptions import RedisError
+
+import errors
+import inputs
+import signing
+from backends import BackendError
+from backends import http_status
+from errors import ApiError
+from router import reroute
+from runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+PREFIX = "/datalab/"
+HANDLED = "datalab.api"  # flow.metadata: this flow is ours, the router leaves it alone
+START = "datalab.start"  # flow.metadata: the checked filename of an upload waiting for its body
+STATIC = "datalab.static"  # flow.metadata: a static fetch rerouted to an instance
+
+
+def is_api_path(path: str) -> bool:
+    return path == PREFIX[:-1] or path.startswith(PREFIX)
+
+
+def session_cookie(name: str, value: str, samesite: str, secure: bool) -> str:
+    """The Set-Cookie value: the whole origin, never readable from scripts."""
+    cookie = f"{name}={value}; Path=/; HttpOnly; SameSite={samesite}"
+    return cookie + "; Secure" if secure else cookie
+
+
+def single_param(query: http.MultiDictView, name: str) -> str:
+    values = query.get_all(name)
+    if len(values) != 1:
+        raise errors.bad_request(f"give exactly one '{name}' query parameter")
+    return values[0]
+
+
+class Api:
+    def __init__(self, runtime: Runtime):
+        self.runtime = runtime
+
+    async def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if flow.response or flow.error or not flow.live or not is_api_path(flow.request.path.partition("?")[0]):
+            return
+        flow.metadata[HANDLED] = True
+        await self._answering_errors(flow, self._dispatch)
+
+    async def request(self, flow: http.HTTPFlow) -> None:
+        if flow.response or START not in flow.metadata:
+            return
+        await self._answering_errors(flow, self._start)
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        if flow.metadata.get(STATIC) and flow.response:
+            flow.response.stream = True  # big files pass through without being held in memory
+            flow.response.headers.pop("Set-Cookie", None)
+
+    async def _answering_errors(self, flow: http.HTTPFlow, handler) -> None:
+        try:
+            if not self.runtime.ready:
+                raise ApiError(503, "NOT_CONFIGURED", "the proxy has no valid datalab_* options yet")
+            await handler(flow)
+        except ApiError as e:
+            flow.response = e.response()
+        except BackendError as e:
+            flow.response = ApiError(e.status, e.code, str(e)).response()
+        except RedisError as e:
+            flow.response = errors.redis_unavailable(e).response()
+        except Exception:
+            log.exception("datalab: unexpected failure on %s", flow.request.path)
+            flow.response = ApiError(500, "INTERNAL", "the proxy failed unexpectedly; see its log").response()
+
+    async def _dispatch(self, flow: http.HTTPFlow) -> None:
+        path, _, query = flow.request.path.partition("?")
+        _, _, rest = path.partition(PREFIX)
+        endpoint, _, tail = rest.partition("/")
+        if endpoint == "start" and not tail:
+            self._check_method(flow, "POST")
+            self._check_start(flow)
+        elif endpoint in ("view", "static") and tail:
+            self._check_method(flow, "GET", "HEAD")
+            nonce, _, destination = tail.partition("/")
+            instance = await self.runtime.instances.by_nonce(nonce)
+            if instance is None:
+                raise errors.not_found("NONCE_UNKNOWN", "this nonce is unknown or expired; start a new instance")
+            if endpoint == "view":
+                await self._view(flow, instance, destination, query)
+            else:
+                await self._static(flow, instance, destination, query)
+        else:
+            raise errors.not_found("NOT_FOUND", "no such endpoint; see /datalab/start, /datalab/view, /datalab/static")
+
+    @staticmethod
+    def _check_method(flow: http.HTTPFlow, *allowed: str) -> None:
+        if flow.request.method not in allowed:
+            raise errors.method_not_allowed(", ".join(allowed))
+
+    def _check_start(self, flow: http.HTTPFlow) -> None:
+        """Everything about an upload that the headers tell, so a refused body is never used."""
+        s = self.runtime.settings
+        query = flow.request.query
+        ts, filename = single_param(query, "ts"), single_param(query, "filename")
+        try:
+            inputs.check_filename(filename)
+            ts_seconds = signing.parse_timestamp(ts)
+        except ValueError as e:
+            raise errors.bad_request(str(e)) from e
+        if not signing.signature_ok(s.sign_key, ts, filename, flow.request.headers.get("X-SIGN", "")):
+            raise ApiError(403, "BAD_SIGNATURE", "X-SIGN must be hex(sha256(sign_key + ts + filename))")
+        if not signing.timestamp_fresh(ts_seconds, time.time(), s.max_skew):
+            raise ApiError(403, "STALE_TIMESTAMP", f"ts is more than {s.max_skew} s from the proxy's clock")
+        length = flow.request.headers.get("Content-Length")
+        if length is not None and (not length.isdigit() or int(length) > s.max_upload):
+            raise self._too_large()
+        flow.metadata[START] = filename
+
+    def _too_large(self) -> ApiError:
+        return ApiError(413, "UPLOAD_TOO_LARGE", f"the upload is over {self.runtime.settings.max_upload} bytes")
+
+    async def _start(self, flow: http.HTTPFlow) -> None:
+        body = flow.request.raw_content or b""
+        if len(body) > self.runtime.settings.max_upload:
+            raise self._too_large()
+        nonce = await self.runtime.instances.start(flow.metadata[START], body)
+        flow.response = errors.json_response(200, {"code": "OK", "result": {"nonce": nonce}})
+
+    async def _view(self, flow: http.HTTPFlow, instance, destination: str, query: str) -> None:
+        s = self.runtime.settings
+        session_id = await self.runtime.instances.open_session(instance)
+        flow.response = http.Response.make(
+            302,
+            b"",
+            {
+                "Location": inputs.safe_destination(destination, query),
+                "Set-Cookie": session_cookie(s.cookie_name, session_id, s.cookie_samesite, s.cookie_secure),
+                "Cache-Control": "no-store",
+            },
+        )
+
+    async def _static(self, flow: http.HTTPFlow, instance, destination: str, query: str) -> None:
+        # mitmproxy answers an unreachable upstream with its own HTML page: check first, answer in JSON.
+        if await http_status(instance.host, instance.port, "/api/status", timeout=5.0) is None:
+            raise ApiError(502, "INSTANCE_UNREACHABLE", "the instance for this nonce does not answer")
+        for header in ("Cookie", "Authorization"):
+            flow.request.headers.pop(header, None)  # the frontend's credentials are not the instance's business
+        # Jupyter refuses a GET with neither XSRF cookie nor same-origin Referer; this fetch is the proxy's own.
+        flow.request.headers["Referer"] = f"http://{flow.request.host_header}/"
+        reroute(flow, instance.host, instance.port)
+        flow.request.path = inputs.safe_destination(destination, query)
+        flow.metadata[STATIC] = True

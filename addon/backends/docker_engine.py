@@ -1,0 +1,159 @@
+"""Docker backend: one container per instance, from a local image that is never pulled.
+
+Every Docker SDK call is blocking, so each goes through `_call` (a worker thread). The uploaded file
+is copied into the created container before it starts, so Jupyter sees it from its first listing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import tarfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import docker
+import docker.errors
+from docker.models.containers import Container
+
+from backends import Backend
+from backends import BackendError
+from backends import EngineUnavailable
+from backends import ImageMissing
+from backends import Instance
+from backends import wait_ready
+
+log = logging.getLogger(__name__)
+
+JUPYTER_PORT = 8888
+WORK_DIR = "/home/datalab/work"
+USER_UID = 1000
+LABEL_MANAGED = "datalab.managed-by"
+LABEL_PREFIX = "datalab.prefix"
+LABEL_INSTANCE = "datalab.instance"
+MANAGED_BY = "datalab-proxy"
+
+
+@dataclass(frozen=True)
+class DockerOptions:
+    image: str
+    label_prefix: str
+    mem_limit: str = "1g"
+    cpus: float = 1.0
+    pids_limit: int = 256
+    start_timeout: float = 60.0
+    docker_url: str = ""
+
+
+def upload_tar(filename: str, data: bytes) -> bytes:
+    """A tar holding one file owned by the notebook user, so Jupyter can also save over it."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        info = tarfile.TarInfo(filename)
+        info.size = len(data)
+        info.mode = 0o644
+        info.uid = info.gid = USER_UID
+        info.mtime = int(time.time())
+        tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+class DockerBackend(Backend):
+    name = "docker"
+
+    def __init__(self, opts: DockerOptions):
+        self.opts = opts
+        self._client: docker.DockerClient | None = None
+
+    async def _call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run one blocking SDK call in a thread; an engine that cannot be reached is a 503."""
+        try:
+            return await asyncio.to_thread(fn, *args, **kwargs)
+        except docker.errors.NotFound:
+            raise
+        except docker.errors.APIError as e:
+            raise BackendError(f"the Docker engine refused the request: {e.explanation or e}") from e
+        except (docker.errors.DockerException, OSError) as e:
+            raise EngineUnavailable(f"the Docker engine cannot be reached ({e}); is dockerd running?") from e
+
+    async def client(self) -> docker.DockerClient:
+        if self._client is None:
+            url = self.opts.docker_url or None
+            self._client = await self._call(lambda: docker.DockerClient(base_url=url) if url else docker.from_env())
+        return self._client
+
+    async def check(self) -> None:
+        client = await self.client()
+        try:
+            await self._call(client.images.get, self.opts.image)
+        except docker.errors.NotFound as e:
+            raise ImageMissing(
+                f"the image {self.opts.image} is not in the local engine and is never pulled; "
+                f"build it with scripts/build-image.sh"
+            ) from e
+
+    async def start(self, instance_id: str, filename: str, data: bytes) -> Instance:
+        await self.check()
+        client = await self.client()
+        container: Container = await self._call(client.containers.create, **self._create_args(instance_id))
+        try:
+            await self._call(container.put_archive, WORK_DIR, upload_tar(filename, data))
+            await self._call(container.start)
+            port = await self._published_port(container)
+            instance = Instance(instance_id, self.name, container.id, "127.0.0.1", port, filename, time.time())
+            await wait_ready(instance.host, port, self.opts.start_timeout, lambda: self.poll(instance))
+            return instance
+        except BaseException:
+            await asyncio.shield(self._remove_quietly(container.id))
+            raise
+
+    def _create_args(self, instance_id: str) -> dict[str, Any]:
+        return dict(
+            image=self.opts.image,
+            name=f"datalab-{instance_id}",
+            detach=True,
+            labels={LABEL_MANAGED: MANAGED_BY, LABEL_PREFIX: self.opts.label_prefix, LABEL_INSTANCE: instance_id},
+            ports={f"{JUPYTER_PORT}/tcp": ("127.0.0.1", None)},
+            mem_limit=self.opts.mem_limit,
+            nano_cpus=int(self.opts.cpus * 1e9),
+            pids_limit=self.opts.pids_limit,
+            cap_drop=["ALL"],
+            security_opt=["no-new-privileges"],
+        )
+
+    async def _published_port(self, container: Container) -> int:
+        await self._call(container.reload)
+        bindings = container.attrs["NetworkSettings"]["Ports"].get(f"{JUPYTER_PORT}/tcp") or []
+        for binding in bindings:
+            if binding.get("HostIp") == "127.0.0.1":
+                return int(binding["HostPort"])
+        raise BackendError("the engine published no loopback port for the instance")
+
+    async def poll(self, instance: Instance) -> bool:
+        client = await self.client()
+        try:
+            container = await self._call(client.containers.get, instance.handle)
+        except docker.errors.NotFound:
+            return False
+        return container.status == "running"
+
+    async def stop(self, instance: Instance) -> None:
+        await self._remove(instance.handle)
+
+    async def _remove_quietly(self, container_id: str) -> None:
+        """Clean-up after a failed start must not hide the failure that caused it."""
+        try:
+            await self._remove(container_id)
+        except BackendError as e:
+            log.error("could not remove container %s after a failed start: %s", container_id[:12], e)
+
+    async def _remove(self, container_id: str) -> None:
+        client = await self.client()
+        try:
+            container = await self._call(client.containers.get, container_id)
+            await self._call(container.remove, force=True)
+        except docker.errors.NotFound:
+            pass  # already gone: that is what stop wants

@@ -1,0 +1,148 @@
+"""All datalab_* options: declared in load(), validated in configure(), frozen into Settings.
+
+Only this addon reads ctx.options; everything else receives a Settings value, so tests build one
+directly and a bad option fails at start-up, not on the first request.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import re
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from mitmproxy import ctx
+from mitmproxy import exceptions
+
+from redis.asyncio.connection import parse_url
+
+log = logging.getLogger(__name__)
+
+MIB = 1024 * 1024
+SAMESITE = ("Lax", "Strict", "None")
+# Without these, a client connection dies before the hooks run, or the instance sees the wrong Host.
+MITMPROXY_REQUIRED = {"connection_strategy": "lazy", "keep_host_header": True}
+
+
+@dataclass(frozen=True)
+class Settings:
+    sign_key: str = ""
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    key_prefix: str = "datalab:"
+    image: str = "datalab-notebook:latest"
+    docker_url: str = ""
+    nonce_ttl: int = 600
+    session_ttl: int = 86400
+    cookie_name: str = "datalab_session"
+    cookie_samesite: str = "Lax"
+    cookie_secure: bool = False
+    max_upload: int = 100 * MIB
+    max_skew: int = 300
+    start_timeout: int = 60
+    mem_limit: str = "1g"
+    cpus: str = "1.0"
+    pids_limit: int = 256
+    route_cache_ttl: int = 5
+
+
+# name (without the datalab_ prefix), environment variable for the default or None, help text.
+_HELP: dict[str, tuple[str | None, str]] = {
+    "sign_key": ("DATALAB_SIGN_KEY", "Shared secret for X-SIGN = sha256(sign_key + ts + filename). Required."),
+    "redis_url": ("DATALAB_REDIS_URL", "Redis holding nonces, sessions and instances, e.g. redis://127.0.0.1:6379/0"),
+    "key_prefix": ("DATALAB_KEY_PREFIX", "Prefix of every Redis key (and container label) this proxy owns."),
+    "image": ("DATALAB_IMAGE", "Local Docker image of the Jupyter instance; never pulled (scripts/build-image.sh)."),
+    "docker_url": ("DOCKER_HOST", "Docker engine URL; empty means the local default socket."),
+    "nonce_ttl": (None, "Seconds a nonce from /datalab/start stays valid."),
+    "session_ttl": (None, "Seconds a browser session (cookie) stays bound to its instance."),
+    "cookie_name": (None, "Name of the session cookie set by /datalab/view."),
+    "cookie_samesite": (None, "SameSite attribute of the session cookie: Lax, Strict or None."),
+    "cookie_secure": (None, "Mark the session cookie Secure (serve the proxy behind HTTPS)."),
+    "max_upload": (None, "Largest accepted upload body, in bytes."),
+    "max_skew": (None, "Seconds a signed ts may differ from the proxy's clock."),
+    "start_timeout": (None, "Seconds to wait for a new instance's Jupyter to answer /api/status."),
+    "mem_limit": (None, "Memory limit of each instance (Docker syntax: 512m, 1g)."),
+    "cpus": (None, "CPU limit of each instance, in CPUs."),
+    "pids_limit": (None, "Process-count limit of each instance."),
+    "route_cache_ttl": (None, "Seconds a session's route is cached in memory (0 disables the cache)."),
+}
+
+_DEFAULTS = Settings()
+
+
+def option_name(field: str) -> str:
+    return f"datalab_{field}"
+
+
+def _typed_default(field: dataclasses.Field, env: str | None) -> typing.Any:
+    """The option default: the environment variable when set, else the Settings default."""
+    default = getattr(_DEFAULTS, field.name)
+    raw = os.environ.get(env) if env else None
+    if raw is None or raw == "":
+        return default
+    if isinstance(default, bool):
+        return raw.lower() in ("1", "true", "yes", "on")
+    return type(default)(raw)
+
+
+def add_options(add_option: Callable[..., None]) -> None:
+    for field in dataclasses.fields(Settings):
+        env, help_text = _HELP[field.name]
+        add_option(option_name(field.name), type(getattr(_DEFAULTS, field.name)), _typed_default(field, env), help_text)
+
+
+def parse_settings(values: dict[str, typing.Any]) -> Settings:
+    """Settings from option values (keyed by field name); ValueError says which one is wrong and why."""
+    s = Settings(**values)
+    _require(bool(s.sign_key), "sign_key", "is required: set DATALAB_SIGN_KEY or --set datalab_sign_key=...")
+    _require(s.redis_url.startswith(("redis://", "rediss://", "unix://")), "redis_url", "must be a redis://, rediss:// or unix:// URL")
+    parse_url(s.redis_url)
+    _require(bool(s.key_prefix) and " " not in s.key_prefix, "key_prefix", "must be non-empty without spaces")
+    _require(bool(s.image), "image", "must name a local image")
+    for name in ("nonce_ttl", "session_ttl", "max_upload", "max_skew", "pids_limit", "start_timeout"):
+        _require(getattr(s, name) > 0, name, "must be positive")
+    _require(_positive_number(s.cpus), "cpus", "must be a positive number of CPUs, e.g. 0.5 or 2")
+    _require(s.route_cache_ttl >= 0, "route_cache_ttl", "must be zero or positive")
+    _require(s.cookie_name.isascii() and s.cookie_name.replace("_", "").replace("-", "").isalnum(), "cookie_name", "must be letters, digits, '_' or '-'")
+    _require(s.cookie_samesite in SAMESITE, "cookie_samesite", f"must be one of {', '.join(SAMESITE)}")
+    _require(not (s.cookie_samesite == "None" and not s.cookie_secure), "cookie_samesite", "None needs datalab_cookie_secure=true (browsers refuse it otherwise)")
+    _require(bool(re.fullmatch(r"[0-9]+[bkmgBKMG]?", s.mem_limit)), "mem_limit", "must look like 512m or 1g")
+    return s
+
+
+def _positive_number(text: str) -> bool:
+    try:
+        return float(text) > 0
+    except ValueError:
+        return False
+
+
+def _require(ok: bool, field: str, message: str) -> None:
+    if not ok:
+        raise ValueError(f"{option_name(field)} {message}")
+
+
+class Config:
+    """Declares the options and hands a validated Settings to `on_settings` whenever they change."""
+
+    def __init__(self, on_settings: Callable[[Settings], None]):
+        self.on_settings = on_settings
+
+    def load(self, loader) -> None:
+        add_options(loader.add_option)
+
+    def configure(self, updated: set[str]) -> None:
+        for name, value in MITMPROXY_REQUIRED.items():
+            if name in updated and getattr(ctx.options, name) != value:
+                log.warning("datalab needs --set %s=%s (see README); setting it", name, str(value).lower())
+                ctx.options.update(**{name: value})
+        if not any(name.startswith("datalab_") for name in updated):
+            return
+        values = {f.name: getattr(ctx.options, option_name(f.name)) for f in dataclasses.fields(Settings)}
+        try:
+            settings = parse_settings(values)
+        except ValueError as e:
+            raise exceptions.OptionsError(str(e)) from e
+        self.on_settings(settings)

@@ -1,0 +1,46 @@
+"""Every refusal under /datalab/ is JSON {"code", "message"} with a fitting status."""
+
+from __future__ import annotations
+
+import json
+
+from mitmproxy import http
+
+
+class ApiError(Exception):
+    """A refusal or a fault that becomes one JSON response; raised anywhere below a hook."""
+
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = headers or {}
+
+    def response(self) -> http.Response:
+        return json_response(self.status, {"code": self.code, "message": self.message}, self.headers)
+
+
+def json_response(status: int, body: dict, headers: dict[str, str] | None = None) -> http.Response:
+    """A JSON reply that no cache keeps."""
+    return http.Response.make(
+        status,
+        json.dumps(body).encode(),
+        {"Content-Type": "application/json", "Cache-Control": "no-store", **(headers or {})},
+    )
+
+
+def bad_request(message: str) -> ApiError:
+    return ApiError(400, "BAD_REQUEST", message)
+
+
+def not_found(code: str, message: str) -> ApiError:
+    return ApiError(404, code, message)
+
+
+def method_not_allowed(allowed: str) -> ApiError:
+    return ApiError(405, "METHOD_NOT_ALLOWED", f"use {allowed} for this endpoint", {"Allow": allowed})
+
+
+def redis_unavailable(exc: Exception) -> ApiError:
+    return ApiError(503, "REDIS_UNAVAILABLE", f"the proxy cannot reach Redis right now ({exc}); retry shortly")

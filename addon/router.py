@@ -1,0 +1,146 @@
+"""Routing: session cookie -> session -> instance -> the flow's upstream, HTTP and WebSocket alike.
+
+Routes are cached in memory for route_cache_ttl seconds, keyed by session id, so a busy notebook
+does not cost a Redis round trip per request. A session's binding never changes, and an instance's
+address never changes while it lives; when an instance is removed, every proxy hears it on the
+store's pub/sub channel and drops its routes at once (the TTL only bounds a missed message).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from mitmproxy import http
+from redis.exceptions import RedisError
+
+import errors
+import inputs
+from backends import Instance
+from errors import ApiError
+from runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+ROUTED = "datalab.instance"  # flow.metadata: the instance id this flow was sent to
+SESSION = "datalab.session"
+CACHE_MAX = 10_000
+
+
+def reroute(flow: http.HTTPFlow, host: str, port: int) -> None:
+    """Send the flow to host:port while the instance still sees the public Host (origin/XSRF checks)."""
+    public_host = flow.request.host_header
+    flow.request.scheme = "http"
+    flow.request.host = host
+    flow.request.port = port
+    flow.request.host_header = public_host
+
+
+class RouteCache:
+    """session id -> Instance, with a TTL and a size bound; dropped per instance on removal."""
+
+    def __init__(self, ttl: float):
+        self.ttl = ttl
+        self._routes: dict[str, tuple[Instance, float]] = {}
+
+    def get(self, session_id: str) -> Instance | None:
+        hit = self._routes.get(session_id)
+        if hit is None or hit[1] < time.monotonic():
+            return None
+        return hit[0]
+
+    def put(self, session_id: str, instance: Instance) -> None:
+        if self.ttl <= 0:
+            return
+        if len(self._routes) >= CACHE_MAX:
+            self._routes.pop(next(iter(self._routes)))  # oldest insertion first
+        self._routes[session_id] = (instance, time.monotonic() + self.ttl)
+
+    def drop_session(self, session_id: str) -> None:
+        self._routes.pop(session_id, None)
+
+    def drop_instance(self, instance_id: str) -> None:
+        for sid in [sid for sid, (inst, _) in self._routes.items() if inst.id == instance_id]:
+            del self._routes[sid]
+
+    def clear(self) -> None:
+        self._routes.clear()
+
+
+class Router:
+    def __init__(self, runtime: Runtime):
+        self.runtime = runtime
+        self.cache = RouteCache(ttl=0)
+        self._listener: asyncio.Task | None = None
+
+    def configure(self, updated: set[str]) -> None:
+        if self.runtime.settings is not None:
+            self.cache = RouteCache(ttl=self.runtime.settings.route_cache_ttl)
+
+    def running(self) -> None:
+        self._listener = asyncio.create_task(self._follow_removals())
+
+    async def done(self) -> None:
+        if self._listener:
+            self._listener.cancel()
+            await asyncio.gather(self._listener, return_exceptions=True)
+
+    async def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if flow.response or flow.error or not flow.live or flow.metadata.get("datalab.api"):
+            return
+        try:
+            instance = await self._instance_for(flow)
+        except ApiError as e:
+            flow.response = e.response()
+            return
+        except RedisError as e:
+            flow.response = errors.redis_unavailable(e).response()
+            return
+        reroute(flow, instance.host, instance.port)
+        flow.metadata[ROUTED] = instance.id
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        """An upstream that failed may have moved or died: ask Redis again next time."""
+        if ROUTED in flow.metadata and SESSION in flow.metadata:
+            self.cache.drop_session(flow.metadata[SESSION])
+
+    async def _instance_for(self, flow: http.HTTPFlow) -> Instance:
+        if not self.runtime.ready:
+            raise ApiError(503, "NOT_CONFIGURED", "the proxy has no valid datalab_* options yet")
+        name = self.runtime.settings.cookie_name
+        session_id = flow.request.cookies.get(name, "")
+        if not inputs.is_token(session_id):
+            raise ApiError(403, "NO_SESSION", "no datalab session: open this instance through /datalab/view/<nonce>/")
+        del flow.request.cookies[name]  # the session id is the proxy's, not the instance's
+        flow.metadata[SESSION] = session_id
+        instance = self.cache.get(session_id)
+        if instance is None:
+            instance = await self._lookup(session_id)
+            self.cache.put(session_id, instance)
+        return instance
+
+    async def _lookup(self, session_id: str) -> Instance:
+        store = self.runtime.store
+        instance_id = await store.session_target(session_id)
+        if instance_id is None:
+            raise ApiError(403, "NO_SESSION", "this datalab session is unknown or expired; open the instance again")
+        instance = await store.instance(instance_id)
+        if instance is None:
+            raise ApiError(410, "INSTANCE_GONE", "the instance of this session has ended; start a new one")
+        return instance
+
+    async def _follow_removals(self) -> None:
+        """Drop cached routes of removed instances; reconnect with backoff when Redis goes away."""
+        delay = 0.5
+        while True:
+            try:
+                if self.runtime.store is not None:
+                    self.cache.clear()  # anything may have happened while we were not listening
+                    async for instance_id in self.runtime.store.gone_events():
+                        delay = 0.5
+                        self.cache.drop_instance(instance_id)
+            except RedisError as e:
+                log.warning("datalab: lost Redis pub/sub (%s); retrying in %.1f s", e, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 10.0)

@@ -1,0 +1,67 @@
+"""The parts built from Settings, shared by the addons: one Redis client, one backend, the service.
+
+Rebuilt when options change (mitmweb lets you change them live); old clients are closed at exit.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import store
+from backends import Backend
+from backends import BackendError
+from backends.docker_engine import DockerBackend
+from backends.docker_engine import DockerOptions
+from config import Settings
+from instances import Instances
+
+log = logging.getLogger(__name__)
+
+
+def docker_backend(s: Settings) -> Backend:
+    return DockerBackend(
+        DockerOptions(
+            image=s.image,
+            label_prefix=s.key_prefix,
+            mem_limit=s.mem_limit,
+            cpus=float(s.cpus),
+            pids_limit=s.pids_limit,
+            start_timeout=float(s.start_timeout),
+            docker_url=s.docker_url,
+        )
+    )
+
+
+class Runtime:
+    """Holds what the hooks need; `ready` is False until valid options arrived."""
+
+    def __init__(self) -> None:
+        self.settings: Settings | None = None
+        self.store: store.Store | None = None
+        self.instances: Instances | None = None
+        self._retired: list[store.Store] = []
+
+    @property
+    def ready(self) -> bool:
+        return self.instances is not None
+
+    def apply(self, settings: Settings) -> None:
+        if self.store is not None:
+            self._retired.append(self.store)
+        self.settings = settings
+        self.store = store.Store(store.connect(settings.redis_url), settings.key_prefix)
+        backend = docker_backend(settings)
+        self.instances = Instances(self.store, backend, settings.nonce_ttl, settings.session_ttl)
+
+    async def running(self) -> None:
+        """Say at start-up, not on the first upload, when instances cannot be started."""
+        if self.instances is None:
+            return
+        try:
+            await self.instances.backend.check()
+        except BackendError as e:
+            log.error("datalab: instances cannot start: %s", e)
+
+    async def done(self) -> None:
+        for s in [*self._retired, *([self.store] if self.store else [])]:
+            await s.close()

@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# Builds the datalab Jupyter image with no container registry: debootstrap a Debian rootfs, install
+# Notebook 7 from PyPI into a venv inside it, and `docker import` the tree.
+#
+#   scripts/build-image.sh [--force] [IMAGE]      (IMAGE defaults to $DATALAB_IMAGE or datalab-notebook:latest)
+#
+# Idempotent: exits at once when the image exists (unless --force); the rootfs tarball and the
+# downloaded .debs are cached under $DATALAB_CACHE (default ~/.cache/datalab), keyed by the inputs.
+# Needs root (debootstrap, chroot), debootstrap and a running Docker engine.
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")/.." && pwd)
+force=0
+if [ "${1:-}" = "--force" ]; then force=1; shift; fi
+image=${1:-${DATALAB_IMAGE:-datalab-notebook:latest}}
+suite=${DATALAB_SUITE:-bookworm}
+mirror=${DATALAB_MIRROR:-http://deb.debian.org/debian}
+cache=${DATALAB_CACHE:-$HOME/.cache/datalab}
+step() { printf '[build-image] %s\n' "$*" >&2; }
+die() { printf '[build-image] error: %s\n' "$*" >&2; exit 1; }
+
+docker info >/dev/null 2>&1 || die "no Docker engine answers (start dockerd first; run.sh does this for you)"
+if [ "$force" = 0 ] && docker image inspect "$image" >/dev/null 2>&1; then
+  step "image $image already exists; nothing to do (--force rebuilds)"
+  exit 0
+fi
+[ "$(id -u)" = 0 ] || die "must run as root (debootstrap and chroot need it)"
+command -v debootstrap >/dev/null || die "debootstrap is missing: apt-get install debootstrap"
+
+# The cache key covers everything that goes into the rootfs.
+key=$(cat "$0" "$here/image/requirements.txt" "$here/image/jupyter_server_config.py" \
+      | { cat; echo "$suite $mirror"; } | sha256sum | cut -c1-16)
+tarball="$cache/rootfs-$key.tar"
+mkdir -p "$cache/debs"
+
+if [ ! -f "$tarball" ]; then
+  root=$(mktemp -d /var/tmp/datalab-rootfs.XXXXXX)
+  cleanup() {
+    for m in dev/pts dev proc; do mountpoint -q "$root/$m" && umount -l "$root/$m"; done
+    # Never remove the tree while anything is still mounted inside it.
+    if ! grep -q " $root/" /proc/mounts; then rm -rf "$root"; fi
+  }
+  trap cleanup EXIT
+
+  step "debootstrap $suite (minbase) into $root ... (a few minutes)"
+  debootstrap --variant=minbase --cache-dir="$cache/debs" \
+    --include=python3,python3-venv,ca-certificates,tini \
+    "$suite" "$root" "$mirror" >&2
+
+  mount -t proc proc "$root/proc"
+  mount --bind /dev "$root/dev"
+  mount --bind /dev/pts "$root/dev/pts"
+  cp /etc/resolv.conf "$root/etc/resolv.conf"
+  # pip inside the chroot trusts the same CA bundle as the host (this may hold a local proxy's CA).
+  cp /etc/ssl/certs/ca-certificates.crt "$root/etc/ssl/certs/host-ca-certificates.crt"
+
+  step "installing Jupyter (second step, from PyPI) ..."
+  cp "$here/image/requirements.txt" "$root/tmp/requirements.txt"
+  chroot "$root" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root \
+    PIP_CERT=/etc/ssl/certs/host-ca-certificates.crt PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_DEFAULT_TIMEOUT=180 PIP_NO_CACHE_DIR=1 \
+    sh -ec '
+      python3 -m venv /opt/jupyter
+      /opt/jupyter/bin/pip install --progress-bar off -r /tmp/requirements.txt
+      useradd --create-home --uid 1000 --shell /bin/bash datalab
+      install -d -o datalab -g datalab /home/datalab/work
+      apt-get clean
+      rm -rf /var/lib/apt/lists/* /tmp/requirements.txt /usr/share/doc /usr/share/man /root/.cache
+    ' >&2
+  install -D -m 0644 "$here/image/jupyter_server_config.py" "$root/etc/jupyter/jupyter_server_config.py"
+  rm -f "$root/etc/ssl/certs/host-ca-certificates.crt"
+  : > "$root/etc/resolv.conf"
+  for m in dev/pts dev proc; do umount -l "$root/$m"; done
+
+  step "packing the rootfs ..."
+  tar -C "$root" --numeric-owner -cf "$tarball.part" .
+  mv "$tarball.part" "$tarball"
+fi
+
+step "docker import $tarball as $image ..."
+docker import \
+  --change 'USER datalab' \
+  --change 'WORKDIR /home/datalab/work' \
+  --change 'ENV PATH=/opt/jupyter/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
+  --change 'ENV HOME=/home/datalab' \
+  --change 'EXPOSE 8888' \
+  --change 'ENTRYPOINT ["/usr/bin/tini", "--"]' \
+  --change 'CMD ["jupyter", "notebook", "--config=/etc/jupyter/jupyter_server_config.py"]' \
+  --message "datalab notebook image ($key)" \
+  "$tarball" "$image" >&2
+step "done: $image"

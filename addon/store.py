@@ -4,6 +4,7 @@
   <prefix>session:<id>       -> instance id        (expires after session_ttl)
   <prefix>instance:<id>      -> Instance JSON      (lives until the instance is removed)
   <prefix>instances          -> set of instance ids (what this proxy family owns)
+  <prefix>refs:<id>          -> set of the nonce and session keys naming instance <id>
   <prefix>events             -> pub/sub channel: "gone <id>" when an instance is removed
 """
 
@@ -50,8 +51,13 @@ class Store:
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.set(self.key("instance", instance.id), instance.to_json())
             pipe.sadd(self.key("instances"), instance.id)
-            pipe.set(self.key("nonce", nonce), instance.id, ex=nonce_ttl)
+            self._bind(pipe, self.key("nonce", nonce), instance.id, nonce_ttl)
             await pipe.execute()
+
+    def _bind(self, pipe, key: str, instance_id: str, ttl: int) -> None:
+        """Point `key` at the instance and remember it, so removing the instance removes the key too."""
+        pipe.set(key, instance_id, ex=ttl)
+        pipe.sadd(self.key("refs", instance_id), key)
 
     async def instance(self, instance_id: str) -> Instance | None:
         raw = await self.redis.get(self.key("instance", instance_id))
@@ -62,7 +68,9 @@ class Store:
         return raw.decode() if raw is not None else None
 
     async def add_session(self, session_id: str, instance_id: str, ttl: int) -> None:
-        await self.redis.set(self.key("session", session_id), instance_id, ex=ttl)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            self._bind(pipe, self.key("session", session_id), instance_id, ttl)
+            await pipe.execute()
 
     async def session_target(self, session_id: str) -> str | None:
         raw = await self.redis.get(self.key("session", session_id))
@@ -72,9 +80,13 @@ class Store:
         return {m.decode() for m in await self.redis.smembers(self.key("instances"))}
 
     async def remove_instance(self, instance_id: str) -> None:
-        """Forget the instance and tell every proxy sharing this Redis to drop cached routes to it."""
+        """Forget the instance, its nonces and sessions, and tell every proxy to drop routes to it."""
+        refs = self.key("refs", instance_id)
+        bound = await self.redis.smembers(refs)
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.delete(self.key("instance", instance_id))
+            if bound:
+                pipe.delete(*bound)
+            pipe.delete(self.key("instance", instance_id), refs)
             pipe.srem(self.key("instances"), instance_id)
             pipe.publish(self.key("events"), f"{GONE} {instance_id}")
             await pipe.execute()

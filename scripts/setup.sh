@@ -1,0 +1,96 @@
+# Sourced by run.sh and scripts/test.sh: brings a fresh machine to the point where the proxy runs.
+# Each step is idempotent and says what it does; a step that cannot be done says why and how to fix it.
+# Expects $ROOT (the repository) to be set.
+
+STATE=${DATALAB_STATE:-$ROOT/.state}
+VENV=${DATALAB_VENV:-$ROOT/.venv}
+mkdir -p "$STATE"
+
+say() { printf '[datalab] %s\n' "$*" >&2; }
+die() { printf '[datalab] error: %s\n' "$*" >&2; exit 1; }
+is_root() { [ "$(id -u)" = 0 ]; }
+
+# A Python >= 3.12 (mitmproxy 12 needs it): $DATALAB_PYTHON, then PATH, then pyenv's versions.
+find_python() {
+  local c
+  for c in ${DATALAB_PYTHON:-} python3.14 python3.13 python3.12 python3 \
+           "$HOME"/.pyenv/versions/3.1[2-9]*/bin/python3 /usr/local/bin/python3.1[2-9] /usr/bin/python3.1[2-9]; do
+    if command -v "$c" >/dev/null 2>&1 && "$c" -c 'import sys, venv; sys.exit(sys.version_info < (3, 12))' 2>/dev/null; then
+      command -v "$c"; return 0
+    fi
+  done
+  return 1
+}
+
+ensure_venv() {
+  local py stamp want
+  if [ ! -x "$VENV/bin/python" ]; then
+    py=$(find_python) || die "no Python >= 3.12 found (mitmproxy 12 needs it). Install one (e.g. apt-get install python3.12, or pyenv install 3.12) or set DATALAB_PYTHON=/path/to/python3.12"
+    say "creating $VENV with $py"
+    "$py" -m venv "$VENV"
+  fi
+  stamp="$VENV/.requirements.sha256"
+  want=$(sha256sum "$ROOT/requirements.txt" | cut -d' ' -f1)
+  if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+    say "installing requirements.txt into $VENV"
+    "$VENV/bin/pip" install --quiet --disable-pip-version-check -r "$ROOT/requirements.txt" || die "pip install failed"
+    echo "$want" > "$stamp"
+  fi
+}
+
+# Debian packages: redis-server, the Docker engine, debootstrap (for the image).
+ensure_packages() {
+  local missing=()
+  command -v redis-server >/dev/null || missing+=(redis-server)
+  command -v dockerd >/dev/null || docker info >/dev/null 2>&1 || missing+=(docker.io)
+  command -v debootstrap >/dev/null || missing+=(debootstrap)
+  [ ${#missing[@]} = 0 ] && return 0
+  if is_root && command -v apt-get >/dev/null; then
+    say "installing ${missing[*]} with apt-get (once)"
+    apt-get update -qq >&2 || die "apt-get update failed"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >&2 || die "apt-get install ${missing[*]} failed"
+    # Debian starts redis-server as a service on install where it can; ours are started on demand.
+  else
+    die "missing ${missing[*]}: install them (Debian: apt-get install ${missing[*]}) or run as root"
+  fi
+}
+
+ensure_docker() {
+  docker info >/dev/null 2>&1 && return 0
+  if is_root && command -v dockerd >/dev/null; then
+    say "starting dockerd (log: $STATE/dockerd.log)"
+    nohup dockerd >"$STATE/dockerd.log" 2>&1 &
+    for _ in $(seq 1 60); do docker info >/dev/null 2>&1 && return 0; sleep 0.5; done
+    die "dockerd did not come up in 30 s; see $STATE/dockerd.log"
+  fi
+  die "no Docker engine answers. Install one (Debian: apt-get install docker.io) and start dockerd, or run as root so this script can"
+}
+
+ensure_image() {
+  local image=${DATALAB_IMAGE:-datalab-notebook:latest}
+  docker image inspect "$image" >/dev/null 2>&1 && return 0
+  say "image $image is missing: building it locally (no registry is used; a few minutes the first time)"
+  "$ROOT/scripts/build-image.sh" "$image" || die "building $image failed (see above)"
+}
+
+# Start a redis-server for $1 (a redis:// URL on this machine) unless one answers there already.
+ensure_redis() {
+  local url=$1 hostport host port
+  hostport=${url#redis://}; hostport=${hostport%%/*}; hostport=${hostport##*@}
+  host=${hostport%%:*}; port=${hostport##*:}; [ "$port" = "$hostport" ] && port=6379
+  if redis-cli -h "$host" -p "$port" ping >/dev/null 2>&1; then return 0; fi
+  case "$host" in 127.0.0.1|localhost) ;; *) die "Redis at $url does not answer (and it is not local, so it is not started here)";; esac
+  say "starting redis-server on $host:$port (data: $STATE/redis)"
+  mkdir -p "$STATE/redis"
+  redis-server --bind "$host" --port "$port" --dir "$STATE/redis" --daemonize yes \
+    --logfile "$STATE/redis/redis.log" --pidfile "$STATE/redis/redis.pid" >/dev/null || die "redis-server did not start"
+  for _ in $(seq 1 40); do redis-cli -h "$host" -p "$port" ping >/dev/null 2>&1 && return 0; sleep 0.25; done
+  die "redis-server did not answer on $host:$port; see $STATE/redis/redis.log"
+}
+
+ensure_all() {
+  ensure_packages
+  ensure_venv
+  ensure_docker
+  ensure_image
+}

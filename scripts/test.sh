@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The test command (README, .ci/run): installs and starts everything the tests need, then runs pytest.
+# The tests start their own redis-server and mitmdump processes and real containers.
+#
+#   scripts/test.sh [pytest arguments ...]
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+# shellcheck source=setup.sh
+. "$ROOT/scripts/setup.sh"
+
+t0=$(date +%s)
+ensure_packages; t1=$(date +%s)
+ensure_venv;     t2=$(date +%s)
+ensure_docker;   t3=$(date +%s)
+ensure_image;    t4=$(date +%s)
+say "set-up: packages $((t1-t0)) s, venv $((t2-t1)) s, docker engine $((t3-t2)) s, image $((t4-t3)) s"
+
+cd "$ROOT"
+exec "$VENV/bin/python" -m pytest "$@"

@@ -1,0 +1,151 @@
+import json
+import time
+from urllib.parse import urlencode
+
+import pytest
+from mitmproxy.test import taddons
+from mitmproxy.test import tflow
+from mitmproxy.test import tutils
+
+import signing
+from api import START
+from api import Api
+from api import session_cookie
+from backends import Instance
+from config import Settings
+from runtime import Runtime
+
+KEY = "unit-key"
+
+
+def runtime_for(redis_url="redis://127.0.0.1:1/0", **changes) -> Runtime:
+    rt = Runtime()
+    rt.apply(Settings(sign_key=KEY, redis_url=redis_url, key_prefix="unit:", **changes))
+    return rt
+
+
+def request_flow(method: str, path: str, headers: dict | None = None, content: bytes = b""):
+    req = tutils.treq(method=method.encode(), path=path.encode(), content=content)
+    req.headers.clear()
+    req.headers["Host"] = "proxy.example:8080"
+    for k, v in (headers or {}).items():
+        req.headers[k] = v
+    return tflow.tflow(req=req, resp=False)
+
+
+def start_flow(filename="data.csv", ts=None, sign=None, headers=None, content=b"a,b\n"):
+    ts = str(int(time.time())) if ts is None else ts
+    sig = signing.signature(KEY, ts, filename) if sign is None else sign
+    return request_flow(
+        "POST",
+        "/datalab/start?" + urlencode({"ts": ts, "filename": filename}),
+        {"X-SIGN": sig, "Content-Length": str(len(content)), **(headers or {})},
+        content,
+    )
+
+
+def body(flow) -> dict:
+    return json.loads(flow.response.content)
+
+
+async def run_headers(flow, rt=None):
+    api = Api(rt or runtime_for())
+    with taddons.context(api):
+        await api.requestheaders(flow)
+    return flow
+
+
+async def test_valid_start_waits_for_the_body():
+    flow = await run_headers(start_flow())
+    assert flow.response is None
+    assert flow.metadata[START] == "data.csv"
+
+
+async def test_millisecond_timestamp_is_accepted():
+    flow = await run_headers(start_flow(ts=str(int(time.time() * 1000))))
+    assert flow.response is None
+
+
+@pytest.mark.parametrize(
+    "make, status, code",
+    [
+        (lambda: start_flow(sign="0" * 64), 403, "BAD_SIGNATURE"),
+        (lambda: start_flow(sign=signing.signature("other-key", str(int(time.time())), "data.csv")), 403, "BAD_SIGNATURE"),
+        (lambda: start_flow(ts=str(int(time.time()) - 301)), 403, "STALE_TIMESTAMP"),
+        (lambda: start_flow(ts=str(int(time.time()) + 400)), 403, "STALE_TIMESTAMP"),
+        (lambda: start_flow(ts="soon"), 400, "BAD_REQUEST"),
+        (lambda: start_flow(filename="../etc/passwd"), 400, "BAD_REQUEST"),
+        (lambda: start_flow(filename="a/b.csv"), 400, "BAD_REQUEST"),
+        (lambda: start_flow(filename="a\\b.csv"), 400, "BAD_REQUEST"),
+        (lambda: start_flow(filename=""), 400, "BAD_REQUEST"),
+        (lambda: start_flow(headers={"Content-Length": str(100 * 1024 * 1024 + 1)}), 413, "UPLOAD_TOO_LARGE"),
+        (lambda: request_flow("POST", "/datalab/start?filename=a.csv", {"X-SIGN": "x"}), 400, "BAD_REQUEST"),
+        (lambda: request_flow("POST", "/datalab/start?ts=1&ts=2&filename=a.csv"), 400, "BAD_REQUEST"),
+        (lambda: request_flow("GET", "/datalab/start?ts=1&filename=a.csv"), 405, "METHOD_NOT_ALLOWED"),
+        (lambda: request_flow("POST", "/datalab/view/abc/tree"), 405, "METHOD_NOT_ALLOWED"),
+        (lambda: request_flow("GET", "/datalab/view/not-a-nonce/tree"), 404, "NONCE_UNKNOWN"),
+        (lambda: request_flow("GET", "/datalab/static/x/files/a.csv"), 404, "NONCE_UNKNOWN"),
+        (lambda: request_flow("GET", "/datalab/other"), 404, "NOT_FOUND"),
+        (lambda: request_flow("GET", "/datalab"), 404, "NOT_FOUND"),
+    ],
+)
+async def test_refusals_are_json_and_start_nothing(make, status, code):
+    flow = await run_headers(make())
+    assert flow.response.status_code == status
+    assert flow.response.headers["Content-Type"] == "application/json"
+    assert body(flow)["code"] == code and body(flow)["message"]
+    assert START not in flow.metadata
+
+
+async def test_method_not_allowed_names_the_method():
+    flow = await run_headers(request_flow("PUT", "/datalab/start"))
+    assert flow.response.headers["Allow"] == "POST"
+
+
+async def test_other_paths_are_left_to_the_router():
+    flow = await run_headers(request_flow("GET", "/tree/datalab/x"))
+    assert flow.response is None and not flow.metadata
+
+
+async def test_body_over_the_limit_is_refused_after_reading():
+    rt = runtime_for(max_upload=4)
+    api = Api(rt)
+    flow = start_flow(content=b"12345", headers={"Content-Length": "4"})
+    with taddons.context(api):
+        await api.requestheaders(flow)
+        assert flow.response is None
+        await api.request(flow)
+    assert flow.response.status_code == 413
+
+
+async def test_redis_down_is_a_503(redis_server):
+    rt = runtime_for(redis_url="redis://127.0.0.1:1/0")
+    flow = await run_headers(request_flow("GET", "/datalab/view/" + "n" * 32 + "/tree"), rt)
+    assert flow.response.status_code == 503 and body(flow)["code"] == "REDIS_UNAVAILABLE"
+
+
+async def test_view_sets_the_cookie_and_redirects_on_this_origin(redis_url):
+    rt = runtime_for(redis_url=redis_url)
+    instance = Instance("i" * 32, "docker", "c1", "127.0.0.1", 1234, "a.csv", time.time())
+    nonce = "N" * 32
+    await rt.store.add_instance(instance, nonce, 60)
+    flow = await run_headers(request_flow("GET", f"/datalab/view/{nonce}/%2F%2Fevil.example/tree?x=1"), rt)
+    assert flow.response.status_code == 302
+    assert flow.response.headers["Location"] == "/evil.example/tree?x=1"
+    cookie = flow.response.headers["Set-Cookie"]
+    assert cookie.startswith("datalab_session=") and "; Path=/; HttpOnly; SameSite=Lax" in cookie
+    session_id = cookie.split(";")[0].split("=", 1)[1]
+    assert await rt.store.session_target(session_id) == instance.id
+    await rt.done()
+
+
+@pytest.mark.parametrize(
+    "samesite, secure, expected",
+    [
+        ("Lax", False, "s=v; Path=/; HttpOnly; SameSite=Lax"),
+        ("Strict", True, "s=v; Path=/; HttpOnly; SameSite=Strict; Secure"),
+        ("None", True, "s=v; Path=/; HttpOnly; SameSite=None; Secure"),
+    ],
+)
+def test_session_cookie(samesite, secure, expected):
+    assert session_cookie("s", "v", samesite, secure) == expected

@@ -1,0 +1,60 @@
+import pytest
+from mitmproxy import exceptions
+from mitmproxy.addons.proxyserver import Proxyserver
+from mitmproxy.test import taddons
+
+from config import Config
+from config import Settings
+from config import parse_settings
+
+
+def good(**changes):
+    values = {**Settings(sign_key="k").__dict__, **changes}
+    return values
+
+
+def test_defaults_with_a_key_are_valid():
+    s = parse_settings(good())
+    assert s.nonce_ttl == 600 and s.max_upload == 100 * 1024 * 1024 and s.max_skew == 300
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"sign_key": ""},
+        {"redis_url": "http://x"},
+        {"nonce_ttl": 0},
+        {"max_upload": -1},
+        {"cookie_samesite": "Sometimes"},
+        {"cookie_samesite": "None"},
+        {"cookie_name": "a;b"},
+        {"mem_limit": "lots"},
+        {"cpus": "0"},
+        {"cpus": "many"},
+        {"key_prefix": ""},
+        {"route_cache_ttl": -1},
+    ],
+)
+def test_bad_settings_say_which_option(changes):
+    with pytest.raises(ValueError, match="datalab_" + next(iter(changes))):
+        parse_settings(good(**changes))
+
+
+def test_options_are_declared_and_validated_at_configure():
+    seen = []
+    addon = Config(seen.append)
+    with taddons.context(addon) as tctx:
+        with pytest.raises(exceptions.OptionsError, match="datalab_sign_key"):
+            tctx.configure(addon, datalab_sign_key="")
+        tctx.configure(addon, datalab_sign_key="secret", datalab_nonce_ttl=5, datalab_cpus="0.5")
+        assert seen[-1].sign_key == "secret" and seen[-1].nonce_ttl == 5 and seen[-1].cpus == "0.5"
+        with pytest.raises(exceptions.OptionsError, match="datalab_cookie_samesite"):
+            tctx.configure(addon, datalab_cookie_samesite="Never")
+
+
+def test_required_mitmproxy_options_are_enforced():
+    addon = Config(lambda s: None)
+    with taddons.context(Proxyserver(), addon) as tctx:
+        tctx.configure(addon, datalab_sign_key="k", keep_host_header=False, connection_strategy="eager")
+        assert tctx.options.keep_host_header is True
+        assert tctx.options.connection_strategy == "lazy"

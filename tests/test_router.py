@@ -1,0 +1,101 @@
+import json
+import time
+
+from mitmproxy.test import taddons
+from mitmproxy.test import tflow
+
+from backends import Instance
+from guards import FailClosed
+from guards import TrimWebSockets
+from router import ROUTED
+from router import RouteCache
+from router import Router
+from test_api import request_flow
+from test_api import runtime_for
+
+INSTANCE = Instance("i" * 32, "docker", "c1", "127.0.0.1", 4321, "a.csv", 0.0)
+SESSION = "S" * 32
+
+
+async def routed(flow, rt):
+    router = Router(rt)
+    with taddons.context(router) as tctx:
+        tctx.configure(router)
+        await router.requestheaders(flow)
+    return flow
+
+
+def code(flow) -> str:
+    return json.loads(flow.response.content)["code"]
+
+
+async def test_no_cookie_is_refused():
+    flow = await routed(request_flow("GET", "/api/status"), runtime_for())
+    assert flow.response.status_code == 403 and code(flow) == "NO_SESSION"
+    assert ROUTED not in flow.metadata
+
+
+async def test_session_routes_to_its_instance_keeping_host_and_other_cookies(redis_url):
+    rt = runtime_for(redis_url=redis_url)
+    await rt.store.add_instance(INSTANCE, "N" * 32, 60)
+    await rt.store.add_session(SESSION, INSTANCE.id, 60)
+    flow = request_flow("GET", "/api/kernels", {"Cookie": f"_xsrf=abc; datalab_session={SESSION}"})
+    await routed(flow, rt)
+    assert flow.response is None
+    assert (flow.request.host, flow.request.port) == ("127.0.0.1", 4321)
+    assert flow.request.headers["Host"] == "proxy.example:8080"
+    assert flow.request.cookies.get("_xsrf") == "abc" and "datalab_session" not in flow.request.cookies
+    assert flow.metadata[ROUTED] == INSTANCE.id
+    await rt.done()
+
+
+async def test_unknown_session_and_removed_instance(redis_url):
+    rt = runtime_for(redis_url=redis_url, route_cache_ttl=0)
+    flow = await routed(request_flow("GET", "/", {"Cookie": f"datalab_session={SESSION}"}), rt)
+    assert flow.response.status_code == 403 and code(flow) == "NO_SESSION"
+
+    await rt.store.add_instance(INSTANCE, "N" * 32, 60)
+    await rt.store.add_session(SESSION, INSTANCE.id, 60)
+    await rt.store.remove_instance(INSTANCE.id)
+    assert await rt.store.session_target(SESSION) is None  # removal takes the instance's sessions along
+    assert await rt.store.redis.keys("unit:*") == []
+    await rt.done()
+
+
+def test_route_cache_expires_and_drops_by_instance():
+    cache = RouteCache(ttl=60)
+    cache.put("a", INSTANCE)
+    cache.put("b", INSTANCE)
+    assert cache.get("a") is INSTANCE
+    cache.drop_instance(INSTANCE.id)
+    assert cache.get("a") is None and cache.get("b") is None
+    short = RouteCache(ttl=0.01)
+    short.put("a", INSTANCE)
+    time.sleep(0.02)
+    assert short.get("a") is None
+    off = RouteCache(ttl=0)
+    off.put("a", INSTANCE)
+    assert off.get("a") is None
+
+
+def test_fail_closed_refuses_unclaimed_flows():
+    guard = FailClosed()
+    with taddons.context(guard):
+        flow = request_flow("GET", "/anything")
+        guard.requestheaders(flow)
+        assert flow.response.status_code == 500 and code(flow) == "NOT_ROUTED"
+        ok = request_flow("GET", "/anything")
+        ok.metadata[ROUTED] = "x"
+        guard.requestheaders(ok)
+        guard.request(ok)
+        assert ok.response is None
+
+
+def test_websocket_history_is_bounded():
+    trim = TrimWebSockets()
+    flow = tflow.twebsocketflow()
+    with taddons.context(trim):
+        for _ in range(50):
+            flow.websocket.messages.append(flow.websocket.messages[0])
+            trim.websocket_message(flow)
+    assert len(flow.websocket.messages) == 10

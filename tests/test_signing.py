@@ -1,0 +1,44 @@
+import hashlib
+
+import pytest
+
+import signing
+
+
+def test_signature_is_sha256_of_key_ts_filename():
+    assert signing.signature("k", "1700000000", "a.csv") == hashlib.sha256(b"k1700000000a.csv").hexdigest()
+
+
+@pytest.mark.parametrize(
+    "given, ok",
+    [
+        (hashlib.sha256(b"k1700000000a.csv").hexdigest(), True),
+        (hashlib.sha256(b"k1700000000a.csv").hexdigest().upper(), True),
+        (hashlib.sha256(b"k1700000000b.csv").hexdigest(), False),
+        (hashlib.sha256(b"x1700000000a.csv").hexdigest(), False),
+        ("", False),
+        ("zz" * 32, False),
+        ("é" * 64, False),
+    ],
+)
+def test_signature_ok(given, ok):
+    assert signing.signature_ok("k", "1700000000", "a.csv", given) is ok
+
+
+@pytest.mark.parametrize(
+    "ts, seconds",
+    [("1700000000", 1700000000.0), ("1700000000123", 1700000000.123), ("0", 0.0)],
+)
+def test_parse_timestamp(ts, seconds):
+    assert signing.parse_timestamp(ts) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("ts", ["", "-1", "1.5", "abc", "17000000001", "１７００", "170000000012345"])
+def test_parse_timestamp_rejects(ts):
+    with pytest.raises(ValueError):
+        signing.parse_timestamp(ts)
+
+
+@pytest.mark.parametrize("ts, now, fresh", [(1000, 1000, True), (1000, 1300, True), (1000, 1301, False), (1301, 1000, False)])
+def test_timestamp_fresh(ts, now, fresh):
+    assert signing.timestamp_fresh(ts, now, 300) is fresh

@@ -1,0 +1,105 @@
+"""End-to-end fixtures: real mitmdump processes with the addon, a real Redis, real containers.
+
+Nothing here is skipped: without a Docker engine or the image, these fixtures fail with the reason.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+
+import docker
+import docker.errors
+import pytest
+import redis as redis_sync
+
+from e2e.proxy import Proxy
+
+IMAGE = os.environ.get("DATALAB_IMAGE", "datalab-notebook:latest")
+LABEL_PREFIX = "datalab.prefix"
+
+
+@pytest.fixture(scope="session")
+def docker_client():
+    try:
+        client = docker.from_env()
+        client.ping()
+    except docker.errors.DockerException as e:
+        pytest.fail(f"no Docker engine answers ({e}); scripts/test.sh starts one")
+    try:
+        client.images.get(IMAGE)
+    except docker.errors.ImageNotFound:
+        pytest.fail(f"image {IMAGE} is missing; build it with scripts/build-image.sh")
+    return client
+
+
+@pytest.fixture(scope="session")
+def prefix():
+    return f"e2e-{secrets.token_hex(4)}:"
+
+
+@pytest.fixture(scope="session")
+def world(redis_server, docker_client, prefix):
+    """What a test may inspect: the containers and Redis keys made under this run's prefix."""
+    world = World(docker_client, redis_sync.Redis.from_url(redis_server.url), prefix)
+    yield world
+    world.scrub()
+
+
+class World:
+    def __init__(self, docker_client, redis_client, prefix: str):
+        self.docker = docker_client
+        self.redis = redis_client
+        self.prefix = prefix
+        self.prefixes = {prefix}
+
+    def sub(self, name: str) -> str:
+        """Another prefix of this run that no key pattern of the main prefix matches."""
+        return f"{self.prefix[:-1]}-{name}:"
+
+    def containers(self, prefix: str | None = None) -> list:
+        label = f"{LABEL_PREFIX}={prefix or self.prefix}"
+        return self.docker.containers.list(all=True, filters={"label": label})
+
+    def keys(self, prefix: str | None = None) -> list[bytes]:
+        return self.redis.keys((prefix or self.prefix) + "*")
+
+    def snapshot(self) -> tuple[set[str], set[bytes]]:
+        return {c.id for c in self.containers()}, set(self.keys())
+
+    def scrub(self) -> None:
+        """Safety net after the run: whatever a failed test left behind goes."""
+        for p in self.prefixes:
+            for c in self.containers(p):
+                c.remove(force=True)
+            for k in self.keys(p):
+                self.redis.delete(k)
+
+
+@pytest.fixture(scope="session")
+def sign_key():
+    return secrets.token_hex(16)
+
+
+@pytest.fixture(scope="session")
+def proxy(redis_server, world, sign_key, tmp_path_factory):
+    p = Proxy(redis_server.url, world.prefix, sign_key, tmp_path_factory.mktemp("proxy")).start()
+    yield p
+    p.stop()
+
+
+@pytest.fixture
+def make_proxy(redis_server, world, sign_key, tmp_path_factory):
+    """Start extra proxies (other options, or a 'restart'); each is stopped after the test."""
+    started: list[Proxy] = []
+
+    def make(prefix: str | None = None, redis_url: str | None = None, **options) -> Proxy:
+        prefix = prefix or world.prefix
+        world.prefixes.add(prefix)
+        p = Proxy(redis_url or redis_server.url, prefix, sign_key, tmp_path_factory.mktemp("proxy"), options).start()
+        started.append(p)
+        return p
+
+    yield make
+    for p in started:
+        p.stop()

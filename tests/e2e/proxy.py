@@ -1,0 +1,143 @@
+"""A real mitmdump process running the addon, and a browser-like client for it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from urllib.parse import urlencode
+
+import requests
+import websockets.sync.client
+
+import signing
+from helpers import free_port
+from helpers import wait_for_port
+
+ROOT = Path(__file__).resolve().parents[2]
+MITMDUMP = Path(sys.executable).parent / "mitmdump"
+
+
+class Proxy:
+    def __init__(self, redis_url: str, prefix: str, sign_key: str, workdir: Path, options: dict | None = None):
+        self.redis_url = redis_url
+        self.prefix = prefix
+        self.sign_key = sign_key
+        self.workdir = workdir
+        self.options = options or {}
+        self.port = free_port()
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def url(self, path: str) -> str:
+        return self.base + path
+
+    def start(self) -> Proxy:
+        sets = {
+            "datalab_sign_key": self.sign_key,
+            "datalab_redis_url": self.redis_url,
+            "datalab_key_prefix": self.prefix,
+            "connection_strategy": "lazy",
+            "keep_host_header": "true",
+            **self.options,
+        }
+        args = [str(MITMDUMP), "-s", str(ROOT / "addon" / "datalab.py"), "--mode", "reverse:http://127.0.0.1:1"]
+        args += ["--listen-host", "127.0.0.1", "--listen-port", str(self.port)]
+        for name, value in sets.items():
+            args += ["--set", f"{name}={value}"]
+        self.log = self.workdir / "mitmdump.log"
+        self.proc = subprocess.Popen(args, stdout=self.log.open("w"), stderr=subprocess.STDOUT, cwd=self.workdir)
+        wait_for_port(self.port, proc=self.proc)
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+            self.proc = None
+
+    def upload(self, filename: str, data: bytes, ts: str | None = None, sign: str | None = None) -> requests.Response:
+        ts = str(int(time.time())) if ts is None else ts
+        sign = signing.signature(self.sign_key, ts, filename) if sign is None else sign
+        query = urlencode({"ts": ts, "filename": filename})
+        return requests.post(
+            self.url(f"/datalab/start?{query}"),
+            data=data,
+            headers={"X-SIGN": sign, "Content-Type": "application/octet-stream"},
+            timeout=120,
+        )
+
+    def start_instance(self, filename: str, data: bytes) -> str:
+        r = self.upload(filename, data)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["code"] == "OK"
+        return body["result"]["nonce"]
+
+
+class Browser:
+    """One browser: its own cookie jar, opened on an instance through /datalab/view."""
+
+    def __init__(self, proxy: Proxy):
+        self.proxy = proxy
+        self.http = requests.Session()
+
+    def view(self, nonce: str, destination: str = "tree") -> requests.Response:
+        r = self.http.get(self.proxy.url(f"/datalab/view/{nonce}/{destination}"), allow_redirects=False, timeout=30)
+        assert r.status_code == 302, r.text
+        return r
+
+    def get(self, path: str, **kw) -> requests.Response:
+        return self.http.get(self.proxy.url(path), timeout=30, **kw)
+
+    def post(self, path: str, **kw) -> requests.Response:
+        return self.http.post(self.proxy.url(path), timeout=60, **kw)
+
+    def cookie_header(self) -> str:
+        return "; ".join(f"{c.name}={c.value}" for c in self.http.cookies)
+
+    def start_kernel(self) -> str:
+        self.get("/tree")  # as a browser does: Jupyter's page sets the _xsrf cookie
+        xsrf = self.http.cookies.get("_xsrf")
+        r = self.post("/api/kernels", json={"name": "python3"}, headers={"X-XSRFToken": xsrf or ""})
+        assert r.status_code == 201, r.text
+        return r.json()["id"]
+
+    def execute(self, kernel_id: str, code: str, timeout: float = 90.0) -> str:
+        """Run code over the kernel's WebSocket channel, through the proxy; return its stdout."""
+        ws_url = f"ws://127.0.0.1:{self.proxy.port}/api/kernels/{kernel_id}/channels?session_id={uuid.uuid4().hex}"
+        msg_id = uuid.uuid4().hex
+        request = {
+            "header": {"msg_id": msg_id, "username": "e2e", "session": uuid.uuid4().hex,
+                       "msg_type": "execute_request", "version": "5.3"},
+            "parent_header": {}, "metadata": {}, "channel": "shell", "buffers": [],
+            "content": {"code": code, "silent": False, "store_history": False, "user_expressions": {},
+                        "allow_stdin": False, "stop_on_error": True},
+        }
+        out: list[str] = []
+        deadline = time.monotonic() + timeout
+        with websockets.sync.client.connect(
+            ws_url, additional_headers={"Cookie": self.cookie_header()}, origin=self.proxy.base, open_timeout=30
+        ) as ws:
+            ws.send(json.dumps(request))
+            while time.monotonic() < deadline:
+                msg = json.loads(ws.recv(timeout=max(0.1, deadline - time.monotonic())))
+                if msg.get("parent_header", {}).get("msg_id") != msg_id:
+                    continue
+                kind = msg["header"]["msg_type"]
+                if kind == "stream":
+                    out.append(msg["content"]["text"])
+                elif kind == "error":
+                    raise AssertionError("kernel error: " + "\n".join(msg["content"]["traceback"]))
+                elif kind == "status" and msg["content"]["execution_state"] == "idle":
+                    return "".join(out)
+        raise TimeoutError("the kernel did not finish in time")

@@ -1,0 +1,242 @@
+"""The datalab proxy end to end, through the proxy only: real mitmdump, Redis, Docker and Jupyter."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from urllib.parse import urljoin
+from urllib.parse import urlsplit
+
+import pytest
+import requests
+
+from backends import Instance
+from e2e.proxy import Browser
+from runtime import docker_backend
+from config import Settings
+from instances import Instances
+from store import Store
+from store import connect
+
+NOTEBOOK = json.dumps(
+    {"cells": [{"cell_type": "code", "execution_count": None, "metadata": {}, "outputs": [],
+                "source": ["print('hello from datalab')"]}],
+     "metadata": {}, "nbformat": 4, "nbformat_minor": 5}
+).encode()
+CSV = b"city,population\nReykjavik,139875\nNuuk,19872\n"
+BIG = os.urandom(3 * 1024 * 1024 + 17)
+
+
+@pytest.fixture(scope="module")
+def notebook_nonce(proxy):
+    return proxy.start_instance("analysis.ipynb", NOTEBOOK)
+
+
+@pytest.fixture(scope="module")
+def csv_nonce(proxy):
+    return proxy.start_instance("cities.csv", CSV)
+
+
+def error_of(r: requests.Response) -> str:
+    assert r.headers["Content-Type"] == "application/json"
+    body = r.json()
+    assert body["message"]
+    return body["code"]
+
+
+def test_start_returns_a_long_urlsafe_nonce(notebook_nonce, csv_nonce, world):
+    for nonce in (notebook_nonce, csv_nonce):
+        assert len(nonce) >= 22 and nonce.replace("-", "").replace("_", "").isalnum()
+        ttl = world.redis.ttl(f"{world.prefix}nonce:{nonce}")
+        assert 590 <= ttl <= 600
+    assert len(world.containers()) >= 2
+
+
+def test_view_sets_the_session_cookie_and_redirects(proxy, notebook_nonce):
+    browser = Browser(proxy)
+    r = browser.view(notebook_nonce, "tree?x=1")
+    assert r.headers["Location"] == "/tree?x=1"
+    cookie = r.headers["Set-Cookie"]
+    assert cookie.startswith("datalab_session=")
+    assert "Path=/" in cookie and "HttpOnly" in cookie and "SameSite=Lax" in cookie
+    page = browser.get("/tree")
+    assert page.status_code == 200 and "Jupyter" in page.text
+
+
+def test_api_status_reaches_the_container(proxy, notebook_nonce):
+    browser = Browser(proxy)
+    browser.view(notebook_nonce)
+    r = browser.get("/api/status")
+    assert r.status_code == 200
+    assert "started" in r.json()
+
+
+def test_kernel_over_websocket_reads_the_uploaded_csv(proxy, csv_nonce):
+    browser = Browser(proxy)
+    browser.view(csv_nonce)
+    kernel = browser.start_kernel()
+    out = browser.execute(kernel, "print(open('cities.csv').read(), end='')")
+    assert out == CSV.decode()
+
+
+def test_static_returns_the_exact_bytes(proxy, notebook_nonce, csv_nonce):
+    r = requests.get(proxy.url(f"/datalab/static/{csv_nonce}/files/cities.csv"), timeout=30)
+    assert r.status_code == 200 and r.content == CSV
+    assert r.headers["Content-Type"].startswith("text/csv")
+    r = requests.get(proxy.url(f"/datalab/static/{notebook_nonce}/files/analysis.ipynb"), timeout=30)
+    assert r.status_code == 200 and r.content == NOTEBOOK
+    r = requests.get(proxy.url(f"/datalab/static/{csv_nonce}/files/missing.csv"), timeout=30)
+    assert r.status_code == 404
+
+
+def test_static_streams_a_large_binary(proxy):
+    nonce = proxy.start_instance("blob.bin", BIG)
+    r = requests.get(proxy.url(f"/datalab/static/{nonce}/files/blob.bin"), timeout=60)
+    assert r.status_code == 200 and r.content == BIG
+
+
+def test_each_browser_sees_only_its_own_instance(proxy, notebook_nonce, csv_nonce):
+    for nonce, own, other in ((notebook_nonce, "analysis.ipynb", "cities.csv"), (csv_nonce, "cities.csv", "analysis.ipynb")):
+        for _ in range(2):  # two browsers (two cookies) per instance
+            browser = Browser(proxy)
+            browser.view(nonce)
+            names = {item["name"] for item in browser.get("/api/contents").json()["content"]}
+            assert own in names and other not in names
+
+
+@pytest.mark.parametrize(
+    "case, status, code",
+    [
+        ("bad_signature", 403, "BAD_SIGNATURE"),
+        ("stale_ts", 403, "STALE_TIMESTAMP"),
+        ("future_ts", 403, "STALE_TIMESTAMP"),
+        ("traversal_filename", 400, "BAD_REQUEST"),
+        ("slash_filename", 400, "BAD_REQUEST"),
+        ("nul_filename", 400, "BAD_REQUEST"),
+        ("missing_ts", 400, "BAD_REQUEST"),
+        ("get_start", 405, "METHOD_NOT_ALLOWED"),
+    ],
+)
+def test_refused_uploads_create_nothing(proxy, world, case, status, code):
+    before = world.snapshot()
+    now = int(time.time())
+    if case == "bad_signature":
+        r = proxy.upload("a.csv", CSV, sign="0" * 64)
+    elif case == "stale_ts":
+        r = proxy.upload("a.csv", CSV, ts=str(now - 3600))
+    elif case == "future_ts":
+        r = proxy.upload("a.csv", CSV, ts=str((now + 3600) * 1000))
+    elif case == "traversal_filename":
+        r = proxy.upload("../../etc/passwd", CSV)
+    elif case == "slash_filename":
+        r = proxy.upload("dir/a.csv", CSV)
+    elif case == "nul_filename":
+        r = proxy.upload("a\x00.csv", CSV)
+    elif case == "missing_ts":
+        r = requests.post(proxy.url("/datalab/start?filename=a.csv"), data=CSV, timeout=30)
+    else:
+        r = requests.get(proxy.url("/datalab/start?ts=1&filename=a.csv"), timeout=30)
+    assert r.status_code == status
+    assert error_of(r) == code
+    assert world.snapshot() == before
+
+
+@pytest.mark.parametrize(
+    "destination",
+    ["//evil.example/x", "/\\evil.example", "%2F%2Fevil.example", "%5C%5Cevil.example", "http://evil.example/",
+     "https:%2F%2Fevil.example", "%09//evil.example", "%0d%0aSet-Cookie:%20x=1"],
+)
+def test_view_never_redirects_off_origin(proxy, notebook_nonce, destination):
+    r = requests.get(proxy.url(f"/datalab/view/{notebook_nonce}/{destination}"), allow_redirects=False, timeout=30)
+    assert r.status_code == 302
+    location = r.headers["Location"]
+    assert location.startswith("/") and not location.startswith(("//", "/\\"))
+    assert urlsplit(urljoin(proxy.base + "/", location)).netloc == urlsplit(proxy.base).netloc
+    assert "x=1" not in r.headers.get("Set-Cookie", "").split(";")[0]
+
+
+def test_requests_without_a_session_are_refused(proxy):
+    r = requests.get(proxy.url("/api/status"), timeout=30)
+    assert r.status_code == 403 and error_of(r) == "NO_SESSION"
+    r = requests.get(proxy.url("/api/status"), cookies={"datalab_session": "A" * 32}, timeout=30)
+    assert r.status_code == 403 and error_of(r) == "NO_SESSION"
+    r = requests.get(proxy.url("/datalab/view/" + "B" * 32 + "/tree"), allow_redirects=False, timeout=30)
+    assert r.status_code == 404 and error_of(r) == "NONCE_UNKNOWN"
+
+
+def test_nonce_expires_and_uploads_are_bounded(make_proxy, world):
+    short = make_proxy(prefix=world.sub("short"), datalab_nonce_ttl=2, datalab_max_upload=1024)
+    before = world.snapshot()
+    r = short.upload("big.csv", b"x" * 2048)
+    assert r.status_code == 413 and error_of(r) == "UPLOAD_TOO_LARGE"
+    assert world.snapshot() == before
+
+    nonce = short.start_instance("small.csv", CSV)
+    Browser(short).view(nonce)
+    time.sleep(3)
+    r = requests.get(short.url(f"/datalab/view/{nonce}/tree"), allow_redirects=False, timeout=30)
+    assert r.status_code == 404 and error_of(r) == "NONCE_UNKNOWN"
+    r = requests.get(short.url(f"/datalab/static/{nonce}/files/small.csv"), timeout=30)
+    assert r.status_code == 404 and error_of(r) == "NONCE_UNKNOWN"
+
+
+def test_a_restarted_proxy_serves_existing_sessions(proxy, make_proxy, csv_nonce):
+    browser = Browser(proxy)
+    browser.view(csv_nonce)
+    restarted = make_proxy()  # a new process: nothing in memory, everything from Redis
+    browser.proxy = restarted
+    r = browser.get("/api/contents/cities.csv", params={"content": "1"})
+    assert r.status_code == 200 and r.json()["content"] == CSV.decode()
+
+
+def test_faults_give_5xx_and_the_proxy_recovers(make_proxy, world, tmp_path):
+    from helpers import RedisServer
+
+    redis_server = RedisServer(tmp_path, persist=True).start()
+    prefix = world.sub("fault")
+    try:
+        p = make_proxy(prefix=prefix, redis_url=redis_server.url, datalab_route_cache_ttl=0)
+        nonce = p.start_instance("f.csv", CSV)
+        browser = Browser(p)
+        browser.view(nonce)
+        assert browser.get("/api/status").status_code == 200
+
+        redis_server.stop()
+        r = browser.get("/api/status")
+        assert r.status_code == 503 and error_of(r) == "REDIS_UNAVAILABLE"
+        r = requests.get(p.url(f"/datalab/view/{nonce}/tree"), allow_redirects=False, timeout=30)
+        assert r.status_code == 503 and error_of(r) == "REDIS_UNAVAILABLE"
+
+        redis_server.start()  # same port, same data (append-only file)
+        assert browser.get("/api/status").status_code == 200
+
+        for c in world.containers(prefix):
+            c.remove(force=True)  # the instance dies under the session
+        r = browser.get("/api/status")
+        assert r.status_code == 502
+        r = requests.get(p.url(f"/datalab/static/{nonce}/files/f.csv"), timeout=30)
+        assert r.status_code == 502 and error_of(r) == "INSTANCE_UNREACHABLE"
+    finally:
+        redis_server.stop()
+
+
+def test_removing_instances_leaves_no_container_or_key(proxy, world, redis_server, notebook_nonce, csv_nonce):
+    """Runs last in this module: removes every instance this run made, through the product's own code."""
+
+    async def remove_all(prefix: str) -> None:
+        settings = Settings(sign_key="x", redis_url=redis_server.url, key_prefix=prefix)
+        store = Store(connect(redis_server.url), prefix)
+        instances = Instances(store, docker_backend(settings), settings.nonce_ttl, settings.session_ttl)
+        for instance_id in await store.instance_ids():
+            instance: Instance | None = await store.instance(instance_id)
+            assert instance is not None
+            await instances.remove(instance)
+        await store.close()
+
+    for prefix in (world.prefix, world.sub("short")):
+        assert world.containers(prefix), "the tests above made instances under this prefix"
+        asyncio.run(remove_all(prefix))
+        assert world.containers(prefix) == []
+        assert world.keys(prefix) == []

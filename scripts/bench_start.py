@@ -1,0 +1,197 @@
+#!/usr/bin/env python3
+"""Benchmark: how long a start takes (upload -> nonce) and what a proxied request costs.
+
+    .venv/bin/python scripts/bench_start.py [--runs 10] [--requests 300]
+
+Starts its own proxy with ./run.sh (own port and key prefix), and measures in the same run:
+  start:   POST /datalab/start through the proxy   vs  the Docker backend's start alone (baseline)
+  request: GET /api/status through the proxy        vs  straight to the container (baseline)
+It prints medians and ratios (these machines are noisy: compare ratios, not seconds), then
+removes every instance it made.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import http.client
+import json
+import os
+import secrets
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "addon"))
+
+from backends.docker_engine import DockerBackend  # noqa: E402
+from backends.docker_engine import DockerOptions  # noqa: E402
+from instances import Instances  # noqa: E402
+from store import Store  # noqa: E402
+from store import connect  # noqa: E402
+
+CSV = b"a,b\n1,2\n"
+REDIS_URL = os.environ.get("DATALAB_REDIS_URL", "redis://127.0.0.1:6379/0")
+IMAGE = os.environ.get("DATALAB_IMAGE", "datalab-notebook:latest")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_listening(port: int, proc: subprocess.Popen) -> None:
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            if proc.poll() is not None:
+                sys.exit(f"{proc.args[0]} exited before listening on {port}")
+            time.sleep(0.2)
+    sys.exit(f"nothing listened on {port} in time")
+
+
+def start_proxy(port: int, key: str, prefix: str) -> subprocess.Popen:
+    env = {**os.environ, "DATALAB_PORT": str(port), "DATALAB_SIGN_KEY": key, "DATALAB_KEY_PREFIX": prefix}
+    proc = subprocess.Popen([str(ROOT / "run.sh"), "-q"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_listening(port, proc)
+    return proc
+
+
+def upload(base: str, key: str, name: str) -> str:
+    ts = str(int(time.time()))
+    sig = hashlib.sha256((key + ts + name).encode()).hexdigest()
+    query = urllib.parse.urlencode({"ts": ts, "filename": name})
+    req = urllib.request.Request(f"{base}/datalab/start?{query}", data=CSV, headers={"X-SIGN": sig}, method="POST")
+    with urllib.request.urlopen(req, timeout=180) as r:
+        return json.load(r)["result"]["nonce"]
+
+
+def timed(fn, *args) -> tuple[float, object]:
+    t0 = time.perf_counter()
+    result = fn(*args)
+    return time.perf_counter() - t0, result
+
+
+def session_cookie(base: str, nonce: str) -> str:
+    class NoRedirect(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, *a, **k):
+            return None
+
+    opener = urllib.request.build_opener(NoRedirect)
+    try:
+        opener.open(f"{base}/datalab/view/{nonce}/tree", timeout=30)
+    except urllib.error.HTTPError as e:
+        return e.headers["Set-Cookie"].split(";")[0]
+    raise RuntimeError("view did not redirect")
+
+
+def get_latencies(port: int, n: int, cookie: str = "") -> list[float]:
+    """n GETs of /api/status over one kept-alive connection, as a browser sends them."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        conn.request("GET", "/api/status", headers={"Cookie": cookie} if cookie else {})
+        response = conn.getresponse()
+        response.read()
+        out.append(time.perf_counter() - t0)
+        assert response.status == 200, response.status
+    conn.close()
+    return out
+
+
+def plain_mitmdump(target_port: int) -> tuple[subprocess.Popen, int]:
+    """mitmproxy itself, reverse-proxying straight to the instance: what the addon adds is the rest."""
+    port = free_port()
+    mitmdump = Path(sys.executable).parent / "mitmdump"
+    proc = subprocess.Popen(
+        [str(mitmdump), "-q", "--mode", f"reverse:http://127.0.0.1:{target_port}", "--listen-host", "127.0.0.1",
+         "--listen-port", str(port), "--set", "keep_host_header=true"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    wait_listening(port, proc)
+    return proc, port
+
+
+def report(name: str, ours: list[float], base: list[float], base_name: str) -> None:
+    m, b = statistics.median(ours), statistics.median(base)
+    print(f"{name:8s} datalab proxy {m * 1000:8.2f} ms | {base_name} {b * 1000:8.2f} ms | ratio {m / b:5.2f}")
+
+
+async def remove_all(prefix: str) -> int:
+    store = Store(connect(REDIS_URL), prefix)
+    instances = Instances(store, DockerBackend(DockerOptions(image=IMAGE, label_prefix=prefix)), 600, 600)
+    ids = await store.instance_ids()
+    for instance_id in ids:
+        instance = await store.instance(instance_id)
+        if instance:
+            await instances.remove(instance)
+    await store.close()
+    return len(ids)
+
+
+async def backend_starts(runs: int, prefix: str) -> list[float]:
+    backend = DockerBackend(DockerOptions(image=IMAGE, label_prefix=prefix))
+    times = []
+    for i in range(runs):
+        t0 = time.perf_counter()
+        instance = await backend.start(secrets.token_urlsafe(16), f"b{i}.csv", CSV)
+        times.append(time.perf_counter() - t0)
+        await backend.stop(instance)
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--requests", type=int, default=300)
+    args = parser.parse_args()
+    key, prefix, port = secrets.token_hex(16), f"bench-{secrets.token_hex(3)}:", free_port()
+    base = f"http://127.0.0.1:{port}"
+    proc = start_proxy(port, key, prefix)
+    try:
+        baseline = asyncio.run(backend_starts(args.runs, prefix))
+        starts, nonce = [], ""
+        for i in range(args.runs):
+            t, nonce = timed(upload, base, key, f"f{i}.csv")
+            starts.append(t)
+        report("start", starts, baseline, "backend alone")
+
+        cookie = session_cookie(base, nonce)
+        store = Store(connect(REDIS_URL), prefix)
+
+        async def instance_port() -> int:
+            instance = await store.instance(await store.nonce_target(nonce))
+            await store.close()
+            return instance.port
+
+        direct = asyncio.run(instance_port())
+        plain, plain_port = plain_mitmdump(direct)
+        through, straight, bare = [], [], []
+        for _ in range(max(1, args.requests // 50)):  # interleave, so drift hits every side alike
+            through += get_latencies(port, 50, cookie)
+            bare += get_latencies(plain_port, 50)
+            straight += get_latencies(direct, 50)
+        plain.terminate()
+        report("request", through, straight, "direct to Jupyter")
+        report("request", through, bare, "plain mitmdump (no addon)")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        removed = asyncio.run(remove_all(prefix))
+        print(f"removed {removed} instances")
+
+
+if __name__ == "__main__":
+    main()

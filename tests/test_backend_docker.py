@@ -1,0 +1,79 @@
+"""The Docker backend against the real engine and image: failures leave nothing behind."""
+
+import io
+import secrets
+import tarfile
+
+import docker
+import pytest
+
+from backends import EngineUnavailable
+from backends import ImageMissing
+from backends import StartTimeout
+from backends.docker_engine import LABEL_PREFIX
+from backends.docker_engine import DockerBackend
+from backends.docker_engine import DockerOptions
+from backends.docker_engine import upload_tar
+from e2e.conftest import IMAGE
+
+
+@pytest.fixture
+def engine():
+    client = docker.from_env()  # no engine: this fails, it is not skipped
+    yield client
+    client.close()
+
+
+def options(**changes) -> DockerOptions:
+    return DockerOptions(**{"image": IMAGE, "label_prefix": f"unit-{secrets.token_hex(4)}:", **changes})
+
+
+def managed(engine, opts: DockerOptions) -> list:
+    return engine.containers.list(all=True, filters={"label": f"{LABEL_PREFIX}={opts.label_prefix}"})
+
+
+def test_upload_tar_holds_one_file_owned_by_the_notebook_user():
+    with tarfile.open(fileobj=io.BytesIO(upload_tar("a.csv", b"1,2\n"))) as tar:
+        (member,) = tar.getmembers()
+        assert (member.name, member.uid, member.size) == ("a.csv", 1000, 4)
+        assert tar.extractfile(member).read() == b"1,2\n"
+
+
+async def test_missing_image_is_never_pulled(engine):
+    opts = options(image="datalab-no-such-image:never")
+    with pytest.raises(ImageMissing, match="scripts/build-image.sh"):
+        await DockerBackend(opts).start("i" * 32, "a.csv", b"x")
+    assert managed(engine, opts) == []
+    assert not engine.images.list(name="datalab-no-such-image")
+
+
+async def test_engine_down_is_engine_unavailable():
+    backend = DockerBackend(options(docker_url="unix:///nonexistent/docker.sock"))
+    with pytest.raises(EngineUnavailable, match="cannot be reached"):
+        await backend.start("i" * 32, "a.csv", b"x")
+
+
+async def test_readiness_timeout_removes_the_container(engine):
+    opts = options(start_timeout=0.2)
+    with pytest.raises(StartTimeout):
+        await DockerBackend(opts).start(secrets.token_urlsafe(16), "a.csv", b"x")
+    assert managed(engine, opts) == []
+
+
+async def test_start_poll_stop(engine):
+    opts = options()
+    backend = DockerBackend(opts)
+    instance = await backend.start(secrets.token_urlsafe(16), "a.csv", b"x")
+    try:
+        (container,) = managed(engine, opts)
+        host_config = container.attrs["HostConfig"]
+        assert host_config["Memory"] == 1024**3 and host_config["PidsLimit"] == 256
+        assert host_config["CapDrop"] == ["ALL"] and "no-new-privileges" in host_config["SecurityOpt"]
+        assert container.attrs["Config"]["User"] == "datalab"
+        assert instance.host == "127.0.0.1"
+        assert await backend.poll(instance) is True
+    finally:
+        await backend.stop(instance)
+    assert await backend.poll(instance) is False
+    assert managed(engine, opts) == []
+    await backend.stop(instance)  # idempotent

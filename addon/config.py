@@ -16,7 +16,6 @@ from dataclasses import dataclass
 
 from mitmproxy import ctx
 from mitmproxy import exceptions
-
 from redis.asyncio.connection import parse_url
 
 log = logging.getLogger(__name__)
@@ -97,7 +96,11 @@ def parse_settings(values: dict[str, typing.Any]) -> Settings:
     """Settings from option values (keyed by field name); ValueError says which one is wrong and why."""
     s = Settings(**values)
     _require(bool(s.sign_key), "sign_key", "is required: set DATALAB_SIGN_KEY or --set datalab_sign_key=...")
-    _require(s.redis_url.startswith(("redis://", "rediss://", "unix://")), "redis_url", "must be a redis://, rediss:// or unix:// URL")
+    _require(
+        s.redis_url.startswith(("redis://", "rediss://", "unix://")),
+        "redis_url",
+        "must be a redis://, rediss:// or unix:// URL",
+    )
     parse_url(s.redis_url)
     _require(bool(s.key_prefix) and " " not in s.key_prefix, "key_prefix", "must be non-empty without spaces")
     _require(bool(s.image), "image", "must name a local image")
@@ -105,9 +108,17 @@ def parse_settings(values: dict[str, typing.Any]) -> Settings:
         _require(getattr(s, name) > 0, name, "must be positive")
     _require(_positive_number(s.cpus), "cpus", "must be a positive number of CPUs, e.g. 0.5 or 2")
     _require(s.route_cache_ttl >= 0, "route_cache_ttl", "must be zero or positive")
-    _require(s.cookie_name.isascii() and s.cookie_name.replace("_", "").replace("-", "").isalnum(), "cookie_name", "must be letters, digits, '_' or '-'")
+    _require(
+        s.cookie_name.isascii() and s.cookie_name.replace("_", "").replace("-", "").isalnum(),
+        "cookie_name",
+        "must be letters, digits, '_' or '-'",
+    )
     _require(s.cookie_samesite in SAMESITE, "cookie_samesite", f"must be one of {', '.join(SAMESITE)}")
-    _require(not (s.cookie_samesite == "None" and not s.cookie_secure), "cookie_samesite", "None needs datalab_cookie_secure=true (browsers refuse it otherwise)")
+    _require(
+        not (s.cookie_samesite == "None" and not s.cookie_secure),
+        "cookie_samesite",
+        "None needs datalab_cookie_secure=true (browsers refuse it otherwise)",
+    )
     _require(bool(re.fullmatch(r"[0-9]+[bkmgBKMG]?", s.mem_limit)), "mem_limit", "must look like 512m or 1g")
     return s
 

@@ -8,25 +8,13 @@ Wiring only. A request goes: Api.requestheaders (/datalab/*: api.py) or Router.r
 (everything else: router.py, cookie -> Redis -> instance), then FailClosed (guards.py).
 """
 
-from config import Config
-from runtime import Runtime
-
 from api import Api
+from config import Config
 from guards import FailClosed
 from guards import TrimWebSockets
 from router import Router
+from runtime import Runtime
 
-runtime = Runtime()
+runtime = Runtime()  # also an addon: its running() checks the backend, done() closes Redis
 
-
-class Lifecycle:
-    """Start-up checks and clean shutdown of the shared parts."""
-
-    async def running(self) -> None:
-        await runtime.running()
-
-    async def done(self) -> None:
-        await runtime.done()
-
-
-addons = [Config(runtime.apply), Lifecycle(), Api(runtime), Router(runtime), FailClosed(), TrimWebSockets()]
+addons = [Config(runtime.apply), runtime, Api(runtime), Router(runtime), FailClosed(), TrimWebSockets()]

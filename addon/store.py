@@ -1,11 +1,11 @@
 """Redis state: nonces, sessions and instances under one key prefix, key names built only here.
 
-  <prefix>nonce:<nonce>      -> instance id        (expires after nonce_ttl)
-  <prefix>session:<id>       -> instance id        (expires after session_ttl)
-  <prefix>instance:<id>      -> Instance JSON      (lives until the instance is removed)
-  <prefix>instances          -> set of instance ids (what this proxy family owns)
-  <prefix>refs:<id>          -> set of the nonce and session keys naming instance <id>
-  <prefix>events             -> pub/sub channel: "gone <id>" when an instance is removed
+<prefix>nonce:<nonce>      -> instance id        (expires after nonce_ttl)
+<prefix>session:<id>       -> instance id        (expires after session_ttl)
+<prefix>instance:<id>      -> Instance JSON      (lives until the instance is removed)
+<prefix>instances          -> set of instance ids (what this proxy family owns)
+<prefix>refs:<id>          -> set of the nonce and session keys naming instance <id>
+<prefix>events             -> pub/sub channel: "gone <id>" when an instance is removed
 """
 
 from __future__ import annotations

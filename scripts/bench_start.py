@@ -116,9 +116,20 @@ def plain_mitmdump(target_port: int) -> tuple[subprocess.Popen, int]:
     port = free_port()
     mitmdump = Path(sys.executable).parent / "mitmdump"
     proc = subprocess.Popen(
-        [str(mitmdump), "-q", "--mode", f"reverse:http://127.0.0.1:{target_port}", "--listen-host", "127.0.0.1",
-         "--listen-port", str(port), "--set", "keep_host_header=true"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            str(mitmdump),
+            "-q",
+            "--mode",
+            f"reverse:http://127.0.0.1:{target_port}",
+            "--listen-host",
+            "127.0.0.1",
+            "--listen-port",
+            str(port),
+            "--set",
+            "keep_host_header=true",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     wait_listening(port, proc)
     return proc, port

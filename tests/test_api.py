@@ -70,7 +70,11 @@ async def test_millisecond_timestamp_is_accepted():
     "make, status, code",
     [
         (lambda: start_flow(sign="0" * 64), 403, "BAD_SIGNATURE"),
-        (lambda: start_flow(sign=signing.signature("other-key", str(int(time.time())), "data.csv")), 403, "BAD_SIGNATURE"),
+        (
+            lambda: start_flow(sign=signing.signature("other-key", str(int(time.time())), "data.csv")),
+            403,
+            "BAD_SIGNATURE",
+        ),
         (lambda: start_flow(ts=str(int(time.time()) - 301)), 403, "STALE_TIMESTAMP"),
         (lambda: start_flow(ts=str(int(time.time()) + 400)), 403, "STALE_TIMESTAMP"),
         (lambda: start_flow(ts="soon"), 400, "BAD_REQUEST"),

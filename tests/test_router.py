@@ -3,6 +3,8 @@ import time
 
 from mitmproxy.test import taddons
 from mitmproxy.test import tflow
+from test_api import request_flow
+from test_api import runtime_for
 
 from backends import Instance
 from guards import FailClosed
@@ -10,8 +12,6 @@ from guards import TrimWebSockets
 from router import ROUTED
 from router import RouteCache
 from router import Router
-from test_api import request_flow
-from test_api import runtime_for
 
 INSTANCE = Instance("i" * 32, "docker", "c1", "127.0.0.1", 4321, "a.csv", 0.0)
 SESSION = "S" * 32

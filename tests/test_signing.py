@@ -39,6 +39,8 @@ def test_parse_timestamp_rejects(ts):
         signing.parse_timestamp(ts)
 
 
-@pytest.mark.parametrize("ts, now, fresh", [(1000, 1000, True), (1000, 1300, True), (1000, 1301, False), (1301, 1000, False)])
+@pytest.mark.parametrize(
+    "ts, now, fresh", [(1000, 1000, True), (1000, 1300, True), (1000, 1301, False), (1301, 1000, False)]
+)
 def test_timestamp_fresh(ts, now, fresh):
     assert signing.timestamp_fresh(ts, now, 300) is fresh

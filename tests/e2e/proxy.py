@@ -117,11 +117,25 @@ class Browser:
         ws_url = f"ws://127.0.0.1:{self.proxy.port}/api/kernels/{kernel_id}/channels?session_id={uuid.uuid4().hex}"
         msg_id = uuid.uuid4().hex
         request = {
-            "header": {"msg_id": msg_id, "username": "e2e", "session": uuid.uuid4().hex,
-                       "msg_type": "execute_request", "version": "5.3"},
-            "parent_header": {}, "metadata": {}, "channel": "shell", "buffers": [],
-            "content": {"code": code, "silent": False, "store_history": False, "user_expressions": {},
-                        "allow_stdin": False, "stop_on_error": True},
+            "header": {
+                "msg_id": msg_id,
+                "username": "e2e",
+                "session": uuid.uuid4().hex,
+                "msg_type": "execute_request",
+                "version": "5.3",
+            },
+            "parent_header": {},
+            "metadata": {},
+            "channel": "shell",
+            "buffers": [],
+            "content": {
+                "code": code,
+                "silent": False,
+                "store_history": False,
+                "user_expressions": {},
+                "allow_stdin": False,
+                "stop_on_error": True,
+            },
         }
         out: list[str] = []
         deadline = time.monotonic() + timeout

@@ -13,17 +13,28 @@ import pytest
 import requests
 
 from backends import Instance
-from e2e.proxy import Browser
-from runtime import docker_backend
 from config import Settings
+from e2e.proxy import Browser
 from instances import Instances
+from runtime import docker_backend
 from store import Store
 from store import connect
 
 NOTEBOOK = json.dumps(
-    {"cells": [{"cell_type": "code", "execution_count": None, "metadata": {}, "outputs": [],
-                "source": ["print('hello from datalab')"]}],
-     "metadata": {}, "nbformat": 4, "nbformat_minor": 5}
+    {
+        "cells": [
+            {
+                "cell_type": "code",
+                "execution_count": None,
+                "metadata": {},
+                "outputs": [],
+                "source": ["print('hello from datalab')"],
+            }
+        ],
+        "metadata": {},
+        "nbformat": 4,
+        "nbformat_minor": 5,
+    }
 ).encode()
 CSV = b"city,population\nReykjavik,139875\nNuuk,19872\n"
 BIG = os.urandom(3 * 1024 * 1024 + 17)
@@ -98,7 +109,10 @@ def test_static_streams_a_large_binary(proxy):
 
 
 def test_each_browser_sees_only_its_own_instance(proxy, notebook_nonce, csv_nonce):
-    for nonce, own, other in ((notebook_nonce, "analysis.ipynb", "cities.csv"), (csv_nonce, "cities.csv", "analysis.ipynb")):
+    for nonce, own, other in (
+        (notebook_nonce, "analysis.ipynb", "cities.csv"),
+        (csv_nonce, "cities.csv", "analysis.ipynb"),
+    ):
         for _ in range(2):  # two browsers (two cookies) per instance
             browser = Browser(proxy)
             browser.view(nonce)
@@ -145,8 +159,16 @@ def test_refused_uploads_create_nothing(proxy, world, case, status, code):
 
 @pytest.mark.parametrize(
     "destination",
-    ["//evil.example/x", "/\\evil.example", "%2F%2Fevil.example", "%5C%5Cevil.example", "http://evil.example/",
-     "https:%2F%2Fevil.example", "%09//evil.example", "%0d%0aSet-Cookie:%20x=1"],
+    [
+        "//evil.example/x",
+        "/\\evil.example",
+        "%2F%2Fevil.example",
+        "%5C%5Cevil.example",
+        "http://evil.example/",
+        "https:%2F%2Fevil.example",
+        "%09//evil.example",
+        "%0d%0aSet-Cookie:%20x=1",
+    ],
 )
 def test_view_never_redirects_off_origin(proxy, notebook_nonce, destination):
     r = requests.get(proxy.url(f"/datalab/view/{notebook_nonce}/{destination}"), allow_redirects=False, timeout=30)

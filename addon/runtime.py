@@ -5,6 +5,7 @@ Rebuilt when options change (mitmweb lets you change them live); old clients are
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import store
@@ -40,6 +41,7 @@ class Runtime:
         self.store: store.Store | None = None
         self.instances: Instances | None = None
         self._retired: list[store.Store] = []
+        self._check: asyncio.Task | None = None
 
     @property
     def ready(self) -> bool:
@@ -53,8 +55,13 @@ class Runtime:
         backend = docker_backend(settings)
         self.instances = Instances(self.store, backend, settings.nonce_ttl, settings.session_ttl)
 
-    async def running(self) -> None:
-        """Say at start-up, not on the first upload, when instances cannot be started."""
+    def running(self) -> None:
+        """Check the backend in the background: mitmproxy starts serving before every addon's running()
+        has returned, and a slow one here delays core addons (tlsconfig) that requests need."""
+        self._check = asyncio.create_task(self._check_backend())
+
+    async def _check_backend(self) -> None:
+        """Say at start-up, not on the first upload, when instances cannot start (each start says it too)."""
         if self.instances is None:
             return
         try:
@@ -63,5 +70,8 @@ class Runtime:
             log.error("datalab: instances cannot start: %s", e)
 
     async def done(self) -> None:
+        if self._check is not None:
+            self._check.cancel()
+            await asyncio.gather(self._check, return_exceptions=True)
         for s in [*self._retired, *([self.store] if self.store else [])]:
             await s.close()

@@ -14,7 +14,7 @@ is_root() { [ "$(id -u)" = 0 ]; }
 find_python() {
   local c
   for c in ${DATALAB_PYTHON:-} python3.14 python3.13 python3.12 python3 \
-           "$HOME"/.pyenv/versions/3.1[2-9]*/bin/python3 /usr/local/bin/python3.1[2-9] /usr/bin/python3.1[2-9]; do
+           "$HOME"/.pyenv/versions/3.1[2-9]*/bin/python3 /root/.pyenv/versions/3.1[2-9]*/bin/python3 /usr/local/bin/python3.1[2-9] /usr/bin/python3.1[2-9]; do
     if command -v "$c" >/dev/null 2>&1 && "$c" -c 'import sys, venv; sys.exit(sys.version_info < (3, 12))' 2>/dev/null; then
       command -v "$c"; return 0
     fi

@@ -93,10 +93,11 @@ def make_proxy(redis_server, world, sign_key, tmp_path_factory):
     """Start extra proxies (other options, or a 'restart'); each is stopped after the test."""
     started: list[Proxy] = []
 
-    def make(prefix: str | None = None, redis_url: str | None = None, **options) -> Proxy:
+    def make(prefix: str | None = None, redis_url: str | None = None, tool: str = "mitmdump", **options) -> Proxy:
         prefix = prefix or world.prefix
         world.prefixes.add(prefix)
-        p = Proxy(redis_url or redis_server.url, prefix, sign_key, tmp_path_factory.mktemp("proxy"), options).start()
+        workdir = tmp_path_factory.mktemp("proxy")
+        p = Proxy(redis_url or redis_server.url, prefix, sign_key, workdir, options, tool).start()
         started.append(p)
         return p
 

@@ -18,11 +18,14 @@ from helpers import free_port
 from helpers import wait_for_port
 
 ROOT = Path(__file__).resolve().parents[2]
-MITMDUMP = Path(sys.executable).parent / "mitmdump"
+BIN = Path(sys.executable).parent
 
 
 class Proxy:
-    def __init__(self, redis_url: str, prefix: str, sign_key: str, workdir: Path, options: dict | None = None):
+    def __init__(
+        self, redis_url: str, prefix: str, sign_key: str, workdir: Path, options: dict | None = None, tool="mitmdump"
+    ):
+        self.tool = tool
         self.redis_url = redis_url
         self.prefix = prefix
         self.sign_key = sign_key
@@ -47,14 +50,32 @@ class Proxy:
             "keep_host_header": "true",
             **self.options,
         }
-        args = [str(MITMDUMP), "-s", str(ROOT / "addon" / "datalab.py"), "--mode", "reverse:http://127.0.0.1:1"]
+        if self.tool == "mitmweb":
+            sets |= {"web_open_browser": "false", "web_port": str(free_port())}
+        args = [str(BIN / self.tool), "-s", str(ROOT / "addon" / "datalab.py"), "--mode", "reverse:http://127.0.0.1:1"]
         args += ["--listen-host", "127.0.0.1", "--listen-port", str(self.port)]
         for name, value in sets.items():
             args += ["--set", f"{name}={value}"]
         self.log = self.workdir / "mitmdump.log"
         self.proc = subprocess.Popen(args, stdout=self.log.open("w"), stderr=subprocess.STDOUT, cwd=self.workdir)
         wait_for_port(self.port, proc=self.proc)
+        self._wait_answering()
         return self
+
+    def _wait_answering(self, timeout: float = 30.0) -> None:
+        """Listening is not ready: wait until the addon itself answers (and the process is still up)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                r = requests.get(self.url("/datalab/"), timeout=2)
+                if r.status_code == 404 and r.json()["code"] == "NOT_FOUND":
+                    time.sleep(0.2)
+                    assert self.proc.poll() is None, f"{self.tool} exited at start-up; see {self.log}"
+                    return
+            except (requests.RequestException, ValueError):
+                pass
+            time.sleep(0.1)
+        raise TimeoutError(f"{self.tool} did not answer in {timeout} s; see {self.log}")
 
     def stop(self) -> None:
         if self.proc is not None:

@@ -213,6 +213,16 @@ def test_a_restarted_proxy_serves_existing_sessions(proxy, make_proxy, csv_nonce
     assert r.status_code == 200 and r.json()["content"] == CSV.decode()
 
 
+def test_the_same_addon_runs_under_mitmweb(make_proxy, csv_nonce):
+    web = make_proxy(tool="mitmweb")
+    browser = Browser(web)
+    browser.view(csv_nonce)
+    r = browser.get("/api/contents/cities.csv", params={"content": "1"})
+    assert r.status_code == 200 and r.json()["content"] == CSV.decode()
+    r = requests.get(web.url("/api/status"), timeout=30)
+    assert r.status_code == 403 and error_of(r) == "NO_SESSION"
+
+
 def test_faults_give_5xx_and_the_proxy_recovers(make_proxy, world, tmp_path):
     from helpers import RedisServer
 

@@ -1,7 +1,8 @@
 """The /datalab/* endpoints: start (upload), view (cookie + redirect) and static (fetch a path).
 
-Refusals are decided in `requestheaders`, before an upload body is read. Every error is an ApiError,
-turned into JSON here; anything unexpected is a 500, never a request sent upstream.
+Refusals are decided in `requestheaders`, before an upload body is read; a body is then streamed
+to the upload sink (upload.py) and never held beyond datalab_max_upload. Every error is an
+ApiError, turned into JSON here; anything unexpected is a 500, never a request sent upstream.
 """
 
 from __future__ import annotations
@@ -11,6 +12,9 @@ import time
 
 from mitmproxy import http
 from redis.exceptions import RedisError
+from upload import SINK_HOST
+from upload import BodyCollector
+from upload import UploadSink
 
 import errors
 import inputs
@@ -27,6 +31,8 @@ PREFIX = "/datalab/"
 HANDLED = "datalab.api"  # flow.metadata: this flow is ours, the router leaves it alone
 START = "datalab.start"  # flow.metadata: the checked filename of an upload waiting for its body
 STATIC = "datalab.static"  # flow.metadata: a static fetch rerouted to an instance
+SINK = "datalab.sink"  # flow.metadata: the body streams to the upload sink; the answer comes in `response`
+DEFERRED = "datalab.deferred"  # flow.metadata: a refusal (mitmproxy state) given once the body is drained
 
 
 def is_api_path(path: str) -> bool:
@@ -39,6 +45,14 @@ def session_cookie(name: str, value: str, samesite: str, secure: bool) -> str:
     return cookie + "; Secure" if secure else cookie
 
 
+def has_body(request: http.Request) -> bool:
+    """Whether a body may follow the headers (HTTP/2 may send one without a Content-Length)."""
+    length = request.headers.get("Content-Length")
+    if length is not None:
+        return length != "0"
+    return "Transfer-Encoding" in request.headers or request.is_http2 or request.is_http3
+
+
 def single_param(query: http.MultiDictView, name: str) -> str:
     values = query.get_all(name)
     if len(values) != 1:
@@ -47,19 +61,28 @@ def single_param(query: http.MultiDictView, name: str) -> str:
 
 
 class Api:
-    def __init__(self, runtime: Runtime):
+    def __init__(self, runtime: Runtime, sink: UploadSink):
         self.runtime = runtime
+        self.sink = sink
 
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live or not is_api_path(flow.request.path.partition("?")[0]):
             return
         flow.metadata[HANDLED] = True
         await self._answering_errors(flow, self._dispatch)
+        if flow.response is not None and has_body(flow.request) and self.sink.port is not None:
+            # Answered now, mitmproxy would first read the whole body into memory: drain it instead.
+            flow.metadata[DEFERRED] = flow.response.get_state()
+            flow.response = None
+            self._to_sink(flow, limit=0)
 
-    async def request(self, flow: http.HTTPFlow) -> None:
-        if flow.response or START not in flow.metadata:
+    async def response(self, flow: http.HTTPFlow) -> None:
+        if not flow.metadata.get(SINK):
             return
-        await self._answering_errors(flow, self._start)
+        if DEFERRED in flow.metadata:
+            flow.response = http.Response.from_state(flow.metadata.pop(DEFERRED))
+        else:
+            await self._answering_errors(flow, self._start)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         if flow.metadata.get(STATIC) and flow.response:
@@ -123,16 +146,26 @@ class Api:
         length = flow.request.headers.get("Content-Length")
         if length is not None and (not length.isdigit() or int(length) > s.max_upload):
             raise self._too_large()
+        if self.sink.port is None:
+            raise ApiError(503, "NOT_READY", "the proxy is still starting; retry in a moment")
         flow.metadata[START] = filename
+        self._to_sink(flow, limit=s.max_upload)
+
+    def _to_sink(self, flow: http.HTTPFlow, limit: int) -> None:
+        flow.request.stream = BodyCollector(limit)
+        reroute(flow, SINK_HOST, self.sink.port)
+        flow.metadata[SINK] = True
 
     def _too_large(self) -> ApiError:
         return ApiError(413, "UPLOAD_TOO_LARGE", f"the upload is over {self.runtime.settings.max_upload} bytes")
 
     async def _start(self, flow: http.HTTPFlow) -> None:
-        body = flow.request.raw_content or b""
-        if len(body) > self.runtime.settings.max_upload:
+        collector = flow.request.stream
+        if not isinstance(collector, BodyCollector):
+            raise ApiError(500, "INTERNAL", "the upload body was not collected")
+        if collector.too_large:
             raise self._too_large()
-        nonce = await self.runtime.instances.start(flow.metadata[START], body)
+        nonce = await self.runtime.instances.start(flow.metadata[START], collector.body())
         flow.response = errors.json_response(200, {"code": "OK", "result": {"nonce": nonce}})
 
     async def _view(self, flow: http.HTTPFlow, instance, destination: str, query: str) -> None:

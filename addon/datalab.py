@@ -4,9 +4,12 @@ browser to its own instance.
     mitmdump -s addon/datalab.py --mode reverse:http://127.0.0.1:1 \
         --set connection_strategy=lazy --set keep_host_header=true --set datalab_sign_key=...
 
-Wiring only. A request goes: Api.requestheaders (/datalab/*: api.py) or Router.requestheaders
-(everything else: router.py, cookie -> Redis -> instance), then FailClosed (guards.py).
+Wiring only. A request goes: Api.requestheaders (/datalab/*: api.py; uploads stream through
+upload.py and are answered in Api.response) or Router.requestheaders (everything else: router.py,
+cookie -> Redis -> instance), then FailClosed (guards.py).
 """
+
+from upload import UploadSink
 
 from api import Api
 from config import Config
@@ -16,5 +19,6 @@ from router import Router
 from runtime import Runtime
 
 runtime = Runtime()  # also an addon: its running() checks the backend, done() closes Redis
+sink = UploadSink()  # also an addon: a loopback server that drains upload bodies (upload.py)
 
-addons = [Config(runtime.apply), runtime, Api(runtime), Router(runtime), FailClosed(), TrimWebSockets()]
+addons = [Config(runtime.apply), runtime, sink, Api(runtime, sink), Router(runtime), FailClosed(), TrimWebSockets()]

@@ -13,6 +13,7 @@ import logging
 from mitmproxy import http
 
 from api import HANDLED
+from api import SINK
 from api import STATIC
 from errors import ApiError
 from router import ROUTED
@@ -37,7 +38,7 @@ class FailClosed:
     def request(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live:
             return
-        if not (flow.metadata.get(ROUTED) or flow.metadata.get(STATIC)):
+        if not (flow.metadata.get(ROUTED) or flow.metadata.get(STATIC) or flow.metadata.get(SINK)):
             _refuse(flow, "request")
 
 

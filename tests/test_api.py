@@ -6,8 +6,12 @@ import pytest
 from mitmproxy.test import taddons
 from mitmproxy.test import tflow
 from mitmproxy.test import tutils
+from upload import BodyCollector
+from upload import UploadSink
 
 import signing
+from api import DEFERRED
+from api import SINK
 from api import START
 from api import Api
 from api import session_cookie
@@ -48,22 +52,48 @@ def body(flow) -> dict:
     return json.loads(flow.response.content)
 
 
-async def run_headers(flow, rt=None):
-    api = Api(rt or runtime_for())
+@pytest.fixture
+async def sink():
+    s = UploadSink()
+    await s.running()
+    yield s
+    await s.done()
+
+
+async def run_headers(flow, sink, rt=None):
+    api = Api(rt or runtime_for(), sink)
     with taddons.context(api):
         await api.requestheaders(flow)
     return flow
 
 
-async def test_valid_start_waits_for_the_body():
-    flow = await run_headers(start_flow())
-    assert flow.response is None
-    assert flow.metadata[START] == "data.csv"
+async def through_api(flow, sink, rt=None):
+    """requestheaders, then what mitmproxy does with a streamed body: chunks, the sink's answer, `response`."""
+    api = Api(rt or runtime_for(), sink)
+    with taddons.context(api):
+        await api.requestheaders(flow)
+        if flow.metadata.get(SINK):
+            assert (flow.request.host, flow.request.port) == ("127.0.0.1", sink.port)
+            for i in range(0, len(flow.request.content), 3):
+                flow.request.stream(flow.request.content[i : i + 3])
+            flow.request.stream(b"")
+            flow.response = tutils.tresp(status_code=500)
+            await api.response(flow)
+    return flow
 
 
-async def test_millisecond_timestamp_is_accepted():
-    flow = await run_headers(start_flow(ts=str(int(time.time() * 1000))))
+async def test_valid_start_streams_its_body_to_the_sink(sink):
+    flow = await run_headers(start_flow(), sink)
     assert flow.response is None
+    assert flow.metadata[START] == "data.csv" and flow.metadata[SINK]
+    assert isinstance(flow.request.stream, BodyCollector) and flow.request.stream.limit == 100 * 1024 * 1024
+    assert (flow.request.host, flow.request.port) == ("127.0.0.1", sink.port)
+    assert flow.request.headers["Host"] == "proxy.example:8080"
+
+
+async def test_millisecond_timestamp_is_accepted(sink):
+    flow = await run_headers(start_flow(ts=str(int(time.time() * 1000))), sink)
+    assert flow.response is None and flow.metadata[START]
 
 
 @pytest.mark.parametrize(
@@ -93,47 +123,60 @@ async def test_millisecond_timestamp_is_accepted():
         (lambda: request_flow("GET", "/datalab"), 404, "NOT_FOUND"),
     ],
 )
-async def test_refusals_are_json_and_start_nothing(make, status, code):
-    flow = await run_headers(make())
+async def test_refusals_are_json_and_start_nothing(make, status, code, sink):
+    flow = await through_api(make(), sink)
     assert flow.response.status_code == status
     assert flow.response.headers["Content-Type"] == "application/json"
     assert body(flow)["code"] == code and body(flow)["message"]
     assert START not in flow.metadata
 
 
-async def test_method_not_allowed_names_the_method():
-    flow = await run_headers(request_flow("PUT", "/datalab/start"))
+async def test_method_not_allowed_names_the_method(sink):
+    flow = await run_headers(request_flow("PUT", "/datalab/start"), sink)
     assert flow.response.headers["Allow"] == "POST"
 
 
-async def test_other_paths_are_left_to_the_router():
-    flow = await run_headers(request_flow("GET", "/tree/datalab/x"))
+async def test_a_refusal_with_a_body_drains_it_first(sink):
+    flow = await run_headers(start_flow(sign="0" * 64, content=b"x" * 100), sink)
+    assert flow.response is None and flow.metadata[DEFERRED]
+    assert flow.request.stream.limit == 0  # drained, nothing kept
+    flow = await run_headers(start_flow(sign="0" * 64, content=b""), sink)
+    assert flow.response.status_code == 403 and SINK not in flow.metadata  # no body: answered at once
+
+
+async def test_other_paths_are_left_to_the_router(sink):
+    flow = await run_headers(request_flow("GET", "/tree/datalab/x"), sink)
     assert flow.response is None and not flow.metadata
 
 
-async def test_body_over_the_limit_is_refused_after_reading():
+async def test_body_over_the_limit_is_refused_while_streaming(sink):
     rt = runtime_for(max_upload=4)
-    api = Api(rt)
-    flow = start_flow(content=b"12345", headers={"Content-Length": "4"})
-    with taddons.context(api):
-        await api.requestheaders(flow)
-        assert flow.response is None
-        await api.request(flow)
-    assert flow.response.status_code == 413
+    flow = await through_api(start_flow(content=b"12345", headers={"Content-Length": "4"}), sink, rt)
+    assert flow.response.status_code == 413 and body(flow)["code"] == "UPLOAD_TOO_LARGE"
 
 
-async def test_redis_down_is_a_503(redis_server):
+@pytest.mark.parametrize(
+    "chunks, limit, kept, too_large",
+    [([b"ab", b"cd", b""], 4, b"abcd", False), ([b"ab", b"cde", b""], 4, b"", True), ([b""], 0, b"", False)],
+)
+def test_body_collector_keeps_at_most_the_limit(chunks, limit, kept, too_large):
+    collector = BodyCollector(limit)
+    assert [collector(c) for c in chunks] == chunks  # every chunk passes on to the sink
+    assert collector.body() == kept and collector.too_large is too_large
+
+
+async def test_redis_down_is_a_503(redis_server, sink):
     rt = runtime_for(redis_url="redis://127.0.0.1:1/0")
-    flow = await run_headers(request_flow("GET", "/datalab/view/" + "n" * 32 + "/tree"), rt)
+    flow = await run_headers(request_flow("GET", "/datalab/view/" + "n" * 32 + "/tree"), sink, rt)
     assert flow.response.status_code == 503 and body(flow)["code"] == "REDIS_UNAVAILABLE"
 
 
-async def test_view_sets_the_cookie_and_redirects_on_this_origin(redis_url):
+async def test_view_sets_the_cookie_and_redirects_on_this_origin(redis_url, sink):
     rt = runtime_for(redis_url=redis_url)
     instance = Instance("i" * 32, "docker", "c1", "127.0.0.1", 1234, "a.csv", time.time())
     nonce = "N" * 32
     await rt.store.add_instance(instance, nonce, 60)
-    flow = await run_headers(request_flow("GET", f"/datalab/view/{nonce}/%2F%2Fevil.example/tree?x=1"), rt)
+    flow = await run_headers(request_flow("GET", f"/datalab/view/{nonce}/%2F%2Fevil.example/tree?x=1"), sink, rt)
     assert flow.response.status_code == 302
     assert flow.response.headers["Location"] == "/evil.example/tree?x=1"
     cookie = flow.response.headers["Set-Cookie"]

@@ -157,6 +157,23 @@ def test_refused_uploads_create_nothing(proxy, world, case, status, code):
     assert world.snapshot() == before
 
 
+def chunked(*parts: bytes):
+    """A body requests sends with Transfer-Encoding: chunked."""
+    yield from parts
+
+
+def test_chunked_upload_and_a_refused_large_body(proxy, world):
+    r = proxy.upload("chunked.csv", chunked(CSV[:10], CSV[10:]))
+    assert r.status_code == 200, r.text
+    nonce = r.json()["result"]["nonce"]
+    assert requests.get(proxy.url(f"/datalab/static/{nonce}/files/chunked.csv"), timeout=30).content == CSV
+
+    before = world.snapshot()
+    r = proxy.upload("a.csv", BIG * 4, sign="0" * 64)  # read to the end and dropped, then refused
+    assert r.status_code == 403 and error_of(r) == "BAD_SIGNATURE"
+    assert world.snapshot() == before
+
+
 @pytest.mark.parametrize(
     "destination",
     [
@@ -192,6 +209,10 @@ def test_nonce_expires_and_uploads_are_bounded(make_proxy, world):
     short = make_proxy(prefix=world.sub("short"), datalab_nonce_ttl=2, datalab_max_upload=1024)
     before = world.snapshot()
     r = short.upload("big.csv", b"x" * 2048)
+    assert r.status_code == 413 and error_of(r) == "UPLOAD_TOO_LARGE"
+    assert world.snapshot() == before
+
+    r = short.upload("big.csv", chunked(b"x" * 700, b"y" * 700))  # no Content-Length: counted while streaming
     assert r.status_code == 413 and error_of(r) == "UPLOAD_TOO_LARGE"
     assert world.snapshot() == before
 

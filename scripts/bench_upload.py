@@ -1,0 +1,89 @@
+#!/usr/bin/env python3
+"""Benchmark: what an upload costs the proxy in memory and time.
+
+    .venv/bin/python scripts/bench_upload.py [--mib 400]
+
+Starts its own proxy with ./run.sh and sends, chunked (so nothing is known up front):
+  refused:  a --mib MiB upload with a bad signature (drained through the upload sink, nothing kept)
+  accepted: a 50 MiB upload (kept once, up to datalab_max_upload, then copied into the container)
+Prints the proxy's resident memory after each, as a ratio of its idle size measured in the same run,
+and the refused upload's throughput against the accepted one's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import secrets
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+
+from benchlib import free_port
+from benchlib import remove_all
+from benchlib import start_proxy
+from benchlib import upload
+
+MIB = 1 << 20
+
+
+def chunks(total_mib: int):
+    block = b"x" * MIB
+    for _ in range(total_mib):
+        yield block
+
+
+def rss_mib(pid: int) -> float:
+    """Resident memory of the mitmdump process that run.sh exec'd into (same pid)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS")
+
+
+def refused(base: str, mib: int) -> float:
+    query = urllib.parse.urlencode({"ts": str(int(time.time())), "filename": "big.bin"})
+    req = urllib.request.Request(
+        f"{base}/datalab/start?{query}", data=chunks(mib), headers={"X-SIGN": "0" * 64}, method="POST"
+    )
+    t0 = time.perf_counter()
+    try:
+        urllib.request.urlopen(req, timeout=600)
+        raise SystemExit("a bad signature was accepted")
+    except urllib.error.HTTPError as e:
+        assert e.code == 403, e.code
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mib", type=int, default=400)
+    args = parser.parse_args()
+    key, prefix, port = secrets.token_hex(16), f"bench-{secrets.token_hex(3)}:", free_port()
+    base = f"http://127.0.0.1:{port}"
+    proc = start_proxy(port, key, prefix)
+    try:
+        time.sleep(1)
+        idle = rss_mib(proc.pid)
+        t_refused = refused(base, args.mib)
+        after_refused = rss_mib(proc.pid)
+        t0 = time.perf_counter()
+        upload(base, key, "accepted.bin", chunks(50))
+        t_accepted = time.perf_counter() - t0
+        after_accepted = rss_mib(proc.pid)
+        print(f"idle proxy                  {idle:7.1f} MiB")
+        ratio = after_refused / idle
+        print(f"after refused {args.mib:4d} MiB upload {after_refused:7.1f} MiB | ratio to idle {ratio:5.2f}")
+        print(f"after accepted  50 MiB upload {after_accepted:7.1f} MiB | ratio to idle {after_accepted / idle:5.2f}")
+        print(f"refused upload drained at {args.mib / t_refused:7.1f} MiB/s")
+        print(f"accepted upload (incl. container start) {t_accepted:5.2f} s")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        print(f"removed {asyncio.run(remove_all(prefix))} instances")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""Shared by the benchmark scripts: a proxy started with ./run.sh on its own port and prefix, signed
+uploads, and removal of what a run made (through the product's own code)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "addon"))
+
+from backends.docker_engine import DockerBackend  # noqa: E402
+from backends.docker_engine import DockerOptions  # noqa: E402
+from instances import Instances  # noqa: E402
+from store import Store  # noqa: E402
+from store import connect  # noqa: E402
+
+CSV = b"a,b\n1,2\n"
+REDIS_URL = os.environ.get("DATALAB_REDIS_URL", "redis://127.0.0.1:6379/0")
+IMAGE = os.environ.get("DATALAB_IMAGE", "datalab-notebook:latest")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_listening(port: int, proc: subprocess.Popen) -> None:
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            if proc.poll() is not None:
+                sys.exit(f"{proc.args[0]} exited before listening on {port}")
+            time.sleep(0.2)
+    sys.exit(f"nothing listened on {port} in time")
+
+
+def start_proxy(port: int, key: str, prefix: str) -> subprocess.Popen:
+    env = {**os.environ, "DATALAB_PORT": str(port), "DATALAB_SIGN_KEY": key, "DATALAB_KEY_PREFIX": prefix}
+    proc = subprocess.Popen([str(ROOT / "run.sh"), "-q"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_listening(port, proc)
+    return proc
+
+
+def upload(base: str, key: str, name: str, data=CSV) -> str:
+    """Sign and upload; `data` may be bytes or an iterable of chunks (sent chunked)."""
+    ts = str(int(time.time()))
+    sig = hashlib.sha256((key + ts + name).encode()).hexdigest()
+    query = urllib.parse.urlencode({"ts": ts, "filename": name})
+    req = urllib.request.Request(f"{base}/datalab/start?{query}", data=data, headers={"X-SIGN": sig}, method="POST")
+    with urllib.request.urlopen(req, timeout=180) as r:
+        return json.load(r)["result"]["nonce"]
+
+
+async def remove_all(prefix: str) -> int:
+    store = Store(connect(REDIS_URL), prefix)
+    instances = Instances(store, DockerBackend(DockerOptions(image=IMAGE, label_prefix=prefix)), 600, 600)
+    ids = await store.instance_ids()
+    for instance_id in ids:
+        instance = await store.instance(instance_id)
+        if instance:
+            await instances.remove(instance)
+    await store.close()
+    return len(ids)

@@ -24,7 +24,7 @@ class Instances:
         self.nonce_ttl = nonce_ttl
         self.session_ttl = session_ttl
 
-    async def start(self, filename: str, data: bytes) -> str:
+    async def start(self, filename: str, data: bytes | bytearray) -> str:
         """Start an instance holding the upload; return the nonce bound to it."""
         instance = await self.backend.start(inputs.new_token(), filename, data)
         nonce = inputs.new_token()

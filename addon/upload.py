@@ -28,7 +28,7 @@ class BodyCollector:
     def __init__(self, limit: int):
         self.limit = limit
         self.size = 0
-        self._parts: list[bytes] = []
+        self._kept = bytearray()
 
     @property
     def too_large(self) -> bool:
@@ -37,13 +37,13 @@ class BodyCollector:
     def __call__(self, chunk: bytes) -> bytes:
         self.size += len(chunk)
         if self.too_large:
-            self._parts.clear()  # over the limit: keep nothing, just count
-        elif chunk:
-            self._parts.append(chunk)
+            self._kept = bytearray()  # over the limit: keep nothing, just count
+        else:
+            self._kept += chunk  # grows in place: one copy of the body, never two
         return chunk
 
-    def body(self) -> bytes:
-        return b"".join(self._parts)
+    def body(self) -> bytearray:
+        return self._kept
 
 
 class UploadSink:

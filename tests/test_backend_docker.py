@@ -33,10 +33,13 @@ def managed(engine, opts: DockerOptions) -> list:
 
 
 def test_upload_tar_holds_one_file_owned_by_the_notebook_user():
-    with tarfile.open(fileobj=io.BytesIO(upload_tar("a.csv", b"1,2\n"))) as tar:
-        (member,) = tar.getmembers()
-        assert (member.name, member.uid, member.size) == ("a.csv", 1000, 4)
-        assert tar.extractfile(member).read() == b"1,2\n"
+    for name, data in (("a.csv", b"1,2\n"), ("ü" * 120 + ".bin", bytes(range(256)) * 9000), ("empty", b"")):
+        stream = b"".join(upload_tar(name, data))
+        assert len(stream) % tarfile.BLOCKSIZE == 0
+        with tarfile.open(fileobj=io.BytesIO(stream)) as tar:
+            (member,) = tar.getmembers()
+            assert (member.name, member.uid, member.size) == (name, 1000, len(data))
+            assert tar.extractfile(member).read() == data
 
 
 async def test_missing_image_is_never_pulled(engine):

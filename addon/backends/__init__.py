@@ -67,7 +67,7 @@ class Backend(abc.ABC):
         """Raise BackendError when no start can succeed (engine down, image missing)."""
 
     @abc.abstractmethod
-    async def start(self, instance_id: str, filename: str, data: bytes) -> Instance:
+    async def start(self, instance_id: str, filename: str, data: bytes | bytearray) -> Instance:
         """Start an instance holding `data` as `filename` in its working directory.
 
         Returns only once Jupyter answers /api/status. On any failure nothing is left behind.

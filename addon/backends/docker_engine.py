@@ -7,11 +7,11 @@ is copied into the created container before it starts, so Jupyter sees it from i
 from __future__ import annotations
 
 import asyncio
-import io
 import logging
 import tarfile
 import time
 from collections.abc import Callable
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 JUPYTER_PORT = 8888
 WORK_DIR = "/home/datalab/work"
 USER_UID = 1000
+TAR_CHUNK = 1 << 20
 LABEL_MANAGED = "datalab.managed-by"
 LABEL_PREFIX = "datalab.prefix"
 LABEL_INSTANCE = "datalab.instance"
@@ -48,17 +49,21 @@ class DockerOptions:
     docker_url: str = ""
 
 
-def upload_tar(filename: str, data: bytes) -> bytes:
-    """A tar holding one file owned by the notebook user, so Jupyter can also save over it."""
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        info = tarfile.TarInfo(filename)
-        info.size = len(data)
-        info.mode = 0o644
-        info.uid = info.gid = USER_UID
-        info.mtime = int(time.time())
-        tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
+def upload_tar(filename: str, data: bytes | bytearray) -> Iterator[bytes]:
+    """A tar stream holding one file owned by the notebook user (so Jupyter can save over it).
+
+    Yielded in pieces, so a 100 MiB upload is never copied whole a second time on its way in.
+    """
+    info = tarfile.TarInfo(filename)
+    info.size = len(data)
+    info.mode = 0o644
+    info.uid = info.gid = USER_UID
+    info.mtime = int(time.time())
+    yield info.tobuf(format=tarfile.PAX_FORMAT)
+    view = memoryview(data)
+    for start in range(0, len(data), TAR_CHUNK):
+        yield bytes(view[start : start + TAR_CHUNK])
+    yield b"\0" * (-len(data) % tarfile.BLOCKSIZE) + b"\0" * (2 * tarfile.BLOCKSIZE)  # padding, end of archive
 
 
 class DockerBackend(Backend):
@@ -95,7 +100,7 @@ class DockerBackend(Backend):
                 f"build it with scripts/build-image.sh"
             ) from e
 
-    async def start(self, instance_id: str, filename: str, data: bytes) -> Instance:
+    async def start(self, instance_id: str, filename: str, data: bytes | bytearray) -> Instance:
         await self.check()
         client = await self.client()
         container: Container = await self._call(client.containers.create, **self._create_args(instance_id))

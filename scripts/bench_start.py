@@ -30,10 +30,9 @@ from benchlib import REDIS_URL
 from benchlib import DockerBackend
 from benchlib import DockerOptions
 from benchlib import Store
+from benchlib import bench_proxy
 from benchlib import connect
 from benchlib import free_port
-from benchlib import remove_all
-from benchlib import start_proxy
 from benchlib import upload
 from benchlib import wait_listening
 
@@ -117,10 +116,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--requests", type=int, default=300)
     args = parser.parse_args()
-    key, prefix, port = secrets.token_hex(16), f"bench-{secrets.token_hex(3)}:", free_port()
-    base = f"http://127.0.0.1:{port}"
-    proc = start_proxy(port, key, prefix)
-    try:
+    with bench_proxy() as proxy:
+        base, key, prefix = proxy.base, proxy.key, proxy.prefix
         baseline = asyncio.run(backend_starts(args.runs, prefix))
         starts, nonce = [], ""
         for i in range(args.runs):
@@ -140,17 +137,12 @@ def main() -> None:
         plain, plain_port = plain_mitmdump(direct)
         through, straight, bare = [], [], []
         for _ in range(max(1, args.requests // 50)):  # interleave, so drift hits every side alike
-            through += get_latencies(port, 50, cookie)
+            through += get_latencies(proxy.port, 50, cookie)
             bare += get_latencies(plain_port, 50)
             straight += get_latencies(direct, 50)
         plain.terminate()
         report("request", through, straight, "direct to Jupyter")
         report("request", through, bare, "plain mitmdump (no addon)")
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-        removed = asyncio.run(remove_all(prefix))
-        print(f"removed {removed} instances")
 
 
 if __name__ == "__main__":

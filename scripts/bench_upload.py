@@ -13,16 +13,12 @@ and the refused upload's throughput against the accepted one's.
 from __future__ import annotations
 
 import argparse
-import asyncio
-import secrets
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
 
-from benchlib import free_port
-from benchlib import remove_all
-from benchlib import start_proxy
+from benchlib import bench_proxy
 from benchlib import upload
 
 MIB = 1 << 20
@@ -61,28 +57,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mib", type=int, default=400)
     args = parser.parse_args()
-    key, prefix, port = secrets.token_hex(16), f"bench-{secrets.token_hex(3)}:", free_port()
-    base = f"http://127.0.0.1:{port}"
-    proc = start_proxy(port, key, prefix)
-    try:
+    with bench_proxy() as proxy:
         time.sleep(1)
-        idle = rss_mib(proc.pid)
-        t_refused = refused(base, args.mib)
-        after_refused = rss_mib(proc.pid)
+        idle = rss_mib(proxy.proc.pid)
+        t_refused = refused(proxy.base, args.mib)
+        after_refused = rss_mib(proxy.proc.pid)
         t0 = time.perf_counter()
-        upload(base, key, "accepted.bin", chunks(50))
+        upload(proxy.base, proxy.key, "accepted.bin", chunks(50))
         t_accepted = time.perf_counter() - t0
-        after_accepted = rss_mib(proc.pid)
+        after_accepted = rss_mib(proxy.proc.pid)
         print(f"idle proxy                  {idle:7.1f} MiB")
         ratio = after_refused / idle
         print(f"after refused {args.mib:4d} MiB upload {after_refused:7.1f} MiB | ratio to idle {ratio:5.2f}")
         print(f"after accepted  50 MiB upload {after_accepted:7.1f} MiB | ratio to idle {after_accepted / idle:5.2f}")
         print(f"refused upload drained at {args.mib / t_refused:7.1f} MiB/s")
         print(f"accepted upload (incl. container start) {t_accepted:5.2f} s")
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-        print(f"removed {asyncio.run(remove_all(prefix))} instances")
 
 
 if __name__ == "__main__":

@@ -3,15 +3,20 @@ uploads, and removal of what a run made (through the product's own code)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import json
 import os
+import secrets
 import socket
 import subprocess
 import sys
 import time
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -74,3 +79,25 @@ async def remove_all(prefix: str) -> int:
             await instances.remove(instance)
     await store.close()
     return len(ids)
+
+
+@dataclass(frozen=True)
+class BenchProxy:
+    base: str
+    port: int
+    key: str
+    prefix: str
+    proc: subprocess.Popen
+
+
+@contextlib.contextmanager
+def bench_proxy() -> Iterator[BenchProxy]:
+    """A proxy from ./run.sh with its own port, key and prefix; stopped and cleaned up afterwards."""
+    key, prefix, port = secrets.token_hex(16), f"bench-{secrets.token_hex(3)}:", free_port()
+    proc = start_proxy(port, key, prefix)
+    try:
+        yield BenchProxy(f"http://127.0.0.1:{port}", port, key, prefix, proc)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        print(f"removed {asyncio.run(remove_all(prefix))} instances")

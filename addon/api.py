@@ -12,9 +12,6 @@ import time
 
 from mitmproxy import http
 from redis.exceptions import RedisError
-from upload import SINK_HOST
-from upload import BodyCollector
-from upload import UploadSink
 
 import errors
 import inputs
@@ -22,17 +19,20 @@ import signing
 from backends import BackendError
 from backends import http_status
 from errors import ApiError
+from marks import DEFERRED
+from marks import HANDLED
+from marks import SINK
+from marks import START
+from marks import STATIC
 from router import reroute
 from runtime import Runtime
+from upload import SINK_HOST
+from upload import BodyCollector
+from upload import UploadSink
 
 log = logging.getLogger(__name__)
 
 PREFIX = "/datalab/"
-HANDLED = "datalab.api"  # flow.metadata: this flow is ours, the router leaves it alone
-START = "datalab.start"  # flow.metadata: the checked filename of an upload waiting for its body
-STATIC = "datalab.static"  # flow.metadata: a static fetch rerouted to an instance
-SINK = "datalab.sink"  # flow.metadata: the body streams to the upload sink; the answer comes in `response`
-DEFERRED = "datalab.deferred"  # flow.metadata: a refusal (mitmproxy state) given once the body is drained
 
 
 def is_api_path(path: str) -> bool:

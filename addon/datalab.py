@@ -9,14 +9,13 @@ upload.py and are answered in Api.response) or Router.requestheaders (everything
 cookie -> Redis -> instance), then FailClosed (guards.py).
 """
 
-from upload import UploadSink
-
 from api import Api
 from config import Config
 from guards import FailClosed
 from guards import TrimWebSockets
 from router import Router
 from runtime import Runtime
+from upload import UploadSink
 
 runtime = Runtime()  # also an addon: its running() checks the backend, done() closes Redis
 sink = UploadSink()  # also an addon: a loopback server that drains upload bodies (upload.py)

@@ -12,11 +12,11 @@ import logging
 
 from mitmproxy import http
 
-from api import HANDLED
-from api import SINK
-from api import STATIC
 from errors import ApiError
-from router import ROUTED
+from marks import HANDLED
+from marks import ROUTED
+from marks import SINK
+from marks import STATIC
 
 log = logging.getLogger(__name__)
 

@@ -19,12 +19,13 @@ import errors
 import inputs
 from backends import Instance
 from errors import ApiError
+from marks import HANDLED
+from marks import ROUTED
+from marks import SESSION
 from runtime import Runtime
 
 log = logging.getLogger(__name__)
 
-ROUTED = "datalab.instance"  # flow.metadata: the instance id this flow was sent to
-SESSION = "datalab.session"
 CACHE_MAX = 10_000
 
 
@@ -87,7 +88,7 @@ class Router:
             await asyncio.gather(self._listener, return_exceptions=True)
 
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
-        if flow.response or flow.error or not flow.live or flow.metadata.get("datalab.api"):
+        if flow.response or flow.error or not flow.live or flow.metadata.get(HANDLED):
             return
         try:
             instance = await self._instance_for(flow)

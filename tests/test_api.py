@@ -6,18 +6,18 @@ import pytest
 from mitmproxy.test import taddons
 from mitmproxy.test import tflow
 from mitmproxy.test import tutils
-from upload import BodyCollector
-from upload import UploadSink
 
 import signing
-from api import DEFERRED
-from api import SINK
-from api import START
 from api import Api
 from api import session_cookie
 from backends import Instance
 from config import Settings
+from marks import DEFERRED
+from marks import SINK
+from marks import START
 from runtime import Runtime
+from upload import BodyCollector
+from upload import UploadSink
 
 KEY = "unit-key"
 

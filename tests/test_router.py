@@ -9,7 +9,7 @@ from test_api import runtime_for
 from backends import Instance
 from guards import FailClosed
 from guards import TrimWebSockets
-from router import ROUTED
+from marks import ROUTED
 from router import RouteCache
 from router import Router
 

@@ -1,0 +1,13 @@
+"""Keys of the notes the addons leave each other in `flow.metadata` (plain values, so flows still save).
+
+A flow is claimed by exactly one of: the api (HANDLED), or the router (ROUTED). FailClosed refuses
+any flow that reaches it unclaimed.
+"""
+
+HANDLED = "datalab.api"  # a /datalab/* flow: the router leaves it alone
+START = "datalab.start"  # the checked filename of an upload whose body is on its way
+STATIC = "datalab.static"  # a static fetch rerouted to an instance
+SINK = "datalab.sink"  # the body streams to the upload sink; the answer is given in `response`
+DEFERRED = "datalab.deferred"  # a refusal (mitmproxy state), given once the body is drained
+ROUTED = "datalab.instance"  # the instance id a proxied flow was sent to
+SESSION = "datalab.session"  # the session id of a proxied flow

@@ -25,6 +25,7 @@ from marks import SINK
 from marks import START
 from marks import STATIC
 from router import reroute
+from router import route_to_instance
 from runtime import Runtime
 from upload import SINK_HOST
 from upload import BodyCollector
@@ -185,10 +186,7 @@ class Api:
         # mitmproxy answers an unreachable upstream with its own HTML page: check first, answer in JSON.
         if await http_status(instance.host, instance.port, "/api/status", timeout=5.0) is None:
             raise ApiError(502, "INSTANCE_UNREACHABLE", "the instance for this nonce does not answer")
-        for header in ("Cookie", "Authorization"):
-            flow.request.headers.pop(header, None)  # the frontend's credentials are not the instance's business
-        # Jupyter refuses a GET with neither XSRF cookie nor same-origin Referer; this fetch is the proxy's own.
-        flow.request.headers["Referer"] = f"http://{flow.request.host_header}/"
-        reroute(flow, instance.host, instance.port)
+        flow.request.headers.pop("Cookie", None)  # the frontend's cookies are not the instance's business
+        route_to_instance(flow, instance)
         flow.request.path = inputs.safe_destination(destination, query)
         flow.metadata[STATIC] = True

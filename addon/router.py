@@ -30,12 +30,20 @@ CACHE_MAX = 10_000
 
 
 def reroute(flow: http.HTTPFlow, host: str, port: int) -> None:
-    """Send the flow to host:port while the instance still sees the public Host (origin/XSRF checks)."""
+    """Send the flow to host:port while the upstream still sees the public Host (origin/XSRF checks)."""
     public_host = flow.request.host_header
     flow.request.scheme = "http"
     flow.request.host = host
     flow.request.port = port
     flow.request.host_header = public_host
+
+
+def route_to_instance(flow: http.HTTPFlow, instance: Instance) -> None:
+    """Reroute to the instance with its Jupyter token, which only the proxy knows: a neighbour
+    container that reaches the instance directly is refused."""
+    reroute(flow, instance.host, instance.port)
+    if instance.token:
+        flow.request.headers["Authorization"] = f"token {instance.token}"
 
 
 class RouteCache:
@@ -98,7 +106,7 @@ class Router:
         except RedisError as e:
             flow.response = errors.redis_unavailable(e).response()
             return
-        reroute(flow, instance.host, instance.port)
+        route_to_instance(flow, instance)
         flow.metadata[ROUTED] = instance.id
 
     def error(self, flow: http.HTTPFlow) -> None:

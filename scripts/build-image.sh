@@ -4,8 +4,9 @@
 #
 #   scripts/build-image.sh [--force] [IMAGE]      (IMAGE defaults to $DATALAB_IMAGE or datalab-notebook:latest)
 #
-# Idempotent: exits at once when the image exists (unless --force); the rootfs tarball and the
-# downloaded .debs are cached under $DATALAB_CACHE (default ~/.cache/datalab), keyed by the inputs.
+# Idempotent: exits at once when the image exists and was built from these inputs (unless --force);
+# the rootfs tarball and the downloaded .debs are cached under $DATALAB_CACHE (default
+# ~/.cache/datalab), keyed by the inputs.
 # Needs root (debootstrap, chroot), debootstrap and a running Docker engine.
 set -euo pipefail
 
@@ -20,16 +21,16 @@ step() { printf '[build-image] %s\n' "$*" >&2; }
 die() { printf '[build-image] error: %s\n' "$*" >&2; exit 1; }
 
 docker info >/dev/null 2>&1 || die "no Docker engine answers (start dockerd first; run.sh does this for you)"
-if [ "$force" = 0 ] && docker image inspect "$image" >/dev/null 2>&1; then
-  step "image $image already exists; nothing to do (--force rebuilds)"
+# The build key covers everything that goes into the image: an image built from other inputs is rebuilt.
+key=$(cat "$0" "$here/image/requirements.txt" "$here/image/jupyter_server_config.py" \
+      | { cat; echo "$suite $mirror"; } | sha256sum | cut -c1-16)
+comment="datalab notebook image ($key)"
+if [ "$force" = 0 ] && [ "$(docker image inspect -f '{{.Comment}}' "$image" 2>/dev/null)" = "$comment" ]; then
+  step "image $image is up to date ($key); nothing to do (--force rebuilds)"
   exit 0
 fi
 [ "$(id -u)" = 0 ] || die "must run as root (debootstrap and chroot need it)"
 command -v debootstrap >/dev/null || die "debootstrap is missing: apt-get install debootstrap"
-
-# The cache key covers everything that goes into the rootfs.
-key=$(cat "$0" "$here/image/requirements.txt" "$here/image/jupyter_server_config.py" \
-      | { cat; echo "$suite $mirror"; } | sha256sum | cut -c1-16)
 tarball="$cache/rootfs-$key.tar"
 mkdir -p "$cache/debs"
 
@@ -86,6 +87,6 @@ docker import \
   --change 'EXPOSE 8888' \
   --change 'ENTRYPOINT ["/usr/bin/tini", "--"]' \
   --change 'CMD ["jupyter", "notebook", "--config=/etc/jupyter/jupyter_server_config.py"]' \
-  --message "datalab notebook image ($key)" \
+  --message "$comment" \
   "$tarball" "$image" >&2
 step "done: $image"

@@ -66,10 +66,9 @@ ensure_docker() {
   die "no Docker engine answers. Install one (Debian: apt-get install docker.io) and start dockerd, or run as root so this script can"
 }
 
+# Build the image when it is missing or was built from other inputs (build-image.sh decides; quick when current).
 ensure_image() {
   local image=${DATALAB_IMAGE:-datalab-notebook:latest}
-  docker image inspect "$image" >/dev/null 2>&1 && return 0
-  say "image $image is missing: building it locally (no registry is used; a few minutes the first time)"
   "$ROOT/scripts/build-image.sh" "$image" || die "building $image failed (see above)"
 }
 

@@ -13,7 +13,7 @@ from marks import ROUTED
 from router import RouteCache
 from router import Router
 
-INSTANCE = Instance("i" * 32, "docker", "c1", "127.0.0.1", 4321, "a.csv", 0.0)
+INSTANCE = Instance("i" * 32, "docker", "c1", "127.0.0.1", 4321, "a.csv", 0.0, token="t0ken")
 SESSION = "S" * 32
 
 
@@ -39,11 +39,14 @@ async def test_session_routes_to_its_instance_keeping_host_and_other_cookies(red
     rt = runtime_for(redis_url=redis_url)
     await rt.store.add_instance(INSTANCE, "N" * 32, 60)
     await rt.store.add_session(SESSION, INSTANCE.id, 60)
-    flow = request_flow("GET", "/api/kernels", {"Cookie": f"_xsrf=abc; datalab_session={SESSION}"})
+    flow = request_flow(
+        "GET", "/api/kernels", {"Cookie": f"_xsrf=abc; datalab_session={SESSION}", "Authorization": "token forged"}
+    )
     await routed(flow, rt)
     assert flow.response is None
     assert (flow.request.host, flow.request.port) == ("127.0.0.1", 4321)
     assert flow.request.headers["Host"] == "proxy.example:8080"
+    assert flow.request.headers["Authorization"] == "token t0ken"  # the instance's, never the client's
     assert flow.request.cookies.get("_xsrf") == "abc" and "datalab_session" not in flow.request.cookies
     assert flow.metadata[ROUTED] == INSTANCE.id
     await rt.done()

@@ -26,6 +26,7 @@ class Instance:
     port: int
     filename: str
     created: float
+    token: str = ""  # the instance's Jupyter token; the proxy adds it to every request it forwards
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -82,13 +83,14 @@ class Backend(abc.ABC):
         """Stop and remove the instance. Idempotent: an instance already gone counts as stopped."""
 
 
-async def http_status(host: str, port: int, path: str, timeout: float) -> int | None:
+async def http_status(host: str, port: int, path: str, timeout: float, token: str = "") -> int | None:
     """The status code of one plain GET, or None when nothing answers. No HTTP library needed."""
     writer = None
+    auth = f"Authorization: token {token}\r\n" if token else ""
     try:
         async with asyncio.timeout(timeout):
             reader, writer = await asyncio.open_connection(host, port)
-            writer.write(f"GET {path} HTTP/1.0\r\nHost: {host}:{port}\r\n\r\n".encode())
+            writer.write(f"GET {path} HTTP/1.0\r\nHost: {host}:{port}\r\n{auth}\r\n".encode())
             await writer.drain()
             status_line = await reader.readline()
         parts = status_line.split()
@@ -101,13 +103,13 @@ async def http_status(host: str, port: int, path: str, timeout: float) -> int | 
 
 
 async def wait_ready(
-    host: str, port: int, timeout: float, alive: Callable[[], Awaitable[bool]], path: str = "/api/status"
+    instance: Instance, timeout: float, alive: Callable[[], Awaitable[bool]], path: str = "/api/status"
 ) -> None:
     """Wait until Jupyter answers 200 at `path`; fail fast when the instance dies, StartTimeout after `timeout`."""
     deadline = time.monotonic() + timeout
     delay = 0.05
     while True:
-        if await http_status(host, port, path, timeout=2.0) == 200:
+        if await http_status(instance.host, instance.port, path, timeout=2.0, token=instance.token) == 200:
             return
         if not await alive():
             raise BackendError("the instance exited while starting; see the engine's logs for it")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import tarfile
 import time
 from collections.abc import Callable
@@ -103,23 +104,25 @@ class DockerBackend(Backend):
     async def start(self, instance_id: str, filename: str, data: bytes | bytearray) -> Instance:
         await self.check()
         client = await self.client()
-        container: Container = await self._call(client.containers.create, **self._create_args(instance_id))
+        token = secrets.token_urlsafe(32)
+        container: Container = await self._call(client.containers.create, **self._create_args(instance_id, token))
         try:
             await self._call(container.put_archive, WORK_DIR, upload_tar(filename, data))
             await self._call(container.start)
             port = await self._published_port(container)
-            instance = Instance(instance_id, self.name, container.id, "127.0.0.1", port, filename, time.time())
-            await wait_ready(instance.host, port, self.opts.start_timeout, lambda: self.poll(instance))
+            instance = Instance(instance_id, self.name, container.id, "127.0.0.1", port, filename, time.time(), token)
+            await wait_ready(instance, self.opts.start_timeout, lambda: self.poll(instance))
             return instance
         except BaseException:
             await asyncio.shield(self._remove_quietly(container.id))
             raise
 
-    def _create_args(self, instance_id: str) -> dict[str, Any]:
+    def _create_args(self, instance_id: str, token: str) -> dict[str, Any]:
         return dict(
             image=self.opts.image,
             name=f"datalab-{instance_id}",
             detach=True,
+            environment={"JUPYTER_TOKEN": token},
             labels={LABEL_MANAGED: MANAGED_BY, LABEL_PREFIX: self.opts.label_prefix, LABEL_INSTANCE: instance_id},
             ports={f"{JUPYTER_PORT}/tcp": ("127.0.0.1", None)},
             mem_limit=self.opts.mem_limit,

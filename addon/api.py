@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Awaitable
+from collections.abc import Callable
 
 from mitmproxy import http
 from redis.exceptions import RedisError
@@ -17,6 +19,7 @@ import errors
 import inputs
 import signing
 from backends import BackendError
+from backends import Instance
 from backends import http_status
 from errors import ApiError
 from marks import DEFERRED
@@ -90,7 +93,7 @@ class Api:
             flow.response.stream = True  # big files pass through without being held in memory
             flow.response.headers.pop("Set-Cookie", None)
 
-    async def _answering_errors(self, flow: http.HTTPFlow, handler) -> None:
+    async def _answering_errors(self, flow: http.HTTPFlow, handler: Callable[[http.HTTPFlow], Awaitable[None]]) -> None:
         try:
             if not self.runtime.ready:
                 raise ApiError(503, "NOT_CONFIGURED", "the proxy has no valid datalab_* options yet")
@@ -169,7 +172,7 @@ class Api:
         nonce = await self.runtime.instances.start(flow.metadata[START], collector.body())
         flow.response = errors.json_response(200, {"code": "OK", "result": {"nonce": nonce}})
 
-    async def _view(self, flow: http.HTTPFlow, instance, destination: str, query: str) -> None:
+    async def _view(self, flow: http.HTTPFlow, instance: Instance, destination: str, query: str) -> None:
         s = self.runtime.settings
         session_id = await self.runtime.instances.open_session(instance)
         flow.response = http.Response.make(
@@ -182,7 +185,7 @@ class Api:
             },
         )
 
-    async def _static(self, flow: http.HTTPFlow, instance, destination: str, query: str) -> None:
+    async def _static(self, flow: http.HTTPFlow, instance: Instance, destination: str, query: str) -> None:
         # mitmproxy answers an unreachable upstream with its own HTML page: check first, answer in JSON.
         if await http_status(instance.host, instance.port, "/api/status", timeout=5.0) is None:
             raise ApiError(502, "INSTANCE_UNREACHABLE", "the instance for this nonce does not answer")

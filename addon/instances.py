@@ -54,3 +54,13 @@ class Instances:
         """Stop the instance, then forget it (in that order, so a failed stop can be retried)."""
         await self.backend.stop(instance)
         await self.store.remove_instance(instance.id)
+
+    async def all(self) -> list[Instance]:
+        """Every instance recorded under this prefix (a record may outlive a container that died)."""
+        found = [await self.store.instance(i) for i in sorted(await self.store.instance_ids())]
+        return [i for i in found if i is not None]
+
+    async def remove_all(self) -> int:
+        for instance in (all_ := await self.all()):
+            await self.remove(instance)
+        return len(all_)

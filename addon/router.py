@@ -149,7 +149,7 @@ class Router:
                     async for instance_id in self.runtime.store.gone_events():
                         delay = 0.5
                         self.cache.drop_instance(instance_id)
-            except RedisError as e:
+            except Exception as e:  # whatever broke the subscription, keep following removals
                 log.warning("datalab: lost Redis pub/sub (%s); retrying in %.1f s", e, delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 10.0)

@@ -33,6 +33,21 @@ def docker_backend(s: Settings) -> Backend:
     )
 
 
+def build_instances(s: Settings) -> Instances:
+    """The instance service for these settings: also what scripts and tests use to act as the proxy would."""
+    client = store.Store(store.connect(s.redis_url), s.key_prefix)
+    return Instances(client, docker_backend(s), s.nonce_ttl, s.session_ttl)
+
+
+async def remove_all_instances(redis_url: str, prefix: str) -> int:
+    """Stop and forget every instance under the prefix (operators, benchmarks and tests clean up so)."""
+    instances = build_instances(Settings(sign_key="unused", redis_url=redis_url, key_prefix=prefix))
+    try:
+        return await instances.remove_all()
+    finally:
+        await instances.store.close()
+
+
 class Runtime:
     """Holds what the hooks need; `ready` is False until valid options arrived."""
 
@@ -51,9 +66,8 @@ class Runtime:
         if self.store is not None:
             self._retired.append(self.store)
         self.settings = settings
-        self.store = store.Store(store.connect(settings.redis_url), settings.key_prefix)
-        backend = docker_backend(settings)
-        self.instances = Instances(self.store, backend, settings.nonce_ttl, settings.session_ttl)
+        self.instances = build_instances(settings)
+        self.store = self.instances.store
 
     def running(self) -> None:
         """Check the backend in the background: mitmproxy starts serving before every addon's running()

@@ -27,10 +27,11 @@ from pathlib import Path
 from benchlib import CSV
 from benchlib import IMAGE
 from benchlib import REDIS_URL
-from benchlib import DockerBackend
-from benchlib import DockerOptions
+from benchlib import BenchProxy
+from benchlib import Settings
 from benchlib import Store
 from benchlib import bench_proxy
+from benchlib import build_instances
 from benchlib import connect
 from benchlib import free_port
 from benchlib import upload
@@ -56,13 +57,13 @@ def session_cookie(base: str, nonce: str) -> str:
     raise RuntimeError("view did not redirect")
 
 
-def get_latencies(port: int, n: int, cookie: str = "") -> list[float]:
+def get_latencies(port: int, n: int, headers: dict[str, str]) -> list[float]:
     """n GETs of /api/status over one kept-alive connection, as a browser sends them."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
     out = []
     for _ in range(n):
         t0 = time.perf_counter()
-        conn.request("GET", "/api/status", headers={"Cookie": cookie} if cookie else {})
+        conn.request("GET", "/api/status", headers=headers)
         response = conn.getresponse()
         response.read()
         out.append(time.perf_counter() - t0)
@@ -100,15 +101,22 @@ def report(name: str, ours: list[float], base: list[float], base_name: str) -> N
     print(f"{name:8s} datalab proxy {m * 1000:8.2f} ms | {base_name} {b * 1000:8.2f} ms | ratio {m / b:5.2f}")
 
 
-async def backend_starts(runs: int, prefix: str) -> list[float]:
-    backend = DockerBackend(DockerOptions(image=IMAGE, label_prefix=prefix))
-    times = []
+async def compare_starts(proxy: BenchProxy, runs: int) -> tuple[list[float], list[float], str]:
+    """Alternate a start through the proxy with one by the backend alone, one instance alive at a time,
+    so both sides run on the same machine state. The last proxied instance is kept for the next part."""
+    instances = build_instances(Settings(sign_key="unused", redis_url=REDIS_URL, key_prefix=proxy.prefix, image=IMAGE))
+    ours, alone, nonce = [], [], ""
     for i in range(runs):
         t0 = time.perf_counter()
-        instance = await backend.start(secrets.token_urlsafe(16), f"b{i}.csv", CSV)
-        times.append(time.perf_counter() - t0)
-        await backend.stop(instance)
-    return times
+        instance = await instances.backend.start(secrets.token_urlsafe(16), f"b{i}.csv", CSV)
+        alone.append(time.perf_counter() - t0)
+        await instances.backend.stop(instance)
+        t, nonce = await asyncio.to_thread(timed, upload, proxy.base, proxy.key, f"f{i}.csv")
+        ours.append(t)
+        if i < runs - 1:
+            await instances.remove(await instances.by_nonce(nonce))
+    await instances.store.close()
+    return ours, alone, nonce
 
 
 def main() -> None:
@@ -117,29 +125,26 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=300)
     args = parser.parse_args()
     with bench_proxy() as proxy:
-        base, key, prefix = proxy.base, proxy.key, proxy.prefix
-        baseline = asyncio.run(backend_starts(args.runs, prefix))
-        starts, nonce = [], ""
-        for i in range(args.runs):
-            t, nonce = timed(upload, base, key, f"f{i}.csv")
-            starts.append(t)
+        base, prefix = proxy.base, proxy.prefix
+        starts, baseline, nonce = asyncio.run(compare_starts(proxy, args.runs))
         report("start", starts, baseline, "backend alone")
 
         cookie = session_cookie(base, nonce)
         store = Store(connect(REDIS_URL), prefix)
 
-        async def instance_port() -> int:
+        async def instance_port() -> tuple[int, str]:
             instance = await store.instance(await store.nonce_target(nonce))
             await store.close()
-            return instance.port
+            return instance.port, instance.token
 
-        direct = asyncio.run(instance_port())
+        direct, token = asyncio.run(instance_port())
+        as_proxy = {"Authorization": f"token {token}"}  # what the proxy adds; the browser sends the cookie
         plain, plain_port = plain_mitmdump(direct)
         through, straight, bare = [], [], []
         for _ in range(max(1, args.requests // 50)):  # interleave, so drift hits every side alike
-            through += get_latencies(proxy.port, 50, cookie)
-            bare += get_latencies(plain_port, 50)
-            straight += get_latencies(direct, 50)
+            through += get_latencies(proxy.port, 50, {"Cookie": cookie})
+            bare += get_latencies(plain_port, 50, as_proxy)
+            straight += get_latencies(direct, 50, as_proxy)
         plain.terminate()
         report("request", through, straight, "direct to Jupyter")
         report("request", through, bare, "plain mitmdump (no addon)")

@@ -22,11 +22,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "addon"))
 
-from backends.docker_engine import DockerBackend  # noqa: E402
-from backends.docker_engine import DockerOptions  # noqa: E402
-from instances import Instances  # noqa: E402
+from config import Settings  # noqa: E402
+from runtime import build_instances  # noqa: E402
+from runtime import remove_all_instances  # noqa: E402
 from store import Store  # noqa: E402
 from store import connect  # noqa: E402
+
+# Re-exported for the benchmark scripts, which reach the addon's modules through this one.
+__all__ = ["Settings", "Store", "build_instances", "connect"]
 
 CSV = b"a,b\n1,2\n"
 REDIS_URL = os.environ.get("DATALAB_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -70,15 +73,7 @@ def upload(base: str, key: str, name: str, data=CSV) -> str:
 
 
 async def remove_all(prefix: str) -> int:
-    store = Store(connect(REDIS_URL), prefix)
-    instances = Instances(store, DockerBackend(DockerOptions(image=IMAGE, label_prefix=prefix)), 600, 600)
-    ids = await store.instance_ids()
-    for instance_id in ids:
-        instance = await store.instance(instance_id)
-        if instance:
-            await instances.remove(instance)
-    await store.close()
-    return len(ids)
+    return await remove_all_instances(REDIS_URL, prefix)
 
 
 @dataclass(frozen=True)

@@ -13,12 +13,8 @@ import pytest
 import requests
 
 from backends import Instance
-from config import Settings
 from e2e.proxy import Browser
-from instances import Instances
-from runtime import docker_backend
-from store import Store
-from store import connect
+from runtime import remove_all_instances as remove_all
 
 NOTEBOOK = json.dumps(
     {
@@ -262,6 +258,25 @@ def test_a_restarted_proxy_serves_existing_sessions(proxy, make_proxy, csv_nonce
     assert r.status_code == 200 and r.json()["content"] == CSV.decode()
 
 
+def test_a_removed_instance_is_unrouted_at_once(proxy, make_proxy, world, redis_server):
+    """Routes are cached; removal is announced over Redis, so no proxy sends a request to the old port."""
+    prefix = world.sub("removal")
+    p = make_proxy(prefix=prefix)  # route cache on (5 s by default)
+    other = make_proxy(prefix=prefix)  # a second proxy process sharing the Redis
+    nonce = p.start_instance("r.csv", CSV)
+    browsers = [Browser(p), Browser(other)]
+    for b in browsers:
+        b.view(nonce)
+        assert b.get("/api/status").status_code == 200  # now cached in both processes
+
+    assert asyncio.run(remove_all(redis_server.url, prefix)) == 1
+    time.sleep(0.3)  # the pub/sub message crosses to both proxies
+    for b in browsers:
+        r = b.get("/api/status")
+        assert r.status_code == 403 and error_of(r) == "NO_SESSION"
+    assert world.containers(prefix) == [] and world.keys(prefix) == []
+
+
 def test_the_same_addon_runs_under_mitmweb(make_proxy, csv_nonce):
     web = make_proxy(tool="mitmweb")
     browser = Browser(web)
@@ -306,18 +321,9 @@ def test_faults_give_5xx_and_the_proxy_recovers(make_proxy, world, tmp_path):
 def test_removing_instances_leaves_no_container_or_key(proxy, world, redis_server, notebook_nonce, csv_nonce):
     """Runs last in this module: removes every instance this run made, through the product's own code."""
 
-    async def remove_all(prefix: str) -> None:
-        settings = Settings(sign_key="x", redis_url=redis_server.url, key_prefix=prefix)
-        store = Store(connect(redis_server.url), prefix)
-        instances = Instances(store, docker_backend(settings), settings.nonce_ttl, settings.session_ttl)
-        for instance_id in await store.instance_ids():
-            instance: Instance | None = await store.instance(instance_id)
-            assert instance is not None
-            await instances.remove(instance)
-        await store.close()
-
     for prefix in (world.prefix, world.sub("short")):
         assert world.containers(prefix), "the tests above made instances under this prefix"
-        asyncio.run(remove_all(prefix))
+        removed = asyncio.run(remove_all(redis_server.url, prefix))
+        assert removed >= 1
         assert world.containers(prefix) == []
         assert world.keys(prefix) == []

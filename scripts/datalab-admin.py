@@ -1,0 +1,66 @@
+#!/usr/bin/env python3
+"""Look after the instances a datalab proxy started (until culling does it by itself).
+
+    .venv/bin/python scripts/datalab-admin.py list
+    .venv/bin/python scripts/datalab-admin.py remove ID [ID ...]
+    .venv/bin/python scripts/datalab-admin.py remove --all
+
+Uses the same Redis URL, key prefix and image as the proxy: DATALAB_REDIS_URL, DATALAB_KEY_PREFIX,
+DATALAB_IMAGE (or --redis-url, --prefix). Removing stops the container and deletes the instance's
+record, nonces and sessions; every proxy sharing the Redis drops its routes to it at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "addon"))
+
+from config import Settings  # noqa: E402
+from runtime import build_instances  # noqa: E402
+
+
+async def run(args: argparse.Namespace) -> None:
+    settings = Settings(sign_key="unused", redis_url=args.redis_url, key_prefix=args.prefix)
+    instances = build_instances(settings)
+    try:
+        if args.command == "list":
+            for inst in await instances.all():
+                state = "running" if await instances.backend.poll(inst) else "gone"
+                age = time.time() - inst.created
+                print(f"{inst.id}  {state:7s}  {inst.host}:{inst.port}  {age / 60:7.1f} min  {inst.filename}")
+        elif args.all:
+            print(f"removed {await instances.remove_all()} instances")
+        else:
+            by_id = {inst.id: inst for inst in await instances.all()}
+            for ident in args.ids:
+                if ident not in by_id:
+                    sys.exit(f"no instance {ident} under prefix {args.prefix}")
+                await instances.remove(by_id[ident])
+                print(f"removed {ident}")
+    finally:
+        await instances.store.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--redis-url", default=os.environ.get("DATALAB_REDIS_URL", Settings.redis_url))
+    parser.add_argument("--prefix", default=os.environ.get("DATALAB_KEY_PREFIX", Settings.key_prefix))
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="list instances")
+    remove = sub.add_parser("remove", help="stop and forget instances")
+    remove.add_argument("ids", nargs="*")
+    remove.add_argument("--all", action="store_true")
+    args = parser.parse_args()
+    if args.command == "remove" and not (args.ids or args.all):
+        parser.error("remove needs instance ids or --all")
+    asyncio.run(run(args))
+
+
+if __name__ == "__main__":
+    main()

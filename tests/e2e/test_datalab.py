@@ -261,8 +261,9 @@ def test_a_restarted_proxy_serves_existing_sessions(proxy, make_proxy, csv_nonce
 def test_a_removed_instance_is_unrouted_at_once(proxy, make_proxy, world, redis_server):
     """Routes are cached; removal is announced over Redis, so no proxy sends a request to the old port."""
     prefix = world.sub("removal")
-    p = make_proxy(prefix=prefix)  # route cache on (5 s by default)
-    other = make_proxy(prefix=prefix)  # a second proxy process sharing the Redis
+    # Routes cached for 5 minutes: only the removal message can make these proxies forget them in time.
+    p = make_proxy(prefix=prefix, datalab_route_cache_ttl=300)
+    other = make_proxy(prefix=prefix, datalab_route_cache_ttl=300)  # a second process sharing the Redis
     nonce = p.start_instance("r.csv", CSV)
     browsers = [Browser(p), Browser(other)]
     for b in browsers:
@@ -270,9 +271,9 @@ def test_a_removed_instance_is_unrouted_at_once(proxy, make_proxy, world, redis_
         assert b.get("/api/status").status_code == 200  # now cached in both processes
 
     assert asyncio.run(remove_all(redis_server.url, prefix)) == 1
-    time.sleep(0.3)  # the pub/sub message crosses to both proxies
+    time.sleep(0.5)  # the pub/sub message crosses to both processes in milliseconds
     for b in browsers:
-        r = b.get("/api/status")
+        r = b.get("/api/status")  # the first try: a stale route would be a 502 from the dead port
         assert r.status_code == 403 and error_of(r) == "NO_SESSION"
     assert world.containers(prefix) == [] and world.keys(prefix) == []
 

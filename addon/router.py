@@ -109,6 +109,16 @@ class Router:
         route_to_instance(flow, instance)
         flow.metadata[ROUTED] = instance.id
 
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        """An instance must not set (or fixate) the proxy's own session cookie."""
+        if ROUTED not in flow.metadata or not flow.response or "Set-Cookie" not in flow.response.headers:
+            return
+        ours = self.runtime.settings.cookie_name + "="
+        cookies = flow.response.headers.get_all("Set-Cookie")
+        kept = [c for c in cookies if not c.lstrip().startswith(ours)]
+        if len(kept) != len(cookies):
+            flow.response.headers.set_all("Set-Cookie", kept)
+
     def error(self, flow: http.HTTPFlow) -> None:
         """An upstream that failed may have moved or died: ask Redis again next time."""
         if ROUTED in flow.metadata and SESSION in flow.metadata:

@@ -102,3 +102,13 @@ def test_websocket_history_is_bounded():
             flow.websocket.messages.append(flow.websocket.messages[0])
             trim.websocket_message(flow)
     assert len(flow.websocket.messages) == 10
+
+
+def test_an_instance_cannot_set_the_session_cookie():
+    router = Router(runtime_for())
+    flow = tflow.tflow(resp=True)
+    flow.metadata[ROUTED] = INSTANCE.id
+    flow.response.headers.set_all("Set-Cookie", ["_xsrf=1; Path=/", "datalab_session=stolen; Path=/"])
+    with taddons.context(router):
+        router.responseheaders(flow)
+    assert flow.response.headers.get_all("Set-Cookie") == ["_xsrf=1; Path=/"]

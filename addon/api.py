@@ -187,7 +187,7 @@ class Api:
 
     async def _static(self, flow: http.HTTPFlow, instance: Instance, destination: str, query: str) -> None:
         # mitmproxy answers an unreachable upstream with its own HTML page: check first, answer in JSON.
-        if await http_status(instance.host, instance.port, "/api/status", timeout=5.0) is None:
+        if await http_status(instance.host, instance.port, "/api/status", timeout=5.0, token=instance.token) is None:
             raise ApiError(502, "INSTANCE_UNREACHABLE", "the instance for this nonce does not answer")
         flow.request.headers.pop("Cookie", None)  # the frontend's cookies are not the instance's business
         route_to_instance(flow, instance)

@@ -53,7 +53,6 @@ class Runtime:
 
     def __init__(self) -> None:
         self.settings: Settings | None = None
-        self.store: store.Store | None = None
         self.instances: Instances | None = None
         self._retired: list[store.Store] = []
         self._check: asyncio.Task | None = None
@@ -62,12 +61,15 @@ class Runtime:
     def ready(self) -> bool:
         return self.instances is not None
 
+    @property
+    def store(self) -> store.Store | None:
+        return self.instances.store if self.instances else None
+
     def apply(self, settings: Settings) -> None:
         if self.store is not None:
             self._retired.append(self.store)
         self.settings = settings
         self.instances = build_instances(settings)
-        self.store = self.instances.store
 
     def running(self) -> None:
         """Check the backend in the background: mitmproxy starts serving before every addon's running()

@@ -96,16 +96,21 @@ class DockerBackend(Backend):
         try:
             await self._call(client.images.get, self.opts.image)
         except docker.errors.NotFound as e:
-            raise ImageMissing(
-                f"the image {self.opts.image} is not in the local engine and is never pulled; "
-                f"build it with scripts/build-image.sh"
-            ) from e
+            raise self._image_missing() from e
+
+    def _image_missing(self) -> ImageMissing:
+        return ImageMissing(
+            f"the image {self.opts.image} is not in the local engine and is never pulled; "
+            f"build it with scripts/build-image.sh"
+        )
 
     async def start(self, instance_id: str, filename: str, data: bytes | bytearray) -> Instance:
-        await self.check()
         client = await self.client()
         token = secrets.token_urlsafe(32)
-        container: Container = await self._call(client.containers.create, **self._create_args(instance_id, token))
+        try:  # create never pulls (run() would): a missing image is a 404 here, no separate look-up needed
+            container: Container = await self._call(client.containers.create, **self._create_args(instance_id, token))
+        except docker.errors.ImageNotFound as e:
+            raise self._image_missing() from e
         try:
             await self._call(container.put_archive, WORK_DIR, upload_tar(filename, data))
             await self._call(container.start)

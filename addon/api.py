@@ -1,4 +1,4 @@
-"""The /datalab/* endpoints: start (upload), view (cookie + redirect) and static (fetch a path).
+"""The /datalab/* endpoints: start (upload), stop, view (cookie + redirect) and static (fetch a path).
 
 Refusals are decided in `requestheaders`, before an upload body is read; a body is then streamed
 to the upload sink (upload.py) and never held beyond datalab_max_upload. Every error is an
@@ -7,12 +7,16 @@ ApiError, turned into JSON here; anything unexpected is a 500, never a request s
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable
 from collections.abc import Callable
+from collections.abc import Coroutine
+from typing import TypeVar
 
 from mitmproxy import http
+from mitmproxy.connection import ConnectionState
 from redis.exceptions import RedisError
 
 import errors
@@ -37,6 +41,8 @@ from upload import UploadSink
 log = logging.getLogger(__name__)
 
 PREFIX = "/datalab/"
+CLIENT_CHECK_EVERY = 0.25  # seconds between looks at whether a waiting client is still there
+T = TypeVar("T")
 
 
 def is_api_path(path: str) -> bool:
@@ -62,6 +68,24 @@ def single_param(query: http.MultiDictView, name: str) -> str:
     if len(values) != 1:
         raise errors.bad_request(f"give exactly one '{name}' query parameter")
     return values[0]
+
+
+async def while_client_waits(flow: http.HTTPFlow, work: Coroutine[None, None, T]) -> T:
+    """Run `work`, cancelling it if the client hangs up first: its clean-up then leaves nothing running."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait([task], timeout=CLIENT_CHECK_EVERY)
+            if done:
+                return task.result()
+            if not flow.client_conn.state & ConnectionState.CAN_READ:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+                raise ApiError(499, "CLIENT_GONE", "the client closed the connection before the answer")
+    except asyncio.CancelledError:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        raise
 
 
 class Api:
@@ -101,7 +125,8 @@ class Api:
         except ApiError as e:
             flow.response = e.response()
         except BackendError as e:
-            flow.response = ApiError(e.status, e.code, str(e)).response()
+            retry = {"Retry-After": str(e.retry_after)} if e.retry_after else None
+            flow.response = ApiError(e.status, e.code, str(e), retry).response()
         except RedisError as e:
             flow.response = errors.redis_unavailable(e).response()
         except Exception:
@@ -115,12 +140,15 @@ class Api:
         if endpoint == "start" and not tail:
             self._check_method(flow, "POST")
             self._check_start(flow)
+        elif endpoint == "stop" and not tail:
+            self._check_method(flow, "POST")
+            await self._stop(flow)
         elif endpoint in ("view", "static") and tail:
             self._check_method(flow, "GET", "HEAD")
             nonce, _, destination = tail.partition("/")
             instance = await self.runtime.instances.by_nonce(nonce)
             if instance is None:
-                raise errors.not_found("NONCE_UNKNOWN", "this nonce is unknown or expired; start a new instance")
+                raise errors.nonce_unknown()
             if endpoint == "view":
                 await self._view(flow, instance, destination, query)
             else:
@@ -133,20 +161,26 @@ class Api:
         if flow.request.method not in allowed:
             raise errors.method_not_allowed(", ".join(allowed))
 
-    def _check_start(self, flow: http.HTTPFlow) -> None:
-        """Everything about an upload that the headers tell, so a refused body is never used."""
+    def _check_signed(self, flow: http.HTTPFlow, subject: str, check: Callable[[str], object]) -> str:
+        """The `subject` query value of a request signed X-SIGN = sha256(sign_key + ts + subject)."""
         s = self.runtime.settings
         query = flow.request.query
-        ts, filename = single_param(query, "ts"), single_param(query, "filename")
+        ts, value = single_param(query, "ts"), single_param(query, subject)
         try:
-            inputs.check_filename(filename)
+            check(value)
             ts_seconds = signing.parse_timestamp(ts)
         except ValueError as e:
             raise errors.bad_request(str(e)) from e
-        if not signing.signature_ok(s.sign_key, ts, filename, flow.request.headers.get("X-SIGN", "")):
-            raise ApiError(403, "BAD_SIGNATURE", "X-SIGN must be hex(sha256(sign_key + ts + filename))")
+        if not signing.signature_ok(s.sign_key, ts, value, flow.request.headers.get("X-SIGN", "")):
+            raise ApiError(403, "BAD_SIGNATURE", f"X-SIGN must be hex(sha256(sign_key + ts + {subject}))")
         if not signing.timestamp_fresh(ts_seconds, time.time(), s.max_skew):
             raise ApiError(403, "STALE_TIMESTAMP", f"ts is more than {s.max_skew} s from the proxy's clock")
+        return value
+
+    def _check_start(self, flow: http.HTTPFlow) -> None:
+        """Everything about an upload that the headers tell, so a refused body is never used."""
+        s = self.runtime.settings
+        filename = self._check_signed(flow, "filename", inputs.check_filename)
         length = flow.request.headers.get("Content-Length")
         if length is not None and (not length.isdigit() or int(length) > s.max_upload):
             raise self._too_large()
@@ -169,8 +203,16 @@ class Api:
             raise ApiError(500, "INTERNAL", "the upload body was not collected")
         if collector.too_large:
             raise self._too_large()
-        nonce = await self.runtime.instances.start(flow.metadata[START], collector.body())
+        nonce = await while_client_waits(flow, self.runtime.instances.start(flow.metadata[START], collector.body()))
         flow.response = errors.json_response(200, {"code": "OK", "result": {"nonce": nonce}})
+
+    async def _stop(self, flow: http.HTTPFlow) -> None:
+        nonce = self._check_signed(flow, "nonce", inputs.check_token)
+        instance = await self.runtime.instances.by_nonce(nonce)
+        if instance is None:
+            raise errors.nonce_unknown()
+        await self.runtime.instances.end(instance, "stopped by the frontend")
+        flow.response = errors.json_response(200, {"code": "OK", "result": {}})
 
     async def _view(self, flow: http.HTTPFlow, instance: Instance, destination: str, query: str) -> None:
         s = self.runtime.settings
@@ -188,6 +230,8 @@ class Api:
     async def _static(self, flow: http.HTTPFlow, instance: Instance, destination: str, query: str) -> None:
         # mitmproxy answers an unreachable upstream with its own HTML page: check first, answer in JSON.
         if await http_status(instance.host, instance.port, "/api/status", timeout=5.0, token=instance.token) is None:
+            if await self.runtime.instances.end_if_gone(instance.id):
+                raise errors.instance_gone()
             raise ApiError(502, "INSTANCE_UNREACHABLE", "the instance for this nonce does not answer")
         flow.request.headers.pop("Cookie", None)  # the frontend's cookies are not the instance's business
         route_to_instance(flow, instance)

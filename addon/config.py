@@ -45,6 +45,18 @@ class Settings:
     cpus: str = "1.0"
     pids_limit: int = 256
     route_cache_ttl: int = 5
+    pool_size: int = 2
+    start_concurrency: int = 0
+    queue_timeout: int = 30
+    max_instances: int = 0
+    idle_timeout: int = 1800
+    max_age: int = 28800
+    cull_interval: int = 60
+
+    @property
+    def boot_concurrency(self) -> int:
+        """Cold starts booting at once in this process: the option, or one per CPU."""
+        return self.start_concurrency or os.cpu_count() or 1
 
 
 # name (without the datalab_ prefix), environment variable for the default or None, help text.
@@ -66,6 +78,13 @@ _HELP: dict[str, tuple[str | None, str]] = {
     "cpus": (None, "CPU limit of each instance, in CPUs."),
     "pids_limit": (None, "Process-count limit of each instance."),
     "route_cache_ttl": (None, "Seconds a session's route is cached in memory (0 disables the cache)."),
+    "pool_size": (None, "Instances kept started and ready for the next uploads, shared by all proxies on the Redis."),
+    "start_concurrency": (None, "Instances booting at once in this proxy; 0 means one per CPU."),
+    "queue_timeout": (None, "Seconds a start may wait for a boot slot before 503 CAPACITY."),
+    "max_instances": (None, "Live and pooled instances across all proxies on the Redis; 0: what the engine's memory holds."),
+    "idle_timeout": (None, "Seconds without traffic after which an instance is removed (not while a kernel is busy)."),
+    "max_age": (None, "Seconds after which an instance is removed, however busy."),
+    "cull_interval": (None, "Seconds between rounds of culling and reconciliation."),
 }
 
 _DEFAULTS = Settings()
@@ -104,10 +123,13 @@ def parse_settings(values: dict[str, typing.Any]) -> Settings:
     parse_url(s.redis_url)
     _require(bool(s.key_prefix) and " " not in s.key_prefix, "key_prefix", "must be non-empty without spaces")
     _require(bool(s.image), "image", "must name a local image")
-    for name in ("nonce_ttl", "session_ttl", "max_upload", "max_skew", "pids_limit", "start_timeout"):
+    positive = ("nonce_ttl", "session_ttl", "max_upload", "max_skew", "pids_limit", "start_timeout")
+    positive += ("queue_timeout", "idle_timeout", "max_age", "cull_interval")
+    for name in positive:
         _require(getattr(s, name) > 0, name, "must be positive")
+    for name in ("route_cache_ttl", "pool_size", "start_concurrency", "max_instances"):
+        _require(getattr(s, name) >= 0, name, "must be zero or positive")
     _require(_positive_number(s.cpus), "cpus", "must be a positive number of CPUs, e.g. 0.5 or 2")
-    _require(s.route_cache_ttl >= 0, "route_cache_ttl", "must be zero or positive")
     _require(
         s.cookie_name.isascii() and s.cookie_name.replace("_", "").replace("-", "").isalnum(),
         "cookie_name",

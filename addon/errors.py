@@ -38,6 +38,14 @@ def not_found(code: str, message: str) -> ApiError:
     return ApiError(404, code, message)
 
 
+def nonce_unknown() -> ApiError:
+    return not_found("NONCE_UNKNOWN", "this nonce is unknown, expired or its instance ended; start a new instance")
+
+
+def instance_gone() -> ApiError:
+    return ApiError(410, "INSTANCE_GONE", "the instance of this session has ended; start a new one")
+
+
 def method_not_allowed(allowed: str) -> ApiError:
     return ApiError(405, "METHOD_NOT_ALLOWED", f"use {allowed} for this endpoint", {"Allow": allowed})
 

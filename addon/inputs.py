@@ -28,6 +28,12 @@ def is_token(value: str) -> bool:
     return bool(_TOKEN_RE.match(value))
 
 
+def check_token(value: str) -> str:
+    if not is_token(value):
+        raise ValueError("a nonce is 22 to 128 URL-safe characters")
+    return value
+
+
 def check_filename(name: str) -> str:
     """A filename must be one plain path component, or the upload could land outside the work dir."""
     if not name:

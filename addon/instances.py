@@ -1,41 +1,121 @@
-"""Instance life: start one for an upload and issue its nonce, open sessions, remove instances.
+"""Instance life: hand out an instance for an upload (from the warm pool, else a cold boot admitted
+by capacity and the boot queue), bind its nonce, open sessions, and end instances.
 
 The one place that touches both the backend and the store, so a start either leaves an instance
-recorded in Redis with its nonce, or leaves nothing at all.
+recorded in Redis with its nonce, or leaves nothing at all: a failed or abandoned start ends what
+it took, and a proxy killed mid-start leaves a container whose capacity lease runs out, which
+reconciliation (culler.py) then removes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import time
 
 import inputs
+from admission import Admission
+from admission import QueueTimeout
 from backends import Backend
+from backends import BackendError
 from backends import Instance
+from backends import StartTimeout
+from backends import http_status
+from config import Settings
+from store import Reservation
 from store import Store
 
 log = logging.getLogger(__name__)
 
+LEASE_MARGIN = 10.0  # seconds a capacity lease outlives the longest a start may take (upload copy, binding)
+RETRY_AT_CAPACITY = 30  # Retry-After when every slot is taken: instances end by culling or stop
+RETRY_QUEUE_FULL = 5  # Retry-After when the boot queue did not move in time
+
+
+class NoCapacity(BackendError):
+    status = 503
+    code = "CAPACITY"
+
+    def __init__(self, message: str, retry_after: int):
+        super().__init__(message)
+        self.retry_after = retry_after
+
 
 class Instances:
-    def __init__(self, store: Store, backend: Backend, nonce_ttl: int, session_ttl: int):
+    def __init__(self, store: Store, backend: Backend, settings: Settings):
         self.store = store
         self.backend = backend
-        self.nonce_ttl = nonce_ttl
-        self.session_ttl = session_ttl
+        self.settings = settings
+        self.admission = Admission(settings.boot_concurrency)
+        self.pool_changed = asyncio.Event()  # set when the pool may need refilling
+        self._capacity: int | None = None
+
+    async def max_instances(self) -> int:
+        """The option, or what the engine holds at the memory limit (asked once)."""
+        if self.settings.max_instances:
+            return self.settings.max_instances
+        if self._capacity is None:
+            self._capacity = await self.backend.capacity()
+        return self._capacity
+
+    # Starting
 
     async def start(self, filename: str, data: bytes | bytearray) -> str:
-        """Start an instance holding the upload; return the nonce bound to it."""
-        instance = await self.backend.start(inputs.new_token(), filename, data)
-        nonce = inputs.new_token()
+        """Hand out an instance holding the upload; return the nonce bound to it."""
+        instance = await self.claim_pooled() or await self._cold_start()
+        self.pool_changed.set()
         try:
-            await self.store.add_instance(instance, nonce, self.nonce_ttl)
+            await self.backend.put_file(instance, filename, data)
+            instance = dataclasses.replace(instance, filename=filename, claimed=time.time())
+            nonce = inputs.new_token()
+            await self.store.bind(instance, nonce, self.settings.nonce_ttl, time.time())
         except BaseException:
-            # Unrecorded, nobody could ever reach or remove it: take it down now.
-            await asyncio.shield(self.backend.stop(instance))
+            # Unbound, nobody could ever reach it: take it down now (also when the client left).
+            await asyncio.shield(self.end(instance, "its start failed or was abandoned"))
             raise
-        log.info("started instance %s (%s) on %s:%d", instance.id, filename, instance.host, instance.port)
+        log.info("instance %s holds %s (%s:%d)", instance.id, filename, instance.host, instance.port)
         return nonce
+
+    async def claim_pooled(self) -> Instance | None:
+        """A ready pool instance, checked alive; a dead one is ended, never handed out."""
+        while (instance := await self.store.claim_pooled(time.time())) is not None:
+            if await http_status(instance.host, instance.port, "/api/status", 2.0, instance.token) == 200:
+                return instance
+            await self.end(instance, "found dead in the pool")
+        return None
+
+    async def _cold_start(self) -> Instance:
+        """Boot one for this start: a capacity slot at once or 503, then a boot slot within the queue timeout."""
+        s = self.settings
+        instance_id = inputs.new_token()
+        lease = s.queue_timeout + s.start_timeout + LEASE_MARGIN
+        if await self.store.reserve(instance_id, time.time(), lease, await self.max_instances()) != Reservation.GRANTED:
+            raise NoCapacity("every instance slot is taken; retry later", RETRY_AT_CAPACITY)
+        try:
+            async with self.admission.slot(s.queue_timeout):
+                pooled = await self.claim_pooled()  # one may have come ready while we waited
+                if pooled is not None:
+                    await self.store.release(instance_id)
+                    return pooled
+                return await self.boot(instance_id)
+        except QueueTimeout as e:
+            await self.store.release(instance_id)
+            raise NoCapacity(f"too many starts at once: {e}", RETRY_QUEUE_FULL) from e
+        except BaseException:
+            await asyncio.shield(self.store.release(instance_id))
+            raise
+
+    async def boot(self, instance_id: str) -> Instance:
+        """Boot an empty instance with a fresh token; the start timeout counts from here."""
+        timeout = self.settings.start_timeout
+        try:
+            async with asyncio.timeout(timeout):
+                return await self.backend.start(instance_id, inputs.new_token())
+        except TimeoutError as e:
+            raise StartTimeout(f"the instance did not become ready within {timeout} s") from e
+
+    # Using and ending
 
     async def by_nonce(self, nonce: str) -> Instance | None:
         """The live instance a nonce names; None when the nonce is unknown, expired or its instance gone."""
@@ -47,20 +127,37 @@ class Instances:
     async def open_session(self, instance: Instance) -> str:
         """A new browser session bound to the instance; its id goes into the cookie."""
         session_id = inputs.new_token()
-        await self.store.add_session(session_id, instance.id, self.session_ttl)
+        await self.store.add_session(session_id, instance.id, self.settings.session_ttl)
         return session_id
 
-    async def remove(self, instance: Instance) -> None:
-        """Stop the instance, then forget it (in that order, so a failed stop can be retried)."""
-        await self.backend.stop(instance)
-        await self.store.remove_instance(instance.id)
+    async def end(self, instance: Instance, reason: str) -> bool:
+        """Stop the instance, then forget it (in that order, so a failed stop can be retried).
+
+        Its nonces go and its sessions answer 410 from now on. True if this call ended it."""
+        await self.backend.stop(instance.handle)
+        ended = await self.store.remove_instance(instance.id)
+        if ended:
+            log.info("instance %s ended: %s", instance.id, reason)
+        self.pool_changed.set()
+        return ended
+
+    async def end_if_gone(self, instance_id: str) -> bool:
+        """The instance did not answer or exited: if the backend says it is gone, end it for everyone.
+        True if it is over (whoever ended it)."""
+        instance = await self.store.instance(instance_id)
+        if instance is None:
+            return True
+        if await self.backend.poll(instance):
+            return False
+        await self.end(instance, "its container is gone or stopped")
+        return True
 
     async def all(self) -> list[Instance]:
         """Every instance recorded under this prefix (a record may outlive a container that died)."""
         found = [await self.store.instance(i) for i in sorted(await self.store.instance_ids())]
         return [i for i in found if i is not None]
 
-    async def remove_all(self) -> int:
+    async def end_all(self, reason: str) -> int:
         for instance in (all_ := await self.all()):
-            await self.remove(instance)
+            await self.end(instance, reason)
         return len(all_)

@@ -82,6 +82,7 @@ class Router:
         self.runtime = runtime
         self.cache = RouteCache(ttl=0)
         self._listener: asyncio.Task | None = None
+        self._checking: dict[str, asyncio.Task] = {}  # instances being checked after a failed connection
 
     def configure(self, updated: set[str]) -> None:
         if self.runtime.settings is not None:
@@ -108,6 +109,12 @@ class Router:
             return
         route_to_instance(flow, instance)
         flow.metadata[ROUTED] = instance.id
+        self.runtime.activity.touch(instance.id)
+
+    def websocket_message(self, flow: http.HTTPFlow) -> None:
+        """A kernel's messages are activity too: a notebook in use sends little else."""
+        if ROUTED in flow.metadata:
+            self.runtime.activity.touch(flow.metadata[ROUTED])
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         """An instance must not set (or fixate) the proxy's own session cookie."""
@@ -120,9 +127,22 @@ class Router:
             flow.response.headers.set_all("Set-Cookie", kept)
 
     def error(self, flow: http.HTTPFlow) -> None:
-        """An upstream that failed may have moved or died: ask Redis again next time."""
-        if ROUTED in flow.metadata and SESSION in flow.metadata:
+        """An instance that did not accept the connection may have died: ask Redis again next time,
+        and have the backend say whether it is gone (then it ends, and its sessions answer 410)."""
+        if ROUTED not in flow.metadata:
+            return
+        if SESSION in flow.metadata:
             self.cache.drop_session(flow.metadata[SESSION])
+        instance_id = flow.metadata[ROUTED]
+        if flow.server_conn.timestamp_tcp_setup is None and instance_id not in self._checking:
+            self._checking[instance_id] = asyncio.create_task(self._end_if_gone(instance_id))
+            self._checking[instance_id].add_done_callback(lambda _: self._checking.pop(instance_id, None))
+
+    async def _end_if_gone(self, instance_id: str) -> None:
+        try:
+            await self.runtime.instances.end_if_gone(instance_id)
+        except Exception as e:  # culling's reconciliation finds it later
+            log.warning("datalab: could not check instance %s: %s", instance_id, e)
 
     async def _instance_for(self, flow: http.HTTPFlow) -> Instance:
         if not self.runtime.ready:
@@ -146,7 +166,7 @@ class Router:
             raise ApiError(403, "NO_SESSION", "this datalab session is unknown or expired; open the instance again")
         instance = await store.instance(instance_id)
         if instance is None:
-            raise ApiError(410, "INSTANCE_GONE", "the instance of this session has ended; start a new one")
+            raise errors.instance_gone()
         return instance
 
     async def _follow_removals(self) -> None:

@@ -1,6 +1,9 @@
-"""The parts built from Settings, shared by the addons: one Redis client, one backend, the service.
+"""The parts built from Settings, shared by the addons: one Redis client, one backend, the instance
+service, and the background work that keeps instances in order (pool, culling, activity).
 
 Rebuilt when options change (mitmweb lets you change them live); old clients are closed at exit.
+Stopping the proxy stops the background work and leaves instances running: they belong to Redis
+and the engine, and the next proxy carries on with them.
 """
 
 from __future__ import annotations
@@ -14,7 +17,10 @@ from backends import BackendError
 from backends.docker_engine import DockerBackend
 from backends.docker_engine import DockerOptions
 from config import Settings
+from culler import Activity
+from culler import Culler
 from instances import Instances
+from pool import PoolFiller
 
 log = logging.getLogger(__name__)
 
@@ -36,14 +42,14 @@ def docker_backend(s: Settings) -> Backend:
 def build_instances(s: Settings) -> Instances:
     """The instance service for these settings: also what scripts and tests use to act as the proxy would."""
     client = store.Store(store.connect(s.redis_url), s.key_prefix)
-    return Instances(client, docker_backend(s), s.nonce_ttl, s.session_ttl)
+    return Instances(client, docker_backend(s), s)
 
 
 async def remove_all_instances(redis_url: str, prefix: str) -> int:
-    """Stop and forget every instance under the prefix (operators, benchmarks and tests clean up so)."""
+    """End every instance under the prefix (operators, benchmarks and tests clean up so)."""
     instances = build_instances(Settings(sign_key="unused", redis_url=redis_url, key_prefix=prefix))
     try:
-        return await instances.remove_all()
+        return await instances.end_all("removed by an operator")
     finally:
         await instances.store.close()
 
@@ -54,8 +60,11 @@ class Runtime:
     def __init__(self) -> None:
         self.settings: Settings | None = None
         self.instances: Instances | None = None
+        self.activity = Activity()
         self._retired: list[store.Store] = []
-        self._check: asyncio.Task | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._pool: PoolFiller | None = None
+        self._running = False
 
     @property
     def ready(self) -> bool:
@@ -70,24 +79,58 @@ class Runtime:
             self._retired.append(self.store)
         self.settings = settings
         self.instances = build_instances(settings)
+        if self._running:
+            asyncio.get_running_loop().create_task(self._restart())
 
     def running(self) -> None:
-        """Check the backend in the background: mitmproxy starts serving before every addon's running()
-        has returned, and a slow one here delays core addons (tlsconfig) that requests need."""
-        self._check = asyncio.create_task(self._check_backend())
+        """Start the background work. It runs in tasks: mitmproxy starts serving before every addon's
+        running() has returned, and a slow one here delays core addons (tlsconfig) that requests need."""
+        self._running = True
+        self._start_tasks()
 
-    async def _check_backend(self) -> None:
-        """Say at start-up, not on the first upload, when instances cannot start (each start says it too)."""
+    def _start_tasks(self) -> None:
         if self.instances is None:
             return
+        self._pool = PoolFiller(self.instances)
+        culler = Culler(self.instances, self.activity)
+        self._tasks = [
+            asyncio.create_task(self._check_backend(self.instances)),
+            asyncio.create_task(self._pool.run()),
+            asyncio.create_task(culler.run()),
+            asyncio.create_task(culler.run_activity()),
+            asyncio.create_task(culler.follow_exits()),
+        ]
+
+    async def _restart(self) -> None:
+        await self._stop_tasks()
+        self._start_tasks()
+
+    async def _check_backend(self, instances: Instances) -> None:
+        """Say at start-up, not on the first upload, when instances cannot start, and how many fit."""
         try:
-            await self.instances.backend.check()
+            await instances.backend.check()
+            s = instances.settings
+            source = "datalab_max_instances" if s.max_instances else f"the engine's memory at {s.mem_limit} each"
+            log.info(
+                "datalab: up to %d instances (%s), pool of %d, %d booting at once",
+                await instances.max_instances(),
+                source,
+                s.pool_size,
+                s.boot_concurrency,
+            )
         except BackendError as e:
             log.error("datalab: instances cannot start: %s", e)
 
+    async def _stop_tasks(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        if self._pool is not None:
+            await self._pool.stop()
+
     async def done(self) -> None:
-        if self._check is not None:
-            self._check.cancel()
-            await asyncio.gather(self._check, return_exceptions=True)
+        self._running = False
+        await self._stop_tasks()
         for s in [*self._retired, *([self.store] if self.store else [])]:
             await s.close()

@@ -1,4 +1,5 @@
-"""Upload signatures: X-SIGN = hex(sha256(sign_key + ts + filename)), the seed API's scheme.
+"""Signatures: X-SIGN = hex(sha256(sign_key + ts + subject)), the seed API's scheme; the subject is
+the filename of a start and the nonce of a stop.
 
 Pure functions, no I/O, so the rules are tested with tables.
 """
@@ -11,14 +12,14 @@ import hmac
 MILLIS_DIGITS = 13
 
 
-def signature(sign_key: str, ts: str, filename: str) -> str:
-    """The lowercase hex signature a frontend must send for this upload."""
-    return hashlib.sha256((sign_key + ts + filename).encode("utf-8")).hexdigest()
+def signature(sign_key: str, ts: str, subject: str) -> str:
+    """The lowercase hex signature a frontend must send for this request."""
+    return hashlib.sha256((sign_key + ts + subject).encode("utf-8")).hexdigest()
 
 
-def signature_ok(sign_key: str, ts: str, filename: str, given: str) -> bool:
+def signature_ok(sign_key: str, ts: str, subject: str, given: str) -> bool:
     """Constant-time comparison, so a timing side channel reveals nothing of the expected value."""
-    expected = signature(sign_key, ts, filename).encode("ascii")
+    expected = signature(sign_key, ts, subject).encode("ascii")
     return hmac.compare_digest(expected, given.strip().lower().encode("utf-8", "replace"))
 
 

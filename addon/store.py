@@ -1,16 +1,25 @@
-"""Redis state: nonces, sessions and instances under one key prefix, key names built only here.
+"""Redis state: nonces, sessions, instances, the pool and capacity, under one key prefix, key names
+built only here. Whatever several proxies might race on is one transaction or one Lua script.
 
 <prefix>nonce:<nonce>      -> instance id        (expires after nonce_ttl)
-<prefix>session:<id>       -> instance id        (expires after session_ttl)
-<prefix>instance:<id>      -> Instance JSON      (lives until the instance is removed)
-<prefix>instances          -> set of instance ids (what this proxy family owns)
+<prefix>session:<id>       -> instance id        (expires after session_ttl; outlives its instance: 410)
+<prefix>instance:<id>      -> Instance JSON      (lives until the instance ends)
+<prefix>instances          -> set of recorded instance ids
 <prefix>refs:<id>          -> set of the nonce and session keys naming instance <id>
-<prefix>events             -> pub/sub channel: "gone <id>" when an instance is removed
+<prefix>slots              -> zset id -> lease expiry: capacity. A start in flight holds a lease; a
+                              recorded instance holds +inf; an expired lease frees itself.
+<prefix>poolboot           -> zset id -> lease expiry: pool instances booting
+<prefix>pool               -> list of ready pooled instance ids (claimed with LPOP)
+<prefix>activity           -> zset id -> last time traffic reached the instance
+<prefix>lock:<name>        -> token of the proxy doing <name> (culling) now
+<prefix>events             -> pub/sub channel: "gone <id>" when an instance ends
 """
 
 from __future__ import annotations
 
+import enum
 import logging
+import secrets
 from collections.abc import AsyncIterator
 
 import redis.asyncio as redis
@@ -24,6 +33,50 @@ from backends import Instance
 log = logging.getLogger(__name__)
 
 GONE = "gone"
+FOREVER = "+inf"
+
+# KEYS: slots, pool, poolboot. ARGV: id, now, lease expiry, max instances, pool size (-1: not a pool boot).
+# Drops expired leases, then takes a slot if capacity (and, for a pool boot, the pool's size) allows.
+_RESERVE = """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', '(' .. ARGV[2])
+local pool_size = tonumber(ARGV[5])
+if pool_size >= 0 and redis.call('LLEN', KEYS[2]) + redis.call('ZCARD', KEYS[3]) >= pool_size then
+  return 0
+end
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[4]) then
+  return -1
+end
+redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
+if pool_size >= 0 then
+  redis.call('ZADD', KEYS[3], ARGV[3], ARGV[1])
+end
+return 1
+"""
+
+# KEYS: pool, activity. ARGV: now. Takes the oldest pool instance and stamps its activity in one
+# step, so culling never sees a claimed instance as neither pooled nor in use.
+_CLAIM = """
+local id = redis.call('LPOP', KEYS[1])
+if id then
+  redis.call('ZADD', KEYS[2], ARGV[1], id)
+end
+return id
+"""
+
+# KEYS: the lock. ARGV: the holder's token. Deletes the lock only if this holder still has it.
+_UNLOCK = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+
+class Reservation(enum.IntEnum):
+    AT_CAPACITY = -1
+    POOL_FULL = 0
+    GRANTED = 1
 
 
 def connect(url: str) -> redis.Redis:
@@ -42,20 +95,71 @@ class Store:
     def __init__(self, client: redis.Redis, prefix: str):
         self.redis = client
         self.prefix = prefix
+        self._reserve = client.register_script(_RESERVE)
+        self._unlock = client.register_script(_UNLOCK)
+        self._claim = client.register_script(_CLAIM)
 
     def key(self, kind: str, ident: str = "") -> str:
         return f"{self.prefix}{kind}:{ident}" if ident else f"{self.prefix}{kind}"
 
-    async def add_instance(self, instance: Instance, nonce: str, nonce_ttl: int) -> None:
-        """Record the instance and its first nonce in one transaction: both exist, or neither."""
+    # Capacity and the pool
+
+    async def reserve(self, instance_id: str, now: float, lease: float, max_instances: int, pool_size: int = -1):
+        """Take a capacity slot for an instance about to boot, held until `now + lease` unless recorded.
+
+        With pool_size >= 0 this is a pool boot: refused (POOL_FULL) once ready and booting pool
+        instances reach that size, whichever proxy booted them."""
+        keys = [self.key("slots"), self.key("pool"), self.key("poolboot")]
+        answer = await self._reserve(keys=keys, args=[instance_id, now, now + lease, max_instances, pool_size])
+        return Reservation(int(answer))
+
+    async def release(self, instance_id: str) -> None:
+        """Give back the slot of a boot that failed before the instance was recorded."""
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.set(self.key("instance", instance.id), instance.to_json())
-            pipe.sadd(self.key("instances"), instance.id)
+            pipe.zrem(self.key("slots"), instance_id)
+            pipe.zrem(self.key("poolboot"), instance_id)
+            await pipe.execute()
+
+    async def add_to_pool(self, instance: Instance) -> None:
+        """Record a booted pool instance and make it claimable, in one transaction."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            self._record(pipe, instance)
+            pipe.zrem(self.key("poolboot"), instance.id)
+            pipe.rpush(self.key("pool"), instance.id)
+            await pipe.execute()
+
+    async def claim_pooled(self, now: float) -> Instance | None:
+        """Take the oldest ready pool instance: LPOP hands each one to exactly one proxy."""
+        while (raw_id := await self._claim(keys=[self.key("pool"), self.key("activity")], args=[now])) is not None:
+            instance = await self.instance(raw_id.decode())
+            if instance is not None:
+                return instance
+        return None
+
+    async def pool_ids(self) -> list[str]:
+        return [m.decode() for m in await self.redis.lrange(self.key("pool"), 0, -1)]
+
+    async def slot_holders(self, now: float) -> set[str]:
+        """Ids holding a slot now: recorded instances and starts in flight whose lease runs."""
+        return {m.decode() for m in await self.redis.zrangebyscore(self.key("slots"), now, FOREVER)}
+
+    # Instances, nonces and sessions
+
+    def _record(self, pipe, instance: Instance) -> None:
+        pipe.set(self.key("instance", instance.id), instance.to_json())
+        pipe.sadd(self.key("instances"), instance.id)
+        pipe.zadd(self.key("slots"), {instance.id: FOREVER})
+
+    async def bind(self, instance: Instance, nonce: str, nonce_ttl: int, now: float) -> None:
+        """Record the claimed instance (with its upload) and its first nonce in one transaction."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            self._record(pipe, instance)
+            pipe.zadd(self.key("activity"), {instance.id: now})
             self._bind(pipe, self.key("nonce", nonce), instance.id, nonce_ttl)
             await pipe.execute()
 
     def _bind(self, pipe, key: str, instance_id: str, ttl: int) -> None:
-        """Point `key` at the instance and remember it, so removing the instance removes the key too."""
+        """Point `key` at the instance and remember it, so ending the instance finds the key too."""
         pipe.set(key, instance_id, ex=ttl)
         pipe.sadd(self.key("refs", instance_id), key)
 
@@ -79,17 +183,52 @@ class Store:
     async def instance_ids(self) -> set[str]:
         return {m.decode() for m in await self.redis.smembers(self.key("instances"))}
 
-    async def remove_instance(self, instance_id: str) -> None:
-        """Forget the instance, its nonces and sessions, and tell every proxy to drop routes to it."""
+    async def reachable(self, instance_id: str) -> bool:
+        """Whether any nonce or session still names the instance (else nobody can ever reach it)."""
+        refs = await self.redis.smembers(self.key("refs", instance_id))
+        return bool(refs) and await self.redis.exists(*refs) > 0
+
+    async def remove_instance(self, instance_id: str) -> bool:
+        """End the instance in Redis: its record, slot and nonces go; its sessions stay until they
+        expire (they then answer 410 INSTANCE_GONE). Every proxy is told to drop routes to it.
+        True if this call removed the record (so several proxies never both report one end)."""
         refs = self.key("refs", instance_id)
-        bound = await self.redis.smembers(refs)
+        nonces = [k for k in await self.redis.smembers(refs) if k.startswith(self.key("nonce").encode())]
         async with self.redis.pipeline(transaction=True) as pipe:
-            if bound:
-                pipe.delete(*bound)
-            pipe.delete(self.key("instance", instance_id), refs)
+            pipe.delete(self.key("instance", instance_id))
+            if nonces:
+                pipe.delete(*nonces)
+            pipe.delete(refs)
             pipe.srem(self.key("instances"), instance_id)
+            pipe.zrem(self.key("slots"), instance_id)
+            pipe.zrem(self.key("poolboot"), instance_id)
+            pipe.zrem(self.key("activity"), instance_id)
+            pipe.lrem(self.key("pool"), 0, instance_id)
             pipe.publish(self.key("events"), f"{GONE} {instance_id}")
-            await pipe.execute()
+            removed, *_ = await pipe.execute()
+        return bool(removed)
+
+    # Activity
+
+    async def record_activity(self, last_seen: dict[str, float]) -> None:
+        """One write for a batch: only moves times forward, and never revives an ended instance."""
+        if last_seen:
+            await self.redis.zadd(self.key("activity"), last_seen, xx=True, gt=True)
+
+    async def activity(self) -> dict[str, float]:
+        return {m.decode(): s for m, s in await self.redis.zrange(self.key("activity"), 0, -1, withscores=True)}
+
+    # Locks
+
+    async def try_lock(self, name: str, ttl: float) -> str | None:
+        """A token if this proxy now holds the lock (for `ttl` at most, should it die holding it)."""
+        token = secrets.token_hex(8)
+        return token if await self.redis.set(self.key("lock", name), token, nx=True, px=int(ttl * 1000)) else None
+
+    async def unlock(self, name: str, token: str) -> None:
+        await self._unlock(keys=[self.key("lock", name)], args=[token])
+
+    # Events
 
     async def gone_events(self) -> AsyncIterator[str]:
         """Yield the id of each instance removed from now on; ends (raises) when Redis is lost."""

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Look after the instances a datalab proxy started (until culling does it by itself).
+"""Look after the instances a datalab proxy started (culling also ends them by itself).
 
     .venv/bin/python scripts/datalab-admin.py list
     .venv/bin/python scripts/datalab-admin.py remove ID [ID ...]
@@ -32,16 +32,17 @@ async def run(args: argparse.Namespace) -> None:
         if args.command == "list":
             for inst in await instances.all():
                 state = "running" if await instances.backend.poll(inst) else "gone"
-                age = time.time() - inst.created
-                print(f"{inst.id}  {state:7s}  {inst.host}:{inst.port}  {age / 60:7.1f} min  {inst.filename}")
+                age = inst.age(time.time())
+                name = inst.filename or "(in the pool)"
+                print(f"{inst.id}  {state:7s}  {inst.host}:{inst.port}  {age / 60:7.1f} min  {name}")
         elif args.all:
-            print(f"removed {await instances.remove_all()} instances")
+            print(f"removed {await instances.end_all('removed by an operator')} instances")
         else:
             by_id = {inst.id: inst for inst in await instances.all()}
             for ident in args.ids:
                 if ident not in by_id:
                     sys.exit(f"no instance {ident} under prefix {args.prefix}")
-                await instances.remove(by_id[ident])
+                await instances.end(by_id[ident], "removed by an operator")
                 print(f"removed {ident}")
     finally:
         await instances.store.close()

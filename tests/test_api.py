@@ -175,7 +175,7 @@ async def test_view_sets_the_cookie_and_redirects_on_this_origin(redis_url, sink
     rt = runtime_for(redis_url=redis_url)
     instance = Instance("i" * 32, "docker", "c1", "127.0.0.1", 1234, "a.csv", time.time())
     nonce = "N" * 32
-    await rt.store.add_instance(instance, nonce, 60)
+    await rt.store.bind(instance, nonce, 60, time.time())
     flow = await run_headers(request_flow("GET", f"/datalab/view/{nonce}/%2F%2Fevil.example/tree?x=1"), sink, rt)
     assert flow.response.status_code == 302
     assert flow.response.headers["Location"] == "/evil.example/tree?x=1"

@@ -1,6 +1,7 @@
 """The Docker backend against the real engine and image: failures leave nothing behind."""
 
 import io
+import json
 import secrets
 import tarfile
 
@@ -8,8 +9,10 @@ import docker
 import pytest
 
 from backends import EngineUnavailable
+from backends import Found
 from backends import ImageMissing
 from backends import StartTimeout
+from backends import http_get
 from backends.docker_engine import LABEL_PREFIX
 from backends.docker_engine import DockerBackend
 from backends.docker_engine import DockerOptions
@@ -45,7 +48,7 @@ def test_upload_tar_holds_one_file_owned_by_the_notebook_user():
 async def test_missing_image_is_never_pulled(engine):
     opts = options(image="datalab-no-such-image:never")
     with pytest.raises(ImageMissing, match="scripts/build-image.sh"):
-        await DockerBackend(opts).start("i" * 32, "a.csv", b"x")
+        await DockerBackend(opts).start("i" * 32, "t0ken")
     assert managed(engine, opts) == []
     assert not engine.images.list(name="datalab-no-such-image")
 
@@ -53,21 +56,26 @@ async def test_missing_image_is_never_pulled(engine):
 async def test_engine_down_is_engine_unavailable():
     backend = DockerBackend(options(docker_url="unix:///nonexistent/docker.sock"))
     with pytest.raises(EngineUnavailable, match="cannot be reached"):
-        await backend.start("i" * 32, "a.csv", b"x")
+        await backend.start("i" * 32, "t0ken")
 
 
 async def test_readiness_timeout_removes_the_container(engine):
     opts = options(start_timeout=0.2)
     with pytest.raises(StartTimeout):
-        await DockerBackend(opts).start(secrets.token_urlsafe(16), "a.csv", b"x")
+        await DockerBackend(opts).start(secrets.token_urlsafe(16), "t0ken")
     assert managed(engine, opts) == []
 
 
-async def test_start_poll_stop(engine):
+async def test_start_put_file_poll_inventory_stop(engine):
     opts = options()
     backend = DockerBackend(opts)
-    instance = await backend.start(secrets.token_urlsafe(16), "a.csv", b"x")
+    instance = await backend.start(secrets.token_urlsafe(16), "t0ken")
     try:
+        assert instance.filename == "" and instance.token == "t0ken"
+        await backend.put_file(instance, "a.csv", b"1,2\n")
+        answer = await http_get(instance.host, instance.port, "/api/contents/a.csv?content=1", 10, "t0ken")
+        assert answer is not None and answer[0] == 200 and json.loads(answer[1])["content"] == "1,2\n"
+        assert await backend.inventory() == [Found(instance.id, instance.handle, True)]
         (container,) = managed(engine, opts)
         host_config = container.attrs["HostConfig"]
         assert host_config["Memory"] == 1024**3 and host_config["PidsLimit"] == 256
@@ -76,7 +84,12 @@ async def test_start_poll_stop(engine):
         assert instance.host == "127.0.0.1"
         assert await backend.poll(instance) is True
     finally:
-        await backend.stop(instance)
+        await backend.stop(instance.handle)
     assert await backend.poll(instance) is False
-    assert managed(engine, opts) == []
-    await backend.stop(instance)  # idempotent
+    assert managed(engine, opts) == [] and await backend.inventory() == []
+    await backend.stop(instance.handle)  # idempotent
+
+
+async def test_capacity_is_engine_memory_over_the_limit(engine):
+    total = engine.info()["MemTotal"]
+    assert await DockerBackend(options(mem_limit="512m")).capacity() == total // (512 * 1024**2)

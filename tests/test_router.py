@@ -37,7 +37,7 @@ async def test_no_cookie_is_refused():
 
 async def test_session_routes_to_its_instance_keeping_host_and_other_cookies(redis_url):
     rt = runtime_for(redis_url=redis_url)
-    await rt.store.add_instance(INSTANCE, "N" * 32, 60)
+    await rt.store.bind(INSTANCE, "N" * 32, 60, time.time())
     await rt.store.add_session(SESSION, INSTANCE.id, 60)
     flow = request_flow(
         "GET", "/api/kernels", {"Cookie": f"_xsrf=abc; datalab_session={SESSION}", "Authorization": "token forged"}
@@ -57,11 +57,14 @@ async def test_unknown_session_and_removed_instance(redis_url):
     flow = await routed(request_flow("GET", "/", {"Cookie": f"datalab_session={SESSION}"}), rt)
     assert flow.response.status_code == 403 and code(flow) == "NO_SESSION"
 
-    await rt.store.add_instance(INSTANCE, "N" * 32, 60)
+    await rt.store.bind(INSTANCE, "N" * 32, 60, time.time())
     await rt.store.add_session(SESSION, INSTANCE.id, 60)
-    await rt.store.remove_instance(INSTANCE.id)
-    assert await rt.store.session_target(SESSION) is None  # removal takes the instance's sessions along
-    assert await rt.store.redis.keys("unit:*") == []
+    assert await rt.store.remove_instance(INSTANCE.id) is True
+    assert await rt.store.remove_instance(INSTANCE.id) is False  # ended once
+    flow = await routed(request_flow("GET", "/", {"Cookie": f"datalab_session={SESSION}"}), rt)
+    assert flow.response.status_code == 410 and code(flow) == "INSTANCE_GONE"  # for the session's lifetime
+    assert 0 < await rt.store.redis.ttl(f"unit:session:{SESSION}") <= 60
+    assert await rt.store.redis.keys("unit:*") == [f"unit:session:{SESSION}".encode()]  # only the session stays
     await rt.done()
 
 

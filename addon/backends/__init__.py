@@ -1,8 +1,10 @@
-"""The backend interface: how an instance is started, polled and stopped, whatever runs it.
+"""The backend interface: how an instance is started, filled, polled and stopped, whatever runs it.
 
-A backend writes one class with `check`, `start`, `poll` and `stop`. What a started instance is
-(its address and the backend's own handle) is an `Instance`, a small JSON record kept in Redis, so
-a restarted proxy, or another proxy process, reaches the same instance.
+A backend writes one class with `check`, `capacity`, `start`, `put_file`, `poll`, `inventory` and
+`stop`. A started instance holds no upload yet, so the same instance can wait in the warm pool or
+serve a cold start; the upload goes in with `put_file` once a user claims it. What a started
+instance is (its address and the backend's own handle) is an `Instance`, a small JSON record kept
+in Redis, so a restarted proxy, or another proxy process, reaches the same instance.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import abc
 import asyncio
 import json
 import time
+from collections.abc import AsyncIterator
 from collections.abc import Awaitable
 from collections.abc import Callable
 from dataclasses import asdict
@@ -24,9 +27,10 @@ class Instance:
     handle: str  # the backend's own id: a container id for Docker
     host: str
     port: int
-    filename: str
-    created: float
+    filename: str  # empty while the instance waits in the pool
+    created: float  # when it booted
     token: str = ""  # the instance's Jupyter token; the proxy adds it to every request it forwards
+    claimed: float = 0.0  # when it was handed to a user (0 while pooled): its age counts from here
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -35,12 +39,25 @@ class Instance:
     def from_json(cls, raw: str | bytes) -> Instance:
         return cls(**json.loads(raw))
 
+    def age(self, now: float) -> float:
+        return now - (self.claimed or self.created)
+
+
+@dataclass(frozen=True)
+class Found:
+    """An instance the engine runs for this proxy family, as the engine sees it (reconciliation)."""
+
+    instance_id: str
+    handle: str
+    running: bool
+
 
 class BackendError(Exception):
     """A backend fault, carried to the client as JSON {code, message} with this status."""
 
     status = 502
     code = "START_FAILED"
+    retry_after: int | None = None  # seconds, sent as Retry-After where a retry may succeed
 
 
 class EngineUnavailable(BackendError):
@@ -68,23 +85,44 @@ class Backend(abc.ABC):
         """Raise BackendError when no start can succeed (engine down, image missing)."""
 
     @abc.abstractmethod
-    async def start(self, instance_id: str, filename: str, data: bytes | bytearray) -> Instance:
-        """Start an instance holding `data` as `filename` in its working directory.
+    async def capacity(self) -> int:
+        """How many instances the engine can hold at the configured limits (the default of max_instances)."""
 
-        Returns only once Jupyter answers /api/status. On any failure nothing is left behind.
+    @abc.abstractmethod
+    async def start(self, instance_id: str, token: str) -> Instance:
+        """Start an instance with an empty working directory, its Jupyter requiring `token`.
+
+        Returns only once Jupyter answers /api/status. On any failure (or cancellation) nothing is
+        left behind.
         """
+
+    @abc.abstractmethod
+    async def put_file(self, instance: Instance, filename: str, data: bytes | bytearray) -> None:
+        """Place `data` as `filename` in the running instance's working directory."""
 
     @abc.abstractmethod
     async def poll(self, instance: Instance) -> bool:
         """True while the instance runs; False once it has exited or is gone."""
 
     @abc.abstractmethod
-    async def stop(self, instance: Instance) -> None:
+    async def inventory(self) -> list[Found]:
+        """Every instance the engine holds under this proxy family's prefix, running or not."""
+
+    async def exits(self) -> AsyncIterator[str]:
+        """Yield the id of each instance whose process exits, as it happens; raise when the feed is lost.
+
+        Optional: without it, an instance that dies behind the proxy's back is found by the next
+        failed request or the next reconciliation round."""
+        await asyncio.Event().wait()
+        yield ""  # pragma: no cover
+
+    @abc.abstractmethod
+    async def stop(self, handle: str) -> None:
         """Stop and remove the instance. Idempotent: an instance already gone counts as stopped."""
 
 
-async def http_status(host: str, port: int, path: str, timeout: float, token: str = "") -> int | None:
-    """The status code of one plain GET, or None when nothing answers. No HTTP library needed."""
+async def http_get(host: str, port: int, path: str, timeout: float, token: str = "") -> tuple[int, bytes] | None:
+    """Status and body of one plain HTTP/1.0 GET, or None when nothing answers. No HTTP library needed."""
     writer = None
     auth = f"Authorization: token {token}\r\n" if token else ""
     try:
@@ -92,14 +130,33 @@ async def http_status(host: str, port: int, path: str, timeout: float, token: st
             reader, writer = await asyncio.open_connection(host, port)
             writer.write(f"GET {path} HTTP/1.0\r\nHost: {host}:{port}\r\n{auth}\r\n".encode())
             await writer.drain()
-            status_line = await reader.readline()
-        parts = status_line.split()
-        return int(parts[1]) if len(parts) >= 2 and parts[1].isdigit() else None
+            raw = await reader.read(1 << 20)
+            while chunk := await reader.read(1 << 20):
+                raw += chunk
+        head, _, body = raw.partition(b"\r\n\r\n")
+        parts = head.split(b"\r\n", 1)[0].split()
+        return (int(parts[1]), body) if len(parts) >= 2 and parts[1].isdigit() else None
     except (OSError, TimeoutError):
         return None
     finally:
         if writer is not None:
             writer.close()
+
+
+async def http_status(host: str, port: int, path: str, timeout: float, token: str = "") -> int | None:
+    answer = await http_get(host, port, path, timeout, token)
+    return answer[0] if answer else None
+
+
+async def kernels_busy(instance: Instance, timeout: float = 5.0) -> bool:
+    """Whether any Jupyter kernel of the instance is executing code now (such an instance is not idle)."""
+    answer = await http_get(instance.host, instance.port, "/api/kernels", timeout, instance.token)
+    if answer is None or answer[0] != 200:
+        return False
+    try:
+        return any(k.get("execution_state") == "busy" for k in json.loads(answer[1]))
+    except (ValueError, AttributeError):
+        return False
 
 
 async def wait_ready(
@@ -116,4 +173,4 @@ async def wait_ready(
         if time.monotonic() + delay > deadline:
             raise StartTimeout(f"the instance did not answer {path} within {timeout:g} s")
         await asyncio.sleep(delay)
-        delay = min(delay * 2, 0.5)
+        delay = min(delay * 2, 0.25)

@@ -1,16 +1,19 @@
 """Docker backend: one container per instance, from a local image that is never pulled.
 
-Every Docker SDK call is blocking, so each goes through `_call` (a worker thread). The uploaded file
-is copied into the created container before it starts, so Jupyter sees it from its first listing.
+Every Docker SDK call is blocking, so each goes through `_call` (a worker thread). An upload is
+copied into the running container's working directory; Jupyter lists the directory on every
+request, so the file shows at once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-import secrets
 import tarfile
+import threading
 import time
+from collections.abc import AsyncIterator
 from collections.abc import Callable
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,11 +21,13 @@ from typing import Any
 
 import docker
 import docker.errors
+import docker.utils
 from docker.models.containers import Container
 
 from backends import Backend
 from backends import BackendError
 from backends import EngineUnavailable
+from backends import Found
 from backends import ImageMissing
 from backends import Instance
 from backends import wait_ready
@@ -81,6 +86,8 @@ class DockerBackend(Backend):
         except docker.errors.NotFound:
             raise
         except docker.errors.APIError as e:
+            if e.status_code == 409 and "removal" in str(e.explanation):  # being removed: as good as gone
+                raise docker.errors.NotFound(str(e.explanation)) from e
             raise BackendError(f"the Docker engine refused the request: {e.explanation or e}") from e
         except (docker.errors.DockerException, OSError) as e:
             raise EngineUnavailable(f"the Docker engine cannot be reached ({e}); is dockerd running?") from e
@@ -104,23 +111,36 @@ class DockerBackend(Backend):
             f"build it with scripts/build-image.sh"
         )
 
-    async def start(self, instance_id: str, filename: str, data: bytes | bytearray) -> Instance:
+    async def capacity(self) -> int:
         client = await self.client()
-        token = secrets.token_urlsafe(32)
+        info = await self._call(client.info)
+        return max(1, int(info.get("MemTotal", 0)) // docker.utils.parse_bytes(self.opts.mem_limit))
+
+    async def start(self, instance_id: str, token: str) -> Instance:
+        client = await self.client()
         try:  # create never pulls (run() would): a missing image is a 404 here, no separate look-up needed
             container: Container = await self._call(client.containers.create, **self._create_args(instance_id, token))
         except docker.errors.ImageNotFound as e:
             raise self._image_missing() from e
         try:
-            await self._call(container.put_archive, WORK_DIR, upload_tar(filename, data))
             await self._call(container.start)
             port = await self._published_port(container)
-            instance = Instance(instance_id, self.name, container.id, "127.0.0.1", port, filename, time.time(), token)
+            instance = Instance(instance_id, self.name, container.id, "127.0.0.1", port, "", time.time(), token)
             await wait_ready(instance, self.opts.start_timeout, lambda: self.poll(instance))
             return instance
         except BaseException:
             await asyncio.shield(self._remove_quietly(container.id))
             raise
+
+    async def put_file(self, instance: Instance, filename: str, data: bytes | bytearray) -> None:
+        client = await self.client()
+        try:
+            container = await self._call(client.containers.get, instance.handle)
+            ok = await self._call(container.put_archive, WORK_DIR, upload_tar(filename, data))
+        except docker.errors.NotFound as e:
+            raise BackendError("the instance is gone; its upload could not be placed") from e
+        if not ok:
+            raise BackendError("the engine did not take the upload")
 
     def _create_args(self, instance_id: str, token: str) -> dict[str, Any]:
         return dict(
@@ -153,8 +173,43 @@ class DockerBackend(Backend):
             return False
         return container.status == "running"
 
-    async def stop(self, instance: Instance) -> None:
-        await self._remove(instance.handle)
+    async def inventory(self) -> list[Found]:
+        client = await self.client()
+        label = f"{LABEL_PREFIX}={self.opts.label_prefix}"
+        found = await self._call(client.containers.list, all=True, sparse=True, filters={"label": label})
+        return [
+            Found(c.attrs["Labels"].get(LABEL_INSTANCE, ""), c.id, c.attrs.get("State") == "running")
+            for c in found
+        ]
+
+    async def exits(self) -> AsyncIterator[str]:
+        client = await self.client()
+        label = f"{LABEL_PREFIX}={self.opts.label_prefix}"
+        filters = {"type": "container", "event": ["die", "destroy"], "label": [label]}
+        stream = await self._call(client.events, decode=True, filters=filters)
+        queue: asyncio.Queue[dict | None] = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+
+        def pump() -> None:  # its own thread: it blocks for as long as the engine is followed
+            try:
+                for event in stream:
+                    loop.call_soon_threadsafe(queue.put_nowait, event)
+            finally:
+                with contextlib.suppress(RuntimeError):  # the loop may be closed already
+                    loop.call_soon_threadsafe(queue.put_nowait, None)
+
+        threading.Thread(target=pump, name="docker-events", daemon=True).start()
+        try:
+            while (event := await queue.get()) is not None:
+                instance_id = event.get("Actor", {}).get("Attributes", {}).get(LABEL_INSTANCE)
+                if instance_id:
+                    yield instance_id
+        finally:
+            await asyncio.to_thread(stream.close)
+        raise EngineUnavailable("the Docker engine stopped sending events")
+
+    async def stop(self, handle: str) -> None:
+        await self._remove(handle)
 
     async def _remove_quietly(self, container_id: str) -> None:
         """Clean-up after a failed start must not hide the failure that caused it."""

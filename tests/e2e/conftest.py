@@ -83,20 +83,24 @@ def sign_key():
 
 @pytest.fixture(scope="session")
 def proxy(redis_server, world, sign_key, tmp_path_factory):
-    p = Proxy(redis_server.url, world.prefix, sign_key, tmp_path_factory.mktemp("proxy")).start()
+    """The shared proxy: a pool of one, so tests take pooled and cold-started instances alike."""
+    options = {"datalab_pool_size": 1}
+    p = Proxy(redis_server.url, world.prefix, sign_key, tmp_path_factory.mktemp("proxy"), options).start()
     yield p
     p.stop()
 
 
 @pytest.fixture
 def make_proxy(redis_server, world, sign_key, tmp_path_factory):
-    """Start extra proxies (other options, or a 'restart'); each is stopped after the test."""
+    """Start extra proxies (other options, or a 'restart'); each is stopped after the test.
+    Without a pool unless asked (datalab_pool_size), so they boot no instances by themselves."""
     started: list[Proxy] = []
 
     def make(prefix: str | None = None, redis_url: str | None = None, tool: str = "mitmdump", **options) -> Proxy:
         prefix = prefix or world.prefix
         world.prefixes.add(prefix)
         workdir = tmp_path_factory.mktemp("proxy")
+        options = {"datalab_pool_size": 0, **options}
         p = Proxy(redis_url or redis_server.url, prefix, sign_key, workdir, options, tool).start()
         started.append(p)
         return p

@@ -86,6 +86,22 @@ class Proxy:
                 self.proc.kill()
             self.proc = None
 
+    def kill(self) -> None:
+        """A crash: SIGKILL, no clean-up of any kind."""
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+            self.proc = None
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop_instance(self, nonce: str, ts: str | None = None, sign: str | None = None) -> requests.Response:
+        ts = str(int(time.time())) if ts is None else ts
+        sign = signing.signature(self.sign_key, ts, nonce) if sign is None else sign
+        query = urlencode({"ts": ts, "nonce": nonce})
+        return requests.post(self.url(f"/datalab/stop?{query}"), headers={"X-SIGN": sign}, timeout=60)
+
     def upload(self, filename: str, data: bytes, ts: str | None = None, sign: str | None = None) -> requests.Response:
         ts = str(int(time.time())) if ts is None else ts
         sign = signing.signature(self.sign_key, ts, filename) if sign is None else sign

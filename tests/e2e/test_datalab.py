@@ -274,8 +274,8 @@ def test_a_removed_instance_is_unrouted_at_once(proxy, make_proxy, world, redis_
     time.sleep(0.5)  # the pub/sub message crosses to both processes in milliseconds
     for b in browsers:
         r = b.get("/api/status")  # the first try: a stale route would be a 502 from the dead port
-        assert r.status_code == 403 and error_of(r) == "NO_SESSION"
-    assert world.containers(prefix) == [] and world.keys(prefix) == []
+        assert r.status_code == 410 and error_of(r) == "INSTANCE_GONE"
+    assert world.containers(prefix) == [] and only_sessions_left(world, prefix)
 
 
 def test_the_same_addon_runs_under_mitmweb(make_proxy, csv_nonce):
@@ -310,21 +310,26 @@ def test_faults_give_5xx_and_the_proxy_recovers(make_proxy, world, tmp_path):
         assert browser.get("/api/status").status_code == 200
 
         for c in world.containers(prefix):
-            c.remove(force=True)  # the instance dies under the session
+            c.remove(force=True)  # the instance dies under the session: the engine tells the proxy
+        time.sleep(1)
         r = browser.get("/api/status")
-        assert r.status_code == 502
+        assert r.status_code == 410 and error_of(r) == "INSTANCE_GONE"  # never a 502 page
         r = requests.get(p.url(f"/datalab/static/{nonce}/files/f.csv"), timeout=30)
-        assert r.status_code == 502 and error_of(r) == "INSTANCE_UNREACHABLE"
+        assert r.status_code == 404 and error_of(r) == "NONCE_UNKNOWN"
     finally:
         redis_server.stop()
 
 
-def test_removing_instances_leaves_no_container_or_key(proxy, world, redis_server, notebook_nonce, csv_nonce):
-    """Runs last in this module: removes every instance this run made, through the product's own code."""
+def only_sessions_left(world, prefix: str) -> bool:
+    """After every instance ended, only sessions remain (answering 410 until they expire)."""
+    keys = [k.decode() for k in world.keys(prefix)]
+    return all(k.startswith(prefix + "session:") and world.redis.ttl(k) > 0 for k in keys)
 
-    for prefix in (world.prefix, world.sub("short")):
-        assert world.containers(prefix), "the tests above made instances under this prefix"
-        removed = asyncio.run(remove_all(redis_server.url, prefix))
-        assert removed >= 1
-        assert world.containers(prefix) == []
-        assert world.keys(prefix) == []
+
+def test_removing_instances_leaves_no_container_or_key(world, redis_server):
+    """Removes every instance a stopped proxy's prefix holds, through the product's own code."""
+    prefix = world.sub("short")
+    assert world.containers(prefix), "test_nonce_expires_and_uploads_are_bounded made an instance here"
+    assert asyncio.run(remove_all(redis_server.url, prefix)) >= 1
+    assert world.containers(prefix) == []
+    assert only_sessions_left(world, prefix)

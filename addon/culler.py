@@ -1,0 +1,140 @@
+"""Culling and reconciliation: instances end when idle, too old, unreachable or gone, and nothing
+runs that Redis does not know.
+
+`Activity` is fed by the router on every forwarded request and WebSocket message (a dict write)
+and written to Redis in one batch every few seconds, never once per request. `Culler.round` runs
+at start-up and every datalab_cull_interval seconds under a Redis lock, so with several proxies
+on one Redis each instance is ended by one of them, once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from backends import Instance
+from backends import kernels_busy
+from instances import Instances
+
+log = logging.getLogger(__name__)
+
+LOCK = "cull"
+
+
+class Activity:
+    """Last traffic time per instance, kept in memory between flushes."""
+
+    def __init__(self) -> None:
+        self._seen: dict[str, float] = {}
+
+    def touch(self, instance_id: str) -> None:
+        self._seen[instance_id] = time.time()
+
+    def take(self) -> dict[str, float]:
+        seen, self._seen = self._seen, {}
+        return seen
+
+    def put_back(self, batch: dict[str, float]) -> None:
+        """A batch that could not be written goes into the next one (newer times win)."""
+        for instance_id, seen in batch.items():
+            self._seen[instance_id] = max(seen, self._seen.get(instance_id, 0.0))
+
+
+class Culler:
+    def __init__(self, instances: Instances, activity: Activity):
+        self.instances = instances
+        self.activity = activity
+
+    @property
+    def interval(self) -> float:
+        return float(self.instances.settings.cull_interval)
+
+    async def run_activity(self) -> None:
+        """Write the batch of activity every few seconds (sooner with a short cull interval)."""
+        every = min(5.0, self.interval / 2)
+        while True:
+            await asyncio.sleep(every)
+            await self.flush()
+
+    async def flush(self) -> None:
+        batch = self.activity.take()
+        try:
+            await self.instances.store.record_activity(batch)
+        except Exception as e:  # keep the batch for the next try
+            self.activity.put_back(batch)
+            log.warning("datalab: could not record activity: %s", e)
+
+    async def follow_exits(self) -> None:
+        """End instances the moment the backend reports them exited, so their sessions get 410 at once."""
+        delay = 1.0
+        while True:
+            try:
+                async for instance_id in self.instances.backend.exits():
+                    delay = 1.0
+                    await self.instances.end_if_gone(instance_id)
+            except Exception as e:  # the engine or Redis went away: reconciliation covers the gap
+                log.warning("datalab: not following instance exits (%s); retrying in %.0f s", e, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 30.0)
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self.round()
+            except Exception as e:  # Redis or the engine away: the next round tries again
+                log.warning("datalab: culling round failed: %s", e)
+            await asyncio.sleep(self.interval)
+
+    async def round(self) -> int:
+        """One round if no other proxy is doing one; returns how many instances it ended."""
+        store = self.instances.store
+        token = await store.try_lock(LOCK, ttl=10 * self.interval + 60)
+        if token is None:
+            return 0
+        try:
+            return await self._round()
+        finally:
+            await store.unlock(LOCK, token)
+
+    async def _round(self) -> int:
+        inst, store, s = self.instances, self.instances.store, self.instances.settings
+        await self.flush()
+        # Records are read before the engine is asked, and slots after: a record always predates
+        # its container's listing, and a container's lease always predates the container.
+        records = await inst.all()
+        found = {f.instance_id: f for f in await inst.backend.inventory()}
+        holders = await store.slot_holders(time.time())
+        pooled = set(await store.pool_ids())
+        activity = await store.activity()
+        now = time.time()
+        ended = 0
+        for record in records:
+            reason = await self._reason_to_end(record, found, pooled, activity, now)
+            if reason and await inst.end(record, reason):
+                ended += 1
+        recorded = {r.id for r in records}
+        for instance_id, f in found.items():
+            if instance_id not in recorded and instance_id not in holders:
+                log.info("removing container %s: no instance record and no start in flight", f.handle[:12])
+                await inst.backend.stop(f.handle)
+                ended += 1
+        return ended
+
+    async def _reason_to_end(
+        self, record: Instance, found: dict, pooled: set[str], activity: dict[str, float], now: float
+    ) -> str | None:
+        s = self.instances.settings
+        f = found.get(record.id)
+        if f is None or not f.running:
+            return "its container is gone or stopped"
+        if record.age(now) > s.max_age:
+            return f"older than datalab_max_age ({s.max_age} s)"
+        if record.id in pooled:
+            return None
+        last = activity.get(record.id, record.claimed or record.created)
+        if now - last > s.idle_timeout and not await kernels_busy(record):
+            return f"idle for more than datalab_idle_timeout ({s.idle_timeout} s)"
+        if now - last > s.start_timeout and not await self.instances.store.reachable(record.id):
+            return "no nonce or session can reach it any more"
+        return None

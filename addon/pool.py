@@ -1,0 +1,102 @@
+"""The warm pool: keep datalab_pool_size instances booted and ready, so a start only copies its
+upload in. One pool per Redis: every proxy refills it, and the reservation script in the store
+lets ready plus booting pool instances reach the size once, whoever boots them. Pool boots use the
+boot slots only when no user start is waiting for one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from redis.exceptions import RedisError
+
+import inputs
+from backends import BackendError
+from instances import LEASE_MARGIN
+from instances import Instances
+from store import Reservation
+
+log = logging.getLogger(__name__)
+
+CHECK_EVERY = 2.0  # seconds between looks at the pool when nothing wakes the filler
+BACKOFF_MAX = 60.0
+
+
+class PoolFiller:
+    def __init__(self, instances: Instances):
+        self.instances = instances
+        self._boots: set[asyncio.Task] = set()
+        self._retry_at = 0.0
+        self._backoff = 1.0
+
+    async def run(self) -> None:
+        """Refill whenever a start took an instance or one ended, and every few seconds anyway."""
+        wake = self.instances.pool_changed
+        while True:
+            try:
+                await self.fill()
+            except Exception as e:  # Redis or the engine away: look again later
+                log.warning("datalab: cannot refill the pool now: %s", e)
+            wake.clear()
+            try:
+                await asyncio.wait_for(wake.wait(), CHECK_EVERY)
+            except TimeoutError:
+                pass
+
+    async def fill(self) -> None:
+        """Start as many pool boots as the pool lacks, as boot slots allow."""
+        inst, s = self.instances, self.instances.settings
+        if s.pool_size == 0 or time.monotonic() < self._retry_at:
+            return
+        while inst.admission.try_acquire():
+            instance_id = inputs.new_token()
+            lease = s.start_timeout + LEASE_MARGIN
+            try:
+                got = await inst.store.reserve(instance_id, time.time(), lease, await inst.max_instances(), s.pool_size)
+            except BaseException:
+                inst.admission.release()
+                raise
+            if got != Reservation.GRANTED:
+                inst.admission.release()
+                return
+            task = asyncio.create_task(self._boot(instance_id))
+            self._boots.add(task)
+            task.add_done_callback(self._boots.discard)
+
+    async def _boot(self, instance_id: str) -> None:
+        inst = self.instances
+        try:
+            instance = await inst.boot(instance_id)
+            try:
+                await inst.store.add_to_pool(instance)
+            except BaseException:
+                await asyncio.shield(inst.end(instance, "could not be added to the pool"))
+                raise
+            self._backoff = 1.0
+            log.info("instance %s ready in the pool", instance_id)
+        except asyncio.CancelledError:
+            await asyncio.shield(self._release(instance_id))
+            raise
+        except Exception as e:  # engine or Redis trouble: back off, so a missing image is not a busy loop
+            self._retry_at = time.monotonic() + self._backoff
+            expected = isinstance(e, (BackendError, RedisError))
+            log.warning("datalab: a pool boot failed (%s); next try in %.0f s", e, self._backoff, exc_info=not expected)
+            self._backoff = min(self._backoff * 2, BACKOFF_MAX)
+            await asyncio.shield(self._release(instance_id))
+        finally:
+            inst.admission.release()
+            inst.pool_changed.set()
+
+    async def _release(self, instance_id: str) -> None:
+        try:
+            await self.instances.store.release(instance_id)
+        except Exception as e:  # the lease runs out by itself
+            log.debug("could not release the slot of %s: %s", instance_id, e)
+
+    async def stop(self) -> None:
+        """Cancel boots in flight; each removes its container on the way out."""
+        for task in list(self._boots):
+            task.cancel()
+        await asyncio.gather(*self._boots, return_exceptions=True)

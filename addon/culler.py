@@ -104,6 +104,7 @@ class Culler:
         # its container's listing, and a container's lease always predates the container.
         records = await inst.all()
         found = {f.instance_id: f for f in await inst.backend.inventory()}
+        await store.drop_expired_leases(time.time())
         holders = await store.slot_holders(time.time())
         pooled = set(await store.pool_ids())
         activity = await store.activity()

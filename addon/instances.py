@@ -29,6 +29,7 @@ from store import Store
 log = logging.getLogger(__name__)
 
 LEASE_MARGIN = 10.0  # seconds a capacity lease outlives the longest a start may take (upload copy, binding)
+DRAIN = 0.5  # seconds between forgetting a user's instance (new requests: 410) and stopping it
 RETRY_AT_CAPACITY = 30  # Retry-After when every slot is taken: instances end by culling or stop
 RETRY_QUEUE_FULL = 5  # Retry-After when the boot queue did not move in time
 
@@ -131,13 +132,16 @@ class Instances:
         return session_id
 
     async def end(self, instance: Instance, reason: str) -> bool:
-        """Stop the instance, then forget it (in that order, so a failed stop can be retried).
-
-        Its nonces go and its sessions answer 410 from now on. True if this call ended it."""
-        await self.backend.stop(instance.handle)
+        """Forget the instance, then stop it. Forgetting first decides, once across all proxies, who
+        ends it, and its sessions answer 410 from then on (every proxy drops its routes to it); a stop
+        that fails leaves a container without a record, which reconciliation removes. True if this
+        call ended it."""
         ended = await self.store.remove_instance(instance.id)
         if ended:
             log.info("instance %s ended: %s", instance.id, reason)
+            if instance.claimed:
+                await asyncio.sleep(DRAIN)  # requests routed a moment ago still get their answer
+        await self.backend.stop(instance.handle)
         self.pool_changed.set()
         return ended
 

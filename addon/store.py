@@ -139,6 +139,13 @@ class Store:
     async def pool_ids(self) -> list[str]:
         return [m.decode() for m in await self.redis.lrange(self.key("pool"), 0, -1)]
 
+    async def drop_expired_leases(self, now: float) -> None:
+        """Leases of starts that never finished (their proxy died): the slots are free again."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.zremrangebyscore(self.key("slots"), "-inf", f"({now}")
+            pipe.zremrangebyscore(self.key("poolboot"), "-inf", f"({now}")
+            await pipe.execute()
+
     async def slot_holders(self, now: float) -> set[str]:
         """Ids holding a slot now: recorded instances and starts in flight whose lease runs."""
         return {m.decode() for m in await self.redis.zrangebyscore(self.key("slots"), now, FOREVER)}

@@ -13,7 +13,6 @@ import time
 from collections.abc import Awaitable
 from collections.abc import Callable
 from collections.abc import Coroutine
-from typing import TypeVar
 
 from mitmproxy import http
 from mitmproxy.connection import ConnectionState
@@ -42,7 +41,6 @@ log = logging.getLogger(__name__)
 
 PREFIX = "/datalab/"
 CLIENT_CHECK_EVERY = 0.25  # seconds between looks at whether a waiting client is still there
-T = TypeVar("T")
 
 
 def is_api_path(path: str) -> bool:
@@ -70,7 +68,7 @@ def single_param(query: http.MultiDictView, name: str) -> str:
     return values[0]
 
 
-async def while_client_waits(flow: http.HTTPFlow, work: Coroutine[None, None, T]) -> T:
+async def while_client_waits[T](flow: http.HTTPFlow, work: Coroutine[None, None, T]) -> T:
     """Run `work`, cancelling it if the client hangs up first: its clean-up then leaves nothing running."""
     task = asyncio.ensure_future(work)
     try:

@@ -81,7 +81,10 @@ _HELP: dict[str, tuple[str | None, str]] = {
     "pool_size": (None, "Instances kept started and ready for the next uploads, shared by all proxies on the Redis."),
     "start_concurrency": (None, "Instances booting at once in this proxy; 0 means one per CPU."),
     "queue_timeout": (None, "Seconds a start may wait for a boot slot before 503 CAPACITY."),
-    "max_instances": (None, "Live and pooled instances across all proxies on the Redis; 0: what the engine's memory holds."),
+    "max_instances": (
+        None,
+        "Live and pooled instances across all proxies on the Redis; 0: what the engine's memory holds.",
+    ),
     "idle_timeout": (None, "Seconds without traffic after which an instance is removed (not while a kernel is busy)."),
     "max_age": (None, "Seconds after which an instance is removed, however busy."),
     "cull_interval": (None, "Seconds between rounds of culling and reconciliation."),

@@ -98,7 +98,7 @@ class Culler:
             await store.unlock(LOCK, token)
 
     async def _round(self) -> int:
-        inst, store, s = self.instances, self.instances.store, self.instances.settings
+        inst, store = self.instances, self.instances.store
         await self.flush()
         # Records are read before the engine is asked, and slots after: a record always predates
         # its container's listing, and a container's lease always predates the container.

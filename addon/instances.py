@@ -14,9 +14,10 @@ import dataclasses
 import logging
 import time
 
-import inputs
 from admission import Admission
 from admission import QueueTimeout
+
+import inputs
 from backends import Backend
 from backends import BackendError
 from backends import Instance

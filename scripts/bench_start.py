@@ -1,41 +1,40 @@
 #!/usr/bin/env python3
-"""Benchmark: how long a start takes (upload -> nonce) and what a proxied request costs.
+"""Benchmark: how long a start takes (upload -> nonce), from the warm pool and cold, and how a
+burst of concurrent starts is served.
 
-    .venv/bin/python scripts/bench_start.py [--runs 10] [--requests 300]
+    .venv/bin/python scripts/bench_start.py [--runs 10] [--burst 40]
 
-Starts its own proxy with ./run.sh (own port and key prefix), and measures in the same run:
-  start:   POST /datalab/start through the proxy   vs  the Docker backend's start alone (baseline)
-  request: GET /api/status through the proxy        vs  straight to the container (baseline)
-It prints medians and ratios (these machines are noisy: compare ratios, not seconds), then
-removes every instance it made.
+Starts its own proxies with ./run.sh (own ports and key prefixes), one after the other so they never
+compete for the CPU, and measures in the same run:
+  cold:      POST /datalab/start with datalab_pool_size=0 (each start boots an instance)
+  backend:   the Docker backend booting one instance alone (the cold start's baseline)
+  pool hit:  POST /datalab/start with a full pool of 2 (each start takes a pooled instance)
+  burst:     --burst starts at once against a proxy with default options (pool 2, one boot per CPU,
+             30 s queue, capacity from the engine's memory): granted, refused (by code), p50/p95
+Prints medians and ratios (these machines are noisy: compare ratios, not seconds), then removes
+every instance it made.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import http.client
+import collections
 import secrets
 import statistics
-import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
-from pathlib import Path
+from concurrent.futures import ThreadPoolExecutor
 
-from benchlib import CSV
 from benchlib import IMAGE
 from benchlib import REDIS_URL
 from benchlib import BenchProxy
 from benchlib import Settings
-from benchlib import Store
 from benchlib import bench_proxy
 from benchlib import build_instances
 from benchlib import connect
-from benchlib import free_port
+from benchlib import stop
+from benchlib import try_upload
 from benchlib import upload
-from benchlib import wait_listening
 
 
 def timed(fn, *args) -> tuple[float, object]:
@@ -44,110 +43,89 @@ def timed(fn, *args) -> tuple[float, object]:
     return time.perf_counter() - t0, result
 
 
-def session_cookie(base: str, nonce: str) -> str:
-    class NoRedirect(urllib.request.HTTPRedirectHandler):
-        def redirect_request(self, *a, **k):
-            return None
+def pool_length(prefix: str) -> int:
+    async def length() -> int:
+        client = connect(REDIS_URL)
+        try:
+            return await client.llen(prefix + "pool")
+        finally:
+            await client.aclose()
 
-    opener = urllib.request.build_opener(NoRedirect)
-    try:
-        opener.open(f"{base}/datalab/view/{nonce}/tree", timeout=30)
-    except urllib.error.HTTPError as e:
-        return e.headers["Set-Cookie"].split(";")[0]
-    raise RuntimeError("view did not redirect")
+    return asyncio.run(length())
 
 
-def get_latencies(port: int, n: int, headers: dict[str, str]) -> list[float]:
-    """n GETs of /api/status over one kept-alive connection, as a browser sends them."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+def wait_for_pool(prefix: str, size: int, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while pool_length(prefix) < size:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the pool did not reach {size} in {timeout} s")
+        time.sleep(0.2)
+
+
+def backend_alone(prefix: str, runs: int) -> list[float]:
+    """The Docker backend booting an instance by itself: what a cold start costs at the least."""
+
+    async def boots() -> list[float]:
+        instances = build_instances(Settings(sign_key="unused", redis_url=REDIS_URL, key_prefix=prefix, image=IMAGE))
+        out = []
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            instance = await instances.backend.start(secrets.token_urlsafe(16), secrets.token_urlsafe(16))
+            out.append(time.perf_counter() - t0)
+            await instances.backend.stop(instance.handle)
+        await instances.store.close()
+        return out
+
+    return asyncio.run(boots())
+
+
+def sequential_starts(proxy: BenchProxy, runs: int, pool: int) -> list[float]:
+    """One start at a time, each stopped right after; with a pool, wait until it is full again first."""
     out = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        conn.request("GET", "/api/status", headers=headers)
-        response = conn.getresponse()
-        response.read()
-        out.append(time.perf_counter() - t0)
-        assert response.status == 200, response.status
-    conn.close()
+    for i in range(runs):
+        if pool:
+            wait_for_pool(proxy.prefix, pool)
+        t, nonce = timed(upload, proxy.base, proxy.key, f"s{i}.csv")
+        out.append(t)
+        stop(proxy.base, proxy.key, nonce)
     return out
 
 
-def plain_mitmdump(target_port: int) -> tuple[subprocess.Popen, int]:
-    """mitmproxy itself, reverse-proxying straight to the instance: what the addon adds is the rest."""
-    port = free_port()
-    mitmdump = Path(sys.executable).parent / "mitmdump"
-    proc = subprocess.Popen(
-        [
-            str(mitmdump),
-            "-q",
-            "--mode",
-            f"reverse:http://127.0.0.1:{target_port}",
-            "--listen-host",
-            "127.0.0.1",
-            "--listen-port",
-            str(port),
-            "--set",
-            "keep_host_header=true",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    wait_listening(port, proc)
-    return proc, port
-
-
-def report(name: str, ours: list[float], base: list[float], base_name: str) -> None:
-    m, b = statistics.median(ours), statistics.median(base)
-    print(f"{name:8s} datalab proxy {m * 1000:8.2f} ms | {base_name} {b * 1000:8.2f} ms | ratio {m / b:5.2f}")
-
-
-async def compare_starts(proxy: BenchProxy, runs: int) -> tuple[list[float], list[float], str]:
-    """Alternate a start through the proxy with one by the backend alone, one instance alive at a time,
-    so both sides run on the same machine state. The last proxied instance is kept for the next part."""
-    instances = build_instances(Settings(sign_key="unused", redis_url=REDIS_URL, key_prefix=proxy.prefix, image=IMAGE))
-    ours, alone, nonce = [], [], ""
-    for i in range(runs):
+def burst(proxy: BenchProxy, n: int) -> None:
+    def one(i: int) -> tuple[float, int, dict, dict]:
         t0 = time.perf_counter()
-        instance = await instances.backend.start(secrets.token_urlsafe(16), f"b{i}.csv", CSV)
-        alone.append(time.perf_counter() - t0)
-        await instances.backend.stop(instance)
-        t, nonce = await asyncio.to_thread(timed, upload, proxy.base, proxy.key, f"f{i}.csv")
-        ours.append(t)
-        if i < runs - 1:
-            await instances.remove(await instances.by_nonce(nonce))
-    await instances.store.close()
-    return ours, alone, nonce
+        status, body, headers = try_upload(proxy.base, proxy.key, f"burst{i}.csv")
+        return time.perf_counter() - t0, status, body, headers
+
+    with ThreadPoolExecutor(n) as pool:
+        answers = list(pool.map(one, range(n)))
+    granted = sorted(t for t, status, _, _ in answers if status == 200)
+    refused = collections.Counter(f"{status} {body.get('code')}" for _, status, body, _ in answers if status != 200)
+    without_retry = sum(1 for _, status, _, h in answers if status == 503 and "Retry-After" not in h)
+    print(f"burst    {n} at once: {len(granted)} granted, {n - len(granted)} refused {dict(refused)}")
+    if granted:
+        p95 = granted[min(len(granted) - 1, round(0.95 * (len(granted) - 1)))]
+        print(f"burst    granted p50 {statistics.median(granted):6.2f} s | p95 {p95:6.2f} s | max {granted[-1]:6.2f} s")
+    print(f"burst    504s: {refused.get('504 START_TIMEOUT', 0)} | 503s without Retry-After: {without_retry}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=10)
-    parser.add_argument("--requests", type=int, default=300)
+    parser.add_argument("--burst", type=int, default=40)
     args = parser.parse_args()
+
+    with bench_proxy(pool_size=0) as proxy:
+        cold = sequential_starts(proxy, args.runs, pool=0)
+        alone = backend_alone(proxy.prefix, args.runs)
+    with bench_proxy(pool_size=2) as proxy:
+        hits = sequential_starts(proxy, args.runs, pool=2)
+    c, a, h = statistics.median(cold), statistics.median(alone), statistics.median(hits)
+    print(f"cold     median {c * 1000:8.1f} ms | backend alone {a * 1000:8.1f} ms | ratio {c / a:5.2f}")
+    print(f"pool hit median {h * 1000:8.1f} ms | cold start    {c * 1000:8.1f} ms | ratio {h / c:5.3f}")
     with bench_proxy() as proxy:
-        base, prefix = proxy.base, proxy.prefix
-        starts, baseline, nonce = asyncio.run(compare_starts(proxy, args.runs))
-        report("start", starts, baseline, "backend alone")
-
-        cookie = session_cookie(base, nonce)
-        store = Store(connect(REDIS_URL), prefix)
-
-        async def instance_port() -> tuple[int, str]:
-            instance = await store.instance(await store.nonce_target(nonce))
-            await store.close()
-            return instance.port, instance.token
-
-        direct, token = asyncio.run(instance_port())
-        as_proxy = {"Authorization": f"token {token}"}  # what the proxy adds; the browser sends the cookie
-        plain, plain_port = plain_mitmdump(direct)
-        through, straight, bare = [], [], []
-        for _ in range(max(1, args.requests // 50)):  # interleave, so drift hits every side alike
-            through += get_latencies(proxy.port, 50, {"Cookie": cookie})
-            bare += get_latencies(plain_port, 50, as_proxy)
-            straight += get_latencies(direct, 50, as_proxy)
-        plain.terminate()
-        report("request", through, straight, "direct to Jupyter")
-        report("request", through, bare, "plain mitmdump (no addon)")
+        wait_for_pool(proxy.prefix, 2)
+        burst(proxy, args.burst)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
@@ -55,21 +56,49 @@ def wait_listening(port: int, proc: subprocess.Popen) -> None:
     sys.exit(f"nothing listened on {port} in time")
 
 
-def start_proxy(port: int, key: str, prefix: str) -> subprocess.Popen:
+def start_proxy(port: int, key: str, prefix: str, options: dict[str, object]) -> subprocess.Popen:
     env = {**os.environ, "DATALAB_PORT": str(port), "DATALAB_SIGN_KEY": key, "DATALAB_KEY_PREFIX": prefix}
-    proc = subprocess.Popen([str(ROOT / "run.sh"), "-q"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    sets = [arg for name, value in options.items() for arg in ("--set", f"datalab_{name}={value}")]
+    proc = subprocess.Popen(
+        [str(ROOT / "run.sh"), "-q", *sets], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     wait_listening(port, proc)
     return proc
 
 
-def upload(base: str, key: str, name: str, data=CSV) -> str:
-    """Sign and upload; `data` may be bytes or an iterable of chunks (sent chunked)."""
+def signed_request(base: str, key: str, endpoint: str, param: str, subject: str, data=b"") -> urllib.request.Request:
+    """A POST to /datalab/<endpoint> signed as the API asks: sha256(key + ts + subject)."""
     ts = str(int(time.time()))
-    sig = hashlib.sha256((key + ts + name).encode()).hexdigest()
-    query = urllib.parse.urlencode({"ts": ts, "filename": name})
-    req = urllib.request.Request(f"{base}/datalab/start?{query}", data=data, headers={"X-SIGN": sig}, method="POST")
-    with urllib.request.urlopen(req, timeout=180) as r:
-        return json.load(r)["result"]["nonce"]
+    url = f"{base}/datalab/{endpoint}?" + urllib.parse.urlencode({"ts": ts, param: subject})
+    sig = hashlib.sha256((key + ts + subject).encode()).hexdigest()
+    return urllib.request.Request(url, data=data, headers={"X-SIGN": sig}, method="POST")
+
+
+def answer(req: urllib.request.Request, timeout: float = 180) -> tuple[int, dict, dict]:
+    """Status, JSON body and headers, for refusals too."""
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, json.load(r), dict(r.headers)
+    except urllib.error.HTTPError as e:
+        return e.code, json.load(e), dict(e.headers)
+
+
+def try_upload(base: str, key: str, name: str, data=CSV) -> tuple[int, dict, dict]:
+    return answer(signed_request(base, key, "start", "filename", name, data))
+
+
+def upload(base: str, key: str, name: str, data=CSV) -> str:
+    """Sign and upload; `data` may be bytes or an iterable of chunks (sent chunked). The nonce."""
+    status, body, _ = try_upload(base, key, name, data)
+    if status != 200:
+        raise RuntimeError(f"start refused: {status} {body}")
+    return body["result"]["nonce"]
+
+
+def stop(base: str, key: str, nonce: str) -> None:
+    status, body, _ = answer(signed_request(base, key, "stop", "nonce", nonce))
+    if status != 200:
+        raise RuntimeError(f"stop refused: {status} {body}")
 
 
 async def remove_all(prefix: str) -> int:
@@ -86,10 +115,11 @@ class BenchProxy:
 
 
 @contextlib.contextmanager
-def bench_proxy() -> Iterator[BenchProxy]:
-    """A proxy from ./run.sh with its own port, key and prefix; stopped and cleaned up afterwards."""
+def bench_proxy(**options: object) -> Iterator[BenchProxy]:
+    """A proxy from ./run.sh with its own port, key and prefix, and these datalab_* options;
+    stopped and cleaned up afterwards."""
     key, prefix, port = secrets.token_hex(16), f"bench-{secrets.token_hex(3)}:", free_port()
-    proc = start_proxy(port, key, prefix)
+    proc = start_proxy(port, key, prefix, options)
     try:
         yield BenchProxy(f"http://127.0.0.1:{port}", port, key, prefix, proc)
     finally:

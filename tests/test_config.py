@@ -33,11 +33,26 @@ def test_defaults_with_a_key_are_valid():
         {"cpus": "many"},
         {"key_prefix": ""},
         {"route_cache_ttl": -1},
+        {"pool_size": -1},
+        {"start_concurrency": -2},
+        {"max_instances": -1},
+        {"queue_timeout": 0},
+        {"idle_timeout": 0},
+        {"max_age": -5},
+        {"cull_interval": 0},
     ],
 )
 def test_bad_settings_say_which_option(changes):
     with pytest.raises(ValueError, match="datalab_" + next(iter(changes))):
         parse_settings(good(**changes))
+
+
+def test_lifecycle_defaults():
+    s = parse_settings(good())
+    assert (s.pool_size, s.queue_timeout, s.idle_timeout, s.max_age, s.cull_interval) == (2, 30, 1800, 28800, 60)
+    assert s.max_instances == 0  # what the engine's memory holds, asked at start-up
+    assert s.boot_concurrency >= 1  # one per CPU
+    assert parse_settings(good(start_concurrency=3)).boot_concurrency == 3
 
 
 def test_options_are_declared_and_validated_at_configure():

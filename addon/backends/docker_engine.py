@@ -178,8 +178,7 @@ class DockerBackend(Backend):
         label = f"{LABEL_PREFIX}={self.opts.label_prefix}"
         found = await self._call(client.containers.list, all=True, sparse=True, filters={"label": label})
         return [
-            Found(c.attrs["Labels"].get(LABEL_INSTANCE, ""), c.id, c.attrs.get("State") == "running")
-            for c in found
+            Found(c.attrs["Labels"].get(LABEL_INSTANCE, ""), c.id, c.attrs.get("State") == "running") for c in found
         ]
 
     async def exits(self) -> AsyncIterator[str]:

@@ -1,0 +1,77 @@
+"""The Redis state that several proxies share, against a real Redis: capacity slots, the pool, ends."""
+
+from backends import Instance
+from store import Reservation
+from store import Store
+from store import connect
+
+NOW = 1_000_000.0
+
+
+def instance(ident: str, **changes) -> Instance:
+    return Instance(ident * 32, "docker", "c-" + ident, "127.0.0.1", 1, "", NOW, token="t", **changes)
+
+
+async def fresh_store(redis_url: str) -> Store:
+    return Store(connect(redis_url), "unit:")
+
+
+async def test_capacity_counts_leases_and_records_and_expired_leases_free_slots(redis_url):
+    store = await fresh_store(redis_url)
+    assert await store.reserve("a", NOW, 10, max_instances=2) == Reservation.GRANTED
+    await store.bind(instance("b"), "N" * 32, 60, NOW)  # a recorded instance holds a slot for good
+    assert await store.reserve("c", NOW, 10, max_instances=2) == Reservation.AT_CAPACITY
+    assert await store.reserve("c", NOW + 11, 10, max_instances=2) == Reservation.GRANTED  # a's lease ran out
+    await store.release("c")
+    assert await store.slot_holders(NOW + 11) == {"b" * 32}
+    await store.close()
+
+
+async def test_one_pool_of_its_size_whoever_fills_it(redis_url):
+    store = await fresh_store(redis_url)
+    granted = [await store.reserve(f"p{i}", NOW, 10, max_instances=10, pool_size=2) for i in range(4)]
+    assert granted == [Reservation.GRANTED, Reservation.GRANTED, Reservation.POOL_FULL, Reservation.POOL_FULL]
+    await store.add_to_pool(instance("x"))
+    await store.release("p0")
+    await store.release("p1")
+    assert await store.reserve("p5", NOW, 10, max_instances=10, pool_size=2) == Reservation.GRANTED
+    assert await store.reserve("p6", NOW, 10, max_instances=10, pool_size=2) == Reservation.POOL_FULL
+
+    claimed = await store.claim_pooled(NOW + 1)
+    assert claimed == instance("x") and await store.claim_pooled(NOW + 1) is None  # each claimed once
+    assert (await store.activity())["x" * 32] == NOW + 1  # stamped as it left the pool
+    await store.close()
+
+
+async def test_an_end_keeps_sessions_drops_nonces_and_happens_once(redis_url):
+    store = await fresh_store(redis_url)
+    live = instance("l", claimed=NOW)
+    await store.bind(live, "N" * 32, 60, NOW)
+    await store.add_session("S" * 32, live.id, 60)
+    assert await store.reachable(live.id)
+    assert await store.remove_instance(live.id) is True
+    assert await store.remove_instance(live.id) is False
+    assert await store.nonce_target("N" * 32) is None
+    assert await store.session_target("S" * 32) == live.id  # answers 410 until it expires
+    assert await store.instance(live.id) is None and await store.slot_holders(NOW) == set()
+    await store.close()
+
+
+async def test_activity_moves_forward_only_and_never_revives_an_ended_instance(redis_url):
+    store = await fresh_store(redis_url)
+    await store.bind(instance("a"), "N" * 32, 60, NOW)
+    await store.record_activity({"a" * 32: NOW + 5, "z" * 32: NOW + 5})
+    await store.record_activity({"a" * 32: NOW + 1})
+    assert await store.activity() == {"a" * 32: NOW + 5}
+    await store.close()
+
+
+async def test_a_lock_has_one_holder(redis_url):
+    store = await fresh_store(redis_url)
+    token = await store.try_lock("cull", ttl=5)
+    assert token and await store.try_lock("cull", ttl=5) is None
+    await store.unlock("cull", "not-the-holder")
+    assert await store.try_lock("cull", ttl=5) is None
+    await store.unlock("cull", token)
+    assert await store.try_lock("cull", ttl=5)
+    await store.close()

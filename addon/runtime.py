@@ -65,6 +65,8 @@ class Runtime:
         self._retired: list[store.Store] = []
         self._tasks: list[asyncio.Task] = []
         self._pool: PoolFiller | None = None
+        self._culler: Culler | None = None
+        self._restarting: asyncio.Task | None = None
         self._running = False
 
     @property
@@ -80,8 +82,8 @@ class Runtime:
             self._retired.append(self.store)
         self.settings = settings
         self.instances = build_instances(settings)
-        if self._running:
-            asyncio.get_running_loop().create_task(self._restart())
+        if self._running:  # options changed live (mitmweb): the background work follows the new parts
+            self._restarting = asyncio.get_running_loop().create_task(self._restart())
 
     def running(self) -> None:
         """Start the background work. It runs in tasks: mitmproxy starts serving before every addon's
@@ -93,7 +95,7 @@ class Runtime:
         if self.instances is None:
             return
         self._pool = PoolFiller(self.instances)
-        culler = Culler(self.instances, self.activity)
+        self._culler = culler = Culler(self.instances, self.activity)
         self._tasks = [
             asyncio.create_task(self._check_backend(self.instances)),
             asyncio.create_task(self._pool.run()),
@@ -129,6 +131,8 @@ class Runtime:
         self._tasks = []
         if self._pool is not None:
             await self._pool.stop()
+        if self._culler is not None:
+            await self._culler.flush()  # the last few seconds of activity
 
     async def done(self) -> None:
         self._running = False

@@ -117,7 +117,7 @@ def main() -> None:
 
     with bench_proxy(pool_size=0) as proxy:
         cold = sequential_starts(proxy, args.runs, pool=0)
-        alone = backend_alone(proxy.prefix, args.runs)
+        alone = backend_alone(proxy.prefix[:-1] + "-alone:", args.runs)  # not the proxy's: it would reconcile them away
     with bench_proxy(pool_size=2) as proxy:
         hits = sequential_starts(proxy, args.runs, pool=2)
     c, a, h = statistics.median(cold), statistics.median(alone), statistics.median(hits)

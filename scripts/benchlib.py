@@ -63,7 +63,19 @@ def start_proxy(port: int, key: str, prefix: str, options: dict[str, object]) ->
         [str(ROOT / "run.sh"), "-q", *sets], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     wait_listening(port, proc)
+    wait_answering(f"http://127.0.0.1:{port}")
     return proc
+
+
+def wait_answering(base: str) -> None:
+    """Listening is not ready: wait until the addon answers its own 404, then for its upload sink."""
+    for _ in range(300):
+        status, body, _ = answer(urllib.request.Request(f"{base}/datalab/"), timeout=5)
+        if status == 404 and body.get("code") == "NOT_FOUND":
+            time.sleep(0.5)
+            return
+        time.sleep(0.1)
+    sys.exit(f"the proxy at {base} never answered")
 
 
 def signed_request(base: str, key: str, endpoint: str, param: str, subject: str, data=b"") -> urllib.request.Request:

@@ -6,7 +6,9 @@ browser to its own instance.
 
 Wiring only. A request goes: Api.requestheaders (/datalab/*: api.py; uploads stream through
 upload.py and are answered in Api.response) or Router.requestheaders (everything else: router.py,
-cookie -> Redis -> instance), then FailClosed (guards.py).
+cookie -> Redis -> instance), then FailClosed (guards.py). A start takes an instance in
+instances.py (warm pool: pool.py, boot queue: admission.py); Runtime runs the background work
+that keeps instances in order (pool.py, culler.py).
 """
 
 from api import Api
@@ -17,7 +19,7 @@ from router import Router
 from runtime import Runtime
 from upload import UploadSink
 
-runtime = Runtime()  # also an addon: its running() checks the backend, done() closes Redis
+runtime = Runtime()  # also an addon: running() starts the pool, culling and exit events; done() stops them
 sink = UploadSink()  # also an addon: a loopback server that drains upload bodies (upload.py)
 
 addons = [Config(runtime.apply), runtime, sink, Api(runtime, sink), Router(runtime), FailClosed(), TrimWebSockets()]

@@ -60,6 +60,14 @@ def pooled_instance(world, prefix: str, instance_id: str) -> Instance:
     return Instance.from_json(world.redis.get(f"{prefix}instance:{instance_id}"))
 
 
+def opened(proxy, filename: str) -> tuple[str, Browser]:
+    """A started instance and a browser that opened it: its nonce and the browser."""
+    nonce = proxy.start_instance(filename, CSV)
+    browser = Browser(proxy)
+    browser.view(nonce)
+    return nonce, browser
+
+
 def names_in_workdir(browser: Browser) -> set[str]:
     return {item["name"] for item in browser.get("/api/contents").json()["content"]}
 
@@ -181,9 +189,7 @@ def keep_kernel_channel_busy(proxy, browser: Browser, kernel: str, seconds: floa
 def test_idle_instances_are_culled_but_not_while_in_use(make_proxy, world):
     prefix = world.sub("cull")
     p = make_proxy(prefix=prefix, datalab_idle_timeout=4, datalab_cull_interval=1)
-    nonce = p.start_instance("c.csv", CSV)
-    browser = Browser(p)
-    browser.view(nonce)
+    nonce, browser = opened(p, "c.csv")
     kernel = browser.start_kernel()
 
     # Busy for twice the idle timeout without any traffic: not idle.
@@ -205,8 +211,7 @@ def test_idle_instances_are_culled_but_not_while_in_use(make_proxy, world):
 def test_an_instance_ends_at_its_max_age_however_busy(make_proxy, world):
     prefix = world.sub("age")
     p = make_proxy(prefix=prefix, datalab_max_age=6, datalab_cull_interval=1)
-    browser = Browser(p)
-    browser.view(p.start_instance("a.csv", CSV))
+    _, browser = opened(p, "a.csv")
     # A Response is falsy for 4xx, so the answer comes back in a list.
     (gone,) = wait_until(lambda: (r := browser.get("/api/status")).status_code != 200 and [r], "the max-age cull", 30)
     assert gone.status_code == 410 and error_of(gone) == "INSTANCE_GONE"
@@ -217,9 +222,7 @@ def test_an_instance_ends_at_its_max_age_however_busy(make_proxy, world):
 def test_stop_ends_the_instance_for_its_sessions_and_nonces(make_proxy, world):
     prefix = world.sub("stop")
     p = make_proxy(prefix=prefix)
-    nonce = p.start_instance("s.csv", CSV)
-    browser = Browser(p)
-    browser.view(nonce)
+    nonce, browser = opened(p, "s.csv")
 
     for ts, sign, status, code in (
         (None, "0" * 64, 403, "BAD_SIGNATURE"),
@@ -246,9 +249,7 @@ def test_reconciliation_at_start_up(make_proxy, world):
     """While no proxy runs, one container vanishes and a stray one appears: the next proxy sorts both out."""
     prefix = world.sub("reconcile")
     first = make_proxy(prefix=prefix)
-    nonce = first.start_instance("r.csv", CSV)
-    browser = Browser(first)
-    browser.view(nonce)
+    nonce, browser = opened(first, "r.csv")
     vanished = instance_of(world, prefix, nonce)
     first.stop()
     world.docker.containers.get(vanished.handle).remove(force=True)

@@ -59,7 +59,8 @@ class World:
 
     def containers(self, prefix: str | None = None) -> list:
         label = f"{LABEL_PREFIX}={prefix or self.prefix}"
-        return self.docker.containers.list(all=True, filters={"label": label})
+        # sparse: no inspect per container, which fails for one removed while listing
+        return self.docker.containers.list(all=True, sparse=True, filters={"label": label})
 
     def keys(self, prefix: str | None = None) -> list[bytes]:
         return self.redis.keys((prefix or self.prefix) + "*")

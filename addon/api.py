@@ -214,6 +214,7 @@ class Api:
 
     async def _view(self, flow: http.HTTPFlow, instance: Instance, destination: str, query: str) -> None:
         s = self.runtime.settings
+        self.runtime.activity.touch(instance.id)
         session_id = await self.runtime.instances.open_session(instance)
         flow.response = http.Response.make(
             302,
@@ -233,5 +234,6 @@ class Api:
             raise ApiError(502, "INSTANCE_UNREACHABLE", "the instance for this nonce does not answer")
         flow.request.headers.pop("Cookie", None)  # the frontend's cookies are not the instance's business
         route_to_instance(flow, instance)
+        self.runtime.activity.touch(instance.id)
         flow.request.path = inputs.safe_destination(destination, query)
         flow.metadata[STATIC] = True

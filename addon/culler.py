@@ -13,6 +13,7 @@ import asyncio
 import logging
 import time
 
+from backends import Found
 from backends import Instance
 from backends import kernels_busy
 from instances import Instances
@@ -20,6 +21,7 @@ from instances import Instances
 log = logging.getLogger(__name__)
 
 LOCK = "cull"
+LOCK_TTL = 15.0  # seconds; renewed every third of it while a round runs
 
 
 class Activity:
@@ -87,15 +89,25 @@ class Culler:
             await asyncio.sleep(self.interval)
 
     async def round(self) -> int:
-        """One round if no other proxy is doing one; returns how many instances it ended."""
+        """One round if no other proxy is doing one; returns how many instances it ended.
+
+        The lock lives LOCK_TTL seconds and is renewed while the round runs, so a proxy that dies
+        mid-round holds up the others' rounds for LOCK_TTL at most."""
         store = self.instances.store
-        token = await store.try_lock(LOCK, ttl=10 * self.interval + 60)
+        token = await store.try_lock(LOCK, LOCK_TTL)
         if token is None:
             return 0
+        keeper = asyncio.create_task(self._keep_lock(token))
         try:
             return await self._round()
         finally:
+            keeper.cancel()
+            await asyncio.gather(keeper, return_exceptions=True)
             await store.unlock(LOCK, token)
+
+    async def _keep_lock(self, token: str) -> None:
+        while await self.instances.store.renew_lock(LOCK, token, LOCK_TTL):
+            await asyncio.sleep(LOCK_TTL / 3)
 
     async def _round(self) -> int:
         inst, store = self.instances, self.instances.store
@@ -109,21 +121,23 @@ class Culler:
         pooled = set(await store.pool_ids())
         activity = await store.activity()
         now = time.time()
-        ended = 0
-        for record in records:
-            reason = await self._reason_to_end(record, found, pooled, activity, now)
-            if reason and await inst.end(record, reason):
-                ended += 1
+        # Probes and ends run side by side: one silent instance must not hold up the round.
+        reasons = await asyncio.gather(*(self._reason_to_end(r, found, pooled, activity, now) for r in records))
+        ends = [inst.end(record, reason) for record, reason in zip(records, reasons, strict=True) if reason]
         recorded = {r.id for r in records}
-        for instance_id, f in found.items():
-            if instance_id not in recorded and instance_id not in holders:
-                log.info("removing container %s: no instance record and no start in flight", f.handle[:12])
-                await inst.backend.stop(f.handle)
-                ended += 1
-        return ended
+        orphans = [f for i, f in found.items() if i not in recorded and i not in holders]
+        done = await asyncio.gather(*ends, *(self._remove_orphan(f) for f in orphans), return_exceptions=True)
+        for failure in (d for d in done if isinstance(d, Exception)):
+            log.warning("datalab: culling could not end an instance: %s", failure)
+        return sum(1 for d in done if d is True)
+
+    async def _remove_orphan(self, found: Found) -> bool:
+        log.info("removing container %s: no instance record and no start in flight", found.handle[:12])
+        await self.instances.backend.stop(found.handle)
+        return True
 
     async def _reason_to_end(
-        self, record: Instance, found: dict, pooled: set[str], activity: dict[str, float], now: float
+        self, record: Instance, found: dict[str, Found], pooled: set[str], activity: dict[str, float], now: float
     ) -> str | None:
         s = self.instances.settings
         f = found.get(record.id)

@@ -33,6 +33,7 @@ LEASE_MARGIN = 10.0  # seconds a capacity lease outlives the longest a start may
 DRAIN = 0.5  # seconds between forgetting a user's instance (new requests: 410) and stopping it
 RETRY_AT_CAPACITY = 30  # Retry-After when every slot is taken: instances end by culling or stop
 RETRY_QUEUE_FULL = 5  # Retry-After when the boot queue did not move in time
+HANDOUT_TRIES = 2  # instances a start may take if the one it took was ended while being handed out
 
 
 class NoCapacity(BackendError):
@@ -65,19 +66,28 @@ class Instances:
 
     async def start(self, filename: str, data: bytes | bytearray) -> str:
         """Hand out an instance holding the upload; return the nonce bound to it."""
-        instance = await self.claim_pooled() or await self._cold_start()
-        self.pool_changed.set()
-        try:
-            await self.backend.put_file(instance, filename, data)
-            instance = dataclasses.replace(instance, filename=filename, claimed=time.time())
-            nonce = inputs.new_token()
-            await self.store.bind(instance, nonce, self.settings.nonce_ttl, time.time())
-        except BaseException:
-            # Unbound, nobody could ever reach it: take it down now (also when the client left).
-            await asyncio.shield(self.end(instance, "its start failed or was abandoned"))
-            raise
-        log.info("instance %s holds %s (%s:%d)", instance.id, filename, instance.host, instance.port)
-        return nonce
+        for _ in range(HANDOUT_TRIES):
+            instance = await self.claim_pooled() or await self._cold_start()
+            self.pool_changed.set()
+            try:
+                nonce = await self._hand_out(instance, filename, data)
+            except BaseException:
+                # Unbound, nobody could ever reach it: take it down now (also when the client left).
+                await asyncio.shield(self.discard(instance))
+                raise
+            if nonce is not None:
+                log.info("instance %s holds %s (%s:%d)", instance.id, filename, instance.host, instance.port)
+                return nonce
+            log.info("instance %s was ended while being handed out; taking another", instance.id)
+            await self.discard(instance)
+        raise BackendError("every instance taken for this start was ended meanwhile; retry")
+
+    async def _hand_out(self, instance: Instance, filename: str, data: bytes | bytearray) -> str | None:
+        """Put the upload in and bind a nonce; None if the instance was ended meanwhile."""
+        await self.backend.put_file(instance, filename, data)
+        instance = dataclasses.replace(instance, filename=filename, claimed=time.time())
+        nonce = inputs.new_token()
+        return nonce if await self.store.bind(instance, nonce, self.settings.nonce_ttl, time.time()) else None
 
     async def claim_pooled(self) -> Instance | None:
         """A ready pool instance, checked alive; a dead one is ended, never handed out."""
@@ -134,17 +144,29 @@ class Instances:
 
     async def end(self, instance: Instance, reason: str) -> bool:
         """Forget the instance, then stop it. Forgetting first decides, once across all proxies, who
-        ends it, and its sessions answer 410 from then on (every proxy drops its routes to it); a stop
-        that fails leaves a container without a record, which reconciliation removes. True if this
-        call ended it."""
-        ended = await self.store.remove_instance(instance.id)
-        if ended:
-            log.info("instance %s ended: %s", instance.id, reason)
-            if instance.claimed:
-                await asyncio.sleep(DRAIN)  # requests routed a moment ago still get their answer
-        await self.backend.stop(instance.handle)
+        ends it, and its sessions answer 410 from then on (every proxy drops its routes to it). The
+        one that ended it stops it; a stop that fails leaves a container without a record, which
+        reconciliation removes. True if this call ended it."""
+        if not await self.store.remove_instance(instance.id):
+            return False
+        log.info("instance %s ended: %s", instance.id, reason)
+        if instance.claimed:
+            await asyncio.sleep(DRAIN)  # requests routed a moment ago still get their answer
+        try:
+            await self.backend.stop(instance.handle)
+        except BackendError as e:
+            log.warning("instance %s: container not removed yet (%s); reconciliation will", instance.id, e)
         self.pool_changed.set()
-        return ended
+        return True
+
+    async def discard(self, instance: Instance) -> None:
+        """Take down an instance no user holds (a failed or abandoned start): its container goes even
+        when Redis cannot be reached."""
+        try:
+            await self.store.remove_instance(instance.id)
+        finally:
+            await self.backend.stop(instance.handle)
+            self.pool_changed.set()
 
     async def end_if_gone(self, instance_id: str) -> bool:
         """The instance did not answer or exited: if the backend says it is gone, end it for everyone.

@@ -72,7 +72,7 @@ class PoolFiller:
             try:
                 await inst.store.add_to_pool(instance)
             except BaseException:
-                await asyncio.shield(inst.end(instance, "could not be added to the pool"))
+                await asyncio.shield(inst.discard(instance))
                 raise
             self._backoff = 1.0
             log.info("instance %s ready in the pool", instance_id)

@@ -127,14 +127,15 @@ class Router:
             flow.response.headers.set_all("Set-Cookie", kept)
 
     def error(self, flow: http.HTTPFlow) -> None:
-        """An instance that did not accept the connection may have died: ask Redis again next time,
-        and have the backend say whether it is gone (then it ends, and its sessions answer 410)."""
-        if ROUTED not in flow.metadata:
+        """An instance that gave no answer may have died (Docker's port proxy accepts a connection
+        even then, and closes it): ask Redis again next time, and have the backend say whether it
+        is gone (then it ends, and its sessions answer 410)."""
+        if ROUTED not in flow.metadata or flow.response is not None:
             return
         if SESSION in flow.metadata:
             self.cache.drop_session(flow.metadata[SESSION])
         instance_id = flow.metadata[ROUTED]
-        if flow.server_conn.timestamp_tcp_setup is None and instance_id not in self._checking:
+        if instance_id not in self._checking:
             self._checking[instance_id] = asyncio.create_task(self._end_if_gone(instance_id))
             self._checking[instance_id].add_done_callback(lambda _: self._checking.pop(instance_id, None))
 

@@ -64,6 +64,29 @@ end
 return id
 """
 
+# KEYS: slots, instance record, instances, activity, nonce, refs. ARGV: id, record, now, nonce TTL.
+# Records a claimed instance with its first nonce, unless it lost its slot (it was ended meanwhile).
+_BIND = """
+if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then
+  return 0
+end
+redis.call('SET', KEYS[2], ARGV[2])
+redis.call('SADD', KEYS[3], ARGV[1])
+redis.call('ZADD', KEYS[1], '+inf', ARGV[1])
+redis.call('ZADD', KEYS[4], ARGV[3], ARGV[1])
+redis.call('SET', KEYS[5], ARGV[1], 'EX', ARGV[4])
+redis.call('SADD', KEYS[6], KEYS[5])
+return 1
+"""
+
+# KEYS: the lock. ARGV: the holder's token, TTL in ms. Extends the lock only if this holder still has it.
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+
 # KEYS: the lock. ARGV: the holder's token. Deletes the lock only if this holder still has it.
 _UNLOCK = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
@@ -98,6 +121,8 @@ class Store:
         self._reserve = client.register_script(_RESERVE)
         self._unlock = client.register_script(_UNLOCK)
         self._claim = client.register_script(_CLAIM)
+        self._bind_script = client.register_script(_BIND)
+        self._renew = client.register_script(_RENEW)
 
     def key(self, kind: str, ident: str = "") -> str:
         return f"{self.prefix}{kind}:{ident}" if ident else f"{self.prefix}{kind}"
@@ -157,13 +182,13 @@ class Store:
         pipe.sadd(self.key("instances"), instance.id)
         pipe.zadd(self.key("slots"), {instance.id: FOREVER})
 
-    async def bind(self, instance: Instance, nonce: str, nonce_ttl: int, now: float) -> None:
-        """Record the claimed instance (with its upload) and its first nonce in one transaction."""
-        async with self.redis.pipeline(transaction=True) as pipe:
-            self._record(pipe, instance)
-            pipe.zadd(self.key("activity"), {instance.id: now})
-            self._bind(pipe, self.key("nonce", nonce), instance.id, nonce_ttl)
-            await pipe.execute()
+    async def bind(self, instance: Instance, nonce: str, nonce_ttl: int, now: float) -> bool:
+        """Record the claimed instance (with its upload) and its first nonce, in one step, only if it
+        still holds its slot: False when it was ended meanwhile (culled, found gone, lease run out),
+        so an ended instance is never written back."""
+        keys = [self.key("slots"), self.key("instance", instance.id), self.key("instances"), self.key("activity")]
+        keys += [self.key("nonce", nonce), self.key("refs", instance.id)]
+        return bool(await self._bind_script(keys=keys, args=[instance.id, instance.to_json(), now, nonce_ttl]))
 
     def _bind(self, pipe, key: str, instance_id: str, ttl: int) -> None:
         """Point `key` at the instance and remember it, so ending the instance finds the key too."""
@@ -231,6 +256,9 @@ class Store:
         """A token if this proxy now holds the lock (for `ttl` at most, should it die holding it)."""
         token = secrets.token_hex(8)
         return token if await self.redis.set(self.key("lock", name), token, nx=True, px=int(ttl * 1000)) else None
+
+    async def renew_lock(self, name: str, token: str, ttl: float) -> bool:
+        return bool(await self._renew(keys=[self.key("lock", name)], args=[token, int(ttl * 1000)]))
 
     async def unlock(self, name: str, token: str) -> None:
         await self._unlock(keys=[self.key("lock", name)], args=[token])

@@ -28,6 +28,12 @@ def runtime_for(redis_url="redis://127.0.0.1:1/0", **changes) -> Runtime:
     return rt
 
 
+async def recorded(store, instance: Instance, nonce: str) -> None:
+    """An instance as a start leaves it: its slot taken, then bound to its first nonce."""
+    await store.reserve(instance.id, time.time(), 60, max_instances=100)
+    assert await store.bind(instance, nonce, 60, time.time())
+
+
 def request_flow(method: str, path: str, headers: dict | None = None, content: bytes = b""):
     req = tutils.treq(method=method.encode(), path=path.encode(), content=content)
     req.headers.clear()
@@ -175,7 +181,7 @@ async def test_view_sets_the_cookie_and_redirects_on_this_origin(redis_url, sink
     rt = runtime_for(redis_url=redis_url)
     instance = Instance("i" * 32, "docker", "c1", "127.0.0.1", 1234, "a.csv", time.time())
     nonce = "N" * 32
-    await rt.store.bind(instance, nonce, 60, time.time())
+    await recorded(rt.store, instance, nonce)
     flow = await run_headers(request_flow("GET", f"/datalab/view/{nonce}/%2F%2Fevil.example/tree?x=1"), sink, rt)
     assert flow.response.status_code == 302
     assert flow.response.headers["Location"] == "/evil.example/tree?x=1"

@@ -3,6 +3,7 @@ import time
 
 from mitmproxy.test import taddons
 from mitmproxy.test import tflow
+from test_api import recorded
 from test_api import request_flow
 from test_api import runtime_for
 
@@ -37,7 +38,7 @@ async def test_no_cookie_is_refused():
 
 async def test_session_routes_to_its_instance_keeping_host_and_other_cookies(redis_url):
     rt = runtime_for(redis_url=redis_url)
-    await rt.store.bind(INSTANCE, "N" * 32, 60, time.time())
+    await recorded(rt.store, INSTANCE, "N" * 32)
     await rt.store.add_session(SESSION, INSTANCE.id, 60)
     flow = request_flow(
         "GET", "/api/kernels", {"Cookie": f"_xsrf=abc; datalab_session={SESSION}", "Authorization": "token forged"}
@@ -57,7 +58,7 @@ async def test_unknown_session_and_removed_instance(redis_url):
     flow = await routed(request_flow("GET", "/", {"Cookie": f"datalab_session={SESSION}"}), rt)
     assert flow.response.status_code == 403 and code(flow) == "NO_SESSION"
 
-    await rt.store.bind(INSTANCE, "N" * 32, 60, time.time())
+    await recorded(rt.store, INSTANCE, "N" * 32)
     await rt.store.add_session(SESSION, INSTANCE.id, 60)
     assert await rt.store.remove_instance(INSTANCE.id) is True
     assert await rt.store.remove_instance(INSTANCE.id) is False  # ended once

@@ -19,7 +19,8 @@ async def fresh_store(redis_url: str) -> Store:
 async def test_capacity_counts_leases_and_records_and_expired_leases_free_slots(redis_url):
     store = await fresh_store(redis_url)
     assert await store.reserve("a", NOW, 10, max_instances=2) == Reservation.GRANTED
-    await store.bind(instance("b"), "N" * 32, 60, NOW)  # a recorded instance holds a slot for good
+    assert await store.reserve("b" * 32, NOW, 10, max_instances=2) == Reservation.GRANTED
+    assert await store.bind(instance("b"), "N" * 32, 60, NOW)  # a recorded instance holds its slot for good
     assert await store.reserve("c", NOW, 10, max_instances=2) == Reservation.AT_CAPACITY
     assert await store.reserve("c", NOW + 11, 10, max_instances=2) == Reservation.GRANTED  # a's lease ran out
     await store.release("c")
@@ -43,9 +44,22 @@ async def test_one_pool_of_its_size_whoever_fills_it(redis_url):
     await store.close()
 
 
+async def test_an_instance_ended_while_being_handed_out_is_never_written_back(redis_url):
+    store = await fresh_store(redis_url)
+    await store.add_to_pool(instance("p"))
+    claimed = await store.claim_pooled(NOW)
+    assert await store.remove_instance(claimed.id)  # another proxy's culling ends it meanwhile
+    assert await store.bind(claimed, "N" * 32, 60, NOW) is False
+    assert await store.instance(claimed.id) is None and await store.nonce_target("N" * 32) is None
+    assert await store.slot_holders(NOW) == set()
+    assert await store.bind(instance("q"), "M" * 32, 60, NOW) is False  # no slot: a lease that ran out
+    await store.close()
+
+
 async def test_an_end_keeps_sessions_drops_nonces_and_happens_once(redis_url):
     store = await fresh_store(redis_url)
     live = instance("l", claimed=NOW)
+    await store.reserve(live.id, NOW, 10, max_instances=2)
     await store.bind(live, "N" * 32, 60, NOW)
     await store.add_session("S" * 32, live.id, 60)
     assert await store.reachable(live.id)
@@ -59,6 +73,7 @@ async def test_an_end_keeps_sessions_drops_nonces_and_happens_once(redis_url):
 
 async def test_activity_moves_forward_only_and_never_revives_an_ended_instance(redis_url):
     store = await fresh_store(redis_url)
+    await store.reserve("a" * 32, NOW, 10, max_instances=2)
     await store.bind(instance("a"), "N" * 32, 60, NOW)
     await store.record_activity({"a" * 32: NOW + 5, "z" * 32: NOW + 5})
     await store.record_activity({"a" * 32: NOW + 1})

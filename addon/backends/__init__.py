@@ -148,7 +148,7 @@ async def http_status(host: str, port: int, path: str, timeout: float, token: st
     return answer[0] if answer else None
 
 
-async def kernels_busy(instance: Instance, timeout: float = 5.0) -> bool:
+async def kernels_busy(instance: Instance, timeout: float = 2.0) -> bool:
     """Whether any Jupyter kernel of the instance is executing code now (such an instance is not idle)."""
     answer = await http_get(instance.host, instance.port, "/api/kernels", timeout, instance.token)
     if answer is None or answer[0] != 200:

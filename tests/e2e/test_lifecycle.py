@@ -195,6 +195,9 @@ def test_idle_instances_are_culled_but_not_while_in_use(make_proxy, world):
     # Busy for twice the idle timeout without any traffic: not idle.
     assert browser.execute(kernel, "import time; time.sleep(9); print('done')", timeout=60) == "done\n"
     keep_kernel_channel_busy(p, browser, kernel, seconds=8)  # WebSocket messages alone count as activity
+    for _ in range(7):  # and so do static fetches alone
+        assert requests.get(p.url(f"/datalab/static/{nonce}/files/c.csv"), timeout=30).content == CSV
+        time.sleep(1)
     assert browser.get("/api/status").status_code == 200
     assert len(world.containers(prefix)) == 1
 

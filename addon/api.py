@@ -209,13 +209,16 @@ class Api:
         instance = await self.runtime.instances.by_nonce(nonce)
         if instance is None:
             raise errors.nonce_unknown()
-        await self.runtime.instances.end(instance, "stopped by the frontend")
+        if not await self.runtime.instances.end(instance, "stopped by the frontend"):
+            await self.runtime.instances.wait_stopped(instance)  # another stop or a cull is ending it
         flow.response = errors.json_response(200, {"code": "OK", "result": {}})
 
     async def _view(self, flow: http.HTTPFlow, instance: Instance, destination: str, query: str) -> None:
         s = self.runtime.settings
         self.runtime.activity.touch(instance.id)
         session_id = await self.runtime.instances.open_session(instance)
+        if session_id is None:
+            raise errors.nonce_unknown()  # it ended a moment ago
         flow.response = http.Response.make(
             302,
             b"",

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import dataclass
 
 from backends import Found
 from backends import Instance
@@ -22,6 +23,12 @@ log = logging.getLogger(__name__)
 
 LOCK = "cull"
 LOCK_TTL = 15.0  # seconds; renewed every third of it while a round runs
+
+
+@dataclass(frozen=True)
+class Verdict:
+    reason: str
+    idle_since: float = 0.0  # for idleness: the end is off if newer activity was recorded meanwhile
 
 
 class Activity:
@@ -122,8 +129,12 @@ class Culler:
         activity = await store.activity()
         now = time.time()
         # Probes and ends run side by side: one silent instance must not hold up the round.
-        reasons = await asyncio.gather(*(self._reason_to_end(r, found, pooled, activity, now) for r in records))
-        ends = [inst.end(record, reason) for record, reason in zip(records, reasons, strict=True) if reason]
+        verdicts = await asyncio.gather(*(self._verdict(r, found, pooled, activity, now) for r in records))
+        ends = [
+            inst.end(record, v.reason, decided_on=record, idle_since=v.idle_since)
+            for record, v in zip(records, verdicts, strict=True)
+            if v is not None
+        ]
         recorded = {r.id for r in records}
         orphans = [f for i, f in found.items() if i not in recorded and i not in holders]
         done = await asyncio.gather(*ends, *(self._remove_orphan(f) for f in orphans), return_exceptions=True)
@@ -136,20 +147,21 @@ class Culler:
         await self.instances.backend.stop(found.handle)
         return True
 
-    async def _reason_to_end(
+    async def _verdict(
         self, record: Instance, found: dict[str, Found], pooled: set[str], activity: dict[str, float], now: float
-    ) -> str | None:
+    ) -> Verdict | None:
+        """Why the instance should end, if it should, and on which last activity an idleness verdict rests."""
         s = self.instances.settings
         f = found.get(record.id)
         if f is None or not f.running:
-            return "its container is gone or stopped"
+            return Verdict("its container is gone or stopped")
         if record.age(now) > s.max_age:
-            return f"older than datalab_max_age ({s.max_age} s)"
+            return Verdict(f"older than datalab_max_age ({s.max_age} s)")
         if record.id in pooled:
             return None
         last = activity.get(record.id, record.claimed or record.created)
         if now - last > s.idle_timeout and not await kernels_busy(record):
-            return f"idle for more than datalab_idle_timeout ({s.idle_timeout} s)"
+            return Verdict(f"idle for more than datalab_idle_timeout ({s.idle_timeout} s)", idle_since=last)
         if now - last > s.start_timeout and not await self.instances.store.reachable(record.id):
-            return "no nonce or session can reach it any more"
+            return Verdict("no nonce or session can reach it any more", idle_since=last)
         return None

@@ -136,18 +136,18 @@ class Instances:
         instance_id = await self.store.nonce_target(nonce)
         return await self.store.instance(instance_id) if instance_id else None
 
-    async def open_session(self, instance: Instance) -> str:
-        """A new browser session bound to the instance; its id goes into the cookie."""
+    async def open_session(self, instance: Instance) -> str | None:
+        """A new browser session bound to the instance (its id goes into the cookie); None if it ended."""
         session_id = inputs.new_token()
-        await self.store.add_session(session_id, instance.id, self.settings.session_ttl)
-        return session_id
+        return session_id if await self.store.add_session(session_id, instance.id, self.settings.session_ttl) else None
 
-    async def end(self, instance: Instance, reason: str) -> bool:
+    async def end(self, instance: Instance, reason: str, decided_on: Instance | None = None, idle_since=0.0) -> bool:
         """Forget the instance, then stop it. Forgetting first decides, once across all proxies, who
         ends it, and its sessions answer 410 from then on (every proxy drops its routes to it). The
         one that ended it stops it; a stop that fails leaves a container without a record, which
-        reconciliation removes. True if this call ended it."""
-        if not await self.store.remove_instance(instance.id):
+        reconciliation removes. Culling passes what it decided on (the record it read, the last
+        activity it saw), so nothing ends for a reason that stopped holding. True if this call ended it."""
+        if not await self.store.remove_instance(instance.id, decided_on, idle_since):
             return False
         log.info("instance %s ended: %s", instance.id, reason)
         if instance.claimed:
@@ -158,6 +158,12 @@ class Instances:
             log.warning("instance %s: container not removed yet (%s); reconciliation will", instance.id, e)
         self.pool_changed.set()
         return True
+
+    async def wait_stopped(self, instance: Instance, timeout: float = 15.0) -> None:
+        """For a caller that lost the race to end an instance: return once its container is going."""
+        async with asyncio.timeout(timeout):
+            while await self.backend.poll(instance):
+                await asyncio.sleep(0.1)
 
     async def discard(self, instance: Instance) -> None:
         """Take down an instance no user holds (a failed or abandoned start): its container goes even

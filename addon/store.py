@@ -32,7 +32,7 @@ from backends import Instance
 
 log = logging.getLogger(__name__)
 
-GONE = "gone"
+GONE = "gone"  # the event for an ended instance (also spelled in the _REMOVE script)
 FOREVER = "+inf"
 
 # KEYS: slots, pool, poolboot. ARGV: id, now, lease expiry, max instances, pool size (-1: not a pool boot).
@@ -76,6 +76,48 @@ redis.call('ZADD', KEYS[1], '+inf', ARGV[1])
 redis.call('ZADD', KEYS[4], ARGV[3], ARGV[1])
 redis.call('SET', KEYS[5], ARGV[1], 'EX', ARGV[4])
 redis.call('SADD', KEYS[6], KEYS[5])
+return 1
+"""
+
+# KEYS: instance record, refs, instances, slots, poolboot, activity, pool, events.
+# ARGV: id, nonce key prefix, expected record ('' = any), idle since ('' = no check).
+# Nonce keys are found in refs inside the script, so a bind or view cannot slip in between.
+_REMOVE = """
+local record = redis.call('GET', KEYS[1])
+if ARGV[3] ~= '' and record ~= ARGV[3] then
+  return 0
+end
+if ARGV[4] ~= '' then
+  local seen = redis.call('ZSCORE', KEYS[6], ARGV[1])
+  if seen and tonumber(seen) > tonumber(ARGV[4]) then
+    return 0
+  end
+end
+for _, key in ipairs(redis.call('SMEMBERS', KEYS[2])) do
+  if string.sub(key, 1, #ARGV[2]) == ARGV[2] then
+    redis.call('DEL', key)
+  end
+end
+redis.call('DEL', KEYS[1], KEYS[2])
+redis.call('SREM', KEYS[3], ARGV[1])
+redis.call('ZREM', KEYS[4], ARGV[1])
+redis.call('ZREM', KEYS[5], ARGV[1])
+redis.call('ZREM', KEYS[6], ARGV[1])
+redis.call('LREM', KEYS[7], 0, ARGV[1])
+redis.call('PUBLISH', KEYS[8], 'gone ' .. ARGV[1])
+if record then
+  return 1
+end
+return 0
+"""
+
+# KEYS: instance record, session, refs. ARGV: id, session TTL. A session only for a live instance.
+_ADD_SESSION = """
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  return 0
+end
+redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[2])
+redis.call('SADD', KEYS[3], KEYS[2])
 return 1
 """
 
@@ -123,6 +165,8 @@ class Store:
         self._claim = client.register_script(_CLAIM)
         self._bind_script = client.register_script(_BIND)
         self._renew = client.register_script(_RENEW)
+        self._remove = client.register_script(_REMOVE)
+        self._add_session = client.register_script(_ADD_SESSION)
 
     def key(self, kind: str, ident: str = "") -> str:
         return f"{self.prefix}{kind}:{ident}" if ident else f"{self.prefix}{kind}"
@@ -190,11 +234,6 @@ class Store:
         keys += [self.key("nonce", nonce), self.key("refs", instance.id)]
         return bool(await self._bind_script(keys=keys, args=[instance.id, instance.to_json(), now, nonce_ttl]))
 
-    def _bind(self, pipe, key: str, instance_id: str, ttl: int) -> None:
-        """Point `key` at the instance and remember it, so ending the instance finds the key too."""
-        pipe.set(key, instance_id, ex=ttl)
-        pipe.sadd(self.key("refs", instance_id), key)
-
     async def instance(self, instance_id: str) -> Instance | None:
         raw = await self.redis.get(self.key("instance", instance_id))
         return Instance.from_json(raw) if raw is not None else None
@@ -203,10 +242,10 @@ class Store:
         raw = await self.redis.get(self.key("nonce", nonce))
         return raw.decode() if raw is not None else None
 
-    async def add_session(self, session_id: str, instance_id: str, ttl: int) -> None:
-        async with self.redis.pipeline(transaction=True) as pipe:
-            self._bind(pipe, self.key("session", session_id), instance_id, ttl)
-            await pipe.execute()
+    async def add_session(self, session_id: str, instance_id: str, ttl: int) -> bool:
+        """Bind a session to the instance; False (and nothing written) if the instance has ended."""
+        keys = [self.key("instance", instance_id), self.key("session", session_id), self.key("refs", instance_id)]
+        return bool(await self._add_session(keys=keys, args=[instance_id, ttl]))
 
     async def session_target(self, session_id: str) -> str | None:
         raw = await self.redis.get(self.key("session", session_id))
@@ -220,25 +259,19 @@ class Store:
         refs = await self.redis.smembers(self.key("refs", instance_id))
         return bool(refs) and await self.redis.exists(*refs) > 0
 
-    async def remove_instance(self, instance_id: str) -> bool:
-        """End the instance in Redis: its record, slot and nonces go; its sessions stay until they
-        expire (they then answer 410 INSTANCE_GONE). Every proxy is told to drop routes to it.
-        True if this call removed the record (so several proxies never both report one end)."""
-        refs = self.key("refs", instance_id)
-        nonces = [k for k in await self.redis.smembers(refs) if k.startswith(self.key("nonce").encode())]
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.delete(self.key("instance", instance_id))
-            if nonces:
-                pipe.delete(*nonces)
-            pipe.delete(refs)
-            pipe.srem(self.key("instances"), instance_id)
-            pipe.zrem(self.key("slots"), instance_id)
-            pipe.zrem(self.key("poolboot"), instance_id)
-            pipe.zrem(self.key("activity"), instance_id)
-            pipe.lrem(self.key("pool"), 0, instance_id)
-            pipe.publish(self.key("events"), f"{GONE} {instance_id}")
-            removed, *_ = await pipe.execute()
-        return bool(removed)
+    async def remove_instance(self, instance_id: str, expect: Instance | None = None, idle_since: float = 0.0) -> bool:
+        """End the instance in Redis, in one step: its record, slot and nonces go; its sessions stay
+        until they expire (they then answer 410 INSTANCE_GONE). Every proxy is told to drop routes.
+
+        With `expect`, only if the record is still that one (culling decided on it: a pooled
+        instance claimed and bound since is left alone); with `idle_since`, only if no activity
+        newer than that was recorded since. True if this call removed the record, so several
+        proxies never both report one end."""
+        keys = [self.key(k, instance_id) for k in ("instance", "refs")]
+        keys += [self.key(k) for k in ("instances", "slots", "poolboot", "activity", "pool", "events")]
+        guard = [expect.to_json() if expect else "", idle_since or ""]
+        args = [instance_id, self.key("nonce") + ":", *guard]
+        return bool(await self._remove(keys=keys, args=args))
 
     # Activity
 

@@ -1,5 +1,7 @@
 """The Redis state that several proxies share, against a real Redis: capacity slots, the pool, ends."""
 
+from dataclasses import replace
+
 from backends import Instance
 from store import Reservation
 from store import Store
@@ -89,4 +91,27 @@ async def test_a_lock_has_one_holder(redis_url):
     assert await store.try_lock("cull", ttl=5) is None
     await store.unlock("cull", token)
     assert await store.try_lock("cull", ttl=5)
+    await store.close()
+
+
+async def test_culling_ends_nothing_on_a_verdict_that_stopped_holding(redis_url):
+    store = await fresh_store(redis_url)
+    await store.add_to_pool(instance("p"))
+    pooled = await store.instance("p" * 32)  # what a culling round read: a pooled instance
+    claimed = await store.claim_pooled(NOW + 1)
+    assert await store.bind(replace(claimed, filename="a.csv", claimed=NOW + 1), "N" * 32, 60, NOW + 1)
+    assert await store.remove_instance(pooled.id, expect=pooled) is False  # claimed and bound since
+    assert await store.nonce_target("N" * 32) == pooled.id
+
+    bound = await store.instance(pooled.id)
+    await store.record_activity({pooled.id: NOW + 50})
+    assert await store.remove_instance(pooled.id, expect=bound, idle_since=NOW + 1) is False  # used since
+    assert await store.remove_instance(pooled.id, expect=bound, idle_since=NOW + 50) is True
+    await store.close()
+
+
+async def test_no_session_for_an_ended_instance(redis_url):
+    store = await fresh_store(redis_url)
+    assert await store.add_session("S" * 32, "gone" * 8, 60) is False
+    assert await store.redis.keys("unit:*") == []  # no refs set without a TTL left behind
     await store.close()

@@ -14,10 +14,9 @@ import dataclasses
 import logging
 import time
 
+import inputs
 from admission import Admission
 from admission import QueueTimeout
-
-import inputs
 from backends import Backend
 from backends import BackendError
 from backends import Instance
@@ -187,8 +186,7 @@ class Instances:
 
     async def all(self) -> list[Instance]:
         """Every instance recorded under this prefix (a record may outlive a container that died)."""
-        found = [await self.store.instance(i) for i in sorted(await self.store.instance_ids())]
-        return [i for i in found if i is not None]
+        return await self.store.all_instances()
 
     async def end_all(self, reason: str) -> int:
         for instance in (all_ := await self.all()):

@@ -11,17 +11,16 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from culler import Activity
-from culler import Culler
-from pool import PoolFiller
-
 import store
 from backends import Backend
 from backends import BackendError
 from backends.docker_engine import DockerBackend
 from backends.docker_engine import DockerOptions
 from config import Settings
+from culler import Activity
+from culler import Culler
 from instances import Instances
+from pool import PoolFiller
 
 log = logging.getLogger(__name__)
 

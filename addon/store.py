@@ -251,6 +251,12 @@ class Store:
         raw = await self.redis.get(self.key("session", session_id))
         return raw.decode() if raw is not None else None
 
+    async def all_instances(self) -> list[Instance]:
+        """Every recorded instance, in one round trip for the records (culling reads them each round)."""
+        ids = sorted(await self.instance_ids())
+        raws = await self.redis.mget([self.key("instance", i) for i in ids]) if ids else []
+        return [Instance.from_json(raw) for raw in raws if raw is not None]
+
     async def instance_ids(self) -> set[str]:
         return {m.decode() for m in await self.redis.smembers(self.key("instances"))}
 

@@ -3,6 +3,7 @@
 import asyncio
 
 import pytest
+
 from admission import Admission
 from admission import QueueTimeout
 

@@ -173,18 +173,21 @@ class DockerBackend(Backend):
             return False
         return container.status == "running"
 
+    @property
+    def _ours(self) -> str:
+        """The label filter for this proxy family's containers."""
+        return f"{LABEL_PREFIX}={self.opts.label_prefix}"
+
     async def inventory(self) -> list[Found]:
         client = await self.client()
-        label = f"{LABEL_PREFIX}={self.opts.label_prefix}"
-        found = await self._call(client.containers.list, all=True, sparse=True, filters={"label": label})
+        found = await self._call(client.containers.list, all=True, sparse=True, filters={"label": self._ours})
         return [
             Found(c.attrs["Labels"].get(LABEL_INSTANCE, ""), c.id, c.attrs.get("State") == "running") for c in found
         ]
 
     async def exits(self) -> AsyncIterator[str]:
         client = await self.client()
-        label = f"{LABEL_PREFIX}={self.opts.label_prefix}"
-        filters = {"type": "container", "event": ["die", "destroy"], "label": [label]}
+        filters = {"type": "container", "event": ["die", "destroy"], "label": [self._ours]}
         stream = await self._call(client.events, decode=True, filters=filters)
         queue: asyncio.Queue[dict | None] = asyncio.Queue()
         loop = asyncio.get_running_loop()

@@ -13,12 +13,14 @@ import time
 from collections.abc import Awaitable
 from collections.abc import Callable
 from collections.abc import Coroutine
+from dataclasses import dataclass
 
 from mitmproxy import http
 from mitmproxy.connection import ConnectionState
 from redis.exceptions import RedisError
 
 import errors
+import hosts
 import inputs
 import signing
 from backends import BackendError
@@ -40,6 +42,7 @@ from upload import UploadSink
 log = logging.getLogger(__name__)
 
 PREFIX = "/datalab/"
+STATIC_PREFIX = PREFIX + "static/"
 CLIENT_CHECK_EVERY = 0.25  # seconds between looks at whether a waiting client is still there
 
 
@@ -47,10 +50,29 @@ def is_api_path(path: str) -> bool:
     return path == PREFIX[:-1] or path.startswith(PREFIX)
 
 
+# What a /datalab/static answer may do in a browser: nothing. It is the instance's content on the
+# proxy's origin, so it gets an opaque origin (no allow-same-origin), and no sniffing into HTML.
+PASSIVE_HEADERS = {"Content-Security-Policy": "sandbox", "X-Content-Type-Options": "nosniff"}
+
+
+@dataclass(frozen=True)
+class Signed:
+    """A request whose X-SIGN checked out: its subject, and what makes the signature one-time."""
+
+    subject: str
+    ts_seconds: float
+    signature: str
+
+
 def session_cookie(name: str, value: str, samesite: str, secure: bool) -> str:
-    """The Set-Cookie value: the whole origin, never readable from scripts."""
+    """The Set-Cookie value: host-only (no Domain), the whole host, never readable from scripts."""
     cookie = f"{name}={value}; Path=/; HttpOnly; SameSite={samesite}"
     return cookie + "; Secure" if secure else cookie
+
+
+def make_passive(response: http.Response) -> None:
+    response.headers.update(PASSIVE_HEADERS)
+    response.headers.pop("Set-Cookie", None)
 
 
 def has_body(request: http.Request) -> bool:
@@ -65,6 +87,10 @@ def single_param(query: http.MultiDictView, name: str) -> str:
     values = query.get_all(name)
     if len(values) != 1:
         raise errors.bad_request(f"give exactly one '{name}' query parameter")
+    try:
+        inputs.check_utf8(values[0])
+    except ValueError as e:
+        raise errors.bad_request(f"'{name}' {e}") from e
     return values[0]
 
 
@@ -86,6 +112,10 @@ async def while_client_waits[T](flow: http.HTTPFlow, work: Coroutine[None, None,
         raise
 
 
+def redirect(location: str, headers: dict[str, str] | None = None) -> http.Response:
+    return http.Response.make(302, b"", {"Location": location, "Cache-Control": "no-store", **(headers or {})})
+
+
 class Api:
     def __init__(self, runtime: Runtime, sink: UploadSink):
         self.runtime = runtime
@@ -96,6 +126,8 @@ class Api:
             return
         flow.metadata[HANDLED] = True
         await self._answering_errors(flow, self._dispatch)
+        if flow.response is not None and flow.request.path.startswith(STATIC_PREFIX):
+            make_passive(flow.response)
         if flow.response is not None and has_body(flow.request) and self.sink.port is not None:
             # Answered now, mitmproxy would first read the whole body into memory: drain it instead.
             flow.metadata[DEFERRED] = flow.response.get_state()
@@ -113,7 +145,7 @@ class Api:
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         if flow.metadata.get(STATIC) and flow.response:
             flow.response.stream = True  # big files pass through without being held in memory
-            flow.response.headers.pop("Set-Cookie", None)
+            make_passive(flow.response)
 
     async def _answering_errors(self, flow: http.HTTPFlow, handler: Callable[[http.HTTPFlow], Awaitable[None]]) -> None:
         try:
@@ -123,8 +155,10 @@ class Api:
         except ApiError as e:
             flow.response = e.response()
         except BackendError as e:
+            if e.detail:
+                log.warning("datalab: %s %s: %s", flow.request.method, flow.request.path.partition("?")[0], e)
             retry = {"Retry-After": str(e.retry_after)} if e.retry_after else None
-            flow.response = ApiError(e.status, e.code, str(e), retry).response()
+            flow.response = ApiError(e.status, e.code, e.public, retry).response()
         except RedisError as e:
             flow.response = errors.redis_unavailable(e).response()
         except Exception:
@@ -137,7 +171,7 @@ class Api:
         endpoint, _, tail = rest.partition("/")
         if endpoint == "start" and not tail:
             self._check_method(flow, "POST")
-            self._check_start(flow)
+            await self._check_start(flow)
         elif endpoint == "stop" and not tail:
             self._check_method(flow, "POST")
             await self._stop(flow)
@@ -148,7 +182,7 @@ class Api:
             if instance is None:
                 raise errors.nonce_unknown()
             if endpoint == "view":
-                await self._view(flow, instance, destination, query)
+                await self._view(flow, instance, nonce, destination, query)
             else:
                 await self._static(flow, instance, destination, query)
         else:
@@ -159,8 +193,8 @@ class Api:
         if flow.request.method not in allowed:
             raise errors.method_not_allowed(", ".join(allowed))
 
-    def _check_signed(self, flow: http.HTTPFlow, subject: str, check: Callable[[str], object]) -> str:
-        """The `subject` query value of a request signed X-SIGN = sha256(sign_key + ts + subject)."""
+    def _check_signed(self, flow: http.HTTPFlow, subject: str, check: Callable[[str], object]) -> Signed:
+        """The `subject` query value of a request whose X-SIGN is right for it and its `ts`."""
         s = self.runtime.settings
         query = flow.request.query
         ts, value = single_param(query, "ts"), single_param(query, subject)
@@ -169,22 +203,31 @@ class Api:
             ts_seconds = signing.parse_timestamp(ts)
         except ValueError as e:
             raise errors.bad_request(str(e)) from e
-        if not signing.signature_ok(s.sign_key, ts, value, flow.request.headers.get("X-SIGN", "")):
-            raise ApiError(403, "BAD_SIGNATURE", f"X-SIGN must be hex(sha256(sign_key + ts + {subject}))")
+        given = flow.request.headers.get("X-SIGN", "")
+        if not signing.signature_ok(s.sign_key, ts, value, given, s.sign_scheme):
+            raise ApiError(403, "BAD_SIGNATURE", f"X-SIGN must be {signing.describe(s.sign_scheme, subject)}")
         if not signing.timestamp_fresh(ts_seconds, time.time(), s.max_skew):
             raise ApiError(403, "STALE_TIMESTAMP", f"ts is more than {s.max_skew} s from the proxy's clock")
-        return value
+        # The canonical form is remembered, so an upper-case copy of a used signature is a replay too.
+        return Signed(value, ts_seconds, signing.signature(s.sign_key, ts, value, s.sign_scheme))
 
-    def _check_start(self, flow: http.HTTPFlow) -> None:
+    async def _spend(self, signed: Signed) -> None:
+        """A signature starts or stops once: remembered in Redis for as long as its ts is acceptable."""
+        ttl = signing.replay_window(signed.ts_seconds, time.time(), self.runtime.settings.max_skew)
+        if not await self.runtime.store.spend_signature(signed.signature, ttl):
+            raise ApiError(403, "REPLAYED", "this X-SIGN was used already; sign each request anew")
+
+    async def _check_start(self, flow: http.HTTPFlow) -> None:
         """Everything about an upload that the headers tell, so a refused body is never used."""
         s = self.runtime.settings
-        filename = self._check_signed(flow, "filename", inputs.check_filename)
+        signed = self._check_signed(flow, "filename", inputs.check_filename)
         length = flow.request.headers.get("Content-Length")
         if length is not None and (not length.isdigit() or int(length) > s.max_upload):
             raise self._too_large()
         if self.sink.port is None:
             raise ApiError(503, "NOT_READY", "the proxy is still starting; retry in a moment")
-        flow.metadata[START] = filename
+        await self._spend(signed)
+        flow.metadata[START] = signed.subject
         self._to_sink(flow, limit=s.max_upload)
 
     def _to_sink(self, flow: http.HTTPFlow, limit: int) -> None:
@@ -205,7 +248,9 @@ class Api:
         flow.response = errors.json_response(200, {"code": "OK", "result": {"nonce": nonce}})
 
     async def _stop(self, flow: http.HTTPFlow) -> None:
-        nonce = self._check_signed(flow, "nonce", inputs.check_token)
+        signed = self._check_signed(flow, "nonce", inputs.check_token)
+        await self._spend(signed)
+        nonce = signed.subject
         instance = await self.runtime.instances.by_nonce(nonce)
         if instance is None:
             raise errors.nonce_unknown()
@@ -213,23 +258,29 @@ class Api:
             await self.runtime.instances.wait_stopped(instance)  # another stop or a cull is ending it
         flow.response = errors.json_response(200, {"code": "OK", "result": {}})
 
-    async def _view(self, flow: http.HTTPFlow, instance: Instance, destination: str, query: str) -> None:
+    async def _view(self, flow: http.HTTPFlow, instance: Instance, nonce: str, destination: str, query: str) -> None:
         s = self.runtime.settings
+        location = inputs.safe_destination(destination, query)
+        if s.routing == "subdomain":
+            label = hosts.classify(flow.request.host_header or "", s.public_host).label
+            if label != hosts.instance_label(instance.id):
+                # The cookie must be set by the instance's own host: send the browser there first
+                # (scheme-relative, so it keeps whatever scheme it came with).
+                if label:
+                    raise errors.nonce_unknown()  # another instance's host: not this nonce's place
+                here = hosts.instance_host(instance.id, s.public_host)
+                flow.response = redirect(f"//{here}{PREFIX}view/{nonce}{location}")
+                return
         self.runtime.activity.touch(instance.id)
         session_id = await self.runtime.instances.open_session(instance)
         if session_id is None:
             raise errors.nonce_unknown()  # it ended a moment ago
-        flow.response = http.Response.make(
-            302,
-            b"",
-            {
-                "Location": inputs.safe_destination(destination, query),
-                "Set-Cookie": session_cookie(s.cookie_name, session_id, s.cookie_samesite, s.cookie_secure),
-                "Cache-Control": "no-store",
-            },
-        )
+        cookie = session_cookie(s.session_cookie, session_id, s.cookie_samesite, s.cookie_secure)
+        flow.response = redirect(location, {"Set-Cookie": cookie})
 
     async def _static(self, flow: http.HTTPFlow, instance: Instance, destination: str, query: str) -> None:
+        if "Upgrade" in flow.request.headers:
+            raise errors.bad_request("static fetches plain paths; it opens no WebSocket")
         # mitmproxy answers an unreachable upstream with its own HTML page: check first, answer in JSON.
         if await http_status(instance.host, instance.port, "/api/status", timeout=5.0, token=instance.token) is None:
             if await self.runtime.instances.end_if_gone(instance.id):

@@ -18,12 +18,22 @@ from mitmproxy import ctx
 from mitmproxy import exceptions
 from redis.asyncio.connection import parse_url
 
+import signing
+
 log = logging.getLogger(__name__)
 
 MIB = 1024 * 1024
 SAMESITE = ("Lax", "Strict", "None")
+ROUTINGS = ("cookie", "subdomain")
+HOST_COOKIE_PREFIX = "__Host-"
 # Without these, a client connection dies before the hooks run, or the instance sees the wrong Host.
 MITMPROXY_REQUIRED = {"connection_strategy": "lazy", "keep_host_header": True}
+# mitmproxy's default kills every client with a public address; a proxy facing the internet must serve them.
+MITMPROXY_FORCED = {"block_global": False}
+_HOST_RE = re.compile(
+    r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)*[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(:[0-9]{1,5})?$"
+)
+_ORIGIN_RE = re.compile(r"^https?://[^/?#@\s]+$")
 
 
 @dataclass(frozen=True)
@@ -38,6 +48,10 @@ class Settings:
     cookie_name: str = "datalab_session"
     cookie_samesite: str = "Lax"
     cookie_secure: bool = False
+    sign_scheme: str = "sha256"
+    allowed_origins: str = ""
+    routing: str = "cookie"
+    public_host: str = ""
     max_upload: int = 100 * MIB
     max_skew: int = 300
     start_timeout: int = 60
@@ -58,6 +72,17 @@ class Settings:
         """Cold starts booting at once in this process: the option, or one per CPU."""
         return self.start_concurrency or os.cpu_count() or 1
 
+    @property
+    def session_cookie(self) -> str:
+        """The cookie's name: a Secure cookie gets the __Host- prefix, so no subdomain or plain-HTTP
+        page can set or shadow it (browsers then insist on Secure, Path=/ and no Domain)."""
+        return HOST_COOKIE_PREFIX + self.cookie_name if self.cookie_secure else self.cookie_name
+
+    @property
+    def origins(self) -> frozenset[str]:
+        """Origins other than the request's own that may open a WebSocket to an instance."""
+        return frozenset(o.strip().lower().rstrip("/") for o in self.allowed_origins.split(",") if o.strip())
+
 
 # name (without the datalab_ prefix), environment variable for the default or None, help text.
 _HELP: dict[str, tuple[str | None, str]] = {
@@ -70,7 +95,23 @@ _HELP: dict[str, tuple[str | None, str]] = {
     "session_ttl": (None, "Seconds a browser session (cookie) stays bound to its instance."),
     "cookie_name": (None, "Name of the session cookie set by /datalab/view."),
     "cookie_samesite": (None, "SameSite attribute of the session cookie: Lax, Strict or None."),
-    "cookie_secure": (None, "Mark the session cookie Secure (serve the proxy behind HTTPS)."),
+    "cookie_secure": (None, "Mark the session cookie Secure, with the __Host- prefix (serve the proxy over HTTPS)."),
+    "sign_scheme": (
+        "DATALAB_SIGN_SCHEME",
+        "X-SIGN scheme: sha256 (the seed's) or hmac-sha256 (over ts + newline + subject).",
+    ),
+    "allowed_origins": (
+        None,
+        "Comma-separated origins (https://app.example.com) besides the request's own that may open WebSockets.",
+    ),
+    "routing": (
+        "DATALAB_ROUTING",
+        "cookie: every instance on the proxy's host; subdomain: each on <label>.<public_host>.",
+    ),
+    "public_host": (
+        "DATALAB_PUBLIC_HOST",
+        "The proxy's public host name (datalab.example.com[:port]); subdomain routing needs it.",
+    ),
     "max_upload": (None, "Largest accepted upload body, in bytes."),
     "max_skew": (None, "Seconds a signed ts may differ from the proxy's clock."),
     "start_timeout": (None, "Seconds to wait for a new instance's Jupyter to answer /api/status."),
@@ -145,6 +186,20 @@ def parse_settings(values: dict[str, typing.Any]) -> Settings:
         "None needs datalab_cookie_secure=true (browsers refuse it otherwise)",
     )
     _require(bool(re.fullmatch(r"[0-9]+[bkmgBKMG]?", s.mem_limit)), "mem_limit", "must look like 512m or 1g")
+    _require(s.sign_scheme in signing.SCHEMES, "sign_scheme", f"must be one of {', '.join(signing.SCHEMES)}")
+    for origin in s.origins:
+        _require(
+            bool(_ORIGIN_RE.match(origin)), "allowed_origins", f"has {origin!r}, not an origin like https://host[:port]"
+        )
+    _require(s.routing in ROUTINGS, "routing", f"must be one of {', '.join(ROUTINGS)}")
+    _require(
+        s.public_host == "" or bool(_HOST_RE.match(s.public_host)),
+        "public_host",
+        "must be a lowercase host name with an optional port, e.g. datalab.example.com",
+    )
+    _require(
+        s.routing != "subdomain" or bool(s.public_host), "public_host", "is required with datalab_routing=subdomain"
+    )
     return s
 
 
@@ -170,6 +225,10 @@ class Config:
         add_options(loader.add_option)
 
     def configure(self, updated: set[str]) -> None:
+        for name, value in MITMPROXY_FORCED.items():
+            if name in updated and getattr(ctx.options, name) != value:
+                log.info("datalab sets %s=%s (see README)", name, str(value).lower())
+                ctx.options.update(**{name: value})
         for name, value in MITMPROXY_REQUIRED.items():
             if name in updated and getattr(ctx.options, name) != value:
                 log.warning("datalab needs --set %s=%s (see README); setting it", name, str(value).lower())

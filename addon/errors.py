@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import logging
 
 from mitmproxy import http
+
+log = logging.getLogger(__name__)
 
 
 class ApiError(Exception):
@@ -51,4 +54,6 @@ def method_not_allowed(allowed: str) -> ApiError:
 
 
 def redis_unavailable(exc: Exception) -> ApiError:
-    return ApiError(503, "REDIS_UNAVAILABLE", f"the proxy cannot reach Redis right now ({exc}); retry shortly")
+    """Redis's own words go to the log, not to the client."""
+    log.warning("datalab: Redis: %s", exc)
+    return ApiError(503, "REDIS_UNAVAILABLE", "the proxy cannot reach Redis right now; retry shortly")

@@ -18,6 +18,15 @@ _PATH_SAFE = "/:@!$&'()*+,;=-._~"
 _QUERY_SAFE = _PATH_SAFE + "?"
 
 
+def check_utf8(value: str) -> str:
+    """A value decoded from bytes that were not UTF-8 (mitmproxy keeps them as surrogates) is refused."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("is not valid UTF-8 once percent-decoded") from None
+    return value
+
+
 def new_token() -> str:
     """A URL-safe random token for nonces and session ids."""
     return secrets.token_urlsafe(TOKEN_BYTES)

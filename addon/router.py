@@ -16,7 +16,9 @@ from mitmproxy import http
 from redis.exceptions import RedisError
 
 import errors
+import hosts
 import inputs
+from backends import AUTH_HEADER
 from backends import Instance
 from errors import ApiError
 from marks import HANDLED
@@ -39,11 +41,14 @@ def reroute(flow: http.HTTPFlow, host: str, port: int) -> None:
 
 
 def route_to_instance(flow: http.HTTPFlow, instance: Instance) -> None:
-    """Reroute to the instance with its Jupyter token, which only the proxy knows: a neighbour
-    container that reaches the instance directly is refused."""
+    """Reroute to the instance with its secret, which only the proxy knows: a neighbour container
+    that reaches the instance directly is refused. A client's own credentials for Jupyter (a token
+    or a forged secret header) never pass."""
     reroute(flow, instance.host, instance.port)
+    flow.request.headers.pop("Authorization", None)
+    flow.request.headers.pop(AUTH_HEADER, None)
     if instance.token:
-        flow.request.headers["Authorization"] = f"token {instance.token}"
+        flow.request.headers[AUTH_HEADER] = instance.token
 
 
 class RouteCache:
@@ -120,7 +125,8 @@ class Router:
         """An instance must not set (or fixate) the proxy's own session cookie."""
         if ROUTED not in flow.metadata or not flow.response or "Set-Cookie" not in flow.response.headers:
             return
-        ours = self.runtime.settings.cookie_name + "="
+        s = self.runtime.settings
+        ours = (s.cookie_name + "=", s.session_cookie + "=")
         cookies = flow.response.headers.get_all("Set-Cookie")
         kept = [c for c in cookies if not c.lstrip().startswith(ours)]
         if len(kept) != len(cookies):
@@ -148,17 +154,41 @@ class Router:
     async def _instance_for(self, flow: http.HTTPFlow) -> Instance:
         if not self.runtime.ready:
             raise ApiError(503, "NOT_CONFIGURED", "the proxy has no valid datalab_* options yet")
-        name = self.runtime.settings.cookie_name
-        session_id = flow.request.cookies.get(name, "")
+        s = self.runtime.settings
+        self._check_origin(flow)
+        label = self._host_label(flow)
+        session_id = flow.request.cookies.get(s.session_cookie, "")
         if not inputs.is_token(session_id):
             raise ApiError(403, "NO_SESSION", "no datalab session: open this instance through /datalab/view/<nonce>/")
-        del flow.request.cookies[name]  # the session id is the proxy's, not the instance's
+        del flow.request.cookies[s.session_cookie]  # the session id is the proxy's, not the instance's
         flow.metadata[SESSION] = session_id
         instance = self.cache.get(session_id)
         if instance is None:
             instance = await self._lookup(session_id)
             self.cache.put(session_id, instance)
+        if label is not None and label != hosts.instance_label(instance.id):
+            raise ApiError(403, "NO_SESSION", "this session belongs to another instance's host")
         return instance
+
+    def _check_origin(self, flow: http.HTTPFlow) -> None:
+        """A WebSocket is not covered by Jupyter's XSRF check: refuse one that a page of another
+        origin opens, before anything reaches the instance."""
+        if flow.request.headers.get("Upgrade", "").lower() != "websocket":
+            return
+        origin = flow.request.headers.get("Origin")
+        host = flow.request.host_header or ""
+        if not hosts.origin_allowed(origin, host, self.runtime.settings.origins):
+            raise ApiError(403, "BAD_ORIGIN", "a WebSocket may be opened only by a page of this host's own origin")
+
+    def _host_label(self, flow: http.HTTPFlow) -> str | None:
+        """In subdomain routing, the instance label of the Host asked for (None in cookie routing)."""
+        s = self.runtime.settings
+        if s.routing != "subdomain":
+            return None
+        label = hosts.classify(flow.request.host_header or "", s.public_host).label
+        if not label:
+            raise ApiError(404, "UNKNOWN_HOST", f"instances are served on their own hosts under {s.public_host}")
+        return label
 
     async def _lookup(self, session_id: str) -> Instance:
         store = self.runtime.store

@@ -1,7 +1,14 @@
-"""Signatures: X-SIGN = hex(sha256(sign_key + ts + subject)), the seed API's scheme; the subject is
-the filename of a start and the nonce of a stop.
+"""Signatures over a signed request's `ts` and subject (the filename of a start, the nonce of a stop).
 
-Pure functions, no I/O, so the rules are tested with tables.
+Two schemes, chosen by datalab_sign_scheme:
+- `sha256` (the seed API's, the default): hex(sha256(sign_key + ts + subject)). A plain hash of
+  key || message is open to length extension, and `ts + subject` has no separator, so ("17", "00a")
+  and ("1700", "a") sign the same bytes.
+- `hmac-sha256`: hex(HMAC-SHA256(sign_key, ts + "\n" + subject)): a keyed MAC with an unambiguous
+  message. Prefer it when the frontend can be changed.
+
+Pure functions, no I/O, so the rules are tested with tables. Replay protection (a signature is
+used once) lives in the store, since several proxies share it.
 """
 
 from __future__ import annotations
@@ -10,16 +17,28 @@ import hashlib
 import hmac
 
 MILLIS_DIGITS = 13
+SCHEMES = ("sha256", "hmac-sha256")
 
 
-def signature(sign_key: str, ts: str, subject: str) -> str:
+def signature(sign_key: str, ts: str, subject: str, scheme: str = "sha256") -> str:
     """The lowercase hex signature a frontend must send for this request."""
-    return hashlib.sha256((sign_key + ts + subject).encode("utf-8")).hexdigest()
+    if scheme == "hmac-sha256":
+        return hmac.new(sign_key.encode(), f"{ts}\n{subject}".encode(), hashlib.sha256).hexdigest()
+    if scheme == "sha256":
+        return hashlib.sha256((sign_key + ts + subject).encode("utf-8")).hexdigest()
+    raise ValueError(f"unknown signature scheme {scheme!r}")
 
 
-def signature_ok(sign_key: str, ts: str, subject: str, given: str) -> bool:
+def describe(scheme: str, subject: str) -> str:
+    """How X-SIGN is made, for error messages."""
+    if scheme == "hmac-sha256":
+        return f'hex(HMAC-SHA256(sign_key, ts + "\\n" + {subject}))'
+    return f"hex(sha256(sign_key + ts + {subject}))"
+
+
+def signature_ok(sign_key: str, ts: str, subject: str, given: str, scheme: str = "sha256") -> bool:
     """Constant-time comparison, so a timing side channel reveals nothing of the expected value."""
-    expected = signature(sign_key, ts, subject).encode("ascii")
+    expected = signature(sign_key, ts, subject, scheme).encode("ascii")
     return hmac.compare_digest(expected, given.strip().lower().encode("utf-8", "replace"))
 
 
@@ -37,3 +56,8 @@ def parse_timestamp(ts: str) -> float:
 def timestamp_fresh(ts_seconds: float, now: float, max_skew: float) -> bool:
     """A signature is only valid near the time it was made: this bounds how long it can be replayed."""
     return abs(now - ts_seconds) <= max_skew
+
+
+def replay_window(ts_seconds: float, now: float, max_skew: float) -> int:
+    """Whole seconds for which a signature with this ts stays acceptable: how long to remember it as used."""
+    return max(1, int(ts_seconds + max_skew - now) + 2)

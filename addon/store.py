@@ -11,6 +11,7 @@ built only here. Whatever several proxies might race on is one transaction or on
 <prefix>poolboot           -> zset id -> lease expiry: pool instances booting
 <prefix>pool               -> list of ready pooled instance ids (claimed with LPOP)
 <prefix>activity           -> zset id -> last time traffic reached the instance
+<prefix>signed:<sig>       -> a used X-SIGN      (expires when its ts is no longer acceptable: replays refused)
 <prefix>lock:<name>        -> token of the proxy doing <name> (culling) now
 <prefix>events             -> pub/sub channel: "gone <id>" when an instance ends
 """
@@ -246,6 +247,11 @@ class Store:
         """Bind a session to the instance; False (and nothing written) if the instance has ended."""
         keys = [self.key("instance", instance_id), self.key("session", session_id), self.key("refs", instance_id)]
         return bool(await self._add_session(keys=keys, args=[instance_id, ttl]))
+
+    async def spend_signature(self, signature: str, ttl: int) -> bool:
+        """Mark a signature used for `ttl` seconds; False if it already was (a replay). One SET NX, so
+        of any number of concurrent requests with one signature, across proxies, exactly one wins."""
+        return bool(await self.redis.set(self.key("signed", signature), b"1", nx=True, ex=ttl))
 
     async def session_target(self, session_id: str) -> str | None:
         raw = await self.redis.get(self.key("session", session_id))

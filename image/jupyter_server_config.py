@@ -1,8 +1,45 @@
-# Jupyter settings baked into the datalab image. The proxy is the only way in: the password is off,
-# and so is the token unless JUPYTER_TOKEN is set. The Docker backend sets a random one per
-# instance and the proxy sends it with every request, so a neighbouring container that reaches this
-# port directly is refused. The proxy keeps the public Host header, so remote access is allowed.
+# Jupyter settings baked into the datalab image. The proxy is the only way in.
+#
+# The proxy proves itself with a per-instance secret in the X-Datalab-Auth header (the backend
+# passes it in DATALAB_AUTH). Jupyter's own token would do the same job but would switch off its
+# defences for every request the proxy forwards: a token-authenticated request skips the XSRF,
+# Origin, Referer and CORS checks, so any web page could drive the notebook through a visitor's
+# cookie. The identity provider below trusts the header without marking the request
+# token-authenticated, so those checks stay on for what browsers send, and Jupyter has no token to
+# put in its pages. Without the secret (a neighbour reaching the port directly) nothing is served.
+# The proxy keeps the public Host header, so remote access is allowed.
+import hmac
 import os
+
+from jupyter_server.auth.identity import IdentityProvider
+from jupyter_server.auth.identity import User
+
+# Read once and kept from kernels and terminals, which inherit the server's environment.
+_SECRET = os.environ.pop("DATALAB_AUTH", "")
+_HEADER = "X-Datalab-Auth"
+
+
+class ProxyIdentityProvider(IdentityProvider):
+    """The one user is whoever the proxy vouches for; there is no token, password or login cookie."""
+
+    def get_user(self, handler):
+        given = handler.request.headers.get(_HEADER, "")
+        if _SECRET and hmac.compare_digest(given.encode(), _SECRET.encode()):
+            return User(username="datalab", name="datalab", display_name="datalab")
+        return None
+
+    @property
+    def auth_enabled(self):
+        return True
+
+    @property
+    def login_available(self):
+        return False
+
+    @property
+    def logout_available(self):
+        return False
+
 
 c = get_config()  # noqa: F821
 c.ServerApp.ip = "0.0.0.0"
@@ -10,8 +47,11 @@ c.ServerApp.port = 8888
 c.ServerApp.open_browser = False
 c.ServerApp.allow_remote_access = True
 c.ServerApp.root_dir = "/home/datalab/work"
-c.ServerApp.password = ""
-c.IdentityProvider.token = os.environ.get("JUPYTER_TOKEN", "")
+c.ServerApp.identity_provider_class = ProxyIdentityProvider
+c.IdentityProvider.token = ""
+c.PasswordIdentityProvider.hashed_password = ""
 c.ServerApp.disable_check_xsrf = False
 c.ServerApp.allow_origin = ""
+c.ServerApp.allow_origin_pat = ""
+c.ServerApp.allow_credentials = False
 c.KernelManager.autorestart = True

@@ -23,6 +23,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from benchlib import AUTH_HEADER
 from benchlib import REDIS_URL
 from benchlib import Store
 from benchlib import bench_proxy
@@ -106,7 +107,7 @@ def main() -> None:
             return instance.port, instance.token
 
         direct, token = asyncio.run(instance_port())
-        as_proxy = {"Authorization": f"token {token}"}  # what the proxy adds; the browser sends the cookie
+        as_proxy = {AUTH_HEADER: token}  # what the proxy adds; the browser sends the cookie
         plain, plain_port = plain_mitmdump(direct)
         through, straight, bare = [], [], []
         for _ in range(max(1, args.requests // 50)):  # interleave, so drift hits every side alike

@@ -23,6 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "addon"))
 
+from backends import AUTH_HEADER  # noqa: E402
 from config import Settings  # noqa: E402
 from runtime import build_instances  # noqa: E402
 from runtime import remove_all_instances  # noqa: E402
@@ -30,7 +31,7 @@ from store import Store  # noqa: E402
 from store import connect  # noqa: E402
 
 # Re-exported for the benchmark scripts, which reach the addon's modules through this one.
-__all__ = ["Settings", "Store", "build_instances", "connect"]
+__all__ = ["AUTH_HEADER", "Settings", "Store", "build_instances", "connect"]
 
 CSV = b"a,b\n1,2\n"
 REDIS_URL = os.environ.get("DATALAB_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -79,8 +80,9 @@ def wait_answering(base: str) -> None:
 
 
 def signed_request(base: str, key: str, endpoint: str, param: str, subject: str, data=b"") -> urllib.request.Request:
-    """A POST to /datalab/<endpoint> signed as the API asks: sha256(key + ts + subject)."""
-    ts = str(int(time.time()))
+    """A POST to /datalab/<endpoint> signed as the API asks: sha256(key + ts + subject), with a
+    millisecond ts (a signature is used once, so two starts of one name in a second need it)."""
+    ts = str(int(time.time() * 1000))
     url = f"{base}/datalab/{endpoint}?" + urllib.parse.urlencode({"ts": ts, param: subject})
     sig = hashlib.sha256((key + ts + subject).encode()).hexdigest()
     return urllib.request.Request(url, data=data, headers={"X-SIGN": sig}, method="POST")

@@ -6,7 +6,9 @@
 #
 # Idempotent: exits at once when the image exists and was built from these inputs (unless --force);
 # the rootfs tarball and the downloaded .debs are cached under $DATALAB_CACHE (default
-# ~/.cache/datalab), keyed by the inputs.
+# ~/.cache/datalab). The rootfs is keyed by what goes into it (this script's rootfs recipe and
+# image/requirements.txt); the Jupyter configuration is added at import time, so changing it only
+# re-imports (seconds), it does not debootstrap again.
 # Needs root (debootstrap, chroot), debootstrap and a running Docker engine.
 set -euo pipefail
 
@@ -22,8 +24,10 @@ die() { printf '[build-image] error: %s\n' "$*" >&2; exit 1; }
 
 docker info >/dev/null 2>&1 || die "no Docker engine answers (start dockerd first; run.sh does this for you)"
 # The build key covers everything that goes into the image: an image built from other inputs is rebuilt.
-key=$(cat "$0" "$here/image/requirements.txt" "$here/image/jupyter_server_config.py" \
+# The rootfs recipe is the part of this script above the "import" marker below.
+rootfs_key=$(sed '/^# --- import ---$/,$d' "$0" | cat - "$here/image/requirements.txt" \
       | { cat; echo "$suite $mirror"; } | sha256sum | cut -c1-16)
+key=$(cat "$0" "$here/image/jupyter_server_config.py" | { cat; echo "$rootfs_key"; } | sha256sum | cut -c1-16)
 comment="datalab notebook image ($key)"
 if [ "$force" = 0 ] && [ "$(docker image inspect -f '{{.Comment}}' "$image" 2>/dev/null)" = "$comment" ]; then
   step "image $image is up to date ($key); nothing to do (--force rebuilds)"
@@ -31,7 +35,7 @@ if [ "$force" = 0 ] && [ "$(docker image inspect -f '{{.Comment}}' "$image" 2>/d
 fi
 [ "$(id -u)" = 0 ] || die "must run as root (debootstrap and chroot need it)"
 command -v debootstrap >/dev/null || die "debootstrap is missing: apt-get install debootstrap"
-tarball="$cache/rootfs-$key.tar"
+tarball="$cache/rootfs-$rootfs_key.tar"
 mkdir -p "$cache/debs"
 
 if [ ! -f "$tarball" ]; then
@@ -68,7 +72,6 @@ if [ ! -f "$tarball" ]; then
       apt-get clean
       rm -rf /var/lib/apt/lists/* /tmp/requirements.txt /usr/share/doc /usr/share/man /root/.cache
     ' >&2
-  install -D -m 0644 "$here/image/jupyter_server_config.py" "$root/etc/jupyter/jupyter_server_config.py"
   rm -f "$root/etc/ssl/certs/host-ca-certificates.crt"
   : > "$root/etc/resolv.conf"
   for m in dev/pts dev proc; do umount -l "$root/$m"; done
@@ -76,9 +79,19 @@ if [ ! -f "$tarball" ]; then
   step "packing the rootfs ..."
   tar -C "$root" --numeric-owner -cf "$tarball.part" .
   mv "$tarball.part" "$tarball"
+  cleanup
+  trap - EXIT
 fi
 
-step "docker import $tarball as $image ..."
+# --- import ---
+# The configuration goes on top of a copy of the cached rootfs (tar -r), owned by root.
+layer=$(mktemp -d /var/tmp/datalab-config.XXXXXX)
+trap 'rm -rf "$layer"' EXIT
+install -D -m 0644 "$here/image/jupyter_server_config.py" "$layer/tree/etc/jupyter/jupyter_server_config.py"
+cp "$tarball" "$layer/rootfs.tar"
+tar -C "$layer/tree" --owner=0 --group=0 --numeric-owner -rf "$layer/rootfs.tar" ./etc/jupyter
+
+step "docker import $tarball (+ configuration) as $image ..."
 docker import \
   --change 'USER datalab' \
   --change 'WORKDIR /home/datalab/work' \
@@ -88,5 +101,5 @@ docker import \
   --change 'ENTRYPOINT ["/usr/bin/tini", "--"]' \
   --change 'CMD ["jupyter", "notebook", "--config=/etc/jupyter/jupyter_server_config.py"]' \
   --message "$comment" \
-  "$tarball" "$image" >&2
+  "$layer/rootfs.tar" "$image" >&2
 step "done: $image"

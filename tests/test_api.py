@@ -88,8 +88,14 @@ async def through_api(flow, sink, rt=None):
     return flow
 
 
-async def test_valid_start_streams_its_body_to_the_sink(sink):
-    flow = await run_headers(start_flow(), sink)
+@pytest.fixture
+def rt(redis_url):
+    """A runtime on a real Redis: a start spends its signature there."""
+    return runtime_for(redis_url=redis_url)
+
+
+async def test_valid_start_streams_its_body_to_the_sink(sink, rt):
+    flow = await run_headers(start_flow(), sink, rt)
     assert flow.response is None
     assert flow.metadata[START] == "data.csv" and flow.metadata[SINK]
     assert isinstance(flow.request.stream, BodyCollector) and flow.request.stream.limit == 100 * 1024 * 1024
@@ -97,8 +103,8 @@ async def test_valid_start_streams_its_body_to_the_sink(sink):
     assert flow.request.headers["Host"] == "proxy.example:8080"
 
 
-async def test_millisecond_timestamp_is_accepted(sink):
-    flow = await run_headers(start_flow(ts=str(int(time.time() * 1000))), sink)
+async def test_millisecond_timestamp_is_accepted(sink, rt):
+    flow = await run_headers(start_flow(ts=str(int(time.time() * 1000))), sink, rt)
     assert flow.response is None and flow.metadata[START]
 
 
@@ -129,8 +135,8 @@ async def test_millisecond_timestamp_is_accepted(sink):
         (lambda: request_flow("GET", "/datalab"), 404, "NOT_FOUND"),
     ],
 )
-async def test_refusals_are_json_and_start_nothing(make, status, code, sink):
-    flow = await through_api(make(), sink)
+async def test_refusals_are_json_and_start_nothing(make, status, code, sink, rt):
+    flow = await through_api(make(), sink, rt)
     assert flow.response.status_code == status
     assert flow.response.headers["Content-Type"] == "application/json"
     assert body(flow)["code"] == code and body(flow)["message"]
@@ -155,8 +161,8 @@ async def test_other_paths_are_left_to_the_router(sink):
     assert flow.response is None and not flow.metadata
 
 
-async def test_body_over_the_limit_is_refused_while_streaming(sink):
-    rt = runtime_for(max_upload=4)
+async def test_body_over_the_limit_is_refused_while_streaming(sink, redis_url):
+    rt = runtime_for(redis_url=redis_url, max_upload=4)
     flow = await through_api(start_flow(content=b"12345", headers={"Content-Length": "4"}), sink, rt)
     assert flow.response.status_code == 413 and body(flow)["code"] == "UPLOAD_TOO_LARGE"
 

@@ -41,13 +41,20 @@ async def test_session_routes_to_its_instance_keeping_host_and_other_cookies(red
     await recorded(rt.store, INSTANCE, "N" * 32)
     await rt.store.add_session(SESSION, INSTANCE.id, 60)
     flow = request_flow(
-        "GET", "/api/kernels", {"Cookie": f"_xsrf=abc; datalab_session={SESSION}", "Authorization": "token forged"}
+        "GET",
+        "/api/kernels",
+        {
+            "Cookie": f"_xsrf=abc; datalab_session={SESSION}",
+            "Authorization": "token forged",
+            "X-Datalab-Auth": "forged",
+        },
     )
     await routed(flow, rt)
     assert flow.response is None
     assert (flow.request.host, flow.request.port) == ("127.0.0.1", 4321)
     assert flow.request.headers["Host"] == "proxy.example:8080"
-    assert flow.request.headers["Authorization"] == "token t0ken"  # the instance's, never the client's
+    assert flow.request.headers["X-Datalab-Auth"] == "t0ken"  # the instance's, never the client's
+    assert "Authorization" not in flow.request.headers
     assert flow.request.cookies.get("_xsrf") == "abc" and "datalab_session" not in flow.request.cookies
     assert flow.metadata[ROUTED] == INSTANCE.id
     await rt.done()

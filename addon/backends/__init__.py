@@ -29,7 +29,7 @@ class Instance:
     port: int
     filename: str  # empty while the instance waits in the pool
     created: float  # when it booted
-    token: str = ""  # the instance's Jupyter token; the proxy adds it to every request it forwards
+    token: str = ""  # the instance's secret; the proxy adds it (AUTH_HEADER) to every request it forwards
     claimed: float = 0.0  # when it was handed to a user (0 while pooled): its age counts from here
 
     def to_json(self) -> str:
@@ -53,11 +53,26 @@ class Found:
 
 
 class BackendError(Exception):
-    """A backend fault, carried to the client as JSON {code, message} with this status."""
+    """A backend fault, carried to the client as JSON {code, message} with this status.
+
+    The message is ours and goes to the client; `detail` (the engine's own words, which may name
+    hosts, paths or versions) goes only to the proxy's log.
+    """
 
     status = 502
     code = "START_FAILED"
     retry_after: int | None = None  # seconds, sent as Retry-After where a retry may succeed
+
+    def __init__(self, message: str, detail: str = ""):
+        super().__init__(message)
+        self.detail = detail
+
+    def __str__(self) -> str:
+        return f"{self.args[0]} ({self.detail})" if self.detail else str(self.args[0])
+
+    @property
+    def public(self) -> str:
+        return str(self.args[0])
 
 
 class EngineUnavailable(BackendError):
@@ -121,10 +136,18 @@ class Backend(abc.ABC):
         """Stop and remove the instance. Idempotent: an instance already gone counts as stopped."""
 
 
+# The header that carries an instance's secret from the proxy to its Jupyter. The image's identity
+# provider (image/jupyter_server_config.py) trusts it without making the request "token-
+# authenticated", so Jupyter's XSRF, Origin, Referer and CORS checks still apply to what browsers
+# send; and unlike Jupyter's token, it appears in no page the instance serves.
+AUTH_HEADER = "X-Datalab-Auth"
+AUTH_ENV = "DATALAB_AUTH"  # the variable a backend passes the secret to the image in
+
+
 async def http_get(host: str, port: int, path: str, timeout: float, token: str = "") -> tuple[int, bytes] | None:
     """Status and body of one plain HTTP/1.0 GET, or None when nothing answers. No HTTP library needed."""
     writer = None
-    auth = f"Authorization: token {token}\r\n" if token else ""
+    auth = f"{AUTH_HEADER}: {token}\r\n" if token else ""
     try:
         async with asyncio.timeout(timeout):
             reader, writer = await asyncio.open_connection(host, port)

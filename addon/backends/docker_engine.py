@@ -24,6 +24,7 @@ import docker.errors
 import docker.utils
 from docker.models.containers import Container
 
+from backends import AUTH_ENV
 from backends import Backend
 from backends import BackendError
 from backends import EngineUnavailable
@@ -88,9 +89,9 @@ class DockerBackend(Backend):
         except docker.errors.APIError as e:
             if e.status_code == 409 and "removal" in str(e.explanation):  # being removed: as good as gone
                 raise docker.errors.NotFound(str(e.explanation)) from e
-            raise BackendError(f"the Docker engine refused the request: {e.explanation or e}") from e
+            raise BackendError("the container engine refused the request", str(e.explanation or e)) from e
         except (docker.errors.DockerException, OSError) as e:
-            raise EngineUnavailable(f"the Docker engine cannot be reached ({e}); is dockerd running?") from e
+            raise EngineUnavailable("the container engine cannot be reached; retry shortly", str(e)) from e
 
     async def client(self) -> docker.DockerClient:
         if self._client is None:
@@ -107,8 +108,9 @@ class DockerBackend(Backend):
 
     def _image_missing(self) -> ImageMissing:
         return ImageMissing(
+            "the instance image is missing; the operator must build it",
             f"the image {self.opts.image} is not in the local engine and is never pulled; "
-            f"build it with scripts/build-image.sh"
+            f"build it with scripts/build-image.sh",
         )
 
     async def capacity(self) -> int:
@@ -147,7 +149,7 @@ class DockerBackend(Backend):
             image=self.opts.image,
             name=f"datalab-{instance_id}",
             detach=True,
-            environment={"JUPYTER_TOKEN": token},
+            environment={AUTH_ENV: token},
             labels={LABEL_MANAGED: MANAGED_BY, LABEL_PREFIX: self.opts.label_prefix, LABEL_INSTANCE: instance_id},
             ports={f"{JUPYTER_PORT}/tcp": ("127.0.0.1", None)},
             mem_limit=self.opts.mem_limit,

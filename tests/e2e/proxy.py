@@ -31,6 +31,7 @@ class Proxy:
         self.sign_key = sign_key
         self.workdir = workdir
         self.options = options or {}
+        self.scheme = self.options.get("datalab_sign_scheme", "sha256")
         self.port = free_port()
         self.proc: subprocess.Popen | None = None
 
@@ -97,14 +98,14 @@ class Proxy:
         return self.log.read_text(errors="replace")
 
     def stop_instance(self, nonce: str, ts: str | None = None, sign: str | None = None) -> requests.Response:
-        ts = str(int(time.time())) if ts is None else ts
-        sign = signing.signature(self.sign_key, ts, nonce) if sign is None else sign
+        ts = str(int(time.time() * 1000)) if ts is None else ts  # milliseconds: each signature is used once
+        sign = signing.signature(self.sign_key, ts, nonce, self.scheme) if sign is None else sign
         query = urlencode({"ts": ts, "nonce": nonce})
         return requests.post(self.url(f"/datalab/stop?{query}"), headers={"X-SIGN": sign}, timeout=60)
 
     def upload(self, filename: str, data: bytes, ts: str | None = None, sign: str | None = None) -> requests.Response:
-        ts = str(int(time.time())) if ts is None else ts
-        sign = signing.signature(self.sign_key, ts, filename) if sign is None else sign
+        ts = str(int(time.time() * 1000)) if ts is None else ts
+        sign = signing.signature(self.sign_key, ts, filename, self.scheme) if sign is None else sign
         query = urlencode({"ts": ts, "filename": filename})
         return requests.post(
             self.url(f"/datalab/start?{query}"),

@@ -287,6 +287,9 @@ class Api:
                 raise errors.instance_gone()
             raise ApiError(502, "INSTANCE_UNREACHABLE", "the instance for this nonce does not answer")
         flow.request.headers.pop("Cookie", None)  # the frontend's cookies are not the instance's business
+        # Jupyter serves /files/ only to same-site requests (XSRF token or Referer): a static fetch is
+        # the proxy's own, made for the nonce's holder, and its answer is sandboxed (make_passive).
+        flow.request.headers["Referer"] = f"http://{flow.request.host_header}/"
         route_to_instance(flow, instance)
         self.runtime.activity.touch(instance.id)
         flow.request.path = inputs.safe_destination(destination, query)

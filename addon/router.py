@@ -179,6 +179,9 @@ class Router:
         host = flow.request.host_header or ""
         if not hosts.origin_allowed(origin, host, self.runtime.settings.origins):
             raise ApiError(403, "BAD_ORIGIN", "a WebSocket may be opened only by a page of this host's own origin")
+        if origin is not None and not hosts.origin_allowed(origin, host, frozenset()):
+            # Allowed by the operator's list: Jupyter, which only knows its own host, is told so.
+            flow.request.headers["Origin"] = f"http://{host}"
 
     def _host_label(self, flow: http.HTTPFlow) -> str | None:
         """In subdomain routing, the instance label of the Host asked for (None in cookie routing)."""

@@ -321,9 +321,11 @@ def test_faults_give_5xx_and_the_proxy_recovers(make_proxy, world, tmp_path):
 
 
 def only_sessions_left(world, prefix: str) -> bool:
-    """After every instance ended, only sessions remain (answering 410 until they expire)."""
+    """After every instance ended, only sessions remain (answering 410 until they expire), and the
+    used signatures (refusing replays until their ts is stale)."""
     keys = [k.decode() for k in world.keys(prefix)]
-    return all(k.startswith(prefix + "session:") and world.redis.ttl(k) > 0 for k in keys)
+    expiring = (prefix + "session:", prefix + "signed:")
+    return all(k.startswith(expiring) and world.redis.ttl(k) > 0 for k in keys)
 
 
 def test_removing_instances_leaves_no_container_or_key(world, redis_server):

@@ -226,7 +226,7 @@ class Config:
 
     def configure(self, updated: set[str]) -> None:
         for name, value in MITMPROXY_FORCED.items():
-            if name in updated and getattr(ctx.options, name) != value:
+            if name in ctx.options and getattr(ctx.options, name) != value:
                 log.info("datalab sets %s=%s (see README)", name, str(value).lower())
                 ctx.options.update(**{name: value})
         for name, value in MITMPROXY_REQUIRED.items():

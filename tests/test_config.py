@@ -40,6 +40,12 @@ def test_defaults_with_a_key_are_valid():
         {"idle_timeout": 0},
         {"max_age": -5},
         {"cull_interval": 0},
+        {"sign_scheme": "md5"},
+        {"allowed_origins": "evil.example"},
+        {"allowed_origins": "https://a.example/path"},
+        {"routing": "path"},
+        {"public_host": "https://datalab.example"},
+        {"public_host": "Not A Host"},
     ],
 )
 def test_bad_settings_say_which_option(changes):
@@ -73,3 +79,25 @@ def test_required_mitmproxy_options_are_enforced():
         tctx.configure(addon, datalab_sign_key="k", keep_host_header=False, connection_strategy="eager")
         assert tctx.options.keep_host_header is True
         assert tctx.options.connection_strategy == "lazy"
+
+
+def test_block_global_is_turned_off_so_public_clients_are_served():
+    """mitmproxy's default kills every client connection from a public address."""
+    from mitmproxy.addons.block import Block
+
+    addon = Config(lambda s: None)
+    with taddons.context(Block(), addon) as tctx:
+        assert tctx.options.block_global is True
+        tctx.configure(addon, datalab_sign_key="k")
+        assert tctx.options.block_global is False
+
+
+def test_security_options():
+    s = parse_settings(good(allowed_origins=" https://App.example , http://localhost:3000/ ", cookie_secure=True))
+    assert s.origins == {"https://app.example", "http://localhost:3000"}
+    assert s.session_cookie == "__Host-datalab_session"
+    assert parse_settings(good()).session_cookie == "datalab_session"
+    with pytest.raises(ValueError, match="datalab_public_host"):
+        parse_settings(good(routing="subdomain"))
+    sub = parse_settings(good(routing="subdomain", public_host="datalab.example.com", sign_scheme="hmac-sha256"))
+    assert (sub.routing, sub.public_host, sub.sign_scheme) == ("subdomain", "datalab.example.com", "hmac-sha256")

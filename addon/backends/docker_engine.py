@@ -91,7 +91,8 @@ class DockerBackend(Backend):
                 raise docker.errors.NotFound(str(e.explanation)) from e
             raise BackendError("the container engine refused the request", str(e.explanation or e)) from e
         except (docker.errors.DockerException, OSError) as e:
-            raise EngineUnavailable("the container engine cannot be reached; retry shortly", str(e)) from e
+            where = self.opts.docker_url or "the default Docker socket"
+            raise EngineUnavailable("the container engine cannot be reached; retry shortly", f"{where}: {e}") from e
 
     async def client(self) -> docker.DockerClient:
         if self._client is None:

@@ -9,6 +9,7 @@ import time
 import uuid
 from pathlib import Path
 from urllib.parse import urlencode
+from urllib.parse import urlsplit
 
 import requests
 import websockets.sync.client
@@ -23,9 +24,24 @@ BIN = Path(sys.executable).parent
 
 class Proxy:
     def __init__(
-        self, redis_url: str, prefix: str, sign_key: str, workdir: Path, options: dict | None = None, tool="mitmdump"
+        self,
+        redis_url: str,
+        prefix: str,
+        sign_key: str,
+        workdir: Path,
+        options: dict | None = None,
+        tool="mitmdump",
+        args: list[str] | None = None,
+        url_scheme: str = "http",
+        verify: str | bool = True,
     ):
+        """`args`: more mitmproxy arguments (e.g. ["--certs", "*=combined.pem"]); `url_scheme`: the scheme
+        of `base` ("https" to talk TLS to the listening port); `verify`: requests' verify for this
+        class's own requests (a CA bundle path)."""
         self.tool = tool
+        self.args = list(args or [])
+        self.url_scheme = url_scheme
+        self.verify = verify
         self.redis_url = redis_url
         self.prefix = prefix
         self.sign_key = sign_key
@@ -37,7 +53,7 @@ class Proxy:
 
     @property
     def base(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{self.url_scheme}://127.0.0.1:{self.port}"
 
     def url(self, path: str) -> str:
         return self.base + path
@@ -55,8 +71,9 @@ class Proxy:
             sets |= {"web_open_browser": "false", "web_port": str(free_port())}
         args = [str(BIN / self.tool), "-s", str(ROOT / "addon" / "datalab.py"), "--mode", "reverse:http://127.0.0.1:1"]
         args += ["--listen-host", "127.0.0.1", "--listen-port", str(self.port)]
-        for name, value in sets.items():
-            args += ["--set", f"{name}={value}"]
+        for name, value in sets.items():  # "{port}" in a value: the port this proxy listens on
+            args += ["--set", f"{name}={str(value).replace('{port}', str(self.port))}"]
+        args += self.args
         self.log = self.workdir / "mitmdump.log"
         self.proc = subprocess.Popen(args, stdout=self.log.open("w"), stderr=subprocess.STDOUT, cwd=self.workdir)
         wait_for_port(self.port, proc=self.proc)
@@ -68,7 +85,7 @@ class Proxy:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
-                r = requests.get(self.url("/datalab/"), timeout=2)
+                r = requests.get(self.url("/datalab/"), timeout=2, verify=self.verify)
                 if r.status_code == 404 and r.json()["code"] == "NOT_FOUND":
                     time.sleep(0.2)
                     assert self.proc.poll() is None, f"{self.tool} exited at start-up; see {self.log}"
@@ -101,7 +118,9 @@ class Proxy:
         ts = str(int(time.time() * 1000)) if ts is None else ts  # milliseconds: each signature is used once
         sign = signing.signature(self.sign_key, ts, nonce, self.scheme) if sign is None else sign
         query = urlencode({"ts": ts, "nonce": nonce})
-        return requests.post(self.url(f"/datalab/stop?{query}"), headers={"X-SIGN": sign}, timeout=60)
+        return requests.post(
+            self.url(f"/datalab/stop?{query}"), headers={"X-SIGN": sign}, timeout=60, verify=self.verify
+        )
 
     def upload(self, filename: str, data: bytes, ts: str | None = None, sign: str | None = None) -> requests.Response:
         ts = str(int(time.time() * 1000)) if ts is None else ts
@@ -112,6 +131,7 @@ class Proxy:
             data=data,
             headers={"X-SIGN": sign, "Content-Type": "application/octet-stream"},
             timeout=120,
+            verify=self.verify,
         )
 
     def start_instance(self, filename: str, data: bytes) -> str:
@@ -123,25 +143,34 @@ class Proxy:
 
 
 class Browser:
-    """One browser: its own cookie jar, opened on an instance through /datalab/view."""
+    """One browser page: its cookie jar (a jar may be shared by several pages of one browser), on
+    the page's origin `base` (the proxy's own by default; an instance's host in subdomain routing)."""
 
-    def __init__(self, proxy: Proxy):
+    def __init__(self, proxy: Proxy, base: str | None = None, http: requests.Session | None = None):
         self.proxy = proxy
-        self.http = requests.Session()
+        self.base = base or proxy.base
+        self.http = http or requests.Session()
+
+    def url(self, path: str) -> str:
+        return self.base + path
 
     def view(self, nonce: str, destination: str = "tree") -> requests.Response:
-        r = self.http.get(self.proxy.url(f"/datalab/view/{nonce}/{destination}"), allow_redirects=False, timeout=30)
+        r = self.http.get(self.url(f"/datalab/view/{nonce}/{destination}"), allow_redirects=False, timeout=30)
         assert r.status_code == 302, r.text
         return r
 
     def get(self, path: str, **kw) -> requests.Response:
-        return self.http.get(self.proxy.url(path), timeout=30, **kw)
+        return self.http.get(self.url(path), timeout=30, **kw)
 
     def post(self, path: str, **kw) -> requests.Response:
-        return self.http.post(self.proxy.url(path), timeout=60, **kw)
+        return self.http.post(self.url(path), timeout=60, **kw)
 
     def cookie_header(self) -> str:
-        return "; ".join(f"{c.name}={c.value}" for c in self.http.cookies)
+        """The cookies the jar holds for this page's host (what a browser would send with a WebSocket)."""
+        host = urlsplit(self.base).hostname
+        return "; ".join(
+            f"{c.name}={c.value}" for c in self.http.cookies if c.domain.lstrip(".") in (host, f"{host}.local")
+        )
 
     def start_kernel(self) -> str:
         self.get("/tree")  # as a browser does: Jupyter's page sets the _xsrf cookie
@@ -150,9 +179,11 @@ class Browser:
         assert r.status_code == 201, r.text
         return r.json()["id"]
 
-    def execute(self, kernel_id: str, code: str, timeout: float = 90.0) -> str:
-        """Run code over the kernel's WebSocket channel, through the proxy; return its stdout."""
-        ws_url = f"ws://127.0.0.1:{self.proxy.port}/api/kernels/{kernel_id}/channels?session_id={uuid.uuid4().hex}"
+    def execute(self, kernel_id: str, code: str, timeout: float = 90.0, origin: str | None = None) -> str:
+        """Run code over the kernel's WebSocket channel, through the proxy, as a page of `origin`
+        (this page's own by default); return its stdout."""
+        ws_base = "ws" + self.base.removeprefix("http")
+        ws_url = f"{ws_base}/api/kernels/{kernel_id}/channels?session_id={uuid.uuid4().hex}"
         msg_id = uuid.uuid4().hex
         request = {
             "header": {
@@ -178,7 +209,7 @@ class Browser:
         out: list[str] = []
         deadline = time.monotonic() + timeout
         with websockets.sync.client.connect(
-            ws_url, additional_headers={"Cookie": self.cookie_header()}, origin=self.proxy.base, open_timeout=30
+            ws_url, additional_headers={"Cookie": self.cookie_header()}, origin=origin or self.base, open_timeout=30
         ) as ws:
             ws.send(json.dumps(request))
             while time.monotonic() < deadline:

@@ -3,6 +3,9 @@ mitmdump, Redis, Docker and Jupyter. Each test is written as the attacker would 
 
 from __future__ import annotations
 
+import ipaddress
+import os
+import re
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -17,7 +20,11 @@ import hosts
 import signing
 from backends import AUTH_HEADER
 from backends import Instance
+from e2e.conftest import IMAGE
+from e2e.conftest import LABEL_PREFIX
 from e2e.proxy import Browser
+from e2e.proxy import Proxy
+from helpers import free_port
 
 CSV = b"x,y\n1,2\n"
 EVIL = "http://evil.example"
@@ -262,3 +269,66 @@ def test_subdomain_routing_gives_each_instance_its_own_origin(subdomain_proxy, w
         f"ws://{host_of[a]}/api/kernels/{kernel}/channels", page_a.cookie_header(), f"http://{host_of[b]}"
     )
     assert status == 403 and b"BAD_ORIGIN" in body  # B's pages cannot reach A's kernel
+
+
+@pytest.fixture
+def public_network(docker_client, world):
+    """A Docker network of this test whose addresses are public (11.0.0.0/8 is global to Python's
+    ipaddress and so to mitmproxy's block_global). It is internal: it has no route off this machine,
+    so the only place its containers reach is the host's end of the bridge."""
+    from docker.types import IPAMConfig
+    from docker.types import IPAMPool
+
+    octet = int.from_bytes(os.urandom(1)) % 200 + 20
+    subnet, gateway = f"11.254.{octet}.0/24", f"11.254.{octet}.1"
+    net = docker_client.networks.create(
+        f"{world.prefix[:-1]}-public",
+        driver="bridge",
+        internal=True,
+        ipam=IPAMConfig(pool_configs=[IPAMPool(subnet=subnet, gateway=gateway)]),
+        labels={LABEL_PREFIX: world.prefix},
+    )
+    yield net, gateway
+    net.remove()
+
+
+def net_subnet(net) -> str:
+    return net.attrs["IPAM"]["Config"][0]["Subnet"]
+
+
+def test_a_client_with_a_public_address_is_served(
+    public_network, docker_client, redis_server, world, sign_key, tmp_path
+):
+    net, gateway = public_network
+    net.reload()
+    assert net.attrs["Internal"] is True  # no egress: Docker gives the network no way out
+    port = free_port()
+    # A second listener on the bridge's host address: the proxy's usual one stays on loopback.
+    listen = ["--mode", f"reverse:http://127.0.0.1:1@{gateway}:{port}"]
+    p = Proxy(redis_server.url, world.prefix, sign_key, tmp_path, {"datalab_pool_size": 0}, args=listen).start()
+    try:
+        code = (
+            "import json, urllib.request, urllib.error\n"
+            "try:\n"
+            f"    urllib.request.urlopen('http://{gateway}:{port}/datalab/nothing', timeout=20)\n"
+            "except urllib.error.HTTPError as e:\n"
+            "    print(e.code, json.load(e)['code'])\n"
+            "except Exception as e:\n"
+            "    print('refused:', repr(e))\n"
+        )
+        client = docker_client.containers.run(
+            IMAGE, ["python3", "-c", code], network=net.name, labels={LABEL_PREFIX: world.prefix}, detach=True
+        )
+        try:
+            client.wait(timeout=60)
+            assert client.logs().decode().strip() == "404 NOT_FOUND"
+        finally:
+            client.remove(force=True)
+        # mitmdump logs each client's address: it was the container's public one
+        seen = re.findall(r"^(\d+\.\d+\.\d+\.\d+):\d+: GET ", p.log_text(), re.MULTILINE)
+        assert any(
+            ipaddress.ip_address(a).is_global and ipaddress.ip_address(a) in ipaddress.ip_network(net_subnet(net))
+            for a in seen
+        )
+    finally:
+        p.stop()

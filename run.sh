@@ -3,23 +3,121 @@
 # builds the Jupyter image if missing, then execs mitmdump with the addon.
 #
 #   ./run.sh [--web] [mitmproxy arguments ...]
+#   ./run.sh --tls-check
 #
 #   --web                   run mitmweb (flow inspector on http://127.0.0.1:8081) instead of mitmdump
+#   --tls-check             only check DATALAB_TLS_CERT and DATALAB_TLS_KEY and write .state/tls.pem, then
+#                           exit (installs and starts nothing; e.g. to try a renewed certificate)
 #   DATALAB_LISTEN_HOST     address to listen on (default 127.0.0.1)
 #   DATALAB_PORT            port to listen on (default 8080)
 #   DATALAB_SIGN_KEY        shared signing key (default: generated once, kept in .state/sign_key)
 #   DATALAB_REDIS_URL       Redis URL (default redis://127.0.0.1:6379/0; started here when local and silent)
 #   DATALAB_IMAGE           Jupyter image (default datalab-notebook:latest; built here when missing)
+#   DATALAB_TLS_CERT        TLS: PEM certificate chain, the server's own certificate first, then its
+#                           intermediates (as a CA issues a "fullchain.pem")
+#   DATALAB_TLS_KEY         TLS: the PEM private key of that certificate, unencrypted
 # Any other datalab_* option: pass --set datalab_NAME=VALUE (see README).
+#
+# TLS: with DATALAB_TLS_CERT and DATALAB_TLS_KEY both set, the proxy serves HTTPS (and wss://, and
+# HTTP/2 to clients that offer it) with that certificate, whatever name a client asks for, on
+# DATALAB_PORT. Both files are checked first (present, readable, PEM; the key unencrypted and the one
+# of the first certificate; that certificate valid now), then written, key first, into .state/tls.pem
+# (mode 0600, rewritten at each start), which mitmproxy is given as --certs '*=.state/tls.pem'.
+# Plain HTTP keeps working on the same port: mitmproxy tells TLS from HTTP by a client's first bytes.
+# When browsers come over HTTPS only, also pass --set datalab_cookie_secure=true: the session cookie
+# becomes __Host-datalab_session, marked Secure, which browsers never send over plain HTTP.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=scripts/setup.sh
 . "$ROOT/scripts/setup.sh"
 
+# TLS: check DATALAB_TLS_CERT and DATALAB_TLS_KEY, and write them as the one file mitmproxy reads
+# (see above). Sets tls_file, tls_names (what the certificate covers) and tls_args (for mitmproxy).
+prepare_tls() {
+  local var file
+  [ -n "${DATALAB_TLS_CERT:-}" ] || die "DATALAB_TLS_KEY is set but DATALAB_TLS_CERT is not: set both (a PEM certificate chain, leaf first, and its PEM key), or neither for plain HTTP"
+  [ -n "${DATALAB_TLS_KEY:-}" ] || die "DATALAB_TLS_CERT is set but DATALAB_TLS_KEY is not: set both (a PEM certificate chain, leaf first, and its PEM key), or neither for plain HTTP"
+  for var in DATALAB_TLS_CERT DATALAB_TLS_KEY; do
+    file=${!var}
+    [ -e "$file" ] || die "$var=$file: no such file"
+    [ -f "$file" ] || die "$var=$file: not a regular file"
+    [ -r "$file" ] || die "$var=$file: not readable by $(id -un) (check its mode and owner)"
+  done
+  tls_file="$STATE/tls.pem"
+  # Checked and written by Python (cryptography comes with mitmproxy): the key, then the chain as given.
+  tls_names=$("$VENV/bin/python" - "$DATALAB_TLS_CERT" "$DATALAB_TLS_KEY" "$tls_file" <<'PY'
+import datetime
+import os
+import sys
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+cert_path, key_path, out = sys.argv[1:]
+
+
+def fail(message):
+    sys.exit(f"[datalab] error: {message}")
+
+
+try:
+    chain = x509.load_pem_x509_certificates(open(cert_path, "rb").read())
+except ValueError as e:
+    fail(f"DATALAB_TLS_CERT={cert_path}: no PEM certificate in it ({e})")
+try:
+    key = serialization.load_pem_private_key(open(key_path, "rb").read(), password=None)
+except TypeError:
+    fail(f"DATALAB_TLS_KEY={key_path}: the key is encrypted; decrypt it (openssl pkey -in KEY -out PLAIN.pem)")
+except ValueError as e:
+    fail(f"DATALAB_TLS_KEY={key_path}: no PEM private key in it ({e})")
+leaf = chain[0]
+if leaf.public_key() != key.public_key():
+    fail(
+        f"DATALAB_TLS_KEY={key_path} is not the key of the first certificate in DATALAB_TLS_CERT={cert_path}"
+        " (the server's own certificate comes first, then its intermediates)"
+    )
+now = datetime.datetime.now(datetime.UTC)
+if not leaf.not_valid_before_utc <= now <= leaf.not_valid_after_utc:
+    fail(f"DATALAB_TLS_CERT={cert_path} is valid from {leaf.not_valid_before_utc} to {leaf.not_valid_after_utc}, not now")
+for child, parent in zip(chain, chain[1:]):
+    if child.issuer != parent.subject:
+        print(f"[datalab] warning: in {cert_path}, {parent.subject.rfc4514_string()} did not issue"
+              f" {child.subject.rfc4514_string()}: is the chain in order, leaf first?", file=sys.stderr)
+pem = serialization.Encoding.PEM
+body = key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+body += b"".join(c.public_bytes(pem) for c in chain)
+tmp = out + ".tmp"
+if os.path.lexists(tmp):
+    os.unlink(tmp)
+fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+with os.fdopen(fd, "wb") as f:
+    f.write(body)
+os.replace(tmp, out)
+try:
+    sans = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    names = [str(n) for kind in (x509.DNSName, x509.IPAddress) for n in sans.get_values_for_type(kind)]
+except x509.ExtensionNotFound:
+    names = []
+print(", ".join(names) or "(no subjectAltName: browsers will refuse it)")
+PY
+) || exit 1
+  tls_args=(--certs "*=$tls_file")
+}
+
 tool=mitmdump
 if [ "${1:-}" = "--web" ]; then tool=mitmweb; shift; fi
+tls_args=()
+
+if [ "${1:-}" = "--tls-check" ]; then
+  [ -n "${DATALAB_TLS_CERT:-}${DATALAB_TLS_KEY:-}" ] || die "--tls-check: set DATALAB_TLS_CERT and DATALAB_TLS_KEY"
+  [ -x "$VENV/bin/python" ] || ensure_venv
+  prepare_tls
+  say "TLS: ready to serve the certificate for $tls_names (from $DATALAB_TLS_CERT) with $tls_file"
+  exit 0
+fi
 
 ensure_all
+[ -z "${DATALAB_TLS_CERT:-}${DATALAB_TLS_KEY:-}" ] || prepare_tls  # before anything is started: fail fast
 export DATALAB_REDIS_URL=${DATALAB_REDIS_URL:-redis://127.0.0.1:6379/0}
 ensure_redis "$DATALAB_REDIS_URL"
 
@@ -34,11 +132,16 @@ export DATALAB_SIGN_KEY
 
 host=${DATALAB_LISTEN_HOST:-127.0.0.1}
 port=${DATALAB_PORT:-8080}
-say "proxy listening on http://$host:$port/  (Redis: $DATALAB_REDIS_URL)"
+if [ ${#tls_args[@]} -gt 0 ]; then
+  say "proxy listening on https://$host:$port/ and, on the same port, http://$host:$port/  (Redis: $DATALAB_REDIS_URL)"
+  say "TLS certificate for: $tls_names  (from $DATALAB_TLS_CERT; combined into $tls_file)"
+else
+  say "proxy listening on http://$host:$port/  (Redis: $DATALAB_REDIS_URL)"
+fi
 say "sign key: $DATALAB_SIGN_KEY"
 [ "$tool" = mitmweb ] && say "flow inspector: http://127.0.0.1:8081/"
 
 exec "$VENV/bin/$tool" -s "$ROOT/addon/datalab.py" \
   --mode reverse:http://127.0.0.1:1 --listen-host "$host" --listen-port "$port" \
   --set connection_strategy=lazy --set keep_host_header=true \
-  "$@"
+  "${tls_args[@]}" "$@"

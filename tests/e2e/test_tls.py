@@ -1,0 +1,421 @@
+"""TLS on the proxy's own port, end to end: a certificate made here (by a CA made here), turned by
+`run.sh --tls-check` (DATALAB_TLS_CERT, DATALAB_TLS_KEY) into the file that run.sh gives mitmproxy,
+served by a real mitmdump given `--certs *=<that file>` as run.sh does; clients that verify it;
+HTTP/1.1, WebSocket and HTTP/2 through it to real Jupyter containers.
+
+All traffic stays on 127.0.0.1: requests and websockets connect to the address itself (the
+certificate names it), curl reaches `localhost` only through `--resolve localhost:PORT:127.0.0.1`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import hashlib
+import ipaddress
+import json
+import os
+import shutil
+import socket
+import ssl
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from urllib.parse import urlencode
+
+import h2.config
+import h2.connection
+import h2.events
+import pytest
+import requests
+import websockets.sync.client
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID
+from cryptography.x509.oid import NameOID
+
+import signing
+from e2e.proxy import ROOT
+from e2e.proxy import Browser
+from e2e.proxy import Proxy
+from runtime import remove_all_instances as remove_all
+
+CSV = b"planet,moons\nMars,2\nJupiter,95\n"
+COOKIE = "__Host-datalab_session"  # datalab_cookie_secure=true: the __Host- prefix, no Domain
+
+
+class TestCA:
+    """A throwaway CA and a leaf for localhost and 127.0.0.1 it signed, as PEM files in `where`:
+    ca.pem, fullchain.pem (leaf, then CA) and key.pem, as an operator would give them to run.sh."""
+
+    __test__ = False  # not a test class, whatever its name
+
+    def __init__(self, where: Path):
+        now = datetime.datetime.now(datetime.UTC)
+        ca_key = ec.generate_private_key(ec.SECP256R1())
+        ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "datalab e2e test CA")])
+        ca_ski = x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key())
+        ca = (
+            x509.CertificateBuilder()
+            .subject_name(ca_name)
+            .issuer_name(ca_name)
+            .public_key(ca_key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(hours=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=False,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    key_cert_sign=True,
+                    crl_sign=True,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
+                critical=True,
+            )
+            .add_extension(ca_ski, critical=False)
+            .sign(ca_key, hashes.SHA256())
+        )
+        leaf_key = ec.generate_private_key(ec.SECP256R1())
+        leaf = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
+            .issuer_name(ca_name)
+            .public_key(leaf_key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(hours=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(
+                x509.SubjectAlternativeName(
+                    [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+                ),
+                critical=False,
+            )
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), critical=False)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(leaf_key.public_key()), critical=False)
+            .sign(ca_key, hashes.SHA256())
+        )
+        pem = serialization.Encoding.PEM
+        self.where = where
+        self.ca_pem = ca.public_bytes(pem)
+        self.leaf_pem = leaf.public_bytes(pem)
+        self.key_pem = leaf_key.private_bytes(
+            pem, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption()
+        )
+        self.ca = where / "ca.pem"
+        self.ca.write_bytes(self.ca_pem)
+        self.fullchain = where / "fullchain.pem"
+        self.fullchain.write_bytes(self.leaf_pem + self.ca_pem)
+        self.key = where / "key.pem"
+        self.key.write_bytes(self.key_pem)
+        self.key.chmod(0o600)
+
+
+def run_sh_tls_check(state: Path, cert: Path | str, key: Path | str) -> subprocess.CompletedProcess:
+    """`./run.sh --tls-check`: checks the two files and writes state/tls.pem; installs and starts nothing."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DATALAB_")}
+    env |= {"DATALAB_STATE": str(state), "DATALAB_VENV": str(Path(sys.executable).parent.parent)}
+    env |= {"DATALAB_TLS_CERT": str(cert), "DATALAB_TLS_KEY": str(key)}
+    command = ["bash", str(ROOT / "run.sh"), "--tls-check"]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=60, cwd=state)
+
+
+@pytest.fixture(scope="module")
+def tls(tmp_path_factory) -> TestCA:
+    return TestCA(tmp_path_factory.mktemp("tls"))
+
+
+@pytest.fixture(scope="module")
+def combined(tls, tmp_path_factory) -> Path:
+    """The file run.sh makes for mitmproxy from DATALAB_TLS_CERT and DATALAB_TLS_KEY."""
+    state = tmp_path_factory.mktemp("state")
+    done = run_sh_tls_check(state, tls.fullchain, tls.key)
+    assert done.returncode == 0, done.stderr
+    assert "localhost, 127.0.0.1" in done.stderr
+    return state / "tls.pem"
+
+
+@pytest.fixture(scope="module")
+def tls_proxy(redis_server, world, sign_key, tmp_path_factory, tls, combined):
+    """One proxy for the module, under its own key prefix: TLS with the test's certificate, a Secure
+    (so `__Host-`) session cookie, no pool (each upload boots its instance; nothing boots unasked)."""
+    prefix = world.sub("tls")
+    world.prefixes.add(prefix)
+    options = {"datalab_pool_size": 0, "datalab_cookie_secure": "true"}
+    p = Proxy(
+        redis_server.url,
+        prefix,
+        sign_key,
+        tmp_path_factory.mktemp("proxy"),
+        options,
+        args=["--certs", f"*={combined}"],  # as run.sh passes it
+        url_scheme="https",
+        verify=str(tls.ca),
+    )
+    p.start()
+    yield p
+    p.stop()
+    asyncio.run(remove_all(redis_server.url, prefix))
+    assert world.containers(prefix) == []
+
+
+@pytest.fixture(scope="module")
+def csv_nonce(tls_proxy):
+    return tls_proxy.start_instance("planets.csv", CSV)  # over https, verified against the test's CA
+
+
+def tls_browser(proxy: Proxy, ca: Path) -> Browser:
+    browser = Browser(proxy)  # its URLs are the proxy's https base
+    browser.http.verify = str(ca)
+    browser.http.trust_env = False  # else REQUESTS_CA_BUNDLE, when set, overrides a Session's verify
+    return browser
+
+
+def execute_over_wss(browser: Browser, ca: Path, kernel_id: str, code: str, timeout: float = 90.0) -> str:
+    """As Browser.execute, over wss:// with a client that trusts only the test's CA; returns stdout."""
+    port = browser.proxy.port
+    url = f"wss://127.0.0.1:{port}/api/kernels/{kernel_id}/channels?session_id={uuid.uuid4().hex}"
+    msg_id = uuid.uuid4().hex
+    request = {
+        "header": {
+            "msg_id": msg_id,
+            "username": "e2e",
+            "session": uuid.uuid4().hex,
+            "msg_type": "execute_request",
+            "version": "5.3",
+        },
+        "parent_header": {},
+        "metadata": {},
+        "channel": "shell",
+        "buffers": [],
+        "content": {"code": code, "silent": False, "store_history": False, "user_expressions": {}},
+    }
+    context = ssl.create_default_context(cafile=str(ca))
+    out: list[str] = []
+    deadline = time.monotonic() + timeout
+    with websockets.sync.client.connect(
+        url,
+        ssl=context,
+        additional_headers={"Cookie": browser.cookie_header()},
+        origin=f"https://127.0.0.1:{port}",
+        open_timeout=30,
+    ) as ws:
+        ws.send(json.dumps(request))
+        while time.monotonic() < deadline:
+            msg = json.loads(ws.recv(timeout=max(0.1, deadline - time.monotonic())))
+            if msg.get("parent_header", {}).get("msg_id") != msg_id:
+                continue
+            kind = msg["header"]["msg_type"]
+            if kind == "stream":
+                out.append(msg["content"]["text"])
+            elif kind == "error":
+                raise AssertionError("kernel error: " + "\n".join(msg["content"]["traceback"]))
+            elif kind == "status" and msg["content"]["execution_state"] == "idle":
+                return "".join(out)
+    raise TimeoutError("the kernel did not finish in time")
+
+
+def h2_post(port: int, ca: Path, path: str, headers: list[tuple[str, str]], body: bytes, empty_at: int):
+    """POST over HTTP/2 with the h2 library (mitmproxy's own HTTP/2 stack): no content-length, DATA
+    frames of 16 KiB as flow control allows, and one empty DATA frame (legal) after `empty_at` bytes.
+    Connects to 127.0.0.1, verifying the certificate as `localhost`. Returns (status, body)."""
+    context = ssl.create_default_context(cafile=str(ca))
+    context.set_alpn_protocols(["h2"])
+    raw = socket.create_connection(("127.0.0.1", port), timeout=60)
+    with context.wrap_socket(raw, server_hostname="localhost") as sock:
+        assert sock.selected_alpn_protocol() == "h2"
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        conn.initiate_connection()
+        stream = conn.get_next_available_stream_id()
+        request = [(":method", "POST"), (":scheme", "https"), (":authority", f"localhost:{port}"), (":path", path)]
+        conn.send_headers(stream, request + headers)
+        sock.sendall(conn.data_to_send())
+        answer: dict = {"status": None, "body": b"", "ended": None}
+
+        def receive() -> None:
+            data = sock.recv(65536)
+            assert data, "the proxy closed the connection"
+            for event in conn.receive_data(data):
+                if isinstance(event, h2.events.ResponseReceived):
+                    answer["status"] = int(dict(event.headers)[b":status"])
+                elif isinstance(event, h2.events.DataReceived):
+                    answer["body"] += event.data
+                    conn.acknowledge_received_data(event.flow_controlled_length, stream)
+                elif isinstance(event, h2.events.StreamEnded):
+                    answer["ended"] = "ended"
+                elif isinstance(event, h2.events.StreamReset):
+                    answer["ended"] = f"reset ({event.error_code!r})"
+            sock.sendall(conn.data_to_send())
+
+        sent, emptied = 0, False
+        while sent < len(body) and answer["ended"] is None:
+            if sent >= empty_at and not emptied:
+                conn.send_data(stream, b"")
+                emptied = True
+            window = min(conn.local_flow_control_window(stream), conn.max_outbound_frame_size, 16384)
+            if window <= 0:
+                receive()  # WINDOW_UPDATE frames, or an answer that came early
+                continue
+            conn.send_data(stream, body[sent : sent + window])
+            sent += min(window, len(body) - sent)
+            sock.sendall(conn.data_to_send())
+        assert emptied and sent == len(body), f"the proxy answered mid-upload, after {sent} bytes: {answer}"
+        conn.end_stream(stream)
+        sock.sendall(conn.data_to_send())
+        while answer["ended"] is None:
+            receive()
+        assert answer["ended"] == "ended", answer
+        return answer["status"], answer["body"]
+
+
+def signed_start(proxy: Proxy, filename: str) -> tuple[str, str]:
+    """The path of a /datalab/start for `filename` and its one-time X-SIGN."""
+    ts = str(int(time.time() * 1000))
+    sign = signing.signature(proxy.sign_key, ts, filename, proxy.scheme)
+    return "/datalab/start?" + urlencode({"ts": ts, "filename": filename}), sign
+
+
+def fetch_sha256(proxy: Proxy, ca: Path, nonce: str, filename: str) -> tuple[int, str]:
+    r = requests.get(proxy.url(f"/datalab/static/{nonce}/files/{filename}"), verify=str(ca), timeout=60)
+    assert r.status_code == 200, r.text[:200]
+    return len(r.content), hashlib.sha256(r.content).hexdigest()
+
+
+def curl_h2(proxy: Proxy, ca: Path, path: str, *extra: str, stdin=None) -> tuple[str, bytes]:
+    """curl over HTTP/2 (ALPN h2, asserted), verifying against `ca`, to https://localhost:PORT with
+    localhost resolved by curl itself to 127.0.0.1 (no lookup) and no proxy. Returns (trace, body)."""
+    curl = shutil.which("curl")
+    if curl is None:
+        pytest.fail("curl is not installed (Debian: apt-get install curl); these tests speak HTTP/2 with it")
+    port = proxy.port
+    command = [curl, "-sS", "-v", "--http2", "--cacert", str(ca), "--resolve", f"localhost:{port}:127.0.0.1"]
+    command += ["--noproxy", "*", "--max-time", "120", *extra, f"https://localhost:{port}{path}"]
+    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
+    done = subprocess.run(command, stdin=stdin, capture_output=True, timeout=150, env=env)
+    trace = done.stderr.decode(errors="replace")
+    assert done.returncode == 0, trace
+    assert "ALPN: server accepted h2" in trace, trace
+    request_line = next(line for line in trace.splitlines() if line.startswith("> "))
+    assert request_line.endswith(" HTTP/2"), trace
+    return trace, done.stdout
+
+
+def test_run_sh_combines_the_key_and_chain_and_refuses_bad_files(tls, combined, tmp_path):
+    """The file is private and holds the key, then the chain as given (leaf first); wrong input stops
+    run.sh with a message naming the variable, before anything is written."""
+    assert combined.stat().st_mode & 0o777 == 0o600
+    text = combined.read_bytes()
+    assert text.startswith(b"-----BEGIN PRIVATE KEY-----")
+    assert text.index(tls.leaf_pem) < text.index(tls.ca_pem)
+    other = tmp_path / "other-key.pem"
+    other.write_bytes(
+        ec.generate_private_key(ec.SECP256R1()).private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    cases = [
+        (tls.fullchain, "", "DATALAB_TLS_CERT is set but DATALAB_TLS_KEY is not"),
+        (tmp_path / "missing.pem", tls.key, "DATALAB_TLS_CERT=" + str(tmp_path / "missing.pem") + ": no such file"),
+        (tls.fullchain, tmp_path, "not a regular file"),
+        (tls.key, tls.key, "no PEM certificate"),
+        (tls.fullchain, other, "is not the key of the first certificate"),
+        (tls.ca, tls.key, "is not the key of the first certificate"),  # the chain's order matters
+    ]
+    for cert, key, message in cases:
+        done = run_sh_tls_check(tmp_path, cert, key)
+        assert done.returncode != 0 and message in done.stderr, (cert, key, done.stderr)
+        assert not (tmp_path / "tls.pem").exists()
+
+
+def test_the_served_certificate_is_the_given_one(tls_proxy, tls):
+    """The leaf on the wire is the test's (not one mitmproxy minted with its own CA), and only a
+    client trusting the test's CA accepts it."""
+    served = ssl.get_server_certificate(("127.0.0.1", tls_proxy.port), timeout=10)
+    assert x509.load_pem_x509_certificate(served.encode()) == x509.load_pem_x509_certificate(tls.leaf_pem)
+
+    r = requests.get(tls_proxy.url("/datalab/"), verify=str(tls.ca), timeout=10)
+    assert r.status_code == 404 and r.json()["code"] == "NOT_FOUND"
+    with pytest.raises(requests.exceptions.SSLError, match="CERTIFICATE_VERIFY_FAILED"):
+        requests.get(tls_proxy.url("/datalab/"), timeout=10)  # the system's CAs: not the test's
+    mitmproxy_ca = Path.home() / ".mitmproxy" / "mitmproxy-ca-cert.pem"  # the confdir mitmdump used
+    assert mitmproxy_ca.is_file()
+    with pytest.raises(requests.exceptions.SSLError, match="CERTIFICATE_VERIFY_FAILED"):
+        requests.get(tls_proxy.url("/datalab/"), verify=str(mitmproxy_ca), timeout=10)
+
+
+def test_plain_http_still_works_on_the_same_port(tls_proxy, csv_nonce):
+    r = requests.get(f"http://127.0.0.1:{tls_proxy.port}/datalab/static/{csv_nonce}/files/planets.csv", timeout=30)
+    assert r.status_code == 200 and r.content == CSV
+
+
+def test_upload_view_and_kernel_over_tls(tls_proxy, tls, csv_nonce):
+    assert len(csv_nonce) >= 22  # the upload (fixture) answered 200 OK with a nonce, over verified https
+    browser = tls_browser(tls_proxy, tls.ca)
+    r = browser.view(csv_nonce, "tree?x=1")
+    assert r.headers["Location"] == "/tree?x=1"
+    assert browser.http.cookies.get(COOKIE)
+    kernel = browser.start_kernel()
+    out = execute_over_wss(browser, tls.ca, kernel, "print(open('planets.csv').read().splitlines()[2])")
+    assert out.strip() == "Jupiter,95"
+
+
+def test_secure_host_cookie_round_trips_over_https(tls_proxy, tls, csv_nonce):
+    browser = tls_browser(tls_proxy, tls.ca)
+    r = browser.view(csv_nonce)
+    set_cookie = r.headers["Set-Cookie"]
+    name, _, rest = set_cookie.partition("=")
+    value, _, attributes = rest.partition("; ")
+    assert name == COOKIE and len(value) >= 22
+    assert attributes == "Path=/; HttpOnly; SameSite=Lax; Secure"  # in particular: no Domain
+    assert [c.name for c in browser.http.cookies] == [COOKIE]
+    r = browser.get("/api/contents")
+    assert r.status_code == 200, r.text
+    assert "planets.csv" in [item["name"] for item in r.json()["content"]]
+
+
+def test_http2_view_and_static(tls_proxy, tls, csv_nonce):
+    trace, _ = curl_h2(tls_proxy, tls.ca, f"/datalab/view/{csv_nonce}/tree")
+    assert "< HTTP/2 302" in trace and "< location: /tree" in trace, trace
+    assert f"< set-cookie: {COOKIE}=" in trace, trace
+    trace, body = curl_h2(tls_proxy, tls.ca, f"/datalab/static/{csv_nonce}/files/planets.csv")
+    assert "< HTTP/2 200" in trace and body == CSV, trace
+
+
+def test_http2_upload_of_unknown_length_arrives_whole(tls_proxy, tls, tmp_path):
+    data = os.urandom(4 * 1024 * 1024 + 4321)
+    upload = tmp_path / "blob.bin"
+    upload.write_bytes(data)
+    path, sign = signed_start(tls_proxy, "blob.bin")
+    headers = ["-H", f"X-SIGN: {sign}", "-H", "Content-Type: application/octet-stream"]
+    with upload.open("rb") as stdin:  # -T -: stdin, a body of unknown length
+        trace, out = curl_h2(tls_proxy, tls.ca, path, "-X", "POST", "-T", "-", *headers, stdin=stdin)
+    request_headers = [line[2:].lower() for line in trace.splitlines() if line.startswith("> ")]
+    assert request_headers[0].startswith("post /datalab/start?"), trace
+    assert not any(h.startswith(("content-length:", "transfer-encoding:")) for h in request_headers), trace
+    assert "< HTTP/2 200" in trace, trace
+    body = json.loads(out)
+    assert body["code"] == "OK", body
+    nonce = body["result"]["nonce"]
+    assert fetch_sha256(tls_proxy, tls.ca, nonce, "blob.bin") == (len(data), hashlib.sha256(data).hexdigest())
+
+
+def test_http2_upload_with_an_empty_data_frame_arrives_whole(tls_proxy, tls):
+    """An empty DATA frame mid-body is legal HTTP/2 (it is not the end: END_STREAM is)."""
+    data = os.urandom(3 * 1024 * 1024 + 77)
+    path, sign = signed_start(tls_proxy, "frames.bin")
+    headers = [("x-sign", sign), ("content-type", "application/octet-stream")]
+    status, body = h2_post(tls_proxy.port, tls.ca, path, headers, data, empty_at=1024 * 1024)
+    assert status == 200, body[:300]
+    nonce = json.loads(body)["result"]["nonce"]
+    assert fetch_sha256(tls_proxy, tls.ca, nonce, "frames.bin") == (len(data), hashlib.sha256(data).hexdigest())

@@ -35,6 +35,7 @@ from marks import STATIC
 from router import reroute
 from router import route_to_instance
 from runtime import Runtime
+from upload import RECEIVED
 from upload import SINK_HOST
 from upload import BodyCollector
 from upload import UploadSink
@@ -232,6 +233,10 @@ class Api:
 
     def _to_sink(self, flow: http.HTTPFlow, limit: int) -> None:
         flow.request.stream = BodyCollector(limit)
+        if "Content-Length" not in flow.request.headers and "Transfer-Encoding" not in flow.request.headers:
+            # HTTP/2 and /3 may send a body with no length at all; towards the HTTP/1.1 sink such a
+            # request would have no body. Chunked, mitmproxy frames each piece for it.
+            flow.request.headers["Transfer-Encoding"] = "chunked"
         reroute(flow, SINK_HOST, self.sink.port)
         flow.metadata[SINK] = True
 
@@ -244,6 +249,9 @@ class Api:
             raise ApiError(500, "INTERNAL", "the upload body was not collected")
         if collector.too_large:
             raise self._too_large()
+        if flow.response is None or flow.response.headers.get(RECEIVED) != str(collector.size):
+            # The sink read another number of bytes than the client sent: never start on a cut body.
+            raise errors.bad_request("the upload body did not arrive whole; send it again")
         nonce = await while_client_waits(flow, self.runtime.instances.start(flow.metadata[START], collector.body()))
         flow.response = errors.json_response(200, {"code": "OK", "result": {"nonce": nonce}})
 

@@ -19,6 +19,7 @@ import h11
 log = logging.getLogger(__name__)
 
 SINK_HOST = "127.0.0.1"
+RECEIVED = "X-Datalab-Received"  # the sink's count of body bytes it read, so a body cut short is noticed
 _NOT_ANSWERED = json.dumps({"code": "INTERNAL", "message": "the proxy did not answer this upload; see its log"})
 
 
@@ -34,7 +35,11 @@ class BodyCollector:
     def too_large(self) -> bool:
         return self.size > self.limit
 
-    def __call__(self, chunk: bytes) -> bytes:
+    def __call__(self, chunk: bytes) -> bytes | list[bytes]:
+        if not chunk:
+            # An empty HTTP/2 DATA frame: passed on as b"" it would be the last chunk of the chunked
+            # body towards the sink, which would then answer before the rest arrived.
+            return []
         self.size += len(chunk)
         if self.too_large:
             self._kept = bytearray()  # over the limit: keep nothing, just count
@@ -64,11 +69,14 @@ class UploadSink:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = h11.Connection(h11.SERVER)
+        received = 0
         try:
             while True:
                 event = conn.next_event()
                 if event is h11.NEED_DATA:
                     conn.receive_data(await reader.read(256 * 1024))
+                elif isinstance(event, h11.Data):
+                    received += len(event.data)
                 elif isinstance(event, h11.EndOfMessage):
                     break
                 elif isinstance(event, h11.ConnectionClosed):
@@ -78,6 +86,7 @@ class UploadSink:
                 ("Content-Type", "application/json"),
                 ("Content-Length", str(len(body))),
                 ("Connection", "close"),
+                (RECEIVED, str(received)),
             ]
             writer.write(conn.send(h11.Response(status_code=500, headers=headers)))
             writer.write(conn.send(h11.Data(data=body)))

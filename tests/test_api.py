@@ -16,6 +16,7 @@ from marks import DEFERRED
 from marks import SINK
 from marks import START
 from runtime import Runtime
+from upload import RECEIVED
 from upload import BodyCollector
 from upload import UploadSink
 
@@ -73,8 +74,9 @@ async def run_headers(flow, sink, rt=None):
     return flow
 
 
-async def through_api(flow, sink, rt=None):
-    """requestheaders, then what mitmproxy does with a streamed body: chunks, the sink's answer, `response`."""
+async def through_api(flow, sink, rt=None, received=None):
+    """requestheaders, then what mitmproxy does with a streamed body: chunks, the sink's answer
+    (saying it read `received` bytes: the whole body unless told), `response`."""
     api = Api(rt or runtime_for(), sink)
     with taddons.context(api):
         await api.requestheaders(flow)
@@ -84,6 +86,8 @@ async def through_api(flow, sink, rt=None):
                 flow.request.stream(flow.request.content[i : i + 3])
             flow.request.stream(b"")
             flow.response = tutils.tresp(status_code=500)
+            whole = len(flow.request.content)
+            flow.response.headers[RECEIVED] = str(whole if received is None else received)
             await api.response(flow)
     return flow
 
@@ -167,13 +171,27 @@ async def test_body_over_the_limit_is_refused_while_streaming(sink, redis_url):
     assert flow.response.status_code == 413 and body(flow)["code"] == "UPLOAD_TOO_LARGE"
 
 
+async def test_a_body_the_sink_did_not_receive_whole_starts_nothing(sink, rt):
+    flow = await through_api(start_flow(content=b"a,b\n1,2\n"), sink, rt, received=4)
+    assert flow.response.status_code == 400 and "whole" in body(flow)["message"]
+
+
+async def test_a_start_without_a_length_is_sent_chunked_to_the_sink(sink, rt):
+    flow = start_flow()
+    del flow.request.headers["Content-Length"]  # as an HTTP/2 request may come
+    flow = await run_headers(flow, sink, rt)
+    assert flow.request.headers["Transfer-Encoding"] == "chunked"
+
+
 @pytest.mark.parametrize(
     "chunks, limit, kept, too_large",
     [([b"ab", b"cd", b""], 4, b"abcd", False), ([b"ab", b"cde", b""], 4, b"", True), ([b""], 0, b"", False)],
 )
 def test_body_collector_keeps_at_most_the_limit(chunks, limit, kept, too_large):
     collector = BodyCollector(limit)
-    assert [collector(c) for c in chunks] == chunks  # every chunk passes on to the sink
+    # every chunk passes on to the sink; an empty one (an empty HTTP/2 DATA frame) is not sent at
+    # all, since an empty chunk would end the chunked body
+    assert [collector(c) for c in chunks] == [c or [] for c in chunks]
     assert collector.body() == kept and collector.too_large is too_large
 
 

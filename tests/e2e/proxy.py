@@ -148,8 +148,12 @@ class Browser:
 
     def __init__(self, proxy: Proxy, base: str | None = None, http: requests.Session | None = None):
         self.proxy = proxy
-        self.base = base or proxy.base
+        self._base = base
         self.http = http or requests.Session()
+
+    @property
+    def base(self) -> str:
+        return self._base or self.proxy.base  # follows `proxy` when a test swaps it (a restart)
 
     def url(self, path: str) -> str:
         return self.base + path

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import ssl
 import subprocess
 import sys
 import time
@@ -212,8 +213,15 @@ class Browser:
         }
         out: list[str] = []
         deadline = time.monotonic() + timeout
+        # over wss://, trust what this page's HTTP client trusts (a test's CA bundle, say)
+        trusted = self.http.verify if isinstance(self.http.verify, str) else None
+        tls = ssl.create_default_context(cafile=trusted) if ws_url.startswith("wss:") else None
         with websockets.sync.client.connect(
-            ws_url, additional_headers={"Cookie": self.cookie_header()}, origin=origin or self.base, open_timeout=30
+            ws_url,
+            ssl=tls,
+            additional_headers={"Cookie": self.cookie_header()},
+            origin=origin or self.base,
+            open_timeout=30,
         ) as ws:
             ws.send(json.dumps(request))
             while time.monotonic() < deadline:

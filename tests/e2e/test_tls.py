@@ -21,7 +21,6 @@ import ssl
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 from urllib.parse import urlencode
 
@@ -30,7 +29,6 @@ import h2.connection
 import h2.events
 import pytest
 import requests
-import websockets.sync.client
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives import serialization
@@ -182,50 +180,6 @@ def tls_browser(proxy: Proxy, ca: Path) -> Browser:
     return browser
 
 
-def execute_over_wss(browser: Browser, ca: Path, kernel_id: str, code: str, timeout: float = 90.0) -> str:
-    """As Browser.execute, over wss:// with a client that trusts only the test's CA; returns stdout."""
-    port = browser.proxy.port
-    url = f"wss://127.0.0.1:{port}/api/kernels/{kernel_id}/channels?session_id={uuid.uuid4().hex}"
-    msg_id = uuid.uuid4().hex
-    request = {
-        "header": {
-            "msg_id": msg_id,
-            "username": "e2e",
-            "session": uuid.uuid4().hex,
-            "msg_type": "execute_request",
-            "version": "5.3",
-        },
-        "parent_header": {},
-        "metadata": {},
-        "channel": "shell",
-        "buffers": [],
-        "content": {"code": code, "silent": False, "store_history": False, "user_expressions": {}},
-    }
-    context = ssl.create_default_context(cafile=str(ca))
-    out: list[str] = []
-    deadline = time.monotonic() + timeout
-    with websockets.sync.client.connect(
-        url,
-        ssl=context,
-        additional_headers={"Cookie": browser.cookie_header()},
-        origin=f"https://127.0.0.1:{port}",
-        open_timeout=30,
-    ) as ws:
-        ws.send(json.dumps(request))
-        while time.monotonic() < deadline:
-            msg = json.loads(ws.recv(timeout=max(0.1, deadline - time.monotonic())))
-            if msg.get("parent_header", {}).get("msg_id") != msg_id:
-                continue
-            kind = msg["header"]["msg_type"]
-            if kind == "stream":
-                out.append(msg["content"]["text"])
-            elif kind == "error":
-                raise AssertionError("kernel error: " + "\n".join(msg["content"]["traceback"]))
-            elif kind == "status" and msg["content"]["execution_state"] == "idle":
-                return "".join(out)
-    raise TimeoutError("the kernel did not finish in time")
-
-
 def h2_post(port: int, ca: Path, path: str, headers: list[tuple[str, str]], body: bytes, empty_at: int):
     """POST over HTTP/2 with the h2 library (mitmproxy's own HTTP/2 stack): no content-length, DATA
     frames of 16 KiB as flow control allows, and one empty DATA frame (legal) after `empty_at` bytes.
@@ -366,7 +320,7 @@ def test_upload_view_and_kernel_over_tls(tls_proxy, tls, csv_nonce):
     assert r.headers["Location"] == "/tree?x=1"
     assert browser.http.cookies.get(COOKIE)
     kernel = browser.start_kernel()
-    out = execute_over_wss(browser, tls.ca, kernel, "print(open('planets.csv').read().splitlines()[2])")
+    out = browser.execute(kernel, "print(open('planets.csv').read().splitlines()[2])")  # wss://, the test's CA
     assert out.strip() == "Jupiter,95"
 
 

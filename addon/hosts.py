@@ -56,7 +56,7 @@ def _netloc(host: str, default_ports: tuple[int, ...]) -> str:
     """host[:port] lowercase with a default port dropped: how two hosts are compared."""
     host = host.strip().lower()
     name, colon, port = host.rpartition(":")
-    if colon and port.isdigit() and int(port) in default_ports:
+    if colon and port.isascii() and port.isdigit() and int(port) in default_ports:  # not '²': int() fails
         return name
     return host
 
@@ -65,13 +65,16 @@ def normalize_origin(origin: str) -> str:
     """scheme://host[:port] lowercase without a default port; '' for anything that is not an origin."""
     try:
         parts = urlsplit(origin.strip())
+        parts.port  # noqa: B018 -- raises for a port that is no number in 0-65535 (':80:80', ':²')
     except ValueError:
         return ""
-    if parts.scheme not in DEFAULT_PORTS or not parts.netloc or parts.path not in ("", "/") or parts.query:
+    if parts.scheme not in DEFAULT_PORTS or not parts.hostname or parts.path not in ("", "/") or parts.query:
         return ""
-    if "@" in parts.netloc:
+    netloc = _netloc(parts.netloc, (DEFAULT_PORTS[parts.scheme],))
+    # A browser sends the host in ASCII (punycode); anything else could normalize differently twice.
+    if "@" in netloc or not (netloc.isascii() and netloc.isprintable()) or " " in netloc:
         return ""
-    return f"{parts.scheme}://{_netloc(parts.netloc, (DEFAULT_PORTS[parts.scheme],))}"
+    return f"{parts.scheme}://{netloc}"
 
 
 def origin_allowed(origin: str | None, host_header: str, allowed: frozenset[str]) -> bool:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 import secrets
+import unicodedata
 from urllib.parse import quote
 from urllib.parse import unquote
 
@@ -34,7 +35,7 @@ def new_token() -> str:
 
 def is_token(value: str) -> bool:
     """Cheap shape check, so junk never costs a Redis round trip."""
-    return bool(_TOKEN_RE.match(value))
+    return bool(_TOKEN_RE.fullmatch(value))  # not match: its '$' also matches before a final newline
 
 
 def check_token(value: str) -> str:
@@ -53,7 +54,7 @@ def check_filename(name: str) -> str:
         raise ValueError("filename must not contain '..'")
     if "/" in name or "\\" in name:
         raise ValueError("filename must be a single name, without '/' or '\\'")
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in name):
+    if any(unicodedata.category(c) == "Cc" for c in name):  # C0, DEL and C1
         raise ValueError("filename must not contain NUL or control characters")
     return name
 
@@ -71,7 +72,16 @@ def safe_destination(raw_path: str, raw_query: str = "") -> str:
         if stripped == decoded:
             break
         decoded = stripped
-    location = "/" + quote(decoded, safe=_PATH_SAFE)
+    location = "/" + quote(_wire(decoded), safe=_PATH_SAFE)
     if raw_query:
-        location += "?" + quote(raw_query, safe=_QUERY_SAFE + "%")
+        location += "?" + quote(_wire(raw_query), safe=_QUERY_SAFE + "%")
     return location
+
+
+def _wire(text: str) -> bytes:
+    """The bytes to percent-encode: UTF-8, with the non-UTF-8 bytes mitmproxy keeps as surrogates
+    given back as they came (any other lone surrogate in its own, invalid, UTF-8 form)."""
+    try:
+        return text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogatepass")

@@ -3,6 +3,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
+import hosts
 import inputs
 
 
@@ -13,7 +14,8 @@ def test_filename_accepted(name):
 
 @pytest.mark.parametrize(
     "name",
-    ["", ".", "..", "../x", "a/b", "a\\b", "/etc/passwd", "a\x00b", "a\nb", "a\x7fb", "x" * 256, "é" * 128, "a..b"],
+    ["", ".", "..", "../x", "a/b", "a\\b", "/etc/passwd", "a\x00b", "a\nb", "a\x7fb", "x" * 256, "é" * 128, "a..b"]
+    + ["a\x85b", "\x9b31m.csv"],  # C1 control characters (found by test_fuzz)
 )
 def test_filename_rejected(name):
     with pytest.raises(ValueError):
@@ -26,7 +28,7 @@ def test_tokens_are_random_urlsafe_and_long():
     assert all(inputs.is_token(t) and len(t) * 6 >= 128 for t in tokens)
 
 
-@pytest.mark.parametrize("value", ["", "short", "a" * 21, "has space" * 4, "x/y" * 10, "é" * 30])
+@pytest.mark.parametrize("value", ["", "short", "a" * 21, "has space" * 4, "x/y" * 10, "é" * 30, "a" * 22 + "\n"])
 def test_is_token_rejects(value):
     assert not inputs.is_token(value)
 
@@ -66,3 +68,40 @@ def test_safe_destination_never_leaves_origin(raw):
     assert location.startswith("/") and not location.startswith(("//", "/\\"))
     assert "\r" not in location and "\n" not in location and "\\" not in location
     assert urlsplit(urljoin("http://proxy.example/", location)).netloc == "proxy.example"
+
+
+@pytest.mark.parametrize(
+    "raw, query, location",
+    [
+        ("a\udc80b", "x=\udcff", "/a%80b?x=%FF"),  # non-UTF-8 bytes, as mitmproxy decodes them: given back
+        ("\ud800", "\udfff", "/%ED%A0%80?%ED%BF%BF"),  # a surrogate no decoding yields
+    ],
+)
+def test_safe_destination_encodes_lone_surrogates(raw, query, location):
+    assert inputs.safe_destination(raw, query) == location  # was a UnicodeEncodeError (found by test_fuzz)
+
+
+@pytest.mark.parametrize(
+    "origin, normal",
+    [
+        ("https://App.Example:443/", "https://app.example"),
+        ("http://[::1]:80", "http://[::1]"),
+        ("http://a.example:8080", "http://a.example:8080"),
+        # found by test_fuzz: a ValueError, or a result that normalizes to something else again
+        ("http://a:\u00b2", ""),
+        ("http://a:80:80", ""),
+        ("http://a:99999", ""),
+        ("http://:80", ""),
+        ("http://a :80", ""),
+        ("http://\u00e9.example", ""),
+        ("http://u@a.example", ""),
+    ],
+)
+def test_normalize_origin(origin, normal):
+    assert hosts.normalize_origin(origin) == normal
+
+
+def test_origin_allowed_with_a_non_ascii_digit_port_is_a_bool():
+    # found by test_fuzz: int('²') raised, so a Host header of b'a:\xc2\xb2' broke the WebSocket check
+    assert hosts.origin_allowed("http://a", "a:\u00b2", frozenset()) is False
+    assert hosts.origin_allowed("http://a:80", "a:80", frozenset()) is True

@@ -223,7 +223,7 @@ class Api:
         s = self.runtime.settings
         signed = self._check_signed(flow, "filename", inputs.check_filename)
         length = flow.request.headers.get("Content-Length")
-        if length is not None and (not length.isdigit() or int(length) > s.max_upload):
+        if length is not None and (not (length.isascii() and length.isdigit()) or int(length) > s.max_upload):
             raise self._too_large()
         if self.sink.port is None:
             raise ApiError(503, "NOT_READY", "the proxy is still starting; retry in a moment")

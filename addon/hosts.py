@@ -42,6 +42,8 @@ class HostKind:
 
 
 def classify(host_header: str, public_host: str) -> HostKind:
+    if not host_header.isascii():
+        return HostKind()  # browsers send IDNs as punycode; anything else names no host of ours
     host = host_header.strip().lower().rstrip(".")
     public = public_host.lower()
     if host == public:

@@ -27,18 +27,15 @@ from backends import BackendError
 from backends import Instance
 from backends import http_status
 from errors import ApiError
-from marks import DEFERRED
 from marks import HANDLED
 from marks import SINK
 from marks import START
 from marks import STATIC
-from router import reroute
-from router import route_to_instance
 from runtime import Runtime
 from upload import RECEIVED
-from upload import SINK_HOST
 from upload import BodyCollector
 from upload import UploadSink
+from upstream import route_to_instance
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +50,11 @@ def is_api_path(path: str) -> bool:
 
 # What a /datalab/static answer may do in a browser: nothing. It is the instance's content on the
 # proxy's origin, so it gets an opaque origin (no allow-same-origin), and no sniffing into HTML.
-PASSIVE_HEADERS = {"Content-Security-Policy": "sandbox", "X-Content-Type-Options": "nosniff"}
+PASSIVE_HEADERS = {
+    "Content-Security-Policy": "sandbox",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",  # its links, if followed, do not carry the nonce's URL along
+}
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,6 @@ class Signed:
     """A request whose X-SIGN checked out: its subject, and what makes the signature one-time."""
 
     subject: str
-    ts_seconds: float
     signature: str
 
 
@@ -74,14 +74,6 @@ def session_cookie(name: str, value: str, samesite: str, secure: bool) -> str:
 def make_passive(response: http.Response) -> None:
     response.headers.update(PASSIVE_HEADERS)
     response.headers.pop("Set-Cookie", None)
-
-
-def has_body(request: http.Request) -> bool:
-    """Whether a body may follow the headers (HTTP/2 may send one without a Content-Length)."""
-    length = request.headers.get("Content-Length")
-    if length is not None:
-        return length != "0"
-    return "Transfer-Encoding" in request.headers or request.is_http2 or request.is_http3
 
 
 def single_param(query: http.MultiDictView, name: str) -> str:
@@ -114,7 +106,10 @@ async def while_client_waits[T](flow: http.HTTPFlow, work: Coroutine[None, None,
 
 
 def redirect(location: str, headers: dict[str, str] | None = None) -> http.Response:
-    return http.Response.make(302, b"", {"Location": location, "Cache-Control": "no-store", **(headers or {})})
+    """A view's redirect: never cached, and the next page's requests do not carry the view URL
+    (with its nonce) in their Referer."""
+    fixed = {"Location": location, "Cache-Control": "no-store", "Referrer-Policy": "no-referrer"}
+    return http.Response.make(302, b"", {**fixed, **(headers or {})})
 
 
 class Api:
@@ -129,18 +124,10 @@ class Api:
         await self._answering_errors(flow, self._dispatch)
         if flow.response is not None and flow.request.path.startswith(STATIC_PREFIX):
             make_passive(flow.response)
-        if flow.response is not None and has_body(flow.request) and self.sink.port is not None:
-            # Answered now, mitmproxy would first read the whole body into memory: drain it instead.
-            flow.metadata[DEFERRED] = flow.response.get_state()
-            flow.response = None
-            self._to_sink(flow, limit=0)
+        self.sink.refuse(flow)
 
     async def response(self, flow: http.HTTPFlow) -> None:
-        if not flow.metadata.get(SINK):
-            return
-        if DEFERRED in flow.metadata:
-            flow.response = http.Response.from_state(flow.metadata.pop(DEFERRED))
-        else:
+        if START in flow.metadata and flow.metadata.get(SINK):
             await self._answering_errors(flow, self._start)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
@@ -210,11 +197,11 @@ class Api:
         if not signing.timestamp_fresh(ts_seconds, time.time(), s.max_skew):
             raise ApiError(403, "STALE_TIMESTAMP", f"ts is more than {s.max_skew} s from the proxy's clock")
         # The canonical form is remembered, so an upper-case copy of a used signature is a replay too.
-        return Signed(value, ts_seconds, signing.signature(s.sign_key, ts, value, s.sign_scheme))
+        return Signed(value, signing.signature(s.sign_key, ts, value, s.sign_scheme))
 
     async def _spend(self, signed: Signed) -> None:
         """A signature starts or stops once: remembered in Redis for as long as its ts is acceptable."""
-        ttl = signing.replay_window(signed.ts_seconds, time.time(), self.runtime.settings.max_skew)
+        ttl = signing.replay_window(self.runtime.settings.max_skew)
         if not await self.runtime.store.spend_signature(signed.signature, ttl):
             raise ApiError(403, "REPLAYED", "this X-SIGN was used already; sign each request anew")
 
@@ -229,16 +216,7 @@ class Api:
             raise ApiError(503, "NOT_READY", "the proxy is still starting; retry in a moment")
         await self._spend(signed)
         flow.metadata[START] = signed.subject
-        self._to_sink(flow, limit=s.max_upload)
-
-    def _to_sink(self, flow: http.HTTPFlow, limit: int) -> None:
-        flow.request.stream = BodyCollector(limit)
-        if "Content-Length" not in flow.request.headers and "Transfer-Encoding" not in flow.request.headers:
-            # HTTP/2 and /3 may send a body with no length at all; towards the HTTP/1.1 sink such a
-            # request would have no body. Chunked, mitmproxy frames each piece for it.
-            flow.request.headers["Transfer-Encoding"] = "chunked"
-        reroute(flow, SINK_HOST, self.sink.port)
-        flow.metadata[SINK] = True
+        self.sink.take(flow, limit=s.max_upload)
 
     def _too_large(self) -> ApiError:
         return ApiError(413, "UPLOAD_TOO_LARGE", f"the upload is over {self.runtime.settings.max_upload} bytes")
@@ -279,12 +257,28 @@ class Api:
                 here = hosts.instance_host(instance.id, s.public_host)
                 flow.response = redirect(f"//{here}{PREFIX}view/{nonce}{location}")
                 return
+        elif not self._may_navigate_here(flow):
+            raise ApiError(
+                403,
+                "BAD_ORIGIN",
+                "a page of another site may open views only if its origin is in datalab_allowed_origins",
+            )
         self.runtime.activity.touch(instance.id)
         session_id = await self.runtime.instances.open_session(instance)
         if session_id is None:
             raise errors.nonce_unknown()  # it ended a moment ago
         cookie = session_cookie(s.session_cookie, session_id, s.cookie_samesite, s.cookie_secure)
         flow.response = redirect(location, {"Set-Cookie": cookie})
+
+    def _may_navigate_here(self, flow: http.HTTPFlow) -> bool:
+        """In cookie routing a view re-points the browser's one session: a page of another site
+        must not do that behind the user's back (the user's open tabs would then save into the
+        other site's instance). Browsers say where a navigation started (Sec-Fetch-Site, Referer);
+        the frontend's own origin is allowed when listed in datalab_allowed_origins."""
+        if flow.request.headers.get("Sec-Fetch-Site", "").lower() != "cross-site":
+            return True
+        referer = hosts.origin_of(flow.request.headers.get("Referer", ""))
+        return bool(referer) and referer in self.runtime.settings.origins
 
     async def _static(self, flow: http.HTTPFlow, instance: Instance, destination: str, query: str) -> None:
         if "Upgrade" in flow.request.headers:

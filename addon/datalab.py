@@ -14,6 +14,7 @@ that keeps instances in order (pool.py, culler.py).
 from api import Api
 from config import Config
 from guards import FailClosed
+from guards import TransportSecurity
 from guards import TrimWebSockets
 from router import Router
 from runtime import Runtime
@@ -22,4 +23,13 @@ from upload import UploadSink
 runtime = Runtime()  # also an addon: running() starts the pool, culling and exit events; done() stops them
 sink = UploadSink()  # also an addon: a loopback server that drains upload bodies (upload.py)
 
-addons = [Config(runtime.apply), runtime, sink, Api(runtime, sink), Router(runtime), FailClosed(), TrimWebSockets()]
+addons = [
+    Config(runtime.apply),
+    runtime,
+    sink,
+    Api(runtime, sink),
+    Router(runtime, sink),
+    FailClosed(sink),
+    TransportSecurity(lambda: runtime.settings),
+    TrimWebSockets(),
+]

@@ -1,5 +1,8 @@
 """Last-line guards that hold whatever the other addons do.
 
+TransportSecurity tells browsers that reached the proxy over HTTPS to come back only over HTTPS
+(HSTS), when datalab_cookie_secure says the proxy is meant to be served so.
+
 mitmproxy only logs an exception raised in a hook and then sends the flow to the reverse-mode
 default target. FailClosed answers 500 for any flow that no datalab addon claimed, so a bug can
 never forward a request somewhere it was not routed. TrimWebSockets bounds the message history
@@ -9,18 +12,22 @@ mitmproxy keeps per WebSocket, which otherwise grows for as long as a kernel is 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from mitmproxy import http
 
+from config import Settings
 from errors import ApiError
 from marks import HANDLED
 from marks import ROUTED
 from marks import SINK
 from marks import STATIC
+from upload import UploadSink
 
 log = logging.getLogger(__name__)
 
 WEBSOCKET_MESSAGES_KEPT = 10
+HSTS_SECONDS = 31_536_000  # a year
 
 
 def _refuse(flow: http.HTTPFlow, phase: str) -> None:
@@ -29,11 +36,15 @@ def _refuse(flow: http.HTTPFlow, phase: str) -> None:
 
 
 class FailClosed:
+    def __init__(self, sink: UploadSink):
+        self.sink = sink
+
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live:
             return
-        if not (flow.metadata.get(HANDLED) or flow.metadata.get(ROUTED)):
+        if not (flow.metadata.get(HANDLED) or flow.metadata.get(ROUTED) or flow.metadata.get(SINK)):
             _refuse(flow, "requestheaders")
+            self.sink.refuse(flow)
 
     def request(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live:
@@ -47,3 +58,27 @@ class TrimWebSockets:
         messages = flow.websocket.messages if flow.websocket else []
         if len(messages) > WEBSOCKET_MESSAGES_KEPT:
             del messages[:-WEBSOCKET_MESSAGES_KEPT]
+
+
+class TransportSecurity:
+    """Strict-Transport-Security on every answer given over TLS with datalab_cookie_secure: a
+    network attacker then cannot lead the browser to a plain-HTTP page of the proxy's hosts (which
+    would be a same-host origin for Jupyter, and could plant cookies)."""
+
+    def __init__(self, settings: Callable[[], Settings | None]):
+        self.settings = settings
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        self._mark(flow)
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        self._mark(flow)  # answers the addons gave themselves pass only through this hook
+
+    def _mark(self, flow: http.HTTPFlow) -> None:
+        s = self.settings()
+        if s is None or not s.cookie_secure or not flow.response or not flow.client_conn.tls_established:
+            return
+        value = f"max-age={HSTS_SECONDS}"
+        if s.routing == "subdomain":
+            value += "; includeSubDomains"  # every instance host under the public host
+        flow.response.headers["Strict-Transport-Security"] = value

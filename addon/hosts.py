@@ -79,6 +79,15 @@ def normalize_origin(origin: str) -> str:
     return f"{parts.scheme}://{netloc}"
 
 
+def origin_of(url: str) -> str:
+    """The normalized origin of a URL (a Referer), '' if it has none."""
+    try:
+        parts = urlsplit(url.strip())
+    except ValueError:
+        return ""
+    return normalize_origin(f"{parts.scheme}://{parts.netloc}") if parts.netloc else ""
+
+
 def origin_allowed(origin: str | None, host_header: str, allowed: frozenset[str]) -> bool:
     """A browser names the page that opens a WebSocket in Origin: it must be on the very host the
     request asked for (as Jupyter's own check; the scheme is not compared, so a TLS terminator in

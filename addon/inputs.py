@@ -85,3 +85,14 @@ def _wire(text: str) -> bytes:
         return text.encode("utf-8", "surrogateescape")
     except UnicodeEncodeError:
         return text.encode("utf-8", "surrogatepass")
+
+
+def cookie_name_of(set_cookie: str) -> str:
+    """The name a browser reads from a Set-Cookie value (it trims blanks around it)."""
+    return set_cookie.split(";", 1)[0].split("=", 1)[0].strip()
+
+
+def secure_cookie(set_cookie: str) -> str:
+    """The Set-Cookie value with the Secure attribute, so the cookie never travels over plain HTTP."""
+    attributes = [a.strip().lower() for a in set_cookie.split(";")[1:]]
+    return set_cookie if "secure" in attributes else set_cookie.rstrip("; ") + "; Secure"

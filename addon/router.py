@@ -18,37 +18,19 @@ from redis.exceptions import RedisError
 import errors
 import hosts
 import inputs
-from backends import AUTH_HEADER
 from backends import Instance
 from errors import ApiError
 from marks import HANDLED
 from marks import ROUTED
 from marks import SESSION
 from runtime import Runtime
+from upload import UploadSink
+from upstream import route_to_instance
 
 log = logging.getLogger(__name__)
 
 CACHE_MAX = 10_000
-
-
-def reroute(flow: http.HTTPFlow, host: str, port: int) -> None:
-    """Send the flow to host:port while the upstream still sees the public Host (origin/XSRF checks)."""
-    public_host = flow.request.host_header
-    flow.request.scheme = "http"
-    flow.request.host = host
-    flow.request.port = port
-    flow.request.host_header = public_host
-
-
-def route_to_instance(flow: http.HTTPFlow, instance: Instance) -> None:
-    """Reroute to the instance with its secret, which only the proxy knows: a neighbour container
-    that reaches the instance directly is refused. A client's own credentials for Jupyter (a token
-    or a forged secret header) never pass."""
-    reroute(flow, instance.host, instance.port)
-    flow.request.headers.pop("Authorization", None)
-    flow.request.headers.pop(AUTH_HEADER, None)
-    if instance.token:
-        flow.request.headers[AUTH_HEADER] = instance.token
+MAX_SESSION_COOKIES = 3  # values of the session cookie tried per request (tossed cookies come first)
 
 
 class RouteCache:
@@ -83,8 +65,9 @@ class RouteCache:
 
 
 class Router:
-    def __init__(self, runtime: Runtime):
+    def __init__(self, runtime: Runtime, sink: UploadSink):
         self.runtime = runtime
+        self.sink = sink  # a refused request's body drains there, never into memory
         self.cache = RouteCache(ttl=0)
         self._listener: asyncio.Task | None = None
         self._checking: dict[str, asyncio.Task] = {}  # instances being checked after a failed connection
@@ -108,11 +91,13 @@ class Router:
             instance = await self._instance_for(flow)
         except ApiError as e:
             flow.response = e.response()
-            return
         except RedisError as e:
             flow.response = errors.redis_unavailable(e).response()
+        if flow.response is not None:
+            self.sink.refuse(flow)
             return
         route_to_instance(flow, instance)
+        flow.request.stream = True  # a big upload passes through without being held in memory
         flow.metadata[ROUTED] = instance.id
         self.runtime.activity.touch(instance.id)
 
@@ -122,15 +107,18 @@ class Router:
             self.runtime.activity.touch(flow.metadata[ROUTED])
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
-        """An instance must not set (or fixate) the proxy's own session cookie."""
-        if ROUTED not in flow.metadata or not flow.response or "Set-Cookie" not in flow.response.headers:
+        """An instance's answer streams through; it must not set (or fixate) the proxy's own
+        session cookie, and behind HTTPS its own cookies (Jupyter's _xsrf) are Secure too."""
+        if ROUTED not in flow.metadata or not flow.response:
             return
-        s = self.runtime.settings
-        ours = (s.cookie_name + "=", s.session_cookie + "=")
+        flow.response.stream = True  # a big download passes through without being held in memory
         cookies = flow.response.headers.get_all("Set-Cookie")
-        kept = [c for c in cookies if not c.lstrip().startswith(ours)]
-        if len(kept) != len(cookies):
-            flow.response.headers.set_all("Set-Cookie", kept)
+        if cookies:
+            s = self.runtime.settings
+            kept = [c for c in cookies if inputs.cookie_name_of(c) not in (s.cookie_name, s.session_cookie)]
+            flow.response.headers.set_all(
+                "Set-Cookie", [inputs.secure_cookie(c) for c in kept] if s.cookie_secure else kept
+            )
 
     def error(self, flow: http.HTTPFlow) -> None:
         """An instance that gave no answer may have died (Docker's port proxy accepts a connection
@@ -157,27 +145,45 @@ class Router:
         s = self.runtime.settings
         self._check_origin(flow)
         label = self._host_label(flow)
-        session_id = flow.request.cookies.get(s.session_cookie, "")
-        if not inputs.is_token(session_id):
+        # Every value counts: a page on another host of ours may have added (tossed) a cookie of the
+        # same name for a wider domain or a longer path, which browsers then send first.
+        candidates = [v for v in flow.request.cookies.get_all(s.session_cookie) if inputs.is_token(v)]
+        if not candidates:
             raise ApiError(403, "NO_SESSION", "no datalab session: open this instance through /datalab/view/<nonce>/")
         del flow.request.cookies[s.session_cookie]  # the session id is the proxy's, not the instance's
-        flow.metadata[SESSION] = session_id
+        refusal = None
+        for session_id in candidates[:MAX_SESSION_COOKIES]:
+            try:
+                instance = await self._session_instance(session_id)
+            except ApiError as e:
+                refusal = refusal or e
+                continue
+            if label is None or label == hosts.instance_label(instance.id):
+                flow.metadata[SESSION] = session_id
+                return instance
+            refusal = refusal or ApiError(403, "NO_SESSION", "this session belongs to another instance's host")
+        raise refusal
+
+    async def _session_instance(self, session_id: str) -> Instance:
         instance = self.cache.get(session_id)
         if instance is None:
             instance = await self._lookup(session_id)
             self.cache.put(session_id, instance)
-        if label is not None and label != hosts.instance_label(instance.id):
-            raise ApiError(403, "NO_SESSION", "this session belongs to another instance's host")
         return instance
 
     def _check_origin(self, flow: http.HTTPFlow) -> None:
         """A WebSocket is not covered by Jupyter's XSRF check: refuse one that a page of another
-        origin opens, before anything reaches the instance."""
-        if flow.request.headers.get("Upgrade", "").lower() != "websocket":
-            return
+        origin opens, before anything reaches the instance. Behind HTTPS (datalab_cookie_secure), a
+        plain-HTTP page of the same host is another origin too (Jupyter compares hosts only), for
+        WebSockets and every other request that names its origin."""
+        s = self.runtime.settings
         origin = flow.request.headers.get("Origin")
         host = flow.request.host_header or ""
-        if not hosts.origin_allowed(origin, host, self.runtime.settings.origins):
+        if s.cookie_secure and origin is not None and not origin.strip().lower().startswith("https://"):
+            raise ApiError(403, "BAD_ORIGIN", "behind HTTPS, only https:// pages may send requests here")
+        if flow.request.headers.get("Upgrade", "").lower() != "websocket":
+            return
+        if not hosts.origin_allowed(origin, host, s.origins):
             raise ApiError(403, "BAD_ORIGIN", "a WebSocket may be opened only by a page of this host's own origin")
         if origin is not None and not hosts.origin_allowed(origin, host, frozenset()):
             # Allowed by the operator's list: Jupyter, which only knows its own host, is told so.

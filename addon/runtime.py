@@ -121,7 +121,9 @@ class Runtime:
                 s.boot_concurrency,
             )
         except BackendError as e:
-            log.error("datalab: instances cannot start: %s", e)
+            # A warning, not an error: mitmdump exits on an error logged at start-up, and the proxy
+            # should rather stay up, answer 503 and recover when the engine (or image) comes.
+            log.warning("datalab: instances cannot start yet: %s", e)
 
     async def _stop_tasks(self) -> None:
         for task in self._tasks:

@@ -58,6 +58,7 @@ def timestamp_fresh(ts_seconds: float, now: float, max_skew: float) -> bool:
     return abs(now - ts_seconds) <= max_skew
 
 
-def replay_window(ts_seconds: float, now: float, max_skew: float) -> int:
-    """Whole seconds for which a signature with this ts stays acceptable: how long to remember it as used."""
-    return max(1, int(ts_seconds + max_skew - now) + 2)
+def replay_window(max_skew: float) -> int:
+    """How long to remember a used signature: longer than any ts stays acceptable (2 x skew), even
+    to another proxy on the same Redis whose clock differs from the one that saw it first."""
+    return int(2 * max_skew) + 2

@@ -2,10 +2,11 @@
 
 mitmproxy reads a whole request body before it sends any reply an addon makes, so refusing a
 10 GB upload in `requestheaders` would still buffer 10 GB. Instead, a /datalab/start request (and
-any refused /datalab request with a body) is streamed: `BodyCollector` keeps at most `limit` bytes
-of it, and the bytes themselves flow on to `UploadSink`, a loopback HTTP server that reads and
-drops them. The real answer replaces the sink's in the `response` hook (api.py). Should that hook
-ever fail, the sink's own answer is a JSON 500: the request still fails closed.
+any request refused with a body on its way, by any addon: `UploadSink.refuse`) is streamed:
+`BodyCollector` keeps at most `limit` bytes of it, and the bytes themselves flow on to
+`UploadSink`, a loopback HTTP server that reads and drops them. The real answer replaces the
+sink's in the `response` hook (a refusal: here; a start: api.py). Should that hook ever fail, the
+sink's own answer is a JSON 500: the request still fails closed.
 """
 
 from __future__ import annotations
@@ -15,6 +16,11 @@ import json
 import logging
 
 import h11
+from mitmproxy import http
+
+from marks import DEFERRED
+from marks import SINK
+from upstream import reroute
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +57,20 @@ class BodyCollector:
         return self._kept
 
 
+def has_body(request: http.Request) -> bool:
+    """Whether a body may follow the headers (HTTP/2 may send one without a Content-Length)."""
+    length = request.headers.get("Content-Length")
+    if length is not None:
+        return length != "0"
+    return "Transfer-Encoding" in request.headers or request.is_http2 or request.is_http3
+
+
 class UploadSink:
-    """A loopback HTTP/1.1 server that reads request bodies to the end, keeps nothing, answers 500."""
+    """A loopback HTTP/1.1 server that reads request bodies to the end, keeps nothing, answers 500.
+
+    Also an addon: `take` streams a flow's body here; `refuse` turns an answer given in
+    `requestheaders` into one given after the body is drained; `response` gives it.
+    """
 
     def __init__(self) -> None:
         self._server: asyncio.Server | None = None
@@ -66,6 +84,33 @@ class UploadSink:
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
+
+    def take(self, flow: http.HTTPFlow, limit: int) -> BodyCollector:
+        """Stream the flow's body here, keeping at most `limit` bytes of it."""
+        if self.port is None:
+            raise RuntimeError("the upload sink is not listening yet")
+        collector = BodyCollector(limit)
+        flow.request.stream = collector
+        if "Content-Length" not in flow.request.headers and "Transfer-Encoding" not in flow.request.headers:
+            # HTTP/2 and /3 may send a body with no length at all; towards this HTTP/1.1 server such a
+            # request would have no body. Chunked, mitmproxy frames each piece for it.
+            flow.request.headers["Transfer-Encoding"] = "chunked"
+        reroute(flow, SINK_HOST, self.port)
+        flow.metadata[SINK] = True
+        return collector
+
+    def refuse(self, flow: http.HTTPFlow) -> None:
+        """Give the answer already set on the flow only once its body (if any) is drained here:
+        answered now, mitmproxy would first read the whole body into memory."""
+        if flow.response is None or not has_body(flow.request) or self.port is None:
+            return
+        flow.metadata[DEFERRED] = flow.response.get_state()
+        flow.response = None
+        self.take(flow, limit=0)
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        if DEFERRED in flow.metadata:
+            flow.response = http.Response.from_state(flow.metadata.pop(DEFERRED))
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = h11.Connection(h11.SERVER)

@@ -19,8 +19,6 @@ import statistics
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 from benchlib import AUTH_HEADER
@@ -29,21 +27,9 @@ from benchlib import Store
 from benchlib import bench_proxy
 from benchlib import connect
 from benchlib import free_port
+from benchlib import session_cookie
 from benchlib import upload
 from benchlib import wait_listening
-
-
-def session_cookie(base: str, nonce: str) -> str:
-    class NoRedirect(urllib.request.HTTPRedirectHandler):
-        def redirect_request(self, *a, **k):
-            return None
-
-    opener = urllib.request.build_opener(NoRedirect)
-    try:
-        opener.open(f"{base}/datalab/view/{nonce}/tree", timeout=30)
-    except urllib.error.HTTPError as e:
-        return e.headers["Set-Cookie"].split(";")[0]
-    raise RuntimeError("view did not redirect")
 
 
 def get_latencies(port: int, n: int, headers: dict[str, str]) -> list[float]:

@@ -6,6 +6,8 @@
 Starts its own proxy with ./run.sh and sends, chunked (so nothing is known up front):
   refused:  a --mib MiB upload with a bad signature (drained through the upload sink, nothing kept)
   accepted: a 50 MiB upload (kept once, up to datalab_max_upload, then copied into the container)
+  no session: a --mib MiB body to a proxied path without a cookie (refused by the router, drained)
+  routed:   a --mib MiB body to the instance with a session cookie (streamed through, not held)
 Prints the proxy's resident memory after each, as a ratio of its idle size measured in the same run,
 and the refused upload's throughput against the accepted one's.
 """
@@ -19,6 +21,7 @@ import urllib.parse
 import urllib.request
 
 from benchlib import bench_proxy
+from benchlib import session_cookie
 from benchlib import upload
 
 MIB = 1 << 20
@@ -37,6 +40,17 @@ def rss_mib(pid: int) -> float:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
     raise RuntimeError("no VmRSS")
+
+
+def post_chunks(url: str, mib: int, headers: dict[str, str]) -> int:
+    """POST --mib MiB chunked; the answer's status (the body is read and dropped)."""
+    req = urllib.request.Request(url, data=chunks(mib), headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=600) as r:
+            r.read()
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
 
 
 def refused(base: str, mib: int) -> float:
@@ -70,6 +84,21 @@ def main() -> None:
         ratio = after_refused / idle
         print(f"after refused {args.mib:4d} MiB upload {after_refused:7.1f} MiB | ratio to idle {ratio:5.2f}")
         print(f"after accepted  50 MiB upload {after_accepted:7.1f} MiB | ratio to idle {after_accepted / idle:5.2f}")
+        nonce = upload(proxy.base, proxy.key, "routed.csv")
+        status = post_chunks(f"{proxy.base}/api/contents/nothing", args.mib, {})
+        after_no_session = rss_mib(proxy.proc.pid)
+        assert status == 403, status
+        cookie = session_cookie(proxy.base, nonce)
+        status = post_chunks(f"{proxy.base}/api/nothing", args.mib, {"Cookie": cookie})
+        after_routed = rss_mib(proxy.proc.pid)
+        print(
+            f"after {args.mib} MiB without a session (403)  {after_no_session:7.1f} MiB | ratio to idle "
+            f"{after_no_session / idle:5.2f}"
+        )
+        print(
+            f"after {args.mib} MiB routed (instance: {status})  {after_routed:7.1f} MiB | ratio to idle "
+            f"{after_routed / idle:5.2f}"
+        )
         print(f"refused upload drained at {args.mib / t_refused:7.1f} MiB/s")
         print(f"accepted upload (incl. container start) {t_accepted:5.2f} s")
 

@@ -140,3 +140,16 @@ def bench_proxy(**options: object) -> Iterator[BenchProxy]:
         proc.terminate()
         proc.wait(timeout=10)
         print(f"removed {asyncio.run(remove_all(prefix))} instances")
+
+
+def session_cookie(base: str, nonce: str) -> str:
+    class NoRedirect(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, *a, **k):
+            return None
+
+    opener = urllib.request.build_opener(NoRedirect)
+    try:
+        opener.open(f"{base}/datalab/view/{nonce}/tree", timeout=30)
+    except urllib.error.HTTPError as e:
+        return e.headers["Set-Cookie"].split(";")[0]
+    raise RuntimeError("view did not redirect")

@@ -88,6 +88,7 @@ async def through_api(flow, sink, rt=None, received=None):
             flow.response = tutils.tresp(status_code=500)
             whole = len(flow.request.content)
             flow.response.headers[RECEIVED] = str(whole if received is None else received)
+            sink.response(flow)  # in the addons' order: the sink gives a deferred refusal, the api a start
             await api.response(flow)
     return flow
 

@@ -490,7 +490,7 @@ cookie_header = st.lists(
 
 
 async def through_router(flow: http.HTTPFlow, rt) -> http.HTTPFlow:
-    router = Router(rt)
+    router = Router(rt, UploadSink())
     with taddons.context(router) as tctx:
         tctx.configure(router)
         await router.requestheaders(flow)

@@ -3,6 +3,7 @@ import time
 
 from mitmproxy.test import taddons
 from mitmproxy.test import tflow
+from mitmproxy.test import tutils
 from test_api import recorded
 from test_api import request_flow
 from test_api import runtime_for
@@ -11,15 +12,17 @@ from backends import Instance
 from guards import FailClosed
 from guards import TrimWebSockets
 from marks import ROUTED
+from marks import SINK
 from router import RouteCache
 from router import Router
+from upload import UploadSink
 
 INSTANCE = Instance("i" * 32, "docker", "c1", "127.0.0.1", 4321, "a.csv", 0.0, token="t0ken")
 SESSION = "S" * 32
 
 
-async def routed(flow, rt):
-    router = Router(rt)
+async def routed(flow, rt, sink=None):
+    router = Router(rt, sink or UploadSink())
     with taddons.context(router) as tctx:
         tctx.configure(router)
         await router.requestheaders(flow)
@@ -93,7 +96,7 @@ def test_route_cache_expires_and_drops_by_instance():
 
 
 def test_fail_closed_refuses_unclaimed_flows():
-    guard = FailClosed()
+    guard = FailClosed(UploadSink())
     with taddons.context(guard):
         flow = request_flow("GET", "/anything")
         guard.requestheaders(flow)
@@ -116,10 +119,41 @@ def test_websocket_history_is_bounded():
 
 
 def test_an_instance_cannot_set_the_session_cookie():
-    router = Router(runtime_for())
+    router = Router(runtime_for(), UploadSink())
     flow = tflow.tflow(resp=True)
     flow.metadata[ROUTED] = INSTANCE.id
     flow.response.headers.set_all("Set-Cookie", ["_xsrf=1; Path=/", "datalab_session=stolen; Path=/"])
     with taddons.context(router):
         router.responseheaders(flow)
     assert flow.response.headers.get_all("Set-Cookie") == ["_xsrf=1; Path=/"]
+
+
+async def test_a_refused_request_with_a_body_is_drained_before_its_answer(redis_url):
+    """Answered in requestheaders, mitmproxy would read the whole body into memory first: the
+    refusal waits in the flow while the body streams to the upload sink, keeping nothing."""
+    sink = UploadSink()
+    await sink.running()
+    try:
+        flow = request_flow("POST", "/api/contents/x", {"Content-Length": "1000000"})
+        await routed(flow, runtime_for(redis_url=redis_url), sink)
+        assert flow.response is None and flow.metadata[SINK]
+        assert (flow.request.host, flow.request.port) == ("127.0.0.1", sink.port)
+        assert flow.request.stream(b"x" * 1000) == b"x" * 1000 and flow.request.stream.body() == b""
+        flow.response = tutils.tresp(status_code=500)  # the sink's own answer, then ours replaces it
+        sink.response(flow)
+        assert flow.response.status_code == 403 and code(flow) == "NO_SESSION"
+    finally:
+        await sink.done()
+
+
+def test_an_instance_cannot_set_the_session_cookie_with_blanks_or_the_host_prefix():
+    router = Router(runtime_for(cookie_secure=True), UploadSink())
+    flow = tflow.tflow(resp=True)
+    flow.metadata[ROUTED] = INSTANCE.id
+    flow.response.headers.set_all(
+        "Set-Cookie", ["datalab_session =x", "__Host-datalab_session=y; Path=/; Secure", "_xsrf=1; Path=/"]
+    )
+    with taddons.context(router):
+        router.responseheaders(flow)
+    assert flow.response.headers.get_all("Set-Cookie") == ["_xsrf=1; Path=/; Secure"]  # behind HTTPS: Secure
+    assert flow.response.stream  # streamed through, not held

@@ -29,6 +29,7 @@ import h2.connection
 import h2.events
 import pytest
 import requests
+import websockets.exceptions
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives import serialization
@@ -373,3 +374,24 @@ def test_http2_upload_with_an_empty_data_frame_arrives_whole(tls_proxy, tls):
     assert status == 200, body[:300]
     nonce = json.loads(body)["result"]["nonce"]
     assert fetch_sha256(tls_proxy, tls.ca, nonce, "frames.bin") == (len(data), hashlib.sha256(data).hexdigest())
+
+
+def test_behind_https_plain_http_pages_are_another_origin(tls_proxy, tls, csv_nonce):
+    """Jupyter compares hosts only, so http://host is "same origin" to it. Behind HTTPS the proxy
+    refuses such pages' requests and WebSockets, marks Jupyter's cookies Secure and sends HSTS, so
+    a network attacker cannot plant a page (or an _xsrf cookie) on the plain-HTTP side."""
+    browser = tls_browser(tls_proxy, tls.ca)
+    browser.view(csv_nonce)
+    page = browser.get("/tree")
+    assert page.headers["Strict-Transport-Security"].startswith("max-age=")
+    assert all("secure" in c.lower() for c in page.raw.headers.getlist("Set-Cookie"))  # Jupyter's _xsrf
+    kernel = browser.start_kernel()
+    plain_page = f"http://127.0.0.1:{tls_proxy.port}"
+    r = browser.post("/api/terminals", headers={"Origin": plain_page, "Content-Type": "text/plain"})
+    assert r.status_code == 403 and r.json()["code"] == "BAD_ORIGIN"
+    with pytest.raises(websockets.exceptions.InvalidStatus) as refused:
+        browser.execute(kernel, "print(1)", origin=plain_page)
+    assert refused.value.response.status_code == 403 and b"BAD_ORIGIN" in refused.value.response.body
+    assert browser.execute(kernel, "print(2)").strip() == "2"  # its https:// page still works
+    plain = requests.get(f"http://127.0.0.1:{tls_proxy.port}/datalab/nothing", timeout=30)
+    assert "Strict-Transport-Security" not in plain.headers  # HSTS means something only over TLS

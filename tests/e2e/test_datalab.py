@@ -144,43 +144,6 @@ def test_each_browser_sees_only_its_own_instance(proxy, notebook_nonce, csv_nonc
             assert own in names and other not in names
 
 
-@pytest.mark.parametrize(
-    "case, status, code",
-    [
-        ("bad_signature", 403, "BAD_SIGNATURE"),
-        ("stale_ts", 403, "STALE_TIMESTAMP"),
-        ("future_ts", 403, "STALE_TIMESTAMP"),
-        ("traversal_filename", 400, "BAD_REQUEST"),
-        ("slash_filename", 400, "BAD_REQUEST"),
-        ("nul_filename", 400, "BAD_REQUEST"),
-        ("missing_ts", 400, "BAD_REQUEST"),
-        ("get_start", 405, "METHOD_NOT_ALLOWED"),
-    ],
-)
-def test_refused_uploads_create_nothing(proxy, world, case, status, code):
-    before = world.snapshot()
-    now = int(time.time())
-    if case == "bad_signature":
-        r = proxy.upload("a.csv", CSV, sign="0" * 64)
-    elif case == "stale_ts":
-        r = proxy.upload("a.csv", CSV, ts=str(now - 3600))
-    elif case == "future_ts":
-        r = proxy.upload("a.csv", CSV, ts=str((now + 3600) * 1000))
-    elif case == "traversal_filename":
-        r = proxy.upload("../../etc/passwd", CSV)
-    elif case == "slash_filename":
-        r = proxy.upload("dir/a.csv", CSV)
-    elif case == "nul_filename":
-        r = proxy.upload("a\x00.csv", CSV)
-    elif case == "missing_ts":
-        r = requests.post(proxy.url("/datalab/start?filename=a.csv"), data=CSV, timeout=30)
-    else:
-        r = requests.get(proxy.url("/datalab/start?ts=1&filename=a.csv"), timeout=30)
-    assert r.status_code == status
-    assert error_of(r) == code
-    assert world.snapshot() == before
-
-
 def chunked(*parts: bytes):
     """A body requests sends with Transfer-Encoding: chunked."""
     yield from parts

@@ -101,3 +101,13 @@ def origin_allowed(origin: str | None, host_header: str, allowed: frozenset[str]
     if given.partition("://")[2] == _netloc(host_header, tuple(DEFAULT_PORTS.values())):
         return True
     return given in {normalize_origin(o) for o in allowed}
+
+
+def allow_framing(csp: str, origins: frozenset[str]) -> str:
+    """A Content-Security-Policy whose frame-ancestors also name `origins`: Jupyter allows only
+    'self', which keeps a frontend of another origin from showing the view in an iframe."""
+    directives = [d.strip() for d in csp.split(";") if d.strip()]
+    extended = [
+        f"{d} {' '.join(sorted(origins))}" if d.lower().startswith("frame-ancestors") else d for d in directives
+    ]
+    return "; ".join(extended)

@@ -107,14 +107,18 @@ class Router:
             self.runtime.activity.touch(flow.metadata[ROUTED])
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
-        """An instance's answer streams through; it must not set (or fixate) the proxy's own
-        session cookie, and behind HTTPS its own cookies (Jupyter's _xsrf) are Secure too."""
+        """An instance's answer streams through; the frontend's origins may frame it; it must not
+        set (or fixate) the proxy's own session cookie, and behind HTTPS its own cookies (Jupyter's
+        _xsrf) are Secure too."""
         if ROUTED not in flow.metadata or not flow.response:
             return
         flow.response.stream = True  # a big download passes through without being held in memory
+        s = self.runtime.settings
+        csp = flow.response.headers.get("Content-Security-Policy")
+        if csp and s.origins:
+            flow.response.headers["Content-Security-Policy"] = hosts.allow_framing(csp, s.origins)
         cookies = flow.response.headers.get_all("Set-Cookie")
         if cookies:
-            s = self.runtime.settings
             kept = [c for c in cookies if inputs.cookie_name_of(c) not in (s.cookie_name, s.session_cookie)]
             flow.response.headers.set_all(
                 "Set-Cookie", [inputs.secure_cookie(c) for c in kept] if s.cookie_secure else kept

@@ -199,6 +199,8 @@ def test_hmac_signatures_and_allowed_origins(make_proxy):
         ).status_code
         == 302
     )  # the listed frontend may lead browsers here
+    csp = browser.get("/tree").headers["Content-Security-Policy"]
+    assert "frame-ancestors 'self' https://app.example" in csp  # the app may show the view in an iframe
     kernel = browser.start_kernel()
     assert browser.execute(kernel, "print('from the app')", origin="https://app.example").strip() == "from the app"
     status, body = ws_refusal(f"ws://127.0.0.1:{p.port}/api/kernels/{kernel}/channels", browser.cookie_header(), EVIL)

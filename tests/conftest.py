@@ -2,6 +2,7 @@ import pytest
 import redis
 
 from helpers import RedisServer
+from upload import UploadSink
 
 
 @pytest.fixture(scope="session")
@@ -16,3 +17,12 @@ def redis_url(redis_server):
     """A real Redis, emptied after each test that uses it directly."""
     yield redis_server.url
     redis.Redis.from_url(redis_server.url).flushdb()
+
+
+@pytest.fixture
+async def sink():
+    """A listening upload sink (the loopback server refused and uploaded bodies drain into)."""
+    s = UploadSink()
+    await s.running()
+    yield s
+    await s.done()

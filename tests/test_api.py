@@ -18,7 +18,6 @@ from marks import START
 from runtime import Runtime
 from upload import RECEIVED
 from upload import BodyCollector
-from upload import UploadSink
 
 KEY = "unit-key"
 
@@ -57,14 +56,6 @@ def start_flow(filename="data.csv", ts=None, sign=None, headers=None, content=b"
 
 def body(flow) -> dict:
     return json.loads(flow.response.content)
-
-
-@pytest.fixture
-async def sink():
-    s = UploadSink()
-    await s.running()
-    yield s
-    await s.done()
 
 
 async def run_headers(flow, sink, rt=None):

@@ -334,14 +334,6 @@ async def answer_status(reader: asyncio.StreamReader, writer: asyncio.StreamWrit
 
 
 @pytest.fixture
-async def sink():
-    s = UploadSink()
-    await s.running()
-    yield s
-    await s.done()
-
-
-@pytest.fixture
 async def live(redis_url, request):
     """A runtime on a real Redis with one recorded instance (NONCE, SESSION) whose "Jupyter" answers
     /api/status, so view redirects and static fetches are routed. Indirect parametrization gives

@@ -128,22 +128,17 @@ def test_an_instance_cannot_set_the_session_cookie():
     assert flow.response.headers.get_all("Set-Cookie") == ["_xsrf=1; Path=/"]
 
 
-async def test_a_refused_request_with_a_body_is_drained_before_its_answer(redis_url):
+async def test_a_refused_request_with_a_body_is_drained_before_its_answer(redis_url, sink):
     """Answered in requestheaders, mitmproxy would read the whole body into memory first: the
     refusal waits in the flow while the body streams to the upload sink, keeping nothing."""
-    sink = UploadSink()
-    await sink.running()
-    try:
-        flow = request_flow("POST", "/api/contents/x", {"Content-Length": "1000000"})
-        await routed(flow, runtime_for(redis_url=redis_url), sink)
-        assert flow.response is None and flow.metadata[SINK]
-        assert (flow.request.host, flow.request.port) == ("127.0.0.1", sink.port)
-        assert flow.request.stream(b"x" * 1000) == b"x" * 1000 and flow.request.stream.body() == b""
-        flow.response = tutils.tresp(status_code=500)  # the sink's own answer, then ours replaces it
-        sink.response(flow)
-        assert flow.response.status_code == 403 and code(flow) == "NO_SESSION"
-    finally:
-        await sink.done()
+    flow = request_flow("POST", "/api/contents/x", {"Content-Length": "1000000"})
+    await routed(flow, runtime_for(redis_url=redis_url), sink)
+    assert flow.response is None and flow.metadata[SINK]
+    assert (flow.request.host, flow.request.port) == ("127.0.0.1", sink.port)
+    assert flow.request.stream(b"x" * 1000) == b"x" * 1000 and flow.request.stream.body() == b""
+    flow.response = tutils.tresp(status_code=500)  # the sink's own answer, then ours replaces it
+    sink.response(flow)
+    assert flow.response.status_code == 403 and code(flow) == "NO_SESSION"
 
 
 def test_an_instance_cannot_set_the_session_cookie_with_blanks_or_the_host_prefix():

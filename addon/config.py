@@ -53,11 +53,16 @@ class Settings:
     routing: str = "cookie"
     public_host: str = ""
     max_upload: int = 100 * MIB
+    upload_timeout: int = 300
+    max_uploads: int = 64
+    header_timeout: int = 60
     max_skew: int = 300
     start_timeout: int = 60
     mem_limit: str = "1g"
     cpus: str = "1.0"
     pids_limit: int = 256
+    disk_limit: str = "1g"
+    instance_egress: bool = False
     route_cache_ttl: int = 5
     pool_size: int = 2
     start_concurrency: int = 0
@@ -113,11 +118,28 @@ _HELP: dict[str, tuple[str | None, str]] = {
         "The proxy's public host name (datalab.example.com[:port]); subdomain routing needs it.",
     ),
     "max_upload": (None, "Largest accepted upload body, in bytes."),
+    "upload_timeout": (
+        None,
+        "Seconds an upload body (a start's, or a refused request's) may take to arrive after its headers; "
+        "then it is cut: 408 UPLOAD_TIMEOUT.",
+    ),
+    "max_uploads": (
+        None,
+        "Upload bodies arriving at this proxy process at once; beyond it a request is refused at once "
+        "(503 CAPACITY) without its body being read.",
+    ),
+    "header_timeout": (
+        None,
+        "Seconds a client connection may take to send a request head, from its opening or from its "
+        "previous answer (an idle kept-alive connection is closed after it).",
+    ),
     "max_skew": (None, "Seconds a signed ts may differ from the proxy's clock."),
     "start_timeout": (None, "Seconds to wait for a new instance's Jupyter to answer /api/status."),
     "mem_limit": (None, "Memory limit of each instance (Docker syntax: 512m, 1g)."),
     "cpus": (None, "CPU limit of each instance, in CPUs."),
     "pids_limit": (None, "Process-count limit of each instance."),
+    "disk_limit": (None, "Size of each instance's writable places (work directory, /tmp), in memory: 512m, 1g."),
+    "instance_egress": (None, "Let instances reach addresses off this machine (never this host's own services)."),
     "route_cache_ttl": (None, "Seconds a session's route is cached in memory (0 disables the cache)."),
     "pool_size": (None, "Instances kept started and ready for the next uploads, shared by all proxies on the Redis."),
     "start_concurrency": (None, "Instances booting at once in this proxy; 0 means one per CPU."),
@@ -169,6 +191,7 @@ def parse_settings(values: dict[str, typing.Any]) -> Settings:
     _require(bool(s.image), "image", "must name a local image")
     positive = ("nonce_ttl", "session_ttl", "max_upload", "max_skew", "pids_limit", "start_timeout")
     positive += ("queue_timeout", "idle_timeout", "max_age", "cull_interval")
+    positive += ("upload_timeout", "max_uploads", "header_timeout")
     for name in positive:
         _require(getattr(s, name) > 0, name, "must be positive")
     for name in ("route_cache_ttl", "pool_size", "start_concurrency", "max_instances"):
@@ -186,6 +209,7 @@ def parse_settings(values: dict[str, typing.Any]) -> Settings:
         "None needs datalab_cookie_secure=true (browsers refuse it otherwise)",
     )
     _require(bool(re.fullmatch(r"[0-9]+[bkmgBKMG]?", s.mem_limit)), "mem_limit", "must look like 512m or 1g")
+    _require(bool(re.fullmatch(r"[1-9][0-9]*[kmgKMG]?", s.disk_limit)), "disk_limit", "must look like 512m or 1g")
     _require(s.sign_scheme in signing.SCHEMES, "sign_scheme", f"must be one of {', '.join(signing.SCHEMES)}")
     for origin in s.origins:
         _require(

@@ -21,6 +21,7 @@ from backends import Backend
 from backends import BackendError
 from backends import Instance
 from backends import StartTimeout
+from backends import UntrustedRecord
 from backends import http_status
 from config import Settings
 from store import Reservation
@@ -91,6 +92,9 @@ class Instances:
     async def claim_pooled(self) -> Instance | None:
         """A ready pool instance, checked alive; a dead one is ended, never handed out."""
         while (instance := await self.store.claim_pooled(time.time())) is not None:
+            if not await self.trusted(instance):
+                await self.end(instance, "its record names an address its backend never gives")
+                continue
             if await http_status(instance.host, instance.port, "/api/status", 2.0, instance.token) == 200:
                 return instance
             await self.end(instance, "found dead in the pool")
@@ -133,7 +137,26 @@ class Instances:
         if not inputs.is_token(nonce):
             return None
         instance_id = await self.store.nonce_target(nonce)
-        return await self.store.instance(instance_id) if instance_id else None
+        return await self.record(instance_id) if instance_id else None
+
+    async def record(self, instance_id: str) -> Instance | None:
+        """The instance's record, only if it names an address its backend could have given: whoever
+        can write to Redis must not be able to point the proxy (and the instance secret) anywhere."""
+        instance = await self.store.instance(instance_id)
+        if instance is not None and not await self.trusted(instance):
+            raise UntrustedRecord("the instance's record was refused; see the proxy's log")
+        return instance
+
+    async def trusted(self, instance: Instance) -> bool:
+        if await self.backend.could_have_given(instance.host, instance.port):
+            return True
+        log.error(
+            "instance %s: record names %s:%s, not an address of its backend; refused",
+            instance.id,
+            instance.host,
+            instance.port,
+        )
+        return False
 
     async def open_session(self, instance: Instance) -> str | None:
         """A new browser session bound to the instance (its id goes into the cookie); None if it ended."""
@@ -176,7 +199,7 @@ class Instances:
     async def end_if_gone(self, instance_id: str) -> bool:
         """The instance did not answer or exited: if the backend says it is gone, end it for everyone.
         True if it is over (whoever ended it)."""
-        instance = await self.store.instance(instance_id)
+        instance = await self.store.instance(instance_id)  # (poll and end use the handle, not the address)
         if instance is None:
             return True
         if await self.backend.poll(instance):
@@ -185,8 +208,9 @@ class Instances:
         return True
 
     async def all(self) -> list[Instance]:
-        """Every instance recorded under this prefix (a record may outlive a container that died)."""
-        return await self.store.all_instances()
+        """Every instance recorded under this prefix (a record may outlive a container that died),
+        with addresses its backend could have given (culling probes them)."""
+        return [i for i in await self.store.all_instances() if await self.trusted(i)]
 
     async def end_all(self, reason: str) -> int:
         for instance in (all_ := await self.all()):

@@ -18,6 +18,7 @@ from redis.exceptions import RedisError
 import errors
 import hosts
 import inputs
+from backends import BackendError
 from backends import Instance
 from errors import ApiError
 from marks import HANDLED
@@ -91,6 +92,8 @@ class Router:
             instance = await self._instance_for(flow)
         except ApiError as e:
             flow.response = e.response()
+        except BackendError as e:
+            flow.response = ApiError(e.status, e.code, e.public).response()
         except RedisError as e:
             flow.response = errors.redis_unavailable(e).response()
         if flow.response is not None:
@@ -208,7 +211,7 @@ class Router:
         instance_id = await store.session_target(session_id)
         if instance_id is None:
             raise ApiError(403, "NO_SESSION", "this datalab session is unknown or expired; open the instance again")
-        instance = await store.instance(instance_id)
+        instance = await self.runtime.instances.record(instance_id)
         if instance is None:
             raise errors.instance_gone()
         return instance

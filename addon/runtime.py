@@ -35,6 +35,8 @@ def docker_backend(s: Settings) -> Backend:
             pids_limit=s.pids_limit,
             start_timeout=float(s.start_timeout),
             docker_url=s.docker_url,
+            egress=s.instance_egress,
+            disk_limit=s.disk_limit,
         )
     )
 

@@ -84,7 +84,9 @@ if [ ! -f "$tarball" ]; then
 fi
 
 # --- import ---
-# The configuration goes on top of a copy of the cached rootfs (tar -r), owned by root.
+# The configuration goes on top of a copy of the cached rootfs (tar -r), owned by root. The root
+# file system is read-only at run time (the backend mounts the work directory and /tmp): the
+# variables below keep Jupyter's and IPython's own state in /tmp.
 layer=$(mktemp -d /var/tmp/datalab-config.XXXXXX)
 trap 'rm -rf "$layer"' EXIT
 install -D -m 0644 "$here/image/jupyter_server_config.py" "$layer/tree/etc/jupyter/jupyter_server_config.py"
@@ -97,6 +99,8 @@ docker import \
   --change 'WORKDIR /home/datalab/work' \
   --change 'ENV PATH=/opt/jupyter/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
   --change 'ENV HOME=/home/datalab' \
+  --change 'ENV JUPYTER_CONFIG_DIR=/tmp/jupyter/config JUPYTER_DATA_DIR=/tmp/jupyter/data JUPYTER_RUNTIME_DIR=/tmp/jupyter/runtime' \
+  --change 'ENV IPYTHONDIR=/tmp/ipython XDG_CACHE_HOME=/tmp/cache MPLCONFIGDIR=/tmp/matplotlib' \
   --change 'EXPOSE 8888' \
   --change 'ENTRYPOINT ["/usr/bin/tini", "--"]' \
   --change 'CMD ["jupyter", "notebook", "--config=/etc/jupyter/jupyter_server_config.py"]' \

@@ -23,8 +23,16 @@ KEY = "unit-key"
 
 
 def runtime_for(redis_url="redis://127.0.0.1:1/0", **changes) -> Runtime:
+    """The addon's runtime, except that its backend vouches for loopback addresses: these unit tests
+    record instances (or a stand-in Jupyter) on 127.0.0.1, where the Docker backend never puts one
+    (the real rule is tested in test_backend_docker.py and test_confinement.py)."""
     rt = Runtime()
     rt.apply(Settings(sign_key=KEY, redis_url=redis_url, key_prefix="unit:", **changes))
+
+    async def loopback(host: str, port: int) -> bool:
+        return host == "127.0.0.1"
+
+    rt.instances.backend.could_have_given = loopback
     return rt
 
 

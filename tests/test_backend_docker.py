@@ -1,9 +1,10 @@
 """The Docker backend against the real engine and image: failures leave nothing behind."""
 
-import io
+import base64
+import ipaddress
 import json
+import os
 import secrets
-import tarfile
 
 import docker
 import pytest
@@ -16,7 +17,6 @@ from backends import http_get
 from backends.docker_engine import LABEL_PREFIX
 from backends.docker_engine import DockerBackend
 from backends.docker_engine import DockerOptions
-from backends.docker_engine import upload_tar
 from e2e.conftest import IMAGE
 
 
@@ -33,16 +33,6 @@ def options(**changes) -> DockerOptions:
 
 def managed(engine, opts: DockerOptions) -> list:
     return engine.containers.list(all=True, filters={"label": f"{LABEL_PREFIX}={opts.label_prefix}"})
-
-
-def test_upload_tar_holds_one_file_owned_by_the_notebook_user():
-    for name, data in (("a.csv", b"1,2\n"), ("ü" * 120 + ".bin", bytes(range(256)) * 9000), ("empty", b"")):
-        stream = b"".join(upload_tar(name, data))
-        assert len(stream) % tarfile.BLOCKSIZE == 0
-        with tarfile.open(fileobj=io.BytesIO(stream)) as tar:
-            (member,) = tar.getmembers()
-            assert (member.name, member.uid, member.size) == (name, 1000, len(data))
-            assert tar.extractfile(member).read() == data
 
 
 async def test_missing_image_is_never_pulled(engine):
@@ -72,16 +62,30 @@ async def test_start_put_file_poll_inventory_stop(engine):
     instance = await backend.start(secrets.token_urlsafe(16), "t0ken")
     try:
         assert instance.filename == "" and instance.token == "t0ken"
-        await backend.put_file(instance, "a.csv", b"1,2\n")
-        answer = await http_get(instance.host, instance.port, "/api/contents/a.csv?content=1", 10, "t0ken")
-        assert answer is not None and answer[0] == 200 and json.loads(answer[1])["content"] == "1,2\n"
+        big = os.urandom(9 * 1024 * 1024 + 5)  # three contents-API chunks
+        for name, data in (("a.csv", b"1,2\n"), ("empty", b""), ("blob ü.bin", big)):
+            await backend.put_file(instance, name, data)
+            path = "/api/contents/" + name.replace(" ", "%20").replace("ü", "%C3%BC") + "?content=1&format=base64"
+            answer = await http_get(instance.host, instance.port, path, 30, "t0ken")
+            assert answer is not None and answer[0] == 200, answer
+            assert base64.b64decode(json.loads(answer[1])["content"]) == data
         assert await backend.inventory() == [Found(instance.id, instance.handle, True)]
         (container,) = managed(engine, opts)
         host_config = container.attrs["HostConfig"]
         assert host_config["Memory"] == 1024**3 and host_config["PidsLimit"] == 256
         assert host_config["CapDrop"] == ["ALL"] and "no-new-privileges" in host_config["SecurityOpt"]
-        assert container.attrs["Config"]["User"] == "datalab"
-        assert instance.host == "127.0.0.1"
+        assert host_config["ReadonlyRootfs"] is True and not host_config.get("Binds")
+        assert set(host_config["Tmpfs"]) == {"/home/datalab/work", "/tmp"}
+        assert all("size=1g" in o for o in host_config["Tmpfs"].values())
+        assert not host_config.get("PortBindings") and container.attrs["Config"]["User"] == "datalab"
+        network = engine.networks.get(host_config["NetworkMode"])
+        assert network.attrs["Internal"] is True and list(container.attrs["NetworkSettings"]["Networks"]) == [
+            network.name
+        ]
+        assert ipaddress.ip_address(instance.host) in ipaddress.ip_network(network.attrs["IPAM"]["Config"][0]["Subnet"])
+        assert await backend.could_have_given(instance.host, instance.port)
+        for forged in (("127.0.0.1", 6379), ("169.254.169.254", 80), (instance.host, 22), ("evil.example", 8888)):
+            assert not await backend.could_have_given(*forged)
         assert await backend.poll(instance) is True
     finally:
         await backend.stop(instance.handle)

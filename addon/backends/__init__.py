@@ -11,13 +11,18 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import base64
 import json
+import secrets
 import time
 from collections.abc import AsyncIterator
 from collections.abc import Awaitable
 from collections.abc import Callable
 from dataclasses import asdict
 from dataclasses import dataclass
+from urllib.parse import quote
+
+CONTENTS_CHUNK = 4 << 20  # bytes per contents-API request (Jupyter holds each whole, base64 and all)
 
 
 @dataclass(frozen=True)
@@ -85,6 +90,11 @@ class ImageMissing(BackendError):
     code = "IMAGE_MISSING"
 
 
+class UntrustedRecord(BackendError):
+    status = 502
+    code = "BAD_ROUTE"
+
+
 class StartTimeout(BackendError):
     status = 504
     code = "START_TIMEOUT"
@@ -135,6 +145,12 @@ class Backend(abc.ABC):
     async def stop(self, handle: str) -> None:
         """Stop and remove the instance. Idempotent: an instance already gone counts as stopped."""
 
+    @abc.abstractmethod
+    async def could_have_given(self, host: str, port: int) -> bool:
+        """Whether host:port is an address this backend gives instances. Records in Redis are not
+        trusted blindly: the proxy routes only to such addresses (whoever can write to Redis
+        must not be able to point it anywhere)."""
+
 
 # The header that carries an instance's secret from the proxy to its Jupyter. The image's identity
 # provider (image/jupyter_server_config.py) trusts it without making the request "token-
@@ -144,14 +160,19 @@ AUTH_HEADER = "X-Datalab-Auth"
 AUTH_ENV = "DATALAB_AUTH"  # the variable a backend passes the secret to the image in
 
 
-async def http_get(host: str, port: int, path: str, timeout: float, token: str = "") -> tuple[int, bytes] | None:
-    """Status and body of one plain HTTP/1.0 GET, or None when nothing answers. No HTTP library needed."""
+async def http_request(
+    host: str, port: int, method: str, path: str, timeout: float, token: str = "", headers=(), body: bytes = b""
+) -> tuple[int, bytes] | None:
+    """Status and body of one plain HTTP/1.0 request, or None when nothing answers. No HTTP library needed."""
     writer = None
-    auth = f"{AUTH_HEADER}: {token}\r\n" if token else ""
+    lines = [f"{method} {path} HTTP/1.0", f"Host: {host}:{port}", f"Content-Length: {len(body)}"]
+    lines += [f"{AUTH_HEADER}: {token}"] if token else []
+    lines += [f"{name}: {value}" for name, value in headers]
     try:
         async with asyncio.timeout(timeout):
             reader, writer = await asyncio.open_connection(host, port)
-            writer.write(f"GET {path} HTTP/1.0\r\nHost: {host}:{port}\r\n{auth}\r\n".encode())
+            writer.write(("\r\n".join(lines) + "\r\n\r\n").encode())
+            writer.write(body)
             await writer.drain()
             raw = await reader.read(1 << 20)
             while chunk := await reader.read(1 << 20):
@@ -164,6 +185,38 @@ async def http_get(host: str, port: int, path: str, timeout: float, token: str =
     finally:
         if writer is not None:
             writer.close()
+
+
+async def http_get(host: str, port: int, path: str, timeout: float, token: str = "") -> tuple[int, bytes] | None:
+    return await http_request(host, port, "GET", path, timeout, token)
+
+
+async def put_via_contents(instance: Instance, filename: str, data: bytes | bytearray, timeout: float) -> None:
+    """Place a file in the instance's working directory through Jupyter's contents API, in chunks
+    (Jupyter decodes each request whole): works on any engine and any file system the instance
+    has, a read-only root and size-limited mounts included. The file is the notebook user's."""
+    # The proxy is not a browser, but Jupyter's XSRF check applies to it too: it sends a matching
+    # cookie and header of its own (any value will do; version 2 is Tornado's format).
+    xsrf = "2|00000000|" + secrets.token_hex(16) + "|" + str(int(time.time()))
+    headers = [("Content-Type", "application/json"), ("Cookie", f"_xsrf={xsrf}"), ("X-XSRFToken", xsrf)]
+    path = "/api/contents/" + quote(filename, safe="")
+    pieces = [data[i : i + CONTENTS_CHUNK] for i in range(0, len(data), CONTENTS_CHUNK)] or [b""]
+    for number, piece in enumerate(pieces, start=1):
+        model = {"type": "file", "format": "base64", "content": base64.b64encode(piece).decode()}
+        if len(pieces) > 1:
+            model["chunk"] = -1 if number == len(pieces) else number
+        answer = await http_request(
+            instance.host, instance.port, "PUT", path, timeout, instance.token, headers, json.dumps(model).encode()
+        )
+        if answer is None or answer[0] not in (200, 201):
+            detail = f"PUT {path} chunk {number}: " + (f"{answer[0]} {answer[1][:200]!r}" if answer else "no answer")
+            raise BackendError("the instance did not take the upload", detail)
+    try:
+        size = json.loads(answer[1]).get("size")
+    except ValueError:
+        size = None
+    if size is not None and size != len(data):
+        raise BackendError("the upload arrived incomplete in the instance", f"{size} of {len(data)} bytes")
 
 
 async def http_status(host: str, port: int, path: str, timeout: float, token: str = "") -> int | None:

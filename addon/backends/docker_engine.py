@@ -1,21 +1,22 @@
 """Docker backend: one container per instance, from a local image that is never pulled.
 
-Every Docker SDK call is blocking, so each goes through `_call` (a worker thread). An upload is
-copied into the running container's working directory; Jupyter lists the directory on every
-request, so the file shows at once.
+Every Docker SDK call is blocking, so each goes through `_call` (a worker thread). A container is
+confined: on the proxy's own network (docker_network.py), a read-only root with size-limited
+in-memory mounts for the working directory and /tmp only, no capabilities, no new privileges,
+memory/CPU/process limits, nothing of the host mounted. An upload goes in through Jupyter's
+contents API (the root is read-only, so the engine's archive copy cannot write it).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
-import tarfile
 import threading
 import time
 from collections.abc import AsyncIterator
 from collections.abc import Callable
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,18 +32,22 @@ from backends import EngineUnavailable
 from backends import Found
 from backends import ImageMissing
 from backends import Instance
+from backends import put_via_contents
 from backends import wait_ready
+from backends.docker_network import LABEL_MANAGED
+from backends.docker_network import MANAGED_BY
+from backends.docker_network import InstanceNetwork
+from backends.docker_network import close_host_to
+from backends.docker_network import ensure_network
+from backends.docker_network import network_name
 
 log = logging.getLogger(__name__)
 
 JUPYTER_PORT = 8888
 WORK_DIR = "/home/datalab/work"
 USER_UID = 1000
-TAR_CHUNK = 1 << 20
-LABEL_MANAGED = "datalab.managed-by"
 LABEL_PREFIX = "datalab.prefix"
 LABEL_INSTANCE = "datalab.instance"
-MANAGED_BY = "datalab-proxy"
 
 
 @dataclass(frozen=True)
@@ -54,23 +59,8 @@ class DockerOptions:
     pids_limit: int = 256
     start_timeout: float = 60.0
     docker_url: str = ""
-
-
-def upload_tar(filename: str, data: bytes | bytearray) -> Iterator[bytes]:
-    """A tar stream holding one file owned by the notebook user (so Jupyter can save over it).
-
-    Yielded in pieces, so a 100 MiB upload is never copied whole a second time on its way in.
-    """
-    info = tarfile.TarInfo(filename)
-    info.size = len(data)
-    info.mode = 0o644
-    info.uid = info.gid = USER_UID
-    info.mtime = int(time.time())
-    yield info.tobuf(format=tarfile.PAX_FORMAT)
-    view = memoryview(data)
-    for start in range(0, len(data), TAR_CHUNK):
-        yield bytes(view[start : start + TAR_CHUNK])
-    yield b"\0" * (-len(data) % tarfile.BLOCKSIZE) + b"\0" * (2 * tarfile.BLOCKSIZE)  # padding, end of archive
+    egress: bool = False
+    disk_limit: str = "1g"
 
 
 class DockerBackend(Backend):
@@ -79,6 +69,8 @@ class DockerBackend(Backend):
     def __init__(self, opts: DockerOptions):
         self.opts = opts
         self._client: docker.DockerClient | None = None
+        self._network: InstanceNetwork | None = None
+        self._network_lock = asyncio.Lock()
 
     async def _call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Run one blocking SDK call in a thread; an engine that cannot be reached is a 503."""
@@ -106,6 +98,17 @@ class DockerBackend(Backend):
             await self._call(client.images.get, self.opts.image)
         except docker.errors.NotFound as e:
             raise self._image_missing() from e
+        await self.network()
+
+    async def network(self) -> InstanceNetwork:
+        """The instance network, made ready (and the host closed to it) once per process."""
+        async with self._network_lock:
+            if self._network is None:
+                client = await self.client()
+                net = await self._call(ensure_network, client, network_name(self.opts.egress), self.opts.egress)
+                await asyncio.to_thread(close_host_to, net)
+                self._network = net
+            return self._network
 
     def _image_missing(self) -> ImageMissing:
         return ImageMissing(
@@ -121,14 +124,16 @@ class DockerBackend(Backend):
 
     async def start(self, instance_id: str, token: str) -> Instance:
         client = await self.client()
+        net = await self.network()
+        args = self._create_args(instance_id, token, net)
         try:  # create never pulls (run() would): a missing image is a 404 here, no separate look-up needed
-            container: Container = await self._call(client.containers.create, **self._create_args(instance_id, token))
+            container: Container = await self._call(client.containers.create, **args)
         except docker.errors.ImageNotFound as e:
             raise self._image_missing() from e
         try:
             await self._call(container.start)
-            port = await self._published_port(container)
-            instance = Instance(instance_id, self.name, container.id, "127.0.0.1", port, "", time.time(), token)
+            host = await self._address(container, net)
+            instance = Instance(instance_id, self.name, container.id, host, JUPYTER_PORT, "", time.time(), token)
             await wait_ready(instance, self.opts.start_timeout, lambda: self.poll(instance))
             return instance
         except BaseException:
@@ -136,23 +141,29 @@ class DockerBackend(Backend):
             raise
 
     async def put_file(self, instance: Instance, filename: str, data: bytes | bytearray) -> None:
-        client = await self.client()
-        try:
-            container = await self._call(client.containers.get, instance.handle)
-            ok = await self._call(container.put_archive, WORK_DIR, upload_tar(filename, data))
-        except docker.errors.NotFound as e:
-            raise BackendError("the instance is gone; its upload could not be placed") from e
-        if not ok:
-            raise BackendError("the engine did not take the upload")
+        await put_via_contents(instance, filename, data, timeout=max(30.0, self.opts.start_timeout))
 
-    def _create_args(self, instance_id: str, token: str) -> dict[str, Any]:
+    async def could_have_given(self, host: str, port: int) -> bool:
+        """Jupyter's port at an address of the instance network, nothing else."""
+        net = await self.network()
+        try:
+            return port == JUPYTER_PORT and ipaddress.ip_address(host) in net.subnet
+        except ValueError:
+            return False
+
+    def _create_args(self, instance_id: str, token: str, net: InstanceNetwork) -> dict[str, Any]:
+        private = f"size={self.opts.disk_limit},uid={USER_UID},gid={USER_UID},mode=0700,nosuid,nodev"
         return dict(
             image=self.opts.image,
             name=f"datalab-{instance_id}",
             detach=True,
             environment={AUTH_ENV: token},
             labels={LABEL_MANAGED: MANAGED_BY, LABEL_PREFIX: self.opts.label_prefix, LABEL_INSTANCE: instance_id},
-            ports={f"{JUPYTER_PORT}/tcp": ("127.0.0.1", None)},
+            network=net.name,
+            read_only=True,
+            # The only writable places, in memory (so the host's disk is never touched) and each
+            # at most datalab_disk_limit; their pages count against the memory limit as well.
+            tmpfs={WORK_DIR: private, "/tmp": f"size={self.opts.disk_limit},mode=1777,nosuid,nodev"},
             mem_limit=self.opts.mem_limit,
             nano_cpus=int(self.opts.cpus * 1e9),
             pids_limit=self.opts.pids_limit,
@@ -160,13 +171,13 @@ class DockerBackend(Backend):
             security_opt=["no-new-privileges"],
         )
 
-    async def _published_port(self, container: Container) -> int:
+    async def _address(self, container: Container, net: InstanceNetwork) -> str:
+        """The instance's address on the instance network: how the proxy reaches it."""
         await self._call(container.reload)
-        bindings = container.attrs["NetworkSettings"]["Ports"].get(f"{JUPYTER_PORT}/tcp") or []
-        for binding in bindings:
-            if binding.get("HostIp") == "127.0.0.1":
-                return int(binding["HostPort"])
-        raise BackendError("the engine published no loopback port for the instance")
+        address = ((container.attrs["NetworkSettings"].get("Networks") or {}).get(net.name) or {}).get("IPAddress")
+        if not address or ipaddress.ip_address(address) not in net.subnet:
+            raise BackendError("the instance got no address on its network", f"container {container.id[:12]}")
+        return address
 
     async def poll(self, instance: Instance) -> bool:
         client = await self.client()
@@ -227,6 +238,10 @@ class DockerBackend(Backend):
         client = await self.client()
         try:
             container = await self._call(client.containers.get, container_id)
+            if container.labels.get(LABEL_PREFIX) != self.opts.label_prefix:
+                # a handle from a record not ours (Redis is not trusted blindly): never remove it
+                log.error("datalab: refusing to remove container %s: not one of ours", container_id[:12])
+                return
             await self._call(container.remove, force=True)
         except docker.errors.NotFound:
             pass  # already gone: that is what stop wants

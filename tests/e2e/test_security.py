@@ -120,8 +120,8 @@ def test_the_instance_secret_reaches_no_browser_and_opens_nothing_else(proxy, wo
     assert all(secret not in page for page in seen)
     assert '"token": ""' in seen[0]  # Jupyter has no token to put in its pages
 
-    port = instance_of(world, nonce).port
-    direct = f"http://127.0.0.1:{port}/api/contents"
+    target = instance_of(world, nonce)
+    direct = f"http://{target.host}:{target.port}/api/contents"
     assert requests.get(direct, timeout=30).status_code == 403
     assert requests.get(direct, headers={"Authorization": f"token {secret}"}, timeout=30).status_code == 403
     assert requests.get(direct, params={"token": secret}, timeout=30).status_code == 403

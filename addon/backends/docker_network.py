@@ -1,0 +1,111 @@
+"""The network instances live on: the proxy's own Docker bridge, and what confines it.
+
+- `enable_icc=false`: instances cannot reach each other.
+- `internal` (unless datalab_instance_egress): no way off the machine; Docker gives the network no
+  gateway route out and drops anything leaving its subnet.
+- A firewall rule of the proxy's own drops every new connection from the bridge to the host itself
+  (Docker filters forwarded traffic, not traffic to the host's own addresses): host services bound
+  to 0.0.0.0, the proxy's ports, Redis, a TCP Docker API are all out of reach. Replies to the
+  proxy's own connections to instances are established traffic and pass.
+
+The proxy reaches an instance at its address on this network (the host holds the bridge's
+gateway address), so no port is published anywhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import logging
+import shutil
+import subprocess
+from dataclasses import dataclass
+
+import docker
+import docker.errors
+
+from backends import BackendError
+
+log = logging.getLogger(__name__)
+
+LABEL_MANAGED = "datalab.managed-by"
+MANAGED_BY = "datalab-proxy"
+
+
+@dataclass(frozen=True)
+class InstanceNetwork:
+    name: str
+    bridge: str  # the host's interface for it
+    subnet: ipaddress.IPv4Network | ipaddress.IPv6Network
+    egress: bool
+
+
+def network_name(egress: bool) -> str:
+    """One network per kind, shared by every proxy on the engine (and named for what it allows)."""
+    return "datalab-egress" if egress else "datalab-isolated"
+
+
+def bridge_name(name: str) -> str:
+    """A Linux interface name (at most 15 characters) that says whose it is."""
+    return "dl-" + hashlib.sha256(name.encode()).hexdigest()[:10]
+
+
+def ensure_network(client: docker.DockerClient, name: str, egress: bool) -> InstanceNetwork:
+    """The instance network, created (and labelled) if missing; a network of that name that is not
+    ours, or not confined as asked, is refused rather than used. Blocking: call it in a thread."""
+    try:
+        net = client.networks.get(name)
+    except docker.errors.NotFound:
+        try:
+            net = client.networks.create(
+                name,
+                driver="bridge",
+                internal=not egress,
+                labels={LABEL_MANAGED: MANAGED_BY},
+                options={
+                    "com.docker.network.bridge.enable_icc": "false",
+                    "com.docker.network.bridge.name": bridge_name(name),
+                },
+            )
+        except docker.errors.APIError as e:
+            if e.status_code != 409:  # 409: another proxy created it meanwhile
+                raise
+        net = client.networks.get(name)
+    attrs = net.attrs
+    options = attrs.get("Options") or {}
+    problems = []
+    if (attrs.get("Labels") or {}).get(LABEL_MANAGED) != MANAGED_BY:
+        problems.append("it was not made by the proxy")
+    if attrs.get("Internal") is egress:
+        problems.append("its egress setting differs")
+    if options.get("com.docker.network.bridge.enable_icc") != "false":
+        problems.append("it lets containers reach each other")
+    if problems:
+        raise BackendError(
+            "the instance network is not confined as required",
+            f"Docker network {name}: {', '.join(problems)}; remove it (docker network rm {name})",
+        )
+    config = (attrs.get("IPAM") or {}).get("Config") or []
+    if not config or not config[0].get("Subnet"):
+        raise BackendError("the instance network has no subnet", f"Docker network {name} has no IPAM subnet")
+    bridge = options.get("com.docker.network.bridge.name") or bridge_name(name)
+    return InstanceNetwork(name, bridge, ipaddress.ip_network(config[0]["Subnet"]), egress)
+
+
+def close_host_to(net: InstanceNetwork) -> None:
+    """Drop new connections from the instance bridge to the host itself (idempotent). Without the
+    rule an instance reaches every host service bound to 0.0.0.0; the proxy will not start
+    instances unconfined, so a failure here is a BackendError."""
+    iptables = shutil.which("iptables")
+    if iptables is None:
+        raise BackendError("instances cannot be confined", "iptables is missing (apt-get install iptables)")
+    rule = ["INPUT", "-i", net.bridge, "-m", "conntrack", "--ctstate", "NEW,INVALID", "-j", "DROP"]
+    if subprocess.run([iptables, "-w", "-C", *rule], capture_output=True).returncode == 0:
+        return
+    done = subprocess.run([iptables, "-w", "-I", *rule], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise BackendError(
+            "instances cannot be confined",
+            f"could not add the host firewall rule for {net.bridge} (the proxy needs root): {done.stderr.strip()}",
+        )
+    log.info("datalab: instances on %s (%s) cannot reach this host's services", net.name, net.bridge)

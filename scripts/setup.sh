@@ -45,6 +45,7 @@ ensure_packages() {
   command -v dockerd >/dev/null || docker info >/dev/null 2>&1 || missing+=(docker.io)
   command -v debootstrap >/dev/null || missing+=(debootstrap)
   command -v curl >/dev/null || missing+=(curl)  # the tests' HTTP/2 client
+  command -v iptables >/dev/null || missing+=(iptables)  # the host firewall rule that confines instances
   [ ${#missing[@]} = 0 ] && return 0
   if is_root && command -v apt-get >/dev/null; then
     say "installing ${missing[*]} with apt-get (once)"

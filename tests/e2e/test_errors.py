@@ -411,6 +411,20 @@ def instance_unreachable(env: Env) -> Answer:
         env.stop(opened)
 
 
+def bad_route(env: Env) -> Answer:
+    """Whoever can write to Redis points the live instance's record at a service of this host
+    (here Redis's port): the proxy refuses to route there. The record is put back after."""
+    live = env.live
+    real = env.instance(live)
+    key = f"{env.prefixes[LIVE]}instance:{real.id}"
+    env.world.redis.set(key, json.dumps(json.loads(real.to_json()) | {"host": "127.0.0.1", "port": 6379}))
+    try:
+        url = env.proxy("busy").url(f"/datalab/static/{live.nonce}/files/{live.filename}")
+        return env.ask(LIVE, lambda: requests.get(url, timeout=30))
+    finally:
+        env.world.redis.set(key, real.to_json())
+
+
 # The table: every code of the README's Errors table, except EXEMPT. Statuses are the README's.
 ROWS = [
     ("bad_request-traversal_filename", upload("plain", "../../etc/passwd"), 400, "BAD_REQUEST"),
@@ -459,6 +473,7 @@ ROWS = [
     ("not_ready", not_ready, 503, "NOT_READY"),
     ("instance_gone", instance_gone, 410, "INSTANCE_GONE"),
     ("instance_unreachable", instance_unreachable, 502, "INSTANCE_UNREACHABLE"),
+    ("bad_route", bad_route, 502, "BAD_ROUTE"),
 ]
 
 # Codes the README names that have no row, and why no client or fault can provoke them. (CLIENT_GONE

@@ -84,7 +84,9 @@ async def test_start_put_file_poll_inventory_stop(engine):
         ]
         assert ipaddress.ip_address(instance.host) in ipaddress.ip_network(network.attrs["IPAM"]["Config"][0]["Subnet"])
         assert await backend.could_have_given(instance.host, instance.port)
-        for forged in (("127.0.0.1", 6379), ("169.254.169.254", 80), (instance.host, 22), ("evil.example", 8888)):
+        gateway = network.attrs["IPAM"]["Config"][0]["Gateway"]  # the host's own end of the network
+        elsewhere = [("127.0.0.1", 6379), ("169.254.169.254", 80), (instance.host, 22), ("evil.example", 8888)]
+        for forged in elsewhere + [(gateway, 8888), ("::1", 8888)]:
             assert not await backend.could_have_given(*forged)
         assert await backend.poll(instance) is True
     finally:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import threading
 import time
@@ -144,12 +143,10 @@ class DockerBackend(Backend):
         await put_via_contents(instance, filename, data, timeout=max(30.0, self.opts.start_timeout))
 
     async def could_have_given(self, host: str, port: int) -> bool:
-        """Jupyter's port at an address of the instance network, nothing else."""
+        """Jupyter's port at a container's address on the instance network, nothing else (not the
+        host's own address there)."""
         net = await self.network()
-        try:
-            return port == JUPYTER_PORT and ipaddress.ip_address(host) in net.subnet
-        except ValueError:
-            return False
+        return port == JUPYTER_PORT and net.holds_instance(host)
 
     def _create_args(self, instance_id: str, token: str, net: InstanceNetwork) -> dict[str, Any]:
         private = f"size={self.opts.disk_limit},uid={USER_UID},gid={USER_UID},mode=0700,nosuid,nodev"
@@ -175,7 +172,7 @@ class DockerBackend(Backend):
         """The instance's address on the instance network: how the proxy reaches it."""
         await self._call(container.reload)
         address = ((container.attrs["NetworkSettings"].get("Networks") or {}).get(net.name) or {}).get("IPAddress")
-        if not address or ipaddress.ip_address(address) not in net.subnet:
+        if not address or not net.holds_instance(address):
             raise BackendError("the instance got no address on its network", f"container {container.id[:12]}")
         return address
 

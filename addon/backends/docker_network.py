@@ -37,7 +37,17 @@ class InstanceNetwork:
     name: str
     bridge: str  # the host's interface for it
     subnet: ipaddress.IPv4Network | ipaddress.IPv6Network
+    gateway: ipaddress.IPv4Address | ipaddress.IPv6Address | None  # the host's own address on it
     egress: bool
+
+    def holds_instance(self, host: str) -> bool:
+        """An address a container on this network can have: in the subnet, not the host's end."""
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            return False
+        special = {self.subnet.network_address, self.subnet.broadcast_address, self.gateway}
+        return address in self.subnet and address not in special
 
 
 def network_name(egress: bool) -> str:
@@ -89,7 +99,8 @@ def ensure_network(client: docker.DockerClient, name: str, egress: bool) -> Inst
     if not config or not config[0].get("Subnet"):
         raise BackendError("the instance network has no subnet", f"Docker network {name} has no IPAM subnet")
     bridge = options.get("com.docker.network.bridge.name") or bridge_name(name)
-    return InstanceNetwork(name, bridge, ipaddress.ip_network(config[0]["Subnet"]), egress)
+    gateway = ipaddress.ip_address(config[0]["Gateway"]) if config[0].get("Gateway") else None
+    return InstanceNetwork(name, bridge, ipaddress.ip_network(config[0]["Subnet"]), gateway, egress)
 
 
 def close_host_to(net: InstanceNetwork) -> None:

@@ -129,7 +129,15 @@ class Culler:
         activity = await store.activity()
         now = time.time()
         # Probes and ends run side by side: one silent instance must not hold up the round.
-        verdicts = await asyncio.gather(*(self._verdict(r, found, pooled, activity, now) for r in records))
+        # An instance runs its user's code and may answer anything: a verdict that fails is no
+        # verdict for that one instance, never a failed round for all the others.
+        verdicts = await asyncio.gather(
+            *(self._verdict(r, found, pooled, activity, now) for r in records), return_exceptions=True
+        )
+        for record, failure in zip(records, verdicts, strict=True):
+            if isinstance(failure, Exception):
+                log.warning("datalab: no culling verdict for instance %s: %r", record.id, failure)
+        verdicts = [None if isinstance(v, BaseException) else v for v in verdicts]
         ends = [
             inst.end(record, v.reason, decided_on=record, idle_since=v.idle_since)
             for record, v in zip(records, verdicts, strict=True)

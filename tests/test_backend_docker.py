@@ -1,19 +1,20 @@
 """The Docker backend against the real engine and image: failures leave nothing behind."""
 
+import asyncio
 import base64
 import ipaddress
-import json
 import os
 import secrets
 
 import docker
 import pytest
+import requests
 
+from backends import AUTH_HEADER
 from backends import EngineUnavailable
 from backends import Found
 from backends import ImageMissing
 from backends import StartTimeout
-from backends import http_get
 from backends.docker_engine import LABEL_PREFIX
 from backends.docker_engine import DockerBackend
 from backends.docker_engine import DockerOptions
@@ -66,9 +67,10 @@ async def test_start_put_file_poll_inventory_stop(engine):
         for name, data in (("a.csv", b"1,2\n"), ("empty", b""), ("blob ü.bin", big)):
             await backend.put_file(instance, name, data)
             path = "/api/contents/" + name.replace(" ", "%20").replace("ü", "%C3%BC") + "?content=1&format=base64"
-            answer = await http_get(instance.host, instance.port, path, 30, "t0ken")
-            assert answer is not None and answer[0] == 200, answer
-            assert base64.b64decode(json.loads(answer[1])["content"]) == data
+            url = f"http://{instance.host}:{instance.port}{path}"
+            answer = await asyncio.to_thread(requests.get, url, headers={AUTH_HEADER: "t0ken"}, timeout=30)
+            assert answer.status_code == 200, answer.text[:200]
+            assert base64.b64decode(answer.json()["content"]) == data
         assert await backend.inventory() == [Found(instance.id, instance.handle, True)]
         (container,) = managed(engine, opts)
         host_config = container.attrs["HostConfig"]

@@ -22,6 +22,7 @@ from dataclasses import asdict
 from dataclasses import dataclass
 from urllib.parse import quote
 
+MAX_ANSWER = 1 << 20  # bytes of an instance's answer to the proxy's own requests (status, kernels, contents)
 CONTENTS_CHUNK = 4 << 20  # bytes per contents-API request (Jupyter holds each whole, base64 and all)
 
 
@@ -174,12 +175,14 @@ async def http_request(
             writer.write(("\r\n".join(lines) + "\r\n\r\n").encode())
             writer.write(body)
             await writer.drain()
-            raw = await reader.read(1 << 20)
-            while chunk := await reader.read(1 << 20):
+            raw = bytearray()
+            while chunk := await reader.read(1 << 16):
                 raw += chunk
+                if len(raw) > MAX_ANSWER:
+                    return None  # an instance runs its user's code: its answers to the proxy are bounded
         head, _, body = raw.partition(b"\r\n\r\n")
         parts = head.split(b"\r\n", 1)[0].split()
-        return (int(parts[1]), body) if len(parts) >= 2 and parts[1].isdigit() else None
+        return (int(parts[1]), bytes(body)) if len(parts) >= 2 and parts[1].isdigit() else None
     except (OSError, TimeoutError):
         return None
     finally:
@@ -231,7 +234,7 @@ async def kernels_busy(instance: Instance, timeout: float = 2.0) -> bool:
         return False
     try:
         return any(k.get("execution_state") == "busy" for k in json.loads(answer[1]))
-    except (ValueError, AttributeError):
+    except Exception:  # whatever the instance answered (it runs its user's code): not busy
         return False
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -124,6 +125,7 @@ class DockerBackend(Backend):
     async def start(self, instance_id: str, token: str) -> Instance:
         client = await self.client()
         net = await self.network()
+        await asyncio.to_thread(close_host_to, net)  # still there? (a firewall reload would drop it)
         args = self._create_args(instance_id, token, net)
         try:  # create never pulls (run() would): a missing image is a 404 here, no separate look-up needed
             container: Container = await self._call(client.containers.create, **args)
@@ -152,7 +154,9 @@ class DockerBackend(Backend):
         private = f"size={self.opts.disk_limit},uid={USER_UID},gid={USER_UID},mode=0700,nosuid,nodev"
         return dict(
             image=self.opts.image,
-            name=f"datalab-{instance_id}",
+            # A name that says nothing of the instance id: the network's DNS answers reverse
+            # look-ups with it, and the id leads to the instance's host name.
+            name=f"datalab-{secrets.token_hex(8)}",
             detach=True,
             environment={AUTH_ENV: token},
             labels={LABEL_MANAGED: MANAGED_BY, LABEL_PREFIX: self.opts.label_prefix, LABEL_INSTANCE: instance_id},
@@ -162,6 +166,7 @@ class DockerBackend(Backend):
             # at most datalab_disk_limit; their pages count against the memory limit as well.
             tmpfs={WORK_DIR: private, "/tmp": f"size={self.opts.disk_limit},mode=1777,nosuid,nodev"},
             mem_limit=self.opts.mem_limit,
+            memswap_limit=self.opts.mem_limit,  # no swap: tmpfs pages never reach the host's disk
             nano_cpus=int(self.opts.cpus * 1e9),
             pids_limit=self.opts.pids_limit,
             cap_drop=["ALL"],

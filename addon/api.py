@@ -1,7 +1,9 @@
 """The /datalab/* endpoints: start (upload), stop, view (cookie + redirect) and static (fetch a path).
 
 Refusals are decided in `requestheaders`, before an upload body is read; a body is then streamed
-to the upload sink (upload.py) and never held beyond datalab_max_upload. Every error is an
+to the upload sink (upload.py) and never held beyond datalab_max_upload, nor waited for beyond
+datalab_upload_timeout; beyond datalab_max_uploads bodies at once, a start is refused before its
+signature is spent. Every error is an
 ApiError, turned into JSON here; anything unexpected is a 500, never a request sent upstream.
 """
 
@@ -27,6 +29,7 @@ from backends import BackendError
 from backends import Instance
 from backends import http_status
 from errors import ApiError
+from marks import CUT
 from marks import HANDLED
 from marks import SINK
 from marks import START
@@ -127,7 +130,7 @@ class Api:
         self.sink.refuse(flow)
 
     async def response(self, flow: http.HTTPFlow) -> None:
-        if START in flow.metadata and flow.metadata.get(SINK):
+        if START in flow.metadata and flow.metadata.get(SINK) and not flow.metadata.get(CUT):
             await self._answering_errors(flow, self._start)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
@@ -214,6 +217,8 @@ class Api:
             raise self._too_large()
         if self.sink.port is None:
             raise ApiError(503, "NOT_READY", "the proxy is still starting; retry in a moment")
+        if self.sink.full:  # before the signature is spent: the frontend may send this one again
+            raise errors.uploads_busy(s.max_uploads)
         await self._spend(signed)
         flow.metadata[START] = signed.subject
         self.sink.take(flow, limit=s.max_upload)

@@ -8,11 +8,13 @@ Wiring only. A request goes: Api.requestheaders (/datalab/*: api.py; uploads str
 upload.py and are answered in Api.response) or Router.requestheaders (everything else: router.py,
 cookie -> Redis -> instance), then FailClosed (guards.py). A start takes an instance in
 instances.py (warm pool: pool.py, boot queue: admission.py); Runtime runs the background work
-that keeps instances in order (pool.py, culler.py).
+that keeps instances in order (pool.py, culler.py). Clients are bounded in time and number:
+request heads by deadlines.py, upload bodies by upload.py.
 """
 
 from api import Api
 from config import Config
+from deadlines import HeaderDeadline
 from guards import FailClosed
 from guards import TransportSecurity
 from guards import TrimWebSockets
@@ -21,10 +23,12 @@ from runtime import Runtime
 from upload import UploadSink
 
 runtime = Runtime()  # also an addon: running() starts the pool, culling and exit events; done() stops them
-sink = UploadSink()  # also an addon: a loopback server that drains upload bodies (upload.py)
+deadline = HeaderDeadline(lambda: runtime.settings)  # closes connections whose request head does not come in time
+sink = UploadSink(lambda: runtime.settings)  # also an addon: a loopback server that drains upload bodies (upload.py)
 
 addons = [
     Config(runtime.apply),
+    deadline,
     runtime,
     sink,
     Api(runtime, sink),
@@ -32,4 +36,5 @@ addons = [
     FailClosed(sink),
     TransportSecurity(lambda: runtime.settings),
     TrimWebSockets(),
+    deadline.after,  # last: a request is over once every other addon is done with it
 ]

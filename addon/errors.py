@@ -57,3 +57,27 @@ def redis_unavailable(exc: Exception) -> ApiError:
     """Redis's own words go to the log, not to the client."""
     log.warning("datalab: Redis: %s", exc)
     return ApiError(503, "REDIS_UNAVAILABLE", "the proxy cannot reach Redis right now; retry shortly")
+
+
+UPLOADS_RETRY_AFTER = 5  # seconds: uploads in flight end within datalab_upload_timeout, most far sooner
+
+
+def upload_timeout(seconds: int) -> ApiError:
+    return ApiError(
+        408,
+        "UPLOAD_TIMEOUT",
+        f"the request body did not arrive within {seconds} s of its headers; nothing was started",
+    )
+
+
+def header_timeout(seconds: int) -> ApiError:
+    return ApiError(408, "HEADER_TIMEOUT", f"the request head did not arrive within {seconds} s")
+
+
+def uploads_busy(limit: int) -> ApiError:
+    return ApiError(
+        503,
+        "CAPACITY",
+        f"this proxy is already receiving as many uploads as it takes at once ({limit}); retry shortly",
+        {"Retry-After": str(UPLOADS_RETRY_AFTER)},
+    )

@@ -9,5 +9,6 @@ START = "datalab.start"  # the checked filename of an upload whose body is on it
 STATIC = "datalab.static"  # a static fetch rerouted to an instance
 SINK = "datalab.sink"  # the body streams to the upload sink; the answer is given in `response`
 DEFERRED = "datalab.deferred"  # a refusal (mitmproxy state), given once the body is drained
+CUT = "datalab.cut"  # the body did not arrive within datalab_upload_timeout: answered 408, nothing started
 ROUTED = "datalab.instance"  # the instance id a proxied flow was sent to
 SESSION = "datalab.session"  # the session id of a proxied flow

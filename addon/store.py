@@ -145,16 +145,24 @@ class Reservation(enum.IntEnum):
     GRANTED = 1
 
 
+REDIS_CONNECTIONS = 32  # per client: a burst of requests shares them instead of opening one each
+REDIS_WAIT = 5  # seconds a command may wait for one of them before it fails (a 503)
+
+
 def connect(url: str) -> redis.Redis:
-    """One client per process: short timeouts and a few retries, so a Redis outage is a quick 503."""
-    return redis.Redis.from_url(
+    """One client per process: short timeouts and a few retries, so a Redis outage is a quick 503.
+    Its connections are bounded: an unbounded pool keeps as many as requests ever came at once."""
+    pool = redis.BlockingConnectionPool.from_url(
         url,
+        max_connections=REDIS_CONNECTIONS,
+        timeout=REDIS_WAIT,
         socket_connect_timeout=2,
         socket_timeout=5,
         health_check_interval=30,
         retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=2),
         retry_on_error=[RedisConnectionError, RedisTimeoutError],
     )
+    return redis.Redis.from_pool(pool)  # the client owns the pool: closing it closes them
 
 
 class Store:
@@ -261,7 +269,13 @@ class Store:
         """Every recorded instance, in one round trip for the records (culling reads them each round)."""
         ids = sorted(await self.instance_ids())
         raws = await self.redis.mget([self.key("instance", i) for i in ids]) if ids else []
-        return [Instance.from_json(raw) for raw in raws if raw is not None]
+        found = []
+        for instance_id, raw in zip(ids, raws, strict=True):
+            try:
+                found.append(Instance.from_json(raw)) if raw is not None else None
+            except (ValueError, TypeError) as e:  # one bad record must not hide all the others
+                log.error("datalab: instance record %s is malformed (%s); ignored", instance_id, e)
+        return found
 
     async def instance_ids(self) -> set[str]:
         return {m.decode() for m in await self.redis.smembers(self.key("instances"))}

@@ -7,6 +7,13 @@ any request refused with a body on its way, by any addon: `UploadSink.refuse`) i
 `UploadSink`, a loopback HTTP server that reads and drops them. The real answer replaces the
 sink's in the `response` hook (a refusal: here; a start: api.py). Should that hook ever fail, the
 sink's own answer is a JSON 500: the request still fails closed.
+
+Bounded: a body must arrive within datalab_upload_timeout of its headers, or the sink stops reading,
+answers 408 UPLOAD_TIMEOUT and closes; mitmproxy passes that answer on and then closes the client
+connection, so a stalled or slow client holds none of its three descriptors (client, proxy -> sink,
+sink) beyond the deadline. At most datalab_max_uploads bodies arrive at once: beyond that a refusal
+is answered at once (the sink answers without reading, so mitmproxy buffers nothing) and the
+connection closes, and a start is refused 503 CAPACITY before its signature is spent.
 """
 
 from __future__ import annotations
@@ -14,10 +21,16 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
+from collections.abc import Callable
 
 import h11
+from mitmproxy import connection
 from mitmproxy import http
 
+import errors
+from config import Settings
+from marks import CUT
 from marks import DEFERRED
 from marks import SINK
 from upstream import reroute
@@ -26,6 +39,11 @@ log = logging.getLogger(__name__)
 
 SINK_HOST = "127.0.0.1"
 RECEIVED = "X-Datalab-Received"  # the sink's count of body bytes it read, so a body cut short is noticed
+VERDICT = "X-Datalab-Verdict"  # the sink's: "drained" (read to its end), "timeout", "unread" (told so)
+DEADLINE = "X-Datalab-Deadline"  # to the sink: the wall-clock time by which the body must have arrived
+UNREAD = "X-Datalab-Unread"  # to the sink: "1" answer at once without reading the body
+CHUNK = 256 * 1024
+LINGER = 2.0  # seconds the sink goes on reading after an early answer, so a reset does not destroy it
 _NOT_ANSWERED = json.dumps({"code": "INTERNAL", "message": "the proxy did not answer this upload; see its log"})
 
 
@@ -66,15 +84,32 @@ def has_body(request: http.Request) -> bool:
 
 
 class UploadSink:
-    """A loopback HTTP/1.1 server that reads request bodies to the end, keeps nothing, answers 500.
+    """A loopback HTTP/1.1 server that reads request bodies to the end, keeps nothing, answers 500
+    (or 408 when a body does not arrive in time).
 
     Also an addon: `take` streams a flow's body here; `refuse` turns an answer given in
-    `requestheaders` into one given after the body is drained; `response` gives it.
+    `requestheaders` into one given after the body is drained; `response` gives it. It counts the
+    bodies on their way here (`full`), from `take` to the flow's answer or error.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, settings: Callable[[], Settings | None] | None = None) -> None:
+        self._settings = settings or (lambda: None)
         self._server: asyncio.Server | None = None
         self.port: int | None = None
+        self._arriving: dict[str, str] = {}  # flow id -> its client connection's id
+
+    @property
+    def settings(self) -> Settings:
+        return self._settings() or _DEFAULTS
+
+    @property
+    def arriving(self) -> int:
+        """Bodies on their way to the sink now."""
+        return len(self._arriving)
+
+    @property
+    def full(self) -> bool:
+        return len(self._arriving) >= self.settings.max_uploads
 
     async def running(self) -> None:
         self._server = await asyncio.start_server(self._serve, SINK_HOST, 0)
@@ -85,8 +120,9 @@ class UploadSink:
             self._server.close()
             await self._server.wait_closed()
 
-    def take(self, flow: http.HTTPFlow, limit: int) -> BodyCollector:
-        """Stream the flow's body here, keeping at most `limit` bytes of it."""
+    def take(self, flow: http.HTTPFlow, limit: int, unread: bool = False) -> BodyCollector:
+        """Stream the flow's body here, keeping at most `limit` bytes of it. `unread`: the sink
+        answers at once without reading it (the flow holds no place among the bodies arriving)."""
         if self.port is None:
             raise RuntimeError("the upload sink is not listening yet")
         collector = BodyCollector(limit)
@@ -95,49 +131,130 @@ class UploadSink:
             # HTTP/2 and /3 may send a body with no length at all; towards this HTTP/1.1 server such a
             # request would have no body. Chunked, mitmproxy frames each piece for it.
             flow.request.headers["Transfer-Encoding"] = "chunked"
+        # Set, never passed on from the client: the sink trusts these.
+        deadline = time.time() + self.settings.upload_timeout  # from the moment its headers were taken
+        flow.request.headers[DEADLINE] = f"{deadline:.3f}"
+        flow.request.headers[UNREAD] = "1" if unread else "0"
         reroute(flow, SINK_HOST, self.port)
         flow.metadata[SINK] = True
+        if not unread:
+            self._arriving[flow.id] = flow.client_conn.id
         return collector
 
     def refuse(self, flow: http.HTTPFlow) -> None:
         """Give the answer already set on the flow only once its body (if any) is drained here:
-        answered now, mitmproxy would first read the whole body into memory."""
+        answered now, mitmproxy would first read the whole body into memory. With `full`, the
+        answer comes at once, unread, and the connection closes."""
         if flow.response is None or not has_body(flow.request) or self.port is None:
             return
+        unread = self.full
+        if unread:
+            closing(flow, flow.response)
         flow.metadata[DEFERRED] = flow.response.get_state()
         flow.response = None
-        self.take(flow, limit=0)
+        self.take(flow, limit=0, unread=unread)
 
     def response(self, flow: http.HTTPFlow) -> None:
+        if flow.metadata.get(SINK):
+            self._arriving.pop(flow.id, None)
+            if flow.response is not None and flow.response.headers.get(VERDICT) == "timeout":
+                # The body did not arrive in time: that is the answer, whatever was deferred; nothing starts.
+                flow.metadata.pop(DEFERRED, None)
+                flow.metadata[CUT] = True
+                flow.response = closing(flow, errors.upload_timeout(self.settings.upload_timeout).response())
+                return
         if DEFERRED in flow.metadata:
             flow.response = http.Response.from_state(flow.metadata.pop(DEFERRED))
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self._arriving.pop(flow.id, None)
+
+    def client_disconnected(self, client: connection.Client) -> None:
+        """Whatever happened to its flows, none of this client's bodies is arriving any more."""
+        for flow_id in [f for f, c in self._arriving.items() if c == client.id]:
+            del self._arriving[flow_id]
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = h11.Connection(h11.SERVER)
         received = 0
+        verdict = "drained"
+        loop = asyncio.get_running_loop()
         try:
-            while True:
-                event = conn.next_event()
-                if event is h11.NEED_DATA:
-                    conn.receive_data(await reader.read(256 * 1024))
-                elif isinstance(event, h11.Data):
-                    received += len(event.data)
-                elif isinstance(event, h11.EndOfMessage):
-                    break
-                elif isinstance(event, h11.ConnectionClosed):
-                    return
-            body = _NOT_ANSWERED.encode()
+            try:
+                # The proxy's own deadline comes with the request; none may be later than this.
+                async with asyncio.timeout(self.settings.upload_timeout) as limit:
+                    while True:
+                        event = conn.next_event()
+                        if event is h11.NEED_DATA:
+                            conn.receive_data(await reader.read(CHUNK))
+                        elif isinstance(event, h11.Request):
+                            headers = {k.lower(): v for k, v in event.headers}
+                            deadline = _deadline(headers.get(DEADLINE.lower().encode()))
+                            if deadline is not None:
+                                limit.reschedule(min(limit.when(), loop.time() + deadline - time.time()))
+                            if headers.get(UNREAD.lower().encode()) == b"1":
+                                verdict = "unread"
+                                break
+                        elif isinstance(event, h11.Data):
+                            received += len(event.data)
+                        elif isinstance(event, h11.EndOfMessage):
+                            break
+                        elif isinstance(event, h11.ConnectionClosed):
+                            return
+            except TimeoutError:
+                verdict = "timeout"
+                log.info("datalab: an upload body did not arrive in time (%d bytes read); cutting it", received)
+            if conn.our_state is not h11.SEND_RESPONSE:
+                return  # not even a request head came (no proxy sends that): nothing to answer
+            if verdict == "timeout":
+                status, body = 408, errors.upload_timeout(self.settings.upload_timeout).response().content
+            else:
+                status, body = 500, _NOT_ANSWERED.encode()
             headers = [
                 ("Content-Type", "application/json"),
                 ("Content-Length", str(len(body))),
                 ("Connection", "close"),
                 (RECEIVED, str(received)),
+                (VERDICT, verdict),
             ]
-            writer.write(conn.send(h11.Response(status_code=500, headers=headers)))
+            writer.write(conn.send(h11.Response(status_code=status, headers=headers)))
             writer.write(conn.send(h11.Data(data=body)))
             writer.write(conn.send(h11.EndOfMessage()))
-            await writer.drain()
-        except (h11.ProtocolError, ConnectionError) as e:
+            async with asyncio.timeout(LINGER):
+                await writer.drain()
+            if conn.their_state is not h11.DONE:
+                await _linger(reader, writer)
+        except (h11.ProtocolError, ConnectionError, TimeoutError) as e:
             log.debug("upload sink: %s", e)
         finally:
             writer.close()
+
+
+_DEFAULTS = Settings()
+
+
+def closing(flow: http.HTTPFlow, response: http.Response) -> http.Response:
+    """The answer, telling an HTTP/1 client that the connection closes after it (HTTP/2 has no
+    such header: mitmproxy resets the request's stream instead)."""
+    if flow.request.http_version.startswith("HTTP/1"):
+        response.headers["Connection"] = "close"
+    return response
+
+
+def _deadline(value: bytes | None) -> float | None:
+    try:
+        return float(value) if value else None
+    except ValueError:
+        return None
+
+
+async def _linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Answered before the body ended: say so (half-close) and read on for a moment. Closed with
+    unread bytes, the socket would send a reset, and the proxy could lose the answer on its way."""
+    try:
+        writer.write_eof()
+        async with asyncio.timeout(LINGER):
+            while await reader.read(CHUNK):
+                pass
+    except (OSError, TimeoutError):
+        pass

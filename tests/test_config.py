@@ -40,6 +40,9 @@ def test_defaults_with_a_key_are_valid():
         {"idle_timeout": 0},
         {"max_age": -5},
         {"cull_interval": 0},
+        {"upload_timeout": 0},
+        {"max_uploads": 0},
+        {"header_timeout": -1},
         {"sign_scheme": "md5"},
         {"allowed_origins": "evil.example"},
         {"allowed_origins": "https://a.example/path"},
@@ -51,6 +54,11 @@ def test_defaults_with_a_key_are_valid():
 def test_bad_settings_say_which_option(changes):
     with pytest.raises(ValueError, match="datalab_" + next(iter(changes))):
         parse_settings(good(**changes))
+
+
+def test_client_bounds_defaults():
+    s = parse_settings(good())
+    assert (s.upload_timeout, s.max_uploads, s.header_timeout) == (300, 64, 60)
 
 
 def test_lifecycle_defaults():

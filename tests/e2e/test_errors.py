@@ -31,11 +31,13 @@ import pytest
 import requests
 import websockets.exceptions
 import websockets.sync.client
+from requests.structures import CaseInsensitiveDict
 
 import inputs
 import signing
 from backends import Instance
 from backends.docker_engine import LABEL_PREFIX
+from e2e import rawhttp
 from e2e.proxy import ROOT
 from e2e.proxy import Browser
 from e2e.proxy import Proxy
@@ -60,6 +62,8 @@ PROXIES: dict[str, tuple[str, dict, str | None]] = {
     "subdomain": (QUIET, {"datalab_routing": "subdomain", "datalab_public_host": "localhost:{port}"}, None),
     "busy": (LIVE, {"datalab_start_concurrency": 3}, None),  # boots the rows' instances
     "full": (LIVE, {"datalab_max_instances": 1}, None),  # shares busy's capacity: full once one instance lives
+    "hasty": (QUIET, {"datalab_upload_timeout": 2, "datalab_header_timeout": 2}, None),
+    "narrow": (QUIET, {"datalab_max_uploads": 1}, None),
 }
 # Seconds after a proxy answers by which it is surely past mitmproxy's start-up, during which an error
 # in its log makes it exit: a row checks that its proxy is still there.
@@ -387,7 +391,44 @@ def static_websocket(env: Env) -> Answer:
 def capacity(env: Env) -> Answer:
     """One instance lives on the Redis and the capacity is one: a start on any proxy is refused."""
     env.live  # noqa: B018 -- holds the one slot
-    return upload("full", where=LIVE, spends=True)(env)
+    answer = upload("full", where=LIVE, spends=True)(env)
+    assert answer.headers.get("Retry-After") == "30", answer.headers  # every slot taken
+    return answer
+
+
+def raw(port: int, data: bytes) -> tuple[int, Mapping[str, str], bytes]:
+    """Send raw bytes (a request cut short); the answer, which must close the connection."""
+    reply = rawhttp.exchange(port, data, timeout=ANSWER_WITHIN)
+    assert reply.closed, "the proxy closes the connection after this answer"
+    return reply.status, CaseInsensitiveDict(reply.headers), reply.body
+
+
+def stalled_upload(env: Env) -> Answer:
+    """A start whose body stops after 1 KiB of 1 MB: cut at datalab_upload_timeout (2 s)."""
+    p = env.proxy("hasty")
+    ts, sign = sign_now(p, "a.csv")
+    head = rawhttp.start_head(p.sign_key, "a.csv", 1_000_000, ts=ts)
+    return env.ask(QUIET, lambda: raw(p.port, head + b"x" * 1024), spends=sign)
+
+
+def slow_head(env: Env) -> Answer:
+    """A request head that never ends (slowloris): cut at datalab_header_timeout (2 s)."""
+    p = env.proxy("hasty")
+    return env.ask(QUIET, lambda: raw(p.port, b"POST /datalab/start?ts=1 HTTP/1.1\r\nHost: 127.0.0.1\r\nX-SIGN: "))
+
+
+def uploads_busy(env: Env) -> Answer:
+    """datalab_max_uploads (1) bodies are arriving already (a refused one, stalled): a start is
+    refused at once, before its signature is spent, with 64 KiB of its 10 MB body sent."""
+    p = env.proxy("narrow")
+    held = rawhttp.hold_upload(p.port, p.sign_key, "held.csv", bad_signature=True)
+    try:
+        head = rawhttp.start_head(p.sign_key, "a.csv", 10_000_000)
+        answer = env.ask(QUIET, lambda: raw(p.port, head + b"x" * 65536))
+    finally:
+        held.close()
+    assert answer.headers.get("Retry-After") == "5", answer.headers  # bodies in flight end soon
+    return answer
 
 
 def instance_gone(env: Env) -> Answer:
@@ -470,6 +511,9 @@ ROWS = [
     ("bad_origin", bad_origin, 403, "BAD_ORIGIN"),
     ("bad_request-static_websocket", static_websocket, 400, "BAD_REQUEST"),
     ("capacity", capacity, 503, "CAPACITY"),
+    ("capacity-uploads_arriving", uploads_busy, 503, "CAPACITY"),
+    ("upload_timeout", stalled_upload, 408, "UPLOAD_TIMEOUT"),
+    ("header_timeout", slow_head, 408, "HEADER_TIMEOUT"),
     ("not_ready", not_ready, 503, "NOT_READY"),
     ("instance_gone", instance_gone, 410, "INSTANCE_GONE"),
     ("instance_unreachable", instance_unreachable, 502, "INSTANCE_UNREACHABLE"),
@@ -501,7 +545,7 @@ def test_every_documented_error(env, scenario, status, code):
     if status == 405:
         assert answer.headers.get("Allow"), "a 405 names the allowed methods"
     if code == "CAPACITY":
-        assert answer.headers.get("Retry-After") == "30", answer.headers  # every slot taken
+        assert answer.headers.get("Retry-After", "").isdigit(), answer.headers  # which one: the row's own check
     assert answer.seconds < ANSWER_WITHIN
 
     created = answer.after.containers - answer.before.containers

@@ -1,0 +1,156 @@
+"""Client connections cannot hold the proxy for as long as they like.
+
+mitmproxy's own limit, `tcp_timeout`, counts idle time only: a client that sends a byte of its
+request head every few seconds (slowloris) keeps its connection, and its descriptor, for ever.
+`HeaderDeadline` closes a client connection that has no request in flight and has not completed a
+request head within datalab_header_timeout: counted from its opening, or on a kept-alive connection
+from its last answer. A fresh plain HTTP/1 connection is told why first (408 HEADER_TIMEOUT); a
+kept-alive one is closed without a word, as idle connections are (a 408 there could be taken for
+the answer to a request crossing it); over TLS nothing can be written from here.
+
+A request in flight is watched elsewhere: an upload body by the upload sink (upload.py,
+datalab_upload_timeout); a routed request or a WebSocket by the instance and mitmproxy's
+`tcp_timeout`.
+
+mitmproxy has no hook to close a client connection, so `close_client` does what mitmproxy's own
+inactivity timeout does: it cancels the connection's handler, found through the proxyserver addon.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from dataclasses import field
+
+from mitmproxy import connection
+from mitmproxy import ctx
+from mitmproxy import http
+from mitmproxy.net.http import http1
+
+import errors
+from config import Settings
+
+log = logging.getLogger(__name__)
+
+ABORT_AFTER = 5.0  # seconds a closed connection may take to flush its last bytes before it is reset
+
+
+@dataclass
+class Watch:
+    client: connection.Client
+    flows: set[str] = field(default_factory=set)  # requests of this connection in flight
+    served: bool = False  # a request head of this connection arrived
+    timer: asyncio.TimerHandle | None = None
+
+
+class HeaderDeadline:
+    """Goes first among the addons (a request head that came is seen at once); its `after` goes
+    last, so a request is over only when every addon's `response` hook is (a start's may take a
+    while)."""
+
+    def __init__(
+        self,
+        settings: Callable[[], Settings | None],
+        close: Callable[[connection.Client, bytes | None], None] | None = None,
+    ):
+        self.settings = settings
+        self.close = close or close_client
+        self._watched: dict[str, Watch] = {}
+        self.after = _RequestsEnd(self)
+
+    @property
+    def timeout(self) -> int:
+        s = self.settings()
+        return s.header_timeout if s is not None else Settings.header_timeout
+
+    def client_connected(self, client: connection.Client) -> None:
+        watch = self._watched[client.id] = Watch(client)
+        self._arm(watch)
+
+    def client_disconnected(self, client: connection.Client) -> None:
+        watch = self._watched.pop(client.id, None)
+        if watch is not None and watch.timer is not None:
+            watch.timer.cancel()
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        watch = self._watched.get(flow.client_conn.id)
+        if watch is None:
+            return
+        watch.flows.add(flow.id)
+        watch.served = True
+        if watch.timer is not None:
+            watch.timer.cancel()
+            watch.timer = None
+
+    def finished(self, flow: http.HTTPFlow) -> None:
+        """The flow's answer is given (or it failed): its connection is watched again when idle."""
+        watch = self._watched.get(flow.client_conn.id)
+        if watch is None or flow.id not in watch.flows:
+            return
+        watch.flows.discard(flow.id)
+        if not watch.flows:
+            self._arm(watch)
+
+    def _arm(self, watch: Watch) -> None:
+        if watch.timer is not None:
+            watch.timer.cancel()
+        watch.timer = asyncio.get_running_loop().call_later(self.timeout, self._expire, watch)
+
+    def _expire(self, watch: Watch) -> None:
+        watch.timer = None
+        if watch.flows or self._watched.get(watch.client.id) is not watch:
+            return
+        client = watch.client
+        fresh = not watch.served
+        log.info(
+            "datalab: closing %s: %s within %d s",
+            client.peername,
+            "no request head" if fresh else "no further request",
+            self.timeout,
+        )
+        plain_http1 = client.transport_protocol == "tcp" and not client.tls and client.alpn in (None, b"")
+        self.close(client, header_timeout_answer(self.timeout) if fresh and plain_http1 else None)
+
+
+class _RequestsEnd:
+    """HeaderDeadline's hooks at the end of a request."""
+
+    def __init__(self, deadline: HeaderDeadline):
+        self.deadline = deadline
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        if flow.websocket is None:  # a WebSocket is in flight until it ends
+            self.deadline.finished(flow)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self.deadline.finished(flow)
+
+    def websocket_end(self, flow: http.HTTPFlow) -> None:
+        self.deadline.finished(flow)
+
+
+def header_timeout_answer(seconds: int) -> bytes:
+    """The raw HTTP/1.1 answer for a request head that did not come in time."""
+    response = errors.header_timeout(seconds).response()
+    response.headers["Connection"] = "close"
+    return http1.assemble_response(response)
+
+
+def close_client(client: connection.Client, answer: bytes | None) -> None:
+    """Close a client connection as mitmproxy's inactivity timeout does (cancel its handler), after
+    writing `answer` to it; reset it if its last bytes cannot leave within ABORT_AFTER."""
+    proxyserver = ctx.master.addons.get("proxyserver")
+    handler = proxyserver.connections.get(client.id) if proxyserver is not None else None
+    io = handler.transports.get(handler.client) if handler is not None else None
+    if io is None or not isinstance(io.writer, asyncio.StreamWriter):
+        return
+    transport = io.writer.transport
+    if answer and not transport.is_closing():
+        io.writer.write(answer)
+    if io.handler is not None:
+        handler.close_connection(handler.client)
+    else:
+        transport.close()
+    asyncio.get_running_loop().call_later(ABORT_AFTER, transport.abort)

@@ -15,6 +15,7 @@ request heads by deadlines.py, upload bodies by upload.py.
 from api import Api
 from config import Config
 from deadlines import HeaderDeadline
+from deadlines import OneRequestAtATime
 from guards import FailClosed
 from guards import TransportSecurity
 from guards import TrimWebSockets
@@ -36,5 +37,6 @@ addons = [
     FailClosed(sink),
     TransportSecurity(lambda: runtime.settings),
     TrimWebSockets(),
+    OneRequestAtATime(),  # after the others: a flow is claimed (upload or not) before reading pauses
     deadline.after,  # last: a request is over once every other addon is done with it
 ]

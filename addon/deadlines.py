@@ -31,6 +31,8 @@ from mitmproxy.net.http import http1
 
 import errors
 from config import Settings
+from marks import SINK
+from upload import has_body
 
 log = logging.getLogger(__name__)
 
@@ -154,3 +156,52 @@ def close_client(client: connection.Client, answer: bytes | None) -> None:
     else:
         transport.close()
     asyncio.get_running_loop().call_later(ABORT_AFTER, transport.abort)
+
+
+class OneRequestAtATime:
+    """An HTTP/1 client may not queue requests faster than it reads the answers (pipelining).
+
+    mitmproxy goes on reading a connection while a request on it is being handled, and keeps the
+    unparsed bytes in memory: a client that sends requests back to back without reading answers
+    fills the proxy's memory, and its backlog keeps a core busy after it has gone. So once a
+    request has arrived whole, reading from its client pauses until the answer is given, as a
+    server that handles one request at a time would; the client's own TCP window then holds the
+    rest. Uploads are left alone (their client is watched for hanging up while the start runs, and
+    their number is bounded by datalab_max_uploads), and so is HTTP/2, whose streams share the
+    connection.
+    """
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if not flow.request.stream and not has_body(flow.request):
+            self._pause(flow)
+
+    def request(self, flow: http.HTTPFlow) -> None:
+        if not flow.metadata.get(SINK):
+            self._pause(flow)
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        _reading(flow.client_conn, resume=True)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        _reading(flow.client_conn, resume=True)
+
+    @staticmethod
+    def _pause(flow: http.HTTPFlow) -> None:
+        if flow.request.http_version.startswith("HTTP/1") and not flow.metadata.get(SINK):
+            _reading(flow.client_conn, resume=False)
+
+
+def _reading(client: connection.Client, resume: bool) -> None:
+    """Pause or resume reading from a client connection (its asyncio transport)."""
+    proxyserver = ctx.master.addons.get("proxyserver")
+    handler = proxyserver.connections.get(client.id) if proxyserver is not None else None
+    io = handler.transports.get(handler.client) if handler is not None else None
+    if io is None or not isinstance(io.writer, asyncio.StreamWriter):
+        return
+    transport = io.writer.transport
+    if transport.is_closing():
+        return
+    if resume and not transport.is_reading():
+        transport.resume_reading()
+    elif not resume and transport.is_reading():
+        transport.pause_reading()

@@ -218,3 +218,31 @@ def test_a_request_head_must_come_in_time(make_proxy):
         while chunk := s.recv(65536):
             rest += chunk
         assert rest == b"", "an idle kept-alive connection is closed without an answer"
+
+
+def test_a_client_that_queues_requests_without_reading_is_held_back(make_proxy):
+    """HTTP/1 pipelining: requests sent back to back, answers never read. The proxy reads the next
+    request only once it has answered the last, so the client's own TCP window fills and its
+    sending stalls, instead of the proxy buffering whatever the client sends. (Before: 240 MB in
+    5 s went into the proxy's memory, and it worked through the backlog long after the client left.)"""
+    p = make_proxy()
+    queued = b"GET /datalab/nothing HTTP/1.1\r\nHost: proxy\r\n\r\n" * 1000
+    sent = 0
+    with socket.create_connection(("127.0.0.1", p.port)) as s:
+        s.settimeout(5)
+        try:
+            while sent < 256 << 20:
+                s.sendall(queued)
+                sent += len(queued)
+        except TimeoutError:
+            pass
+    assert sent < 64 << 20  # what socket buffers hold, not what the client wanted to send
+    two = b"GET /datalab/nothing HTTP/1.1\r\nHost: proxy\r\n\r\n" + (
+        b"GET /datalab/nothing HTTP/1.1\r\nHost: proxy\r\nConnection: close\r\n\r\n"
+    )
+    with socket.create_connection(("127.0.0.1", p.port), timeout=10) as s:  # others are served,
+        s.sendall(two)
+        raw = b""
+        while chunk := s.recv(65536):
+            raw += chunk
+    assert raw.count(b"HTTP/1.1 404 ") == 2  # and pipelining itself still works, one at a time

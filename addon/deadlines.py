@@ -140,13 +140,21 @@ def header_timeout_answer(seconds: int) -> bytes:
     return http1.assemble_response(response)
 
 
-def close_client(client: connection.Client, answer: bytes | None) -> None:
-    """Close a client connection as mitmproxy's inactivity timeout does (cancel its handler), after
-    writing `answer` to it; reset it if its last bytes cannot leave within ABORT_AFTER."""
+def _client_io(client: connection.Client):
+    """mitmproxy's connection handler and the client's streams (no public way to reach them)."""
     proxyserver = ctx.master.addons.get("proxyserver")
     handler = proxyserver.connections.get(client.id) if proxyserver is not None else None
     io = handler.transports.get(handler.client) if handler is not None else None
     if io is None or not isinstance(io.writer, asyncio.StreamWriter):
+        return None, None
+    return handler, io
+
+
+def close_client(client: connection.Client, answer: bytes | None) -> None:
+    """Close a client connection as mitmproxy's inactivity timeout does (cancel its handler), after
+    writing `answer` to it; reset it if its last bytes cannot leave within ABORT_AFTER."""
+    handler, io = _client_io(client)
+    if io is None:
         return
     transport = io.writer.transport
     if answer and not transport.is_closing():
@@ -193,10 +201,8 @@ class OneRequestAtATime:
 
 def _reading(client: connection.Client, resume: bool) -> None:
     """Pause or resume reading from a client connection (its asyncio transport)."""
-    proxyserver = ctx.master.addons.get("proxyserver")
-    handler = proxyserver.connections.get(client.id) if proxyserver is not None else None
-    io = handler.transports.get(handler.client) if handler is not None else None
-    if io is None or not isinstance(io.writer, asyncio.StreamWriter):
+    _, io = _client_io(client)
+    if io is None:
         return
     transport = io.writer.transport
     if transport.is_closing():

@@ -146,10 +146,8 @@ class Api:
         except ApiError as e:
             flow.response = e.response()
         except BackendError as e:
-            if e.detail:
-                log.warning("datalab: %s %s: %s", flow.request.method, flow.request.path.partition("?")[0], e)
-            retry = {"Retry-After": str(e.retry_after)} if e.retry_after else None
-            flow.response = ApiError(e.status, e.code, e.public, retry).response()
+            where = f"{flow.request.method} {flow.request.path.partition('?')[0]}"
+            flow.response = errors.backend_failure(e, where).response()
         except RedisError as e:
             flow.response = errors.redis_unavailable(e).response()
         except Exception:

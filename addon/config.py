@@ -7,6 +7,7 @@ directly and a bad option fails at start-up, not on the first request.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import re
@@ -77,15 +78,16 @@ class Settings:
         """Cold starts booting at once in this process: the option, or one per CPU."""
         return self.start_concurrency or os.cpu_count() or 1
 
-    @property
+    @functools.cached_property
     def session_cookie(self) -> str:
         """The cookie's name: a Secure cookie gets the __Host- prefix, so no subdomain or plain-HTTP
         page can set or shadow it (browsers then insist on Secure, Path=/ and no Domain)."""
         return HOST_COOKIE_PREFIX + self.cookie_name if self.cookie_secure else self.cookie_name
 
-    @property
+    @functools.cached_property
     def origins(self) -> frozenset[str]:
-        """Origins other than the request's own that may open a WebSocket to an instance."""
+        """Origins other than the request's own that may open a WebSocket to an instance (read on
+        every routed request: worked out once)."""
         return frozenset(o.strip().lower().rstrip("/") for o in self.allowed_origins.split(",") if o.strip())
 
 

@@ -184,8 +184,7 @@ class OneRequestAtATime:
             self._pause(flow)
 
     def request(self, flow: http.HTTPFlow) -> None:
-        if not flow.metadata.get(SINK):
-            self._pause(flow)
+        self._pause(flow)
 
     def response(self, flow: http.HTTPFlow) -> None:
         _reading(flow.client_conn, resume=True)

@@ -7,6 +7,8 @@ import logging
 
 from mitmproxy import http
 
+from backends import BackendError
+
 log = logging.getLogger(__name__)
 
 
@@ -51,6 +53,15 @@ def instance_gone() -> ApiError:
 
 def method_not_allowed(allowed: str) -> ApiError:
     return ApiError(405, "METHOD_NOT_ALLOWED", f"use {allowed} for this endpoint", {"Allow": allowed})
+
+
+def backend_failure(exc: BackendError, where: str) -> ApiError:
+    """A backend fault as the client sees it: our sentence (and when to retry); the engine's own
+    words go to the log."""
+    if exc.detail:
+        log.warning("datalab: %s: %s", where, exc)
+    retry = {"Retry-After": str(exc.retry_after)} if exc.retry_after else None
+    return ApiError(exc.status, exc.code, exc.public, retry)
 
 
 def redis_unavailable(exc: Exception) -> ApiError:

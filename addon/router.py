@@ -93,7 +93,7 @@ class Router:
         except ApiError as e:
             flow.response = e.response()
         except BackendError as e:
-            flow.response = ApiError(e.status, e.code, e.public).response()
+            flow.response = errors.backend_failure(e, f"routing {flow.request.path.partition('?')[0]}").response()
         except RedisError as e:
             flow.response = errors.redis_unavailable(e).response()
         if flow.response is not None:
@@ -190,11 +190,12 @@ class Router:
             raise ApiError(403, "BAD_ORIGIN", "behind HTTPS, only https:// pages may send requests here")
         if flow.request.headers.get("Upgrade", "").lower() != "websocket":
             return
+        if hosts.origin_allowed(origin, host, frozenset()):
+            return  # this host's own page (or no browser at all)
         if not hosts.origin_allowed(origin, host, s.origins):
             raise ApiError(403, "BAD_ORIGIN", "a WebSocket may be opened only by a page of this host's own origin")
-        if origin is not None and not hosts.origin_allowed(origin, host, frozenset()):
-            # Allowed by the operator's list: Jupyter, which only knows its own host, is told so.
-            flow.request.headers["Origin"] = f"http://{host}"
+        # Allowed by the operator's list: Jupyter, which only knows its own host, is told so.
+        flow.request.headers["Origin"] = f"http://{host}"
 
     def _host_label(self, flow: http.HTTPFlow) -> str | None:
         """In subdomain routing, the instance label of the Host asked for (None in cookie routing)."""

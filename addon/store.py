@@ -271,8 +271,10 @@ class Store:
         raws = await self.redis.mget([self.key("instance", i) for i in ids]) if ids else []
         found = []
         for instance_id, raw in zip(ids, raws, strict=True):
+            if raw is None:
+                continue
             try:
-                found.append(Instance.from_json(raw)) if raw is not None else None
+                found.append(Instance.from_json(raw))
             except (ValueError, TypeError) as e:  # one bad record must not hide all the others
                 log.error("datalab: instance record %s is malformed (%s); ignored", instance_id, e)
         return found

@@ -98,17 +98,24 @@ class DockerBackend(Backend):
             await self._call(client.images.get, self.opts.image)
         except docker.errors.NotFound as e:
             raise self._image_missing() from e
-        await self.network()
+        await self._confined()
 
     async def network(self) -> InstanceNetwork:
-        """The instance network, made ready (and the host closed to it) once per process."""
+        """The instance network, made ready once per process."""
         async with self._network_lock:
             if self._network is None:
                 client = await self.client()
-                net = await self._call(ensure_network, client, network_name(self.opts.egress), self.opts.egress)
-                await asyncio.to_thread(close_host_to, net)
-                self._network = net
+                self._network = await self._call(
+                    ensure_network, client, network_name(self.opts.egress), self.opts.egress
+                )
             return self._network
+
+    async def _confined(self) -> InstanceNetwork:
+        """The network with the host closed to it, checked before every start (a firewall reload
+        would drop the rule, and no instance starts unconfined)."""
+        net = await self.network()
+        await asyncio.to_thread(close_host_to, net)
+        return net
 
     def _image_missing(self) -> ImageMissing:
         return ImageMissing(
@@ -124,8 +131,7 @@ class DockerBackend(Backend):
 
     async def start(self, instance_id: str, token: str) -> Instance:
         client = await self.client()
-        net = await self.network()
-        await asyncio.to_thread(close_host_to, net)  # still there? (a firewall reload would drop it)
+        net = await self._confined()
         args = self._create_args(instance_id, token, net)
         try:  # create never pulls (run() would): a missing image is a 404 here, no separate look-up needed
             container: Container = await self._call(client.containers.create, **args)

@@ -2,10 +2,16 @@
 # Runs the datalab proxy: installs what is missing, starts Redis and the Docker engine if needed,
 # builds the Jupyter image if missing, then execs mitmdump with the addon.
 #
-#   ./run.sh [--web] [mitmproxy arguments ...]
+#   ./run.sh [--web | --lean] [--workers N] [mitmproxy arguments ...]   (run.sh's own flags first)
 #   ./run.sh --tls-check
 #
 #   --web                   run mitmweb (flow inspector on http://127.0.0.1:8081) instead of mitmdump
+#   --lean                  production: the same addons in a lean mitmproxy master (addon/lean.py: no
+#                           flow printing, no scripts; takes --mode, --listen-*, --certs, --set, -q, -v),
+#                           as many processes as CPUs unless --workers says otherwise
+#   --workers N             N proxy processes sharing the port (SO_REUSEPORT; the kernel spreads new
+#                           connections); a worker that dies is restarted, the others keep serving.
+#                           Default 1, or the number of CPUs with --lean. Not with --web.
 #   --tls-check             only check DATALAB_TLS_CERT and DATALAB_TLS_KEY and write .state/tls.pem, then
 #                           exit (installs and starts nothing; e.g. to try a renewed certificate)
 #   DATALAB_LISTEN_HOST     address to listen on (default 127.0.0.1)
@@ -105,7 +111,21 @@ PY
 }
 
 tool=mitmdump
-if [ "${1:-}" = "--web" ]; then tool=mitmweb; shift; fi
+workers=
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --web) tool=mitmweb; shift ;;
+    --lean) tool=lean; shift ;;
+    --workers)
+      [[ "${2:-}" =~ ^[1-9][0-9]*$ ]] || die "--workers needs a number of processes, e.g. --workers 2"
+      workers=$2; shift 2 ;;
+    *) break ;;
+  esac
+done
+if [ -z "$workers" ]; then
+  if [ "$tool" = lean ]; then workers=$(nproc); else workers=1; fi
+fi
+[ "$tool" != mitmweb ] || [ "$workers" = 1 ] || die "--web shows one process's flows: run it without --workers"
 tls_args=()
 
 if [ "${1:-}" = "--tls-check" ]; then
@@ -141,7 +161,49 @@ fi
 say "sign key: $DATALAB_SIGN_KEY"
 [ "$tool" = mitmweb ] && say "flow inspector: http://127.0.0.1:8081/"
 
-exec "$VENV/bin/$tool" -s "$ROOT/addon/datalab.py" \
-  --mode reverse:http://127.0.0.1:1 --listen-host "$host" --listen-port "$port" \
-  --set connection_strategy=lazy --set keep_host_header=true \
-  "${tls_args[@]}" "$@"
+if [ "$tool" = lean ]; then
+  cmd=("$VENV/bin/python" "$ROOT/addon/lean.py")
+else
+  cmd=("$VENV/bin/$tool" -s "$ROOT/addon/datalab.py")
+fi
+cmd+=(--mode reverse:http://127.0.0.1:1 --listen-host "$host" --listen-port "$port"
+  --set connection_strategy=lazy --set keep_host_header=true "${tls_args[@]}")
+[ "$workers" = 1 ] && exec "${cmd[@]}" "$@"
+
+# Several workers: each listens on the port with SO_REUSEPORT (addon/listener.py) and boots its
+# share of the CPUs' instances at once; later --set arguments (yours) override these.
+cmd+=(--set server=false --set datalab_reuse_port=true
+  --set "datalab_start_concurrency=$(( ($(nproc) + workers - 1) / workers ))" "$@")
+# Connections waiting in an exiting worker's accept queue go to the others (Linux >= 5.14), not reset.
+if [ -w /proc/sys/net/ipv4/tcp_migrate_req ] && [ "$(cat /proc/sys/net/ipv4/tcp_migrate_req)" = 0 ]; then
+  echo 1 > /proc/sys/net/ipv4/tcp_migrate_req && say "set net.ipv4.tcp_migrate_req=1"
+fi
+say "$workers workers on port $port"
+
+# Keeps worker $1 running: restarted when it dies, unless it died within its first seconds (a
+# configuration error: then run.sh stops every worker and exits with its status).
+worker() {
+  local child started rc
+  trap '[ -n "${child:-}" ] && kill -TERM "$child" 2>/dev/null; wait; exit 0' TERM INT
+  while true; do
+    started=$SECONDS
+    "${cmd[@]}" & child=$!
+    wait "$child" && rc=0 || rc=$?
+    child=
+    if [ $((SECONDS - started)) -lt 5 ]; then
+      say "worker $1 exited with status $rc at start-up; stopping every worker"
+      kill -USR1 $$ 2>/dev/null
+      exit "$rc"
+    fi
+    say "worker $1 exited with status $rc; restarting it"
+    sleep 1
+  done
+}
+pids=()
+stop_workers() { kill -TERM "${pids[@]}" 2>/dev/null; wait; exit "$1"; }
+trap 'stop_workers 0' TERM INT
+trap 'stop_workers 1' USR1
+for i in $(seq 1 "$workers"); do
+  worker "$i" & pids+=($!)
+done
+wait

@@ -19,6 +19,7 @@ from deadlines import OneRequestAtATime
 from guards import FailClosed
 from guards import TransportSecurity
 from guards import TrimWebSockets
+from listener import SharedPort
 from router import Router
 from runtime import Runtime
 from upload import UploadSink
@@ -38,5 +39,6 @@ addons = [
     TransportSecurity(lambda: runtime.settings),
     TrimWebSockets(),
     OneRequestAtATime(),  # after the others: a flow is claimed (upload or not) before reading pauses
+    SharedPort(),  # run.sh --workers: several processes on one port
     deadline.after,  # last: a request is over once every other addon is done with it
 ]

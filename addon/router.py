@@ -99,8 +99,7 @@ class Router:
         if flow.response is not None:
             self.sink.refuse(flow)
             return
-        route_to_instance(flow, instance)
-        flow.request.stream = True  # a big upload passes through without being held in memory
+        route_to_instance(flow, instance)  # (big bodies stream: config.MITMPROXY_DEFAULTS)
         flow.metadata[ROUTED] = instance.id
         self.runtime.activity.touch(instance.id)
 
@@ -110,12 +109,11 @@ class Router:
             self.runtime.activity.touch(flow.metadata[ROUTED])
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
-        """An instance's answer streams through; the frontend's origins may frame it; it must not
+        """The frontend's origins may frame an instance's answer; it must not
         set (or fixate) the proxy's own session cookie, and behind HTTPS its own cookies (Jupyter's
         _xsrf) are Secure too."""
         if ROUTED not in flow.metadata or not flow.response:
             return
-        flow.response.stream = True  # a big download passes through without being held in memory
         s = self.runtime.settings
         csp = flow.response.headers.get("Content-Security-Policy")
         if csp and s.origins:

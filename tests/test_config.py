@@ -100,6 +100,19 @@ def test_block_global_is_turned_off_so_public_clients_are_served():
         assert tctx.options.block_global is False
 
 
+def test_big_bodies_stream_unless_the_operator_chose_a_threshold():
+    """Held whole, a 1 GiB download would cost the proxy 1 GiB; small bodies stay visible in mitmweb."""
+    from mitmproxy.addons.proxyserver import Proxyserver
+
+    addon = Config(lambda s: None)
+    with taddons.context(Proxyserver(), addon) as tctx:
+        assert tctx.options.stream_large_bodies is None
+        tctx.configure(addon, datalab_sign_key="k")
+        assert tctx.options.stream_large_bodies == "256k"
+        tctx.configure(addon, stream_large_bodies="2m")
+        assert tctx.options.stream_large_bodies == "2m"
+
+
 def test_security_options():
     s = parse_settings(good(allowed_origins=" https://App.example , http://localhost:3000/ ", cookie_secure=True))
     assert s.origins == {"https://app.example", "http://localhost:3000"}

@@ -151,4 +151,3 @@ def test_an_instance_cannot_set_the_session_cookie_with_blanks_or_the_host_prefi
     with taddons.context(router):
         router.responseheaders(flow)
     assert flow.response.headers.get_all("Set-Cookie") == ["_xsrf=1; Path=/; Secure"]  # behind HTTPS: Secure
-    assert flow.response.stream  # streamed through, not held

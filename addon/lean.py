@@ -84,17 +84,23 @@ class LeanMaster(master.Master):
         if with_termlog:
             self._termlog_addon = termlog.TermLog()
             self.addons.add(self._termlog_addon)
-        import datalab  # builds datalab's addons; after the master exists, as under mitmdump -s
-
         self.addons.add(
             core.Core(),
             proxyserver.Proxyserver(),
             next_layer.NextLayer(),
             tlsconfig.TlsConfig(),
             disable_h2c.DisableH2C(),
-            *datalab.addons,
             errorcheck.ErrorCheck(),
         )
+
+    async def run(self) -> None:
+        """datalab's addons come once the command line is read, as mitmdump loads a -s script: their
+        options (--set datalab_...) wait until then, and are checked as they are declared."""
+        import datalab
+
+        with addonmanager.safecall():  # a bad option is logged: errorcheck then ends the start-up
+            self.addons.add(*datalab.addons)
+        await super().run()
 
 
 def make_parser(opts: options.Options) -> argparse.ArgumentParser:

@@ -70,7 +70,11 @@ class Proxy:
         }
         if self.tool == "mitmweb":
             sets |= {"web_open_browser": "false", "web_port": str(free_port())}
-        args = [str(BIN / self.tool), "-s", str(ROOT / "addon" / "datalab.py"), "--mode", "reverse:http://127.0.0.1:1"]
+        if self.tool == "lean":  # the production entry point (run.sh --lean)
+            args = [str(BIN / "python"), str(ROOT / "addon" / "lean.py")]
+        else:
+            args = [str(BIN / self.tool), "-s", str(ROOT / "addon" / "datalab.py")]
+        args += ["--mode", "reverse:http://127.0.0.1:1"]
         args += ["--listen-host", "127.0.0.1", "--listen-port", str(self.port)]
         for name, value in sets.items():  # "{port}" in a value: the port this proxy listens on
             args += ["--set", f"{name}={str(value).replace('{port}', str(self.port))}"]

@@ -153,3 +153,124 @@ def session_cookie(base: str, nonce: str) -> str:
     except urllib.error.HTTPError as e:
         return e.headers["Set-Cookie"].split(";")[0]
     raise RuntimeError("view did not redirect")
+
+
+# For bench_proxy.py: proxies in their own process group (with --workers, run.sh has children),
+# their memory, and what run.sh offers.
+
+
+def run_sh_offers(flag: str) -> bool:
+    """Whether ./run.sh knows an option such as --lean or --workers (read from the script itself)."""
+    return flag in (ROOT / "run.sh").read_text()
+
+
+def start_proxy_group(
+    port: int, key: str, prefix: str, options: dict[str, object], entry: tuple[str, ...] = (), log: Path | None = None
+) -> subprocess.Popen:
+    """./run.sh [entry ...] -q --set datalab_...: in a process group of its own (stop it with
+    stop_group), its output to `log`. Raises RuntimeError when it does not come up."""
+    env = {**os.environ, "DATALAB_PORT": str(port), "DATALAB_SIGN_KEY": key, "DATALAB_KEY_PREFIX": prefix}
+    sets = [arg for name, value in options.items() for arg in ("--set", f"datalab_{name}={value}")]
+    out = open(log, "ab") if log else subprocess.DEVNULL  # the child holds it; ours is closed below
+    proc = subprocess.Popen(
+        [str(ROOT / "run.sh"), *entry, "-q", *sets],
+        env=env,
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    if log:
+        out.close()
+    try:
+        wait_port(port, proc, timeout=120)
+        wait_answering_all(f"http://127.0.0.1:{port}", proc)
+    except BaseException:
+        stop_group(proc)
+        raise
+    return proc
+
+
+def wait_port(port: int, proc: subprocess.Popen | None, timeout: float = 60, host: str = "127.0.0.1") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection((host, port), timeout=0.5).close()
+            return
+        except OSError:
+            if proc is not None and proc.poll() is not None:
+                name = Path(proc.args[0]).name
+                raise RuntimeError(f"{name} exited ({proc.returncode}) before listening on {port}") from None
+            time.sleep(0.1)
+    raise RuntimeError(f"nothing listened on {host}:{port} within {timeout:g} s")
+
+
+def wait_answering_all(base: str, proc: subprocess.Popen, timeout: float = 60) -> None:
+    """Like wait_answering, but 20 fresh connections in a row must get the addon's own 404 (with
+    several workers on one port, each connection may reach another process)."""
+    deadline, good = time.monotonic() + timeout, 0
+    while good < 20:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the proxy at {base} did not answer in time")
+        if proc.poll() is not None:
+            raise RuntimeError(f"the proxy at {base} exited ({proc.returncode})")
+        try:
+            status, body, _ = answer(urllib.request.Request(f"{base}/datalab/"), timeout=5)
+            ok = status == 404 and body.get("code") == "NOT_FOUND"
+        except (OSError, ValueError):
+            ok = False
+        good = good + 1 if ok else 0
+        if not ok:
+            time.sleep(0.2)
+
+
+def group_pids(pgid: int, skip: tuple[str, ...] = ("bash", "sh", "dash", "sleep", "timeout", "tee")) -> list[int]:
+    """Processes in a process group, shells left out (run.sh's bash is no proxy)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        comm = stat[stat.index("(") + 1 : stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2 :].split()
+        if int(fields[2]) == pgid and comm not in skip:
+            pids.append(int(entry))
+    return sorted(pids)
+
+
+def rss_bytes(pid: int) -> int:
+    """VmRSS of one process (0 when it is gone)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def stop_group(proc: subprocess.Popen, timeout: float = 15) -> None:
+    """SIGTERM to the process group, SIGKILL to what is left after `timeout`."""
+    import signal
+
+    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        end = time.monotonic() + wait
+        while time.monotonic() < end:
+            proc.poll()
+            if not group_pids(proc.pid, skip=()):
+                return
+            time.sleep(0.1)
+
+
+def new_token() -> str:
+    """A token of the shape the proxy gives nonces and session ids."""
+    from inputs import new_token as product_token
+
+    return product_token()

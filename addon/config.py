@@ -31,8 +31,9 @@ HOST_COOKIE_PREFIX = "__Host-"
 MITMPROXY_REQUIRED = {"connection_strategy": "lazy", "keep_host_header": True}
 # mitmproxy's default kills every client with a public address; a proxy facing the internet must serve them.
 MITMPROXY_FORCED = {"block_global": False}
-# Bodies up to this size are held (mitmweb shows them); bigger ones, and chunked ones once they pass
-# it, stream through, so a 1 GiB download costs the proxy this much, not 1 GiB. Set when unset.
+# Instances' answers up to this size are held (mitmweb shows them); bigger ones, and chunked ones once
+# they pass it, stream through, so a 1 GiB download costs the proxy this much, not 1 GiB. Set when
+# unset. (Clients' routed bodies always stream: router.py.)
 MITMPROXY_DEFAULTS = {"stream_large_bodies": "256k"}
 _HOST_RE = re.compile(
     r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)*[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(:[0-9]{1,5})?$"

@@ -35,7 +35,7 @@ addons = [
     sink,
     Api(runtime, sink),
     Router(runtime, sink),
-    FailClosed(sink),
+    FailClosed(runtime, sink),
     TransportSecurity(lambda: runtime.settings),
     TrimWebSockets(),
     OneRequestAtATime(),  # after the others: a flow is claimed (upload or not) before reading pauses

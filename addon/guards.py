@@ -4,8 +4,10 @@ TransportSecurity tells browsers that reached the proxy over HTTPS to come back 
 (HSTS), when datalab_cookie_secure says the proxy is meant to be served so.
 
 mitmproxy only logs an exception raised in a hook and then sends the flow to the reverse-mode
-default target. FailClosed answers 500 for any flow that no datalab addon claimed, so a bug can
-never forward a request somewhere it was not routed. TrimWebSockets bounds the message history
+default target. FailClosed answers 500 for any flow that no datalab addon claimed, and has the last
+word on every upstream connection: it opens only towards the upload sink or an address the backend
+vouches for, so a bug (in any addon, or one that skipped the other hooks) can never forward a
+request somewhere it was not routed. TrimWebSockets bounds the message history
 mitmproxy keeps per WebSocket, which otherwise grows for as long as a kernel is connected.
 """
 
@@ -15,6 +17,7 @@ import logging
 from collections.abc import Callable
 
 from mitmproxy import http
+from mitmproxy.proxy.server_hooks import ServerConnectionHookData
 
 from config import Settings
 from errors import ApiError
@@ -22,6 +25,8 @@ from marks import HANDLED
 from marks import ROUTED
 from marks import SINK
 from marks import STATIC
+from runtime import Runtime
+from upload import SINK_HOST
 from upload import UploadSink
 
 log = logging.getLogger(__name__)
@@ -36,8 +41,27 @@ def _refuse(flow: http.HTTPFlow, phase: str) -> None:
 
 
 class FailClosed:
-    def __init__(self, sink: UploadSink):
+    def __init__(self, runtime: Runtime, sink: UploadSink):
+        self.runtime = runtime
         self.sink = sink
+
+    async def server_connect(self, data: ServerConnectionHookData) -> None:
+        """Open a connection only to the upload sink or an instance's address; never fail open."""
+        address = data.server.address
+        try:
+            allowed = address is not None and (
+                (address[0], address[1]) == (SINK_HOST, self.sink.port) or await self._instance_address(*address)
+            )
+        except Exception as e:  # whatever went wrong, the answer is no
+            log.error("datalab: could not check the upstream %s: %s", address, e)
+            allowed = False
+        if not allowed:
+            log.error("datalab: refused to connect to %s, which is neither an instance nor the upload sink", address)
+            data.server.error = "datalab: this request was not routed (see the proxy's log)"
+
+    async def _instance_address(self, host: str, port: int) -> bool:
+        instances = self.runtime.instances
+        return instances is not None and await instances.backend.could_have_given(host, port)
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live:

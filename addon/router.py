@@ -99,7 +99,10 @@ class Router:
         if flow.response is not None:
             self.sink.refuse(flow)
             return
-        route_to_instance(flow, instance)  # (big bodies stream: config.MITMPROXY_DEFAULTS)
+        route_to_instance(flow, instance)
+        # A client's body is never held: held bodies would let slow clients pile them up in memory,
+        # with no deadline. (Answers are held up to stream_large_bodies: config.MITMPROXY_DEFAULTS.)
+        flow.request.stream = True
         flow.metadata[ROUTED] = instance.id
         self.runtime.activity.touch(instance.id)
 

@@ -33,6 +33,7 @@ from config import Settings
 from marks import CUT
 from marks import DEFERRED
 from marks import SINK
+from upstream import frame_for_http1
 from upstream import reroute
 
 log = logging.getLogger(__name__)
@@ -127,10 +128,7 @@ class UploadSink:
             raise RuntimeError("the upload sink is not listening yet")
         collector = BodyCollector(limit)
         flow.request.stream = collector
-        if "Content-Length" not in flow.request.headers and "Transfer-Encoding" not in flow.request.headers:
-            # HTTP/2 and /3 may send a body with no length at all; towards this HTTP/1.1 server such a
-            # request would have no body. Chunked, mitmproxy frames each piece for it.
-            flow.request.headers["Transfer-Encoding"] = "chunked"
+        frame_for_http1(flow.request)
         # Set, never passed on from the client: the sink trusts these.
         deadline = time.time() + self.settings.upload_timeout  # from the moment its headers were taken
         flow.request.headers[DEADLINE] = f"{deadline:.3f}"

@@ -1,6 +1,8 @@
 import json
 import time
 
+from mitmproxy import connection
+from mitmproxy.proxy.server_hooks import ServerConnectionHookData
 from mitmproxy.test import taddons
 from mitmproxy.test import tflow
 from mitmproxy.test import tutils
@@ -60,6 +62,23 @@ async def test_session_routes_to_its_instance_keeping_host_and_other_cookies(red
     assert "Authorization" not in flow.request.headers
     assert flow.request.cookies.get("_xsrf") == "abc" and "datalab_session" not in flow.request.cookies
     assert flow.metadata[ROUTED] == INSTANCE.id
+    assert flow.request.stream is True  # a client's body is passed on as it comes, never held
+    await rt.done()
+
+
+async def test_http2_bodies_without_a_length_are_framed_for_jupyter(redis_url):
+    """HTTP/2 may send a body without Content-Length; towards HTTP/1.1 Jupyter it goes chunked."""
+    rt = runtime_for(redis_url=redis_url)
+    await recorded(rt.store, INSTANCE, "N" * 32)
+    await rt.store.add_session(SESSION, INSTANCE.id, 60)
+    flows = {}
+    for name, headers in (("h2", {}), ("h2-length", {"Content-Length": "3"}), ("h1", {})):
+        flow = request_flow("PUT", "/api/contents/x", {"Cookie": f"datalab_session={SESSION}", **headers})
+        flow.request.http_version = "HTTP/1.1" if name == "h1" else "HTTP/2.0"
+        flows[name] = await routed(flow, rt)
+    assert flows["h2"].request.headers["Transfer-Encoding"] == "chunked"
+    assert "Transfer-Encoding" not in flows["h2-length"].request.headers
+    assert "Transfer-Encoding" not in flows["h1"].request.headers  # HTTP/1 without a length has no body
     await rt.done()
 
 
@@ -96,7 +115,7 @@ def test_route_cache_expires_and_drops_by_instance():
 
 
 def test_fail_closed_refuses_unclaimed_flows():
-    guard = FailClosed(UploadSink())
+    guard = FailClosed(runtime_for(), UploadSink())
     with taddons.context(guard):
         flow = request_flow("GET", "/anything")
         guard.requestheaders(flow)
@@ -106,6 +125,33 @@ def test_fail_closed_refuses_unclaimed_flows():
         guard.requestheaders(ok)
         guard.request(ok)
         assert ok.response is None
+
+
+async def test_connections_open_only_to_instances_and_the_upload_sink():
+    """Whatever an addon did to a flow (a bug, an exception that skipped the other hooks), the
+    connection itself goes nowhere else: not to the dead default target, not to another port."""
+    sink = UploadSink()
+    sink.port = 4000
+    rt = runtime_for()  # its backend vouches for 127.0.0.1 (a stand-in for the instance network)
+    guard = FailClosed(rt, sink)
+
+    async def refused(host: str, port: int) -> bool:
+        server = connection.Server(address=(host, port))
+        await guard.server_connect(ServerConnectionHookData(server=server, client=tflow.tclient_conn()))
+        return server.error is not None
+
+    with taddons.context(guard):
+        assert not await refused("127.0.0.1", 4000)  # the sink
+        assert not await refused("127.0.0.1", 8888)  # an instance's address
+        assert await refused("10.1.2.3", 8888)  # not one the backend gives
+        assert await refused("127.0.0.2", 4000)
+
+        async def broken(host: str, port: int) -> bool:
+            raise RuntimeError("the backend could not tell")
+
+        rt.instances.backend.could_have_given = broken
+        assert await refused("127.0.0.1", 8888)  # no answer is a no
+        assert not await refused("127.0.0.1", 4000)
 
 
 def test_websocket_history_is_bounded():

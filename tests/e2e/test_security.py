@@ -9,6 +9,7 @@ import re
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from urllib.parse import urljoin
 
 import pytest
@@ -366,3 +367,30 @@ def test_a_client_with_a_public_address_is_served(
         )
     finally:
         p.stop()
+
+
+def test_a_flow_moved_by_a_buggy_addon_goes_nowhere(redis_server, world, sign_key, tmp_path):
+    """The last word on every upstream connection: it opens to an instance or the upload sink only,
+    whatever the hooks did (here another addon moves routed flows to a local listener)."""
+    bait = socket.create_server(("127.0.0.1", free_port()))
+    bait.settimeout(0.5)
+    script = ["-s", str(Path(__file__).with_name("misroute.py"))]
+    p = Proxy(redis_server.url, world.prefix, sign_key, tmp_path, {"datalab_pool_size": 0}, args=script).start()
+    try:
+        browser = Browser(p)
+        browser.view(p.start_instance("r.csv", b"a\n1\n"))
+        assert browser.get("/api/status").status_code == 200  # routed as usual
+        for body in (None, b"x" * (1 << 20)):  # a big body streams before the hooks are over
+            r = browser.http.put(
+                p.url("/api/contents/r.csv"),
+                data=body,
+                headers={"X-Test-Misroute": f"127.0.0.1:{bait.getsockname()[1]}"},
+                timeout=30,
+            )
+            assert r.status_code == 502 and "not routed" in r.text
+        with pytest.raises(TimeoutError):
+            bait.accept()  # nothing ever connected to it
+        assert "refused to connect to" in p.log_text()
+    finally:
+        p.stop()
+        bait.close()

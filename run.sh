@@ -152,6 +152,11 @@ export DATALAB_SIGN_KEY
 
 host=${DATALAB_LISTEN_HOST:-127.0.0.1}
 port=${DATALAB_PORT:-8080}
+# One run.sh per address: workers share their port with any process that asks (SO_REUSEPORT), so a
+# second run.sh on it would silently serve beside the first. The lock is held for as long as the
+# proxy's processes live (they inherit it).
+exec 9>"$STATE/port-$host-$port.lock"
+flock -n 9 || die "another run.sh already serves $host:$port (lock $STATE/port-$host-$port.lock)"
 if [ ${#tls_args[@]} -gt 0 ]; then
   say "proxy listening on https://$host:$port/ and, on the same port, http://$host:$port/  (Redis: $DATALAB_REDIS_URL)"
   say "TLS certificate for: $tls_names  (from $DATALAB_TLS_CERT; combined into $tls_file)"
@@ -180,30 +185,44 @@ if [ -w /proc/sys/net/ipv4/tcp_migrate_req ] && [ "$(cat /proc/sys/net/ipv4/tcp_
 fi
 say "$workers workers on port $port"
 
-# Keeps worker $1 running: restarted when it dies, unless it died within its first seconds (a
-# configuration error: then run.sh stops every worker and exits with its status).
-worker() {
-  local child started rc
-  trap '[ -n "${child:-}" ] && kill -TERM "$child" 2>/dev/null; wait; exit 0' TERM INT
-  while true; do
-    started=$SECONDS
-    "${cmd[@]}" & child=$!
-    wait "$child" && rc=0 || rc=$?
-    child=
-    if [ $((SECONDS - started)) -lt 5 ]; then
-      say "worker $1 exited with status $rc at start-up; stopping every worker"
-      kill -USR1 $$ 2>/dev/null
-      exit "$rc"
-    fi
-    say "worker $1 exited with status $rc; restarting it"
-    sleep 1
-  done
+# The supervisor: run.sh itself is every worker's parent. A worker that dies is restarted (after
+# 1 s, doubling up to 30 s while restarts keep failing fast); a worker that dies in its very first
+# start within 5 s is a configuration error: every worker stops and run.sh exits 1. Workers get
+# SIGTERM when run.sh dies, however it dies (setpriv --pdeathsig), so none outlives it.
+declare -A slot_of=() started_at=() restarts=() backoff=()
+start_worker() {
+  setpriv --pdeathsig TERM -- "${cmd[@]}" &
+  slot_of[$!]=$1
+  started_at[$1]=$SECONDS
 }
-pids=()
-stop_workers() { kill -TERM "${pids[@]}" 2>/dev/null; wait; exit "$1"; }
-trap 'stop_workers 0' TERM INT
-trap 'stop_workers 1' USR1
+stop_workers() {
+  trap - TERM INT HUP
+  [ ${#slot_of[@]} -eq 0 ] || kill -TERM "${!slot_of[@]}" 2>/dev/null
+  wait
+  exit "$1"
+}
+trap 'stop_workers 0' TERM INT HUP
 for i in $(seq 1 "$workers"); do
-  worker "$i" & pids+=($!)
+  restarts[$i]=0 backoff[$i]=1
+  start_worker "$i"
 done
-wait
+while true; do
+  pid= rc=0
+  wait -n -p pid || rc=$?
+  [ -n "$pid" ] || continue
+  [ -n "${slot_of[$pid]:-}" ] || continue  # a restart's pause (sleep) ending
+  i=${slot_of[$pid]}
+  unset "slot_of[$pid]"
+  lived=$((SECONDS - started_at[$i]))
+  if [ "${restarts[$i]}" = 0 ] && [ "$lived" -lt 5 ]; then
+    say "worker $i exited with status $rc at start-up; stopping every worker"
+    stop_workers 1
+  fi
+  if [ "$lived" -ge 60 ]; then backoff[$i]=1; fi
+  say "worker $i exited with status $rc after ${lived} s; restarting it in ${backoff[$i]} s"
+  sleep "${backoff[$i]}" & wait $! || true  # (a signal still stops run.sh at once)
+  b=$((backoff[$i] * 2))
+  backoff[$i]=$((b > 30 ? 30 : b))
+  restarts[$i]=$((restarts[$i] + 1))
+  start_worker "$i"
+done

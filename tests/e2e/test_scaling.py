@@ -34,6 +34,14 @@ def rss(pid: int, field: str = "VmRSS") -> int:
     raise AssertionError(f"no {field} for {pid}")
 
 
+def running(pid: int) -> bool:
+    """The process exists and is not a zombie (one whose parent is gone waits for init to reap it)."""
+    try:
+        return "zombie" not in open(f"/proc/{pid}/status").read()
+    except FileNotFoundError:
+        return False
+
+
 def test_the_lean_entry_point_serves_the_whole_flow(make_proxy):
     lean = make_proxy(tool="lean")
     nonce = lean.start_instance("cities.csv", CSV)
@@ -146,10 +154,19 @@ def test_workers_share_the_port_and_every_decision(workers):
     restarted = workers.wait_for_listeners(2, timeout=90)  # run.sh brings a new one up
     assert victim not in restarted and len(restarted & pids) == 1
 
+    second = subprocess.run(  # a second run.sh on the port would silently serve beside this one
+        [str(ROOT / "run.sh"), "--lean", "--workers", "2"],
+        env={**os.environ, "DATALAB_PORT": str(proxy.port), "DATALAB_SIGN_KEY": "another key"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert second.returncode == 1 and "another run.sh already serves" in second.stderr
+    assert workers.listeners() == restarted
+
     workers.stop()  # one signal to run.sh stops every worker
     assert workers.listeners() == set()
-    for pid in restarted:
-        assert not os.path.exists(f"/proc/{pid}") or "zombie" in open(f"/proc/{pid}/status").read()
+    assert not any(running(pid) for pid in restarted)
 
 
 def test_big_bodies_stream_and_small_ones_are_kept(make_proxy, tmp_path):
@@ -184,3 +201,14 @@ def test_big_bodies_stream_and_small_ones_are_kept(make_proxy, tmp_path):
     saved = {f.request.path.partition("?")[0]: f for f in flow_io.FlowReader(flows.open("rb")).stream()}
     assert saved["/api/contents/cities.csv"].response.json()["content"] == CSV.decode()  # small: kept
     assert saved["/files/big.bin"].response.raw_content in (b"", None)  # big: streamed, not held
+
+
+def test_no_worker_outlives_a_killed_run_sh(workers):
+    pids = workers.listeners()
+    workers.proc.kill()  # SIGKILL: run.sh cannot pass anything on
+    workers.proc.wait(timeout=10)
+    deadline = time.monotonic() + 30
+    while workers.listeners() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert workers.listeners() == set()  # the workers heard of it (parent-death signal) and stopped
+    assert not any(running(pid) for pid in pids)

@@ -117,6 +117,7 @@ PROXY_OPTIONS = {"pool_size": 0, "idle_timeout": 86400, "cull_interval": 3600, "
 
 # The product's entries: name, run.sh flags, the run.sh option each needs.
 DEFAULT = "proxy (run.sh)"
+STREAMING = "plain mitmdump, streaming > 256k"
 LEAN1 = "proxy --lean --workers 1"
 WORKERS2 = "proxy --workers 2"
 LEAN2 = "proxy --lean --workers 2"
@@ -379,6 +380,7 @@ class Wrk:
     requests: int
     bad: int  # non-2xx/3xx answers
     errors: str
+    cpu_ms: float | None = None  # the proxy's CPU per request (steadier than req/s on a shared machine)
 
 
 def wrk(url: str, seconds: float, headers: dict[str, str], conns: int = 16, threads: int = 2) -> Wrk:
@@ -529,6 +531,11 @@ class Target:
     headers: dict[str, str]
     host: str = "127.0.0.1"
     proc: subprocess.Popen | None = None  # a process started for this target alone (stopped after its section)
+    cpu_of: subprocess.Popen | None = None  # the process (group) doing the proxying, for CPU per request
+
+    @property
+    def worker(self) -> subprocess.Popen | None:
+        return self.cpu_of or self.proc
 
     def url(self, path: str, scheme: str = "http") -> str:
         return f"{scheme}://{self.host}:{self.port}{path}"
@@ -766,18 +773,18 @@ http {{
                 self.procs.stop(proc)
                 return
 
-    def start_plain_mitmdump(self, upstream: str) -> Target:
+    def start_plain_mitmdump(self, upstream: str, name: str = "plain mitmdump", *extra: str) -> Target:
         port = free_port()
         mitmdump = Path(sys.executable).parent / "mitmdump"
         cmd = [str(mitmdump), "--mode", f"reverse:{upstream}", "--listen-host", "127.0.0.1"]
-        cmd += ["--listen-port", str(port), "--set", "keep_host_header=true"]
+        cmd += ["--listen-port", str(port), "--set", "keep_host_header=true", *extra]
         log = open(os.devnull, "wb")  # noqa: SIM115
         proc = subprocess.Popen(cmd, stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True)
         log.close()
         self.procs.adopt(proc)
         wait_port(port, proc, timeout=60)
-        self.meta["plain_mitmdump"] = " ".join(["mitmdump", *cmd[1:]]) + " >/dev/null"
-        return Target("plain mitmdump", port, {}, proc=proc)
+        self.meta[slug(name)] = " ".join(["mitmdump", *cmd[1:]]) + " >/dev/null"
+        return Target(name, port, {}, proc=proc)
 
     def chp(self) -> Path | Skip:
         """configurable-http-proxy@5, installed once into ~/.cache/datalab/chp."""
@@ -839,7 +846,7 @@ http {{
             self.proxies[name] = Skip(f"failed: the proxy died (exit {proc.returncode}); {log_tail(log, 3)}")
             print(f"  {name}: {self.proxies[name]}", flush=True)
             return self.proxies[name]
-        return Target(name, self.proxy_ports[name], {"Cookie": holder.cookie})
+        return Target(name, self.proxy_ports[name], {"Cookie": holder.cookie}, cpu_of=proc)
 
     # -- HTTP -----------------------------------------------------------------------------------
 
@@ -862,7 +869,10 @@ http {{
                         continue
                     print(f"  wrk {section}: {t.name} {path} (round {rnd + 1})", flush=True)
                     try:
+                        cpu0 = proxy_cpu(t.worker) if t.worker else 0.0
                         w = wrk(t.url(path), seconds, t.headers)
+                        if t.worker and w.requests:
+                            w.cpu_ms = (proxy_cpu(t.worker) - cpu0) * 1000 / w.requests
                     except (RuntimeError, subprocess.TimeoutExpired) as e:
                         failed[(t.name, path)] = Skip(f"failed: {e}")
                         continue
@@ -889,6 +899,7 @@ http {{
                         sum(w.requests for w in ws),
                         0,
                         "; ".join(sorted({w.errors for w in ws if w.errors})),
+                        statistics.median(w.cpu_ms for w in ws) if all(w.cpu_ms for w in ws) else None,
                     )
         return out
 
@@ -915,6 +926,8 @@ http {{
             self.results.ratio(section, label, metric, w.rps, "req/s", base, b.rps, minimum, note)
             self.results.ratio(section, label, f"GET {shown} p50 ms", w.p50, "ms", base, b.p50)
             self.results.ratio(section, label, f"GET {shown} p99 ms", w.p99, "ms", base, b.p99)
+            if w.cpu_ms and b.cpu_ms:  # (lower is better: the inverse of what one core can serve)
+                self.results.ratio(section, label, f"GET {shown} CPU ms/req", w.cpu_ms, "ms", base, b.cpu_ms)
         else:
             why = f"baseline {base}: {b}" if base else ""
             self.results.ratio(
@@ -929,8 +942,11 @@ http {{
         nginx = self.nginx
         direct = Target("direct", 8888, {}, host=nginx.ip)
         plain = self.start_plain_mitmdump(f"http://{nginx.ip}:8888")
+        # The proxy streams answers over 256 KiB (memory stays flat); plain mitmdump holds them whole,
+        # which costs less CPU per byte. This row shows the addon's own cost at equal streaming.
+        streaming = self.start_plain_mitmdump(f"http://{nginx.ip}:8888", STREAMING, "--set", "stream_large_bodies=256k")
         chp = self.start_chp(f"http://{nginx.ip}:8888")
-        targets: list[Target | tuple[str, Skip]] = [direct, plain]
+        targets: list[Target | tuple[str, Skip]] = [direct, plain, streaming]
         for name in ENTRIES:
             t = self.proxy_target(name, nginx)
             targets.append(t if isinstance(t, Target) else (name, t))
@@ -939,7 +955,9 @@ http {{
         for path in ("/small", "/1m"):
             self.report_http(section, got, path, "direct", None)
             self.report_http(section, got, path, "plain mitmdump", "direct")
+            self.report_http(section, got, path, STREAMING, "plain mitmdump")
             self.report_http(section, got, path, DEFAULT, "plain mitmdump", 0.9)
+            self.report_http(section, got, path, DEFAULT, STREAMING, label=f"{DEFAULT} vs streaming mitmdump")
             self.report_http(section, got, path, LEAN1, "plain mitmdump", 2.0)
             self.report_http(section, got, path, WORKERS2, DEFAULT, 1.5)
             self.report_http(section, got, path, LEAN2, LEAN1, 1.5)
@@ -960,7 +978,7 @@ http {{
                 )
             else:
                 self.results.skip(section, label, f"GET {path} req/s", f"{got.get(('CHP', path))}")
-        for t in (plain, chp):
+        for t in (plain, streaming, chp):
             self.stop_target(t)
 
     def stop_target(self, t: Target | Skip) -> None:
@@ -1011,7 +1029,9 @@ http {{
         for path in paths:
             self.report_http(section, got, path, "direct", None)
             self.report_http(section, got, path, "plain mitmdump", "direct")
+            self.report_http(section, got, path, STREAMING, "plain mitmdump")
             self.report_http(section, got, path, DEFAULT, "plain mitmdump", 0.9)
+            self.report_http(section, got, path, DEFAULT, STREAMING, label=f"{DEFAULT} vs streaming mitmdump")
             self.report_http(section, got, path, LEAN2, "plain mitmdump")
         self.stop_target(plain)
 

@@ -66,11 +66,12 @@ class HookIndex(addonmanager.AddonManager):
         return found
 
     async def trigger_event(self, event: hooks.Hook) -> None:
+        args = event.args()
         for _, funcs in self._handlers(event):
             try:
                 with addonmanager.safecall():
                     for func in funcs:
-                        result = func(*event.args())
+                        result = func(*args)
                         if result is not None and inspect.isawaitable(result):
                             await result
             except exceptions.AddonHalt:

@@ -179,6 +179,7 @@ async def test_a_body_the_sink_did_not_receive_whole_starts_nothing(sink, rt):
 async def test_a_start_without_a_length_is_sent_chunked_to_the_sink(sink, rt):
     flow = start_flow()
     del flow.request.headers["Content-Length"]  # as an HTTP/2 request may come
+    flow.request.http_version = "HTTP/2.0"
     flow = await run_headers(flow, sink, rt)
     assert flow.request.headers["Transfer-Encoding"] == "chunked"
 

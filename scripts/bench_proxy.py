@@ -1029,9 +1029,7 @@ http {{
         for path in paths:
             self.report_http(section, got, path, "direct", None)
             self.report_http(section, got, path, "plain mitmdump", "direct")
-            self.report_http(section, got, path, STREAMING, "plain mitmdump")
             self.report_http(section, got, path, DEFAULT, "plain mitmdump", 0.9)
-            self.report_http(section, got, path, DEFAULT, STREAMING, label=f"{DEFAULT} vs streaming mitmdump")
             self.report_http(section, got, path, LEAN2, "plain mitmdump")
         self.stop_target(plain)
 

@@ -38,7 +38,7 @@ from mitmproxy.tools import main as tools_main
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # datalab's modules, as under mitmdump -s
 
-Handlers = list[tuple[object, list[Callable]]]
+Handlers = list[list[Callable]]  # per top-level addon that has the hook: its own and its children's
 
 
 class HookIndex(addonmanager.AddonManager):
@@ -61,13 +61,13 @@ class HookIndex(addonmanager.AddonManager):
     def _handlers(self, event: hooks.Hook) -> Handlers:
         found = self._index.get(event.name)
         if found is None:
-            found = [(top, [func for _, func in self._iter_hooks(top, event)]) for top in self.chain]
-            found = self._index[event.name] = [(top, funcs) for top, funcs in found if funcs]
+            per_top = ([func for _, func in self._iter_hooks(top, event)] for top in self.chain)
+            found = self._index[event.name] = [funcs for funcs in per_top if funcs]
         return found
 
     async def trigger_event(self, event: hooks.Hook) -> None:
         args = event.args()
-        for _, funcs in self._handlers(event):
+        for funcs in self._handlers(event):
             try:
                 with addonmanager.safecall():
                     for func in funcs:

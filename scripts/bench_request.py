@@ -29,12 +29,12 @@ from benchlib import connect
 from benchlib import free_port
 from benchlib import session_cookie
 from benchlib import upload
-from benchlib import wait_listening
+from benchlib import wait_port
 
 
-def get_latencies(port: int, n: int, headers: dict[str, str]) -> list[float]:
+def get_latencies(port: int, n: int, headers: dict[str, str], host: str = "127.0.0.1") -> list[float]:
     """n GETs of /api/status over one kept-alive connection, as a browser sends them."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn = http.client.HTTPConnection(host, port, timeout=30)
     out = []
     for _ in range(n):
         t0 = time.perf_counter()
@@ -47,7 +47,7 @@ def get_latencies(port: int, n: int, headers: dict[str, str]) -> list[float]:
     return out
 
 
-def plain_mitmdump(target_port: int) -> tuple[subprocess.Popen, int]:
+def plain_mitmdump(target: str) -> tuple[subprocess.Popen, int]:
     """mitmproxy itself, reverse-proxying straight to the instance: what the addon adds is the rest."""
     port = free_port()
     mitmdump = Path(sys.executable).parent / "mitmdump"
@@ -56,7 +56,7 @@ def plain_mitmdump(target_port: int) -> tuple[subprocess.Popen, int]:
             str(mitmdump),
             "-q",
             "--mode",
-            f"reverse:http://127.0.0.1:{target_port}",
+            f"reverse:http://{target}",
             "--listen-host",
             "127.0.0.1",
             "--listen-port",
@@ -67,7 +67,7 @@ def plain_mitmdump(target_port: int) -> tuple[subprocess.Popen, int]:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    wait_listening(port, proc)
+    wait_port(port, proc)
     return proc, port
 
 
@@ -87,19 +87,19 @@ def main() -> None:
         cookie = session_cookie(base, nonce)
         store = Store(connect(REDIS_URL), prefix)
 
-        async def instance_port() -> tuple[int, str]:
+        async def instance_address() -> tuple[str, int, str]:
             instance = await store.instance(await store.nonce_target(nonce))
             await store.close()
-            return instance.port, instance.token
+            return instance.host, instance.port, instance.token
 
-        direct, token = asyncio.run(instance_port())
+        host, direct, token = asyncio.run(instance_address())  # on the instance network, no published port
         as_proxy = {AUTH_HEADER: token}  # what the proxy adds; the browser sends the cookie
-        plain, plain_port = plain_mitmdump(direct)
+        plain, plain_port = plain_mitmdump(f"{host}:{direct}")
         through, straight, bare = [], [], []
         for _ in range(max(1, args.requests // 50)):  # interleave, so drift hits every side alike
             through += get_latencies(proxy.port, 50, {"Cookie": cookie})
             bare += get_latencies(plain_port, 50, as_proxy)
-            straight += get_latencies(direct, 50, as_proxy)
+            straight += get_latencies(direct, 50, as_proxy, host)
         plain.terminate()
         report("request", through, straight, "direct to Jupyter")
         report("request", through, bare, "plain mitmdump (no addon)")

@@ -21,6 +21,7 @@ import urllib.parse
 import urllib.request
 
 from benchlib import bench_proxy
+from benchlib import rss_bytes
 from benchlib import session_cookie
 from benchlib import upload
 
@@ -34,12 +35,7 @@ def chunks(total_mib: int):
 
 
 def rss_mib(pid: int) -> float:
-    """Resident memory of the mitmdump process that run.sh exec'd into (same pid)."""
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS")
+    return rss_bytes(pid) / MIB
 
 
 def post_chunks(url: str, mib: int, headers: dict[str, str]) -> int:

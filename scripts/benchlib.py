@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import secrets
+import signal
 import socket
 import subprocess
 import sys
@@ -25,13 +26,14 @@ sys.path.insert(0, str(ROOT / "addon"))
 
 from backends import AUTH_HEADER  # noqa: E402
 from config import Settings  # noqa: E402
+from inputs import new_token  # noqa: E402
 from runtime import build_instances  # noqa: E402
 from runtime import remove_all_instances  # noqa: E402
 from store import Store  # noqa: E402
 from store import connect  # noqa: E402
 
 # Re-exported for the benchmark scripts, which reach the addon's modules through this one.
-__all__ = ["AUTH_HEADER", "Settings", "Store", "build_instances", "connect"]
+__all__ = ["AUTH_HEADER", "Settings", "Store", "build_instances", "connect", "new_token"]
 
 CSV = b"a,b\n1,2\n"
 REDIS_URL = os.environ.get("DATALAB_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -42,41 +44,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def wait_listening(port: int, proc: subprocess.Popen) -> None:
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return
-        except OSError:
-            if proc.poll() is not None:
-                sys.exit(f"{proc.args[0]} exited before listening on {port}")
-            time.sleep(0.2)
-    sys.exit(f"nothing listened on {port} in time")
-
-
-def start_proxy(port: int, key: str, prefix: str, options: dict[str, object]) -> subprocess.Popen:
-    env = {**os.environ, "DATALAB_PORT": str(port), "DATALAB_SIGN_KEY": key, "DATALAB_KEY_PREFIX": prefix}
-    sets = [arg for name, value in options.items() for arg in ("--set", f"datalab_{name}={value}")]
-    proc = subprocess.Popen(
-        [str(ROOT / "run.sh"), "-q", *sets], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    wait_listening(port, proc)
-    wait_answering(f"http://127.0.0.1:{port}")
-    return proc
-
-
-def wait_answering(base: str) -> None:
-    """Listening is not ready: wait until the addon answers its own 404, then for its upload sink."""
-    for _ in range(300):
-        status, body, _ = answer(urllib.request.Request(f"{base}/datalab/"), timeout=5)
-        if status == 404 and body.get("code") == "NOT_FOUND":
-            time.sleep(0.5)
-            return
-        time.sleep(0.1)
-    sys.exit(f"the proxy at {base} never answered")
 
 
 def signed_request(base: str, key: str, endpoint: str, param: str, subject: str, data=b"") -> urllib.request.Request:
@@ -133,12 +100,11 @@ def bench_proxy(**options: object) -> Iterator[BenchProxy]:
     """A proxy from ./run.sh with its own port, key and prefix, and these datalab_* options;
     stopped and cleaned up afterwards."""
     key, prefix, port = secrets.token_hex(16), f"bench-{secrets.token_hex(3)}:", free_port()
-    proc = start_proxy(port, key, prefix, options)
+    proc = start_proxy_group(port, key, prefix, options)
     try:
         yield BenchProxy(f"http://127.0.0.1:{port}", port, key, prefix, proc)
     finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+        stop_group(proc)
         print(f"removed {asyncio.run(remove_all(prefix))} instances")
 
 
@@ -184,7 +150,7 @@ def start_proxy_group(
         out.close()
     try:
         wait_port(port, proc, timeout=120)
-        wait_answering_all(f"http://127.0.0.1:{port}", proc)
+        wait_answering(f"http://127.0.0.1:{port}", proc)
     except BaseException:
         stop_group(proc)
         raise
@@ -205,9 +171,9 @@ def wait_port(port: int, proc: subprocess.Popen | None, timeout: float = 60, hos
     raise RuntimeError(f"nothing listened on {host}:{port} within {timeout:g} s")
 
 
-def wait_answering_all(base: str, proc: subprocess.Popen, timeout: float = 60) -> None:
-    """Like wait_answering, but 20 fresh connections in a row must get the addon's own 404 (with
-    several workers on one port, each connection may reach another process)."""
+def wait_answering(base: str, proc: subprocess.Popen, timeout: float = 60) -> None:
+    """Listening is not ready: wait until 20 fresh connections in a row get the addon's own 404 (with
+    several workers on one port, each connection may reach another process), then for its upload sink."""
     deadline, good = time.monotonic() + timeout, 0
     while good < 20:
         if time.monotonic() > deadline:
@@ -222,6 +188,7 @@ def wait_answering_all(base: str, proc: subprocess.Popen, timeout: float = 60) -
         good = good + 1 if ok else 0
         if not ok:
             time.sleep(0.2)
+    time.sleep(0.5)  # the upload sink starts listening just after the addon answers
 
 
 def group_pids(pgid: int, skip: tuple[str, ...] = ("bash", "sh", "dash", "sleep", "timeout", "tee")) -> list[int]:
@@ -254,8 +221,6 @@ def rss_bytes(pid: int) -> int:
 
 def stop_group(proc: subprocess.Popen, timeout: float = 15) -> None:
     """SIGTERM to the process group, SIGKILL to what is left after `timeout`."""
-    import signal
-
     for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5)):
         try:
             os.killpg(proc.pid, sig)
@@ -267,10 +232,3 @@ def stop_group(proc: subprocess.Popen, timeout: float = 15) -> None:
             if not group_pids(proc.pid, skip=()):
                 return
             time.sleep(0.1)
-
-
-def new_token() -> str:
-    """A token of the shape the proxy gives nonces and session ids."""
-    from inputs import new_token as product_token
-
-    return product_token()

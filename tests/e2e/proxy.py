@@ -225,7 +225,7 @@ class Browser:
             ssl=tls,
             additional_headers={"Cookie": self.cookie_header()},
             origin=origin or self.base,
-            open_timeout=30,
+            open_timeout=90,  # Jupyter answers the upgrade once the new kernel replied to kernel_info (up to 60 s)
         ) as ws:
             ws.send(json.dumps(request))
             while time.monotonic() < deadline:

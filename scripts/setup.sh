@@ -48,6 +48,8 @@ ensure_packages() {
   command -v iptables >/dev/null || missing+=(iptables)  # the host firewall rule that confines instances
   command -v ss >/dev/null || missing+=(iproute2)  # the tests see which workers listen and serve
   command -v setpriv >/dev/null || missing+=(util-linux)  # run.sh --workers: workers end with run.sh
+  command -v chromium >/dev/null || missing+=(chromium)  # the browser tests (headless, driven by Selenium)
+  command -v chromedriver >/dev/null || missing+=(chromium-driver)
   [ ${#missing[@]} = 0 ] && return 0
   if is_root && command -v apt-get >/dev/null; then
     say "installing ${missing[*]} with apt-get (once)"

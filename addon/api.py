@@ -1,4 +1,5 @@
-"""The /datalab/* endpoints: start (upload), stop, view (cookie + redirect) and static (fetch a path).
+"""The /datalab/* endpoints: start (upload), stop, view (cookie + redirect, or the waiting page
+while the instance does not answer: waiting.py), static (fetch a path) and health (health.py).
 
 Refusals are decided in `requestheaders`, before an upload body is read; a body is then streamed
 to the upload sink (upload.py) and never held beyond datalab_max_upload, nor waited for beyond
@@ -25,10 +26,12 @@ import errors
 import hosts
 import inputs
 import signing
+import waiting
 from backends import BackendError
 from backends import Instance
 from backends import http_status
 from errors import ApiError
+from health import Health
 from marks import CUT
 from marks import HANDLED
 from marks import SINK
@@ -45,6 +48,8 @@ log = logging.getLogger(__name__)
 PREFIX = "/datalab/"
 STATIC_PREFIX = PREFIX + "static/"
 CLIENT_CHECK_EVERY = 0.25  # seconds between looks at whether a waiting client is still there
+VIEW_PROBE = 1.0  # seconds a view waits for the instance before it answers with the waiting page
+STATIC_PROBE = 5.0  # seconds a static fetch waits for the instance to answer its status
 
 
 def is_api_path(path: str) -> bool:
@@ -119,6 +124,7 @@ class Api:
     def __init__(self, runtime: Runtime, sink: UploadSink):
         self.runtime = runtime
         self.sink = sink
+        self._health: Health | None = None
 
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live or not is_api_path(flow.request.path.partition("?")[0]):
@@ -128,6 +134,10 @@ class Api:
         if flow.response is not None and flow.request.path.startswith(STATIC_PREFIX):
             make_passive(flow.response)
         self.sink.refuse(flow)
+
+    async def done(self) -> None:
+        if self._health is not None:
+            await self._health.close()
 
     async def response(self, flow: http.HTTPFlow) -> None:
         if START in flow.metadata and flow.metadata.get(SINK) and not flow.metadata.get(CUT):
@@ -164,6 +174,9 @@ class Api:
         elif endpoint == "stop" and not tail:
             self._check_method(flow, "POST")
             await self._stop(flow)
+        elif endpoint == "health" and not tail:
+            self._check_method(flow, "GET", "HEAD")
+            await self._report_health(flow)
         elif endpoint in ("view", "static") and tail:
             self._check_method(flow, "GET", "HEAD")
             nonce, _, destination = tail.partition("/")
@@ -175,7 +188,9 @@ class Api:
             else:
                 await self._static(flow, instance, destination, query)
         else:
-            raise errors.not_found("NOT_FOUND", "no such endpoint; see /datalab/start, /datalab/view, /datalab/static")
+            raise errors.not_found(
+                "NOT_FOUND", "no such endpoint; see /datalab/start, /datalab/view, /datalab/static, /datalab/health"
+            )
 
     @staticmethod
     def _check_method(flow: http.HTTPFlow, *allowed: str) -> None:
@@ -266,12 +281,25 @@ class Api:
                 "BAD_ORIGIN",
                 "a page of another site may open views only if its origin is in datalab_allowed_origins",
             )
+        answers = await self._answers(instance, VIEW_PROBE)
         self.runtime.activity.touch(instance.id)
         session_id = await self.runtime.instances.open_session(instance)
         if session_id is None:
             raise errors.nonce_unknown()  # it ended a moment ago
-        cookie = session_cookie(s.session_cookie, session_id, s.cookie_samesite, s.cookie_secure)
-        flow.response = redirect(location, {"Set-Cookie": cookie})
+        cookie = {"Set-Cookie": session_cookie(s.session_cookie, session_id, s.cookie_samesite, s.cookie_secure)}
+        if answers:
+            flow.response = redirect(location, cookie)
+        else:  # not mitmproxy's 502 page: a page that waits for the instance, then goes on
+            flow.response = http.Response.make(200, waiting.page(location), {**waiting.headers(s.origins), **cookie})
+
+    async def _answers(self, instance: Instance, timeout: float) -> bool:
+        """Whether the instance answers its status now. One that does not may be starting or busy;
+        if its backend says it is gone, it ends here for everyone, and this request gets 410."""
+        if await http_status(instance.host, instance.port, "/api/status", timeout, token=instance.token) is not None:
+            return True
+        if await self.runtime.instances.end_if_gone(instance.id):
+            raise errors.instance_gone()
+        return False
 
     def _may_navigate_here(self, flow: http.HTTPFlow) -> bool:
         """In cookie routing a view re-points the browser's one session: a page of another site
@@ -287,9 +315,7 @@ class Api:
         if "Upgrade" in flow.request.headers:
             raise errors.bad_request("static fetches plain paths; it opens no WebSocket")
         # mitmproxy answers an unreachable upstream with its own HTML page: check first, answer in JSON.
-        if await http_status(instance.host, instance.port, "/api/status", timeout=5.0, token=instance.token) is None:
-            if await self.runtime.instances.end_if_gone(instance.id):
-                raise errors.instance_gone()
+        if not await self._answers(instance, STATIC_PROBE):
             raise ApiError(502, "INSTANCE_UNREACHABLE", "the instance for this nonce does not answer")
         flow.request.headers.pop("Cookie", None)  # the frontend's cookies are not the instance's business
         # Jupyter serves /files/ only to same-site requests (XSRF token or Referer): a static fetch is
@@ -299,3 +325,12 @@ class Api:
         self.runtime.activity.touch(instance.id)
         flow.request.path = inputs.safe_destination(destination, query)
         flow.metadata[STATIC] = True
+
+    async def _report_health(self, flow: http.HTTPFlow) -> None:
+        """Built once per set of parts: its shared, cached checks are what keep it cheap."""
+        if self._health is None or self._health.instances is not self.runtime.instances:
+            if self._health is not None:
+                await self._health.close()
+            self._health = Health(self.runtime.instances)
+        status, body = await self._health.report()
+        flow.response = errors.json_response(status, body)

@@ -1,3 +1,4 @@
+import asyncio
 import json
 import time
 from urllib.parse import urlencode
@@ -202,9 +203,19 @@ async def test_redis_down_is_a_503(redis_server, sink):
     assert flow.response.status_code == 503 and body(flow)["code"] == "REDIS_UNAVAILABLE"
 
 
+async def answering_jupyter(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """A stand-in Jupyter that answers its status (a view of a silent one answers the waiting page)."""
+    await reader.readuntil(b"\r\n\r\n")
+    writer.write(b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+    await writer.drain()
+    writer.close()
+
+
 async def test_view_sets_the_cookie_and_redirects_on_this_origin(redis_url, sink):
     rt = runtime_for(redis_url=redis_url)
-    instance = Instance("i" * 32, "docker", "c1", "127.0.0.1", 1234, "a.csv", time.time())
+    jupyter = await asyncio.start_server(answering_jupyter, "127.0.0.1", 0)
+    port = jupyter.sockets[0].getsockname()[1]
+    instance = Instance("i" * 32, "docker", "c1", "127.0.0.1", port, "a.csv", time.time())
     nonce = "N" * 32
     await recorded(rt.store, instance, nonce)
     flow = await run_headers(request_flow("GET", f"/datalab/view/{nonce}/%2F%2Fevil.example/tree?x=1"), sink, rt)
@@ -215,6 +226,7 @@ async def test_view_sets_the_cookie_and_redirects_on_this_origin(redis_url, sink
     session_id = cookie.split(";")[0].split("=", 1)[1]
     assert await rt.store.session_target(session_id) == instance.id
     await rt.done()
+    jupyter.close()
 
 
 @pytest.mark.parametrize(

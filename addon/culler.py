@@ -4,7 +4,7 @@ runs that Redis does not know.
 `Activity` is fed by the router on every forwarded request and WebSocket message (a dict write)
 and written to Redis in one batch every few seconds, never once per request. `Culler.round` runs
 at start-up and every datalab_cull_interval seconds under a Redis lock, so with several proxies
-on one Redis each instance is ended by one of them, once.
+on one Redis each instance is ended by one of them, once (and counted once: datalab_culls_total).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import logging
 import time
 from dataclasses import dataclass
 
+import metrics
 from backends import Found
 from backends import Instance
 from backends import kernels_busy
@@ -23,10 +24,12 @@ log = logging.getLogger(__name__)
 
 LOCK = "cull"
 LOCK_TTL = 15.0  # seconds; renewed every third of it while a round runs
+GONE = "its container is gone or stopped"
 
 
 @dataclass(frozen=True)
 class Verdict:
+    cause: str  # the metric's label: idle, max_age, gone or unreachable
     reason: str
     idle_since: float = 0.0  # for idleness: the end is off if newer activity was recorded meanwhile
 
@@ -81,11 +84,18 @@ class Culler:
             try:
                 async for instance_id in self.instances.backend.exits():
                     delay = 1.0
-                    await self.instances.end_if_gone(instance_id)
+                    await self._end_exited(instance_id)
             except Exception as e:  # the engine or Redis went away: reconciliation covers the gap
                 log.warning("datalab: not following instance exits (%s); retrying in %.0f s", e, delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 30.0)
+
+    async def _end_exited(self, instance_id: str) -> None:
+        """Instances.end_if_gone, counted by the proxy whose end won (every proxy hears the exit)."""
+        instance = await self.instances.store.instance(instance_id)
+        if instance is not None and not await self.instances.backend.poll(instance):
+            if await self.instances.end(instance, GONE):
+                metrics.culled("gone")
 
     async def run(self) -> None:
         while True:
@@ -137,17 +147,16 @@ class Culler:
         for record, failure in zip(records, verdicts, strict=True):
             if isinstance(failure, Exception):
                 log.warning("datalab: no culling verdict for instance %s: %r", record.id, failure)
-        verdicts = [None if isinstance(v, BaseException) else v for v in verdicts]
-        ends = [
-            inst.end(record, v.reason, decided_on=record, idle_since=v.idle_since)
-            for record, v in zip(records, verdicts, strict=True)
-            if v is not None
-        ]
+        ending = [(r, v) for r, v in zip(records, verdicts, strict=True) if isinstance(v, Verdict)]
+        ends = [inst.end(record, v.reason, decided_on=record, idle_since=v.idle_since) for record, v in ending]
         recorded = {r.id for r in records}
         orphans = [f for i, f in found.items() if i not in recorded and i not in holders]
         done = await asyncio.gather(*ends, *(self._remove_orphan(f) for f in orphans), return_exceptions=True)
         for failure in (d for d in done if isinstance(d, Exception)):
             log.warning("datalab: culling could not end an instance: %s", failure)
+        for cause, ended in zip([v.cause for _, v in ending] + ["orphan"] * len(orphans), done, strict=True):
+            if ended is True:
+                metrics.culled(cause)
         return sum(1 for d in done if d is True)
 
     async def _remove_orphan(self, found: Found) -> bool:
@@ -162,14 +171,14 @@ class Culler:
         s = self.instances.settings
         f = found.get(record.id)
         if f is None or not f.running:
-            return Verdict("its container is gone or stopped")
+            return Verdict("gone", GONE)
         if record.age(now) > s.max_age:
-            return Verdict(f"older than datalab_max_age ({s.max_age} s)")
+            return Verdict("max_age", f"older than datalab_max_age ({s.max_age} s)")
         if record.id in pooled:
             return None
         last = activity.get(record.id, record.claimed or record.created)
         if now - last > s.idle_timeout and not await kernels_busy(record):
-            return Verdict(f"idle for more than datalab_idle_timeout ({s.idle_timeout} s)", idle_since=last)
+            return Verdict("idle", f"idle for more than datalab_idle_timeout ({s.idle_timeout} s)", idle_since=last)
         if now - last > s.start_timeout and not await self.instances.store.reachable(record.id):
-            return Verdict("no nonce or session can reach it any more", idle_since=last)
+            return Verdict("unreachable", "no nonce or session can reach it any more", idle_since=last)
         return None

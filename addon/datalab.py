@@ -20,6 +20,7 @@ from guards import FailClosed
 from guards import TransportSecurity
 from guards import TrimWebSockets
 from listener import SharedPort
+from metrics import Metrics
 from router import Router
 from runtime import Runtime
 from upload import UploadSink
@@ -33,6 +34,7 @@ addons = [
     deadline,
     runtime,
     sink,
+    Metrics(lambda: runtime.store),  # before the api: GET /datalab/metrics with the token (metrics.py)
     Api(runtime, sink),
     Router(runtime, sink),
     FailClosed(runtime, sink),

@@ -1,4 +1,5 @@
-"""Every refusal under /datalab/ is JSON {"code", "message"} with a fitting status."""
+"""Every refusal under /datalab/ is JSON {"code", "message"} with a fitting status (and is counted:
+datalab_refusals_total)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import logging
 
 from mitmproxy import http
 
+import metrics
 from backends import BackendError
 
 log = logging.getLogger(__name__)
@@ -23,7 +25,12 @@ class ApiError(Exception):
         self.headers = headers or {}
 
     def response(self) -> http.Response:
-        return json_response(self.status, {"code": self.code, "message": self.message}, self.headers)
+        """The answer to a client (counted once per answer made)."""
+        metrics.refused(self.code, self.status)
+        return json_response(self.status, self.body(), self.headers)
+
+    def body(self) -> dict[str, str]:
+        return {"code": self.code, "message": self.message}
 
 
 def json_response(status: int, body: dict, headers: dict[str, str] | None = None) -> http.Response:

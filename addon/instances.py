@@ -15,6 +15,7 @@ import logging
 import time
 
 import inputs
+import metrics
 from admission import Admission
 from admission import QueueTimeout
 from backends import Backend
@@ -64,6 +65,7 @@ class Instances:
 
     # Starting
 
+    @metrics.timed_start
     async def start(self, filename: str, data: bytes | bytearray) -> str:
         """Hand out an instance holding the upload; return the nonce bound to it."""
         for _ in range(HANDOUT_TRIES):
@@ -121,6 +123,7 @@ class Instances:
             await asyncio.shield(self.store.release(instance_id))
             raise
 
+    @metrics.cold_boot
     async def boot(self, instance_id: str) -> Instance:
         """Boot an empty instance with a fresh token; the start timeout counts from here."""
         timeout = self.settings.start_timeout

@@ -18,6 +18,7 @@ from redis.exceptions import RedisError
 import errors
 import hosts
 import inputs
+import metrics
 from backends import BackendError
 from backends import Instance
 from errors import ApiError
@@ -105,11 +106,13 @@ class Router:
         flow.request.stream = True
         flow.metadata[ROUTED] = instance.id
         self.runtime.activity.touch(instance.id)
+        metrics.PROXIED.inc()
 
     def websocket_message(self, flow: http.HTTPFlow) -> None:
         """A kernel's messages are activity too: a notebook in use sends little else."""
         if ROUTED in flow.metadata:
             self.runtime.activity.touch(flow.metadata[ROUTED])
+            metrics.websocket_message(flow)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         """The frontend's origins may frame an instance's answer; it must not

@@ -205,7 +205,8 @@ class UploadSink:
             if conn.our_state is not h11.SEND_RESPONSE:
                 return  # not even a request head came (no proxy sends that): nothing to answer
             if verdict == "timeout":
-                status, body = 408, errors.upload_timeout(self.settings.upload_timeout).response().content
+                # the sink's word to the proxy (which then answers the client): not a refusal counted
+                status, body = 408, json.dumps(errors.upload_timeout(self.settings.upload_timeout).body()).encode()
             else:
                 status, body = 500, _NOT_ANSWERED.encode()
             headers = [

@@ -93,9 +93,76 @@ ensure_redis() {
   die "redis-server did not answer on $host:$port; see $STATE/redis/redis.log"
 }
 
+# Runs a command as an unprivileged uid when we are root (as the local-process backend runs Jupyter).
+as_unprivileged() {
+  if is_root; then (cd / && setpriv --reuid=65534 --regid=65534 --clear-groups -- "$@"); else "$@"; fi
+}
+
+# A Python >= 3.11 with venv for the host Jupyter env, which an unprivileged uid can run: pyenv's
+# under /root (mode 0700) cannot be, so each candidate is tried as that uid. $DATALAB_JUPYTER_PYTHON first.
+find_jupyter_python() {
+  local c
+  for c in ${DATALAB_JUPYTER_PYTHON:-} python3.14 python3.13 python3.12 python3.11 python3 \
+           /usr/local/bin/python3.1[1-9] /usr/bin/python3.1[1-9]; do
+    c=$(command -v "$c" 2>/dev/null) || continue
+    if as_unprivileged "$c" -c 'import sys, ensurepip, venv; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+      echo "$c"; return 0
+    fi
+  done
+  return 1
+}
+
+# The extra pip requirements file operators add to the image and the host env ($DATALAB_EXTRA_REQUIREMENTS),
+# as an absolute path; nothing when unset.
+extra_requirements() {
+  local file=${DATALAB_EXTRA_REQUIREMENTS:-}
+  [ -n "$file" ] || return 0
+  [ -f "$file" ] && [ -r "$file" ] || die "DATALAB_EXTRA_REQUIREMENTS=$file: no readable file there"
+  realpath "$file"
+}
+
+# The host Jupyter env the local-process backend runs (<env>/bin/python -m jupyter notebook): a venv with
+# image/requirements.txt (+ the extra file), like the image's. The backend runs it as an unprivileged uid
+# when the proxy runs as root, so everything in it is readable and executable by any user. Stamped by a
+# hash of its inputs: quick when current.
+ensure_jupyter_env() {
+  local env=${DATALAB_JUPYTER_ENV:-$STATE/jupyter-env} extra py stamp want out
+  extra=$(extra_requirements) || exit 1
+  if [ ! -x "$env/bin/python" ]; then
+    if ! py=$(find_jupyter_python); then
+      if is_root && command -v apt-get >/dev/null; then
+        say "installing python3-venv with apt-get (once), for the Jupyter env"
+        apt-get update -qq >&2 || die "apt-get update failed"
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3 python3-venv >&2 || die "apt-get install python3-venv failed"
+      fi
+      py=$(find_jupyter_python) || die "no Python >= 3.11 with venv that an unprivileged user can run (pyenv's under /root is not): install one (Debian: apt-get install python3-venv) or set DATALAB_JUPYTER_PYTHON"
+    fi
+    say "creating the Jupyter env $env with $py"
+    [ -n "${DATALAB_JUPYTER_ENV:-}" ] || chmod a+x "$STATE"  # others may pass through, not list
+    (umask 022; "$py" -m venv "$env") || die "creating $env failed"
+  fi
+  stamp="$env/.requirements.sha256"
+  want=$({ cat "$ROOT/image/requirements.txt"; [ -z "$extra" ] || { echo "# extra"; cat "$extra"; }; } | sha256sum | cut -d' ' -f1)
+  [ "$(cat "$stamp" 2>/dev/null)" = "$want" ] && return 0
+  say "installing image/requirements.txt${extra:+ and $extra} into $env (a minute or two the first time)"
+  (
+    umask 022
+    pip=("$env/bin/pip" install --quiet --disable-pip-version-check)
+    "${pip[@]}" -r "$ROOT/image/requirements.txt" || die "pip install into $env failed"
+    [ -z "$extra" ] || "${pip[@]}" -r "$extra" || die "pip install -r $extra into $env failed"
+  ) || exit 1
+  chmod -R a+rX "$env"
+  out=$(as_unprivileged "$env/bin/python" -c 'import matplotlib, notebook, pandas' 2>&1) \
+    || die "an unprivileged user cannot use $env (is every directory above it searchable by others?): $out"
+  as_unprivileged test -r "$ROOT/image/jupyter_server_config.py" \
+    || die "an unprivileged user cannot read $ROOT/image/jupyter_server_config.py: make the repository readable by others"
+  echo "$want" > "$stamp"
+}
+
 ensure_all() {
   ensure_packages
   ensure_venv
+  ensure_jupyter_env
   ensure_docker
   ensure_image
 }

@@ -20,6 +20,8 @@ from mitmproxy import exceptions
 from redis.asyncio.connection import parse_url
 
 import signing
+from backends import Common
+from backends import choice
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +48,7 @@ class Settings:
     sign_key: str = ""
     redis_url: str = "redis://127.0.0.1:6379/0"
     key_prefix: str = "datalab:"
-    image: str = "datalab-notebook:latest"
-    docker_url: str = ""
+    backend: str = "auto"
     nonce_ttl: int = 600
     session_ttl: int = 86400
     cookie_name: str = "datalab_session"
@@ -67,7 +68,6 @@ class Settings:
     cpus: str = "1.0"
     pids_limit: int = 256
     disk_limit: str = "1g"
-    instance_egress: bool = False
     route_cache_ttl: int = 5
     pool_size: int = 2
     start_concurrency: int = 0
@@ -76,6 +76,20 @@ class Settings:
     idle_timeout: int = 1800
     max_age: int = 28800
     cull_interval: int = 60
+    # The chosen backend's own options (and the others'), keyed by field name: backends/choice.py.
+    backend_options: dict[str, typing.Any] = dataclasses.field(default_factory=dict)
+
+    @functools.cached_property
+    def common(self) -> Common:
+        """What every backend gets: whose instances, and their limits."""
+        return Common(
+            label_prefix=self.key_prefix,
+            mem_limit=self.mem_limit,
+            cpus=float(self.cpus),
+            pids_limit=self.pids_limit,
+            disk_limit=self.disk_limit,
+            start_timeout=float(self.start_timeout),
+        )
 
     @property
     def boot_concurrency(self) -> int:
@@ -100,8 +114,10 @@ _HELP: dict[str, tuple[str | None, str]] = {
     "sign_key": ("DATALAB_SIGN_KEY", "Shared secret for X-SIGN = sha256(sign_key + ts + filename). Required."),
     "redis_url": ("DATALAB_REDIS_URL", "Redis holding nonces, sessions and instances, e.g. redis://127.0.0.1:6379/0"),
     "key_prefix": ("DATALAB_KEY_PREFIX", "Prefix of every Redis key (and container label) this proxy owns."),
-    "image": ("DATALAB_IMAGE", "Local Docker image of the Jupyter instance; never pulled (scripts/build-image.sh)."),
-    "docker_url": ("DOCKER_HOST", "Docker engine URL; empty means the local default socket."),
+    "backend": (
+        "DATALAB_BACKEND",
+        "What runs instances: docker, process (local Jupyter processes) or auto (docker when an engine answers).",
+    ),
     "nonce_ttl": (None, "Seconds a nonce from /datalab/start stays valid."),
     "session_ttl": (None, "Seconds a browser session (cookie) stays bound to its instance."),
     "cookie_name": (None, "Name of the session cookie set by /datalab/view."),
@@ -141,11 +157,14 @@ _HELP: dict[str, tuple[str | None, str]] = {
     ),
     "max_skew": (None, "Seconds a signed ts may differ from the proxy's clock."),
     "start_timeout": (None, "Seconds to wait for a new instance's Jupyter to answer /api/status."),
-    "mem_limit": (None, "Memory limit of each instance (Docker syntax: 512m, 1g)."),
-    "cpus": (None, "CPU limit of each instance, in CPUs."),
-    "pids_limit": (None, "Process-count limit of each instance."),
-    "disk_limit": (None, "Size of each instance's writable places (work directory, /tmp), in memory: 512m, 1g."),
-    "instance_egress": (None, "Let instances reach addresses off this machine (never this host's own services)."),
+    "mem_limit": (None, "Memory limit of each instance (512m, 1g; the process backend: per process)."),
+    "cpus": (None, "CPU limit of each instance, in CPUs (not enforced by the process backend)."),
+    "pids_limit": (None, "Process-count limit of each instance (the process backend: only when run as root)."),
+    "disk_limit": (
+        None,
+        "Docker: size of each instance's writable places (work directory, /tmp), in memory; process backend: "
+        "largest file. 512m, 1g.",
+    ),
     "route_cache_ttl": (None, "Seconds a session's route is cached in memory (0 disables the cache)."),
     "pool_size": (None, "Instances kept started and ready for the next uploads, shared by all proxies on the Redis."),
     "start_concurrency": (None, "Instances booting at once in this proxy; 0 means one per CPU."),
@@ -166,9 +185,12 @@ def option_name(field: str) -> str:
     return f"datalab_{field}"
 
 
-def _typed_default(field: dataclasses.Field, env: str | None) -> typing.Any:
-    """The option default: the environment variable when set, else the Settings default."""
-    default = getattr(_DEFAULTS, field.name)
+def _shared_fields() -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(Settings) if f.name != "backend_options"]
+
+
+def _typed_default(default: typing.Any, env: str | None) -> typing.Any:
+    """The option default: the environment variable when set, else the given default."""
     raw = os.environ.get(env) if env else None
     if raw is None or raw == "":
         return default
@@ -178,14 +200,28 @@ def _typed_default(field: dataclasses.Field, env: str | None) -> typing.Any:
 
 
 def add_options(add_option: Callable[..., None]) -> None:
-    for field in dataclasses.fields(Settings):
+    for field in _shared_fields():
         env, help_text = _HELP[field.name]
-        add_option(option_name(field.name), type(getattr(_DEFAULTS, field.name)), _typed_default(field, env), help_text)
+        default = getattr(_DEFAULTS, field.name)
+        add_option(option_name(field.name), type(default), _typed_default(default, env), help_text)
+    for field in choice.option_fields():
+        env, help_text = field.metadata["env"], field.metadata["help"]
+        add_option(option_name(field.name), type(field.default), _typed_default(field.default, env), help_text)
+
+
+def option_values(get: Callable[[str], typing.Any]) -> dict[str, typing.Any]:
+    """Settings' keyword arguments from option values (`get` reads datalab_<name>)."""
+    values = {f.name: get(option_name(f.name)) for f in _shared_fields()}
+    values["backend_options"] = {f.name: get(option_name(f.name)) for f in choice.option_fields()}
+    return values
 
 
 def parse_settings(values: dict[str, typing.Any]) -> Settings:
     """Settings from option values (keyed by field name); ValueError says which one is wrong and why."""
     s = Settings(**values)
+    _require(s.backend in choice.CHOICES, "backend", f"must be one of {', '.join(choice.CHOICES)}")
+    for cls in choice.BACKENDS.values():
+        choice.options_of(cls, s.backend_options)  # each refuses its own bad values
     _require(bool(s.sign_key), "sign_key", "is required: set DATALAB_SIGN_KEY or --set datalab_sign_key=...")
     _require(
         s.redis_url.startswith(("redis://", "rediss://", "unix://")),
@@ -194,7 +230,6 @@ def parse_settings(values: dict[str, typing.Any]) -> Settings:
     )
     parse_url(s.redis_url)
     _require(bool(s.key_prefix) and " " not in s.key_prefix, "key_prefix", "must be non-empty without spaces")
-    _require(bool(s.image), "image", "must name a local image")
     positive = ("nonce_ttl", "session_ttl", "max_upload", "max_skew", "pids_limit", "start_timeout")
     positive += ("queue_timeout", "idle_timeout", "max_age", "cull_interval")
     positive += ("upload_timeout", "max_uploads", "header_timeout")
@@ -255,6 +290,14 @@ class Config:
         add_options(loader.add_option)
 
     def configure(self, updated: set[str]) -> None:
+        # The datalab options first: the backend's choice is the first thing the proxy says.
+        if any(name.startswith("datalab_") for name in updated):
+            values = option_values(lambda name: getattr(ctx.options, name))
+            try:
+                settings = parse_settings(values)
+            except ValueError as e:
+                raise exceptions.OptionsError(str(e)) from e
+            self.on_settings(settings)
         for name, value in MITMPROXY_FORCED.items():
             if name in ctx.options and getattr(ctx.options, name) != value:
                 log.info("datalab sets %s=%s (see README)", name, str(value).lower())
@@ -266,11 +309,3 @@ class Config:
             if name in updated and getattr(ctx.options, name) != value:
                 log.warning("datalab needs --set %s=%s (see README); setting it", name, str(value).lower())
                 ctx.options.update(**{name: value})
-        if not any(name.startswith("datalab_") for name in updated):
-            return
-        values = {f.name: getattr(ctx.options, option_name(f.name)) for f in dataclasses.fields(Settings)}
-        try:
-            settings = parse_settings(values)
-        except ValueError as e:
-            raise exceptions.OptionsError(str(e)) from e
-        self.on_settings(settings)

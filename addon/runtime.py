@@ -12,10 +12,8 @@ import asyncio
 import logging
 
 import store
-from backends import Backend
 from backends import BackendError
-from backends.docker_engine import DockerBackend
-from backends.docker_engine import DockerOptions
+from backends import choice
 from config import Settings
 from culler import Activity
 from culler import Culler
@@ -25,26 +23,10 @@ from pool import PoolFiller
 log = logging.getLogger(__name__)
 
 
-def docker_backend(s: Settings) -> Backend:
-    return DockerBackend(
-        DockerOptions(
-            image=s.image,
-            label_prefix=s.key_prefix,
-            mem_limit=s.mem_limit,
-            cpus=float(s.cpus),
-            pids_limit=s.pids_limit,
-            start_timeout=float(s.start_timeout),
-            docker_url=s.docker_url,
-            egress=s.instance_egress,
-            disk_limit=s.disk_limit,
-        )
-    )
-
-
 def build_instances(s: Settings) -> Instances:
     """The instance service for these settings: also what scripts and tests use to act as the proxy would."""
     client = store.Store(store.connect(s.redis_url), s.key_prefix)
-    return Instances(client, docker_backend(s), s)
+    return Instances(client, choice.build(s.backend, s.backend_options, s.common), s)
 
 
 async def remove_all_instances(redis_url: str, prefix: str) -> int:

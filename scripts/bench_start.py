@@ -66,7 +66,15 @@ def backend_alone(prefix: str, runs: int) -> list[float]:
     """The Docker backend booting an instance by itself: what a cold start costs at the least."""
 
     async def boots() -> list[float]:
-        instances = build_instances(Settings(sign_key="unused", redis_url=REDIS_URL, key_prefix=prefix, image=IMAGE))
+        instances = build_instances(
+            Settings(
+                sign_key="unused",
+                redis_url=REDIS_URL,
+                key_prefix=prefix,
+                backend="docker",
+                backend_options={"image": IMAGE},
+            )
+        )
         out = []
         for _ in range(runs):
             t0 = time.perf_counter()

@@ -2,6 +2,7 @@
 
 import asyncio
 import base64
+import dataclasses
 import ipaddress
 import os
 import secrets
@@ -11,6 +12,7 @@ import pytest
 import requests
 
 from backends import AUTH_HEADER
+from backends import Common
 from backends import EngineUnavailable
 from backends import Found
 from backends import ImageMissing
@@ -28,38 +30,40 @@ def engine():
     client.close()
 
 
-def options(**changes) -> DockerOptions:
-    return DockerOptions(**{"image": IMAGE, "label_prefix": f"unit-{secrets.token_hex(4)}:", **changes})
+def make(**changes) -> DockerBackend:
+    """A backend of a prefix of its own; `changes` may be Common's fields or DockerOptions'."""
+    own = {k: changes.pop(k) for k in list(changes) if k in {f.name for f in dataclasses.fields(DockerOptions)}}
+    common = Common(**{"label_prefix": f"unit-{secrets.token_hex(4)}:", **changes})
+    return DockerBackend(common, DockerOptions(**{"image": IMAGE, **own}))
 
 
-def managed(engine, opts: DockerOptions) -> list:
-    return engine.containers.list(all=True, filters={"label": f"{LABEL_PREFIX}={opts.label_prefix}"})
+def managed(engine, backend: DockerBackend) -> list:
+    return engine.containers.list(all=True, filters={"label": f"{LABEL_PREFIX}={backend.common.label_prefix}"})
 
 
 async def test_missing_image_is_never_pulled(engine):
-    opts = options(image="datalab-no-such-image:never")
+    backend = make(image="datalab-no-such-image:never")
     with pytest.raises(ImageMissing, match="scripts/build-image.sh"):
-        await DockerBackend(opts).start("i" * 32, "t0ken")
-    assert managed(engine, opts) == []
+        await backend.start("i" * 32, "t0ken")
+    assert managed(engine, backend) == []
     assert not engine.images.list(name="datalab-no-such-image")
 
 
 async def test_engine_down_is_engine_unavailable():
-    backend = DockerBackend(options(docker_url="unix:///nonexistent/docker.sock"))
+    backend = make(docker_url="unix:///nonexistent/docker.sock")
     with pytest.raises(EngineUnavailable, match="cannot be reached"):
         await backend.start("i" * 32, "t0ken")
 
 
 async def test_readiness_timeout_removes_the_container(engine):
-    opts = options(start_timeout=0.2)
+    backend = make(start_timeout=0.2)
     with pytest.raises(StartTimeout):
-        await DockerBackend(opts).start(secrets.token_urlsafe(16), "t0ken")
-    assert managed(engine, opts) == []
+        await backend.start(secrets.token_urlsafe(16), "t0ken")
+    assert managed(engine, backend) == []
 
 
 async def test_start_put_file_poll_inventory_stop(engine):
-    opts = options()
-    backend = DockerBackend(opts)
+    backend = make()
     instance = await backend.start(secrets.token_urlsafe(16), "t0ken")
     try:
         assert instance.filename == "" and instance.token == "t0ken"
@@ -72,7 +76,7 @@ async def test_start_put_file_poll_inventory_stop(engine):
             assert answer.status_code == 200, answer.text[:200]
             assert base64.b64decode(answer.json()["content"]) == data
         assert await backend.inventory() == [Found(instance.id, instance.handle, True)]
-        (container,) = managed(engine, opts)
+        (container,) = managed(engine, backend)
         host_config = container.attrs["HostConfig"]
         assert host_config["Memory"] == 1024**3 and host_config["PidsLimit"] == 256
         assert host_config["CapDrop"] == ["ALL"] and "no-new-privileges" in host_config["SecurityOpt"]
@@ -94,10 +98,10 @@ async def test_start_put_file_poll_inventory_stop(engine):
     finally:
         await backend.stop(instance.handle)
     assert await backend.poll(instance) is False
-    assert managed(engine, opts) == [] and await backend.inventory() == []
+    assert managed(engine, backend) == [] and await backend.inventory() == []
     await backend.stop(instance.handle)  # idempotent
 
 
 async def test_capacity_is_engine_memory_over_the_limit(engine):
     total = engine.info()["MemTotal"]
-    assert await DockerBackend(options(mem_limit="512m")).capacity() == total // (512 * 1024**2)
+    assert await make(mem_limit="512m").capacity() == total // (512 * 1024**2)

@@ -1,10 +1,13 @@
 """The backend interface: how an instance is started, filled, polled and stopped, whatever runs it.
 
 A backend writes one class with `check`, `capacity`, `start`, `put_file`, `poll`, `inventory` and
-`stop`. A started instance holds no upload yet, so the same instance can wait in the warm pool or
-serve a cold start; the upload goes in with `put_file` once a user claims it. What a started
-instance is (its address and the backend's own handle) is an `Instance`, a small JSON record kept
-in Redis, so a restarted proxy, or another proxy process, reaches the same instance.
+`stop`, and registers it in backends/choice.py. Its own settings are a frozen dataclass (`Options`)
+whose fields become `datalab_<field>` options (help and environment variable in `option()`); what
+every backend gets is `Common` (the limits, honoured as far as the platform allows). A started
+instance holds no upload yet, so the same instance can wait in the warm pool or serve a cold start;
+the upload goes in with `put_file` once a user claims it. What a started instance is (its address
+and the backend's own handle) is an `Instance`, a small JSON record kept in Redis, so a restarted
+proxy, or another proxy process, reaches the same instance.
 """
 
 from __future__ import annotations
@@ -20,6 +23,9 @@ from collections.abc import Awaitable
 from collections.abc import Callable
 from dataclasses import asdict
 from dataclasses import dataclass
+from dataclasses import field
+from typing import Any
+from typing import ClassVar
 from urllib.parse import quote
 
 MAX_ANSWER = 1 << 20  # bytes of an instance's answer to the proxy's own requests (status, kernels, contents)
@@ -56,6 +62,29 @@ class Found:
     instance_id: str
     handle: str
     running: bool
+
+
+def option(default: Any, help: str, env: str | None = None) -> Any:
+    """A backend option's dataclass field: `datalab_<name>`, its help, the variable for its default."""
+    return field(default=default, metadata={"help": help, "env": env})
+
+
+def option_error(name: str, message: str) -> ValueError:
+    """How an Options dataclass refuses a value (in __post_init__): the option's name, then why."""
+    return ValueError(f"datalab_{name} {message}")
+
+
+@dataclass(frozen=True)
+class Common:
+    """What every backend is given: whose instances they are, and the limits each instance gets
+    (as far as the backend's platform can enforce them; its README row says which)."""
+
+    label_prefix: str
+    mem_limit: str = "1g"
+    cpus: float = 1.0
+    pids_limit: int = 256
+    disk_limit: str = "1g"
+    start_timeout: float = 60.0
 
 
 class BackendError(Exception):
@@ -104,7 +133,17 @@ class StartTimeout(BackendError):
 class Backend(abc.ABC):
     """Runs Jupyter instances. Every method may block only in threads, never on the event loop."""
 
-    name: str
+    name: ClassVar[str]
+    Options: ClassVar[type]  # a frozen dataclass of option() fields, validated in its __post_init__
+
+    @classmethod
+    @abc.abstractmethod
+    def probe(cls, options: Any) -> tuple[bool, str]:
+        """Whether this backend can run here, and the reason in words (datalab_backend=auto says it).
+        Called once when options are applied, before serving: quick, and bounded in time."""
+
+    @abc.abstractmethod
+    def __init__(self, common: Common, options: Any): ...
 
     @abc.abstractmethod
     async def check(self) -> None:

@@ -28,10 +28,13 @@ from docker.models.containers import Container
 from backends import AUTH_ENV
 from backends import Backend
 from backends import BackendError
+from backends import Common
 from backends import EngineUnavailable
 from backends import Found
 from backends import ImageMissing
 from backends import Instance
+from backends import option
+from backends import option_error
 from backends import put_via_contents
 from backends import wait_ready
 from backends.docker_network import LABEL_MANAGED
@@ -48,25 +51,32 @@ WORK_DIR = "/home/datalab/work"
 USER_UID = 1000
 LABEL_PREFIX = "datalab.prefix"
 LABEL_INSTANCE = "datalab.instance"
+PROBE_TIMEOUT = 3  # seconds datalab_backend=auto waits for the engine to answer
 
 
 @dataclass(frozen=True)
 class DockerOptions:
-    image: str
-    label_prefix: str
-    mem_limit: str = "1g"
-    cpus: float = 1.0
-    pids_limit: int = 256
-    start_timeout: float = 60.0
-    docker_url: str = ""
-    egress: bool = False
-    disk_limit: str = "1g"
+    image: str = option(
+        "datalab-notebook:latest",
+        "Local Docker image of the Jupyter instance; never pulled (scripts/build-image.sh).",
+        "DATALAB_IMAGE",
+    )
+    docker_url: str = option("", "Docker engine URL; empty means the local default socket.", "DOCKER_HOST")
+    instance_egress: bool = option(
+        False, "Let instances reach addresses off this machine (never this host's own services)."
+    )
+
+    def __post_init__(self) -> None:
+        if not self.image:
+            raise option_error("image", "must name a local image")
 
 
 class DockerBackend(Backend):
     name = "docker"
+    Options = DockerOptions
 
-    def __init__(self, opts: DockerOptions):
+    def __init__(self, common: Common, opts: DockerOptions):
+        self.common = common
         self.opts = opts
         self._client: docker.DockerClient | None = None
         self._network: InstanceNetwork | None = None
@@ -85,6 +95,19 @@ class DockerBackend(Backend):
         except (docker.errors.DockerException, OSError) as e:
             where = self.opts.docker_url or "the default Docker socket"
             raise EngineUnavailable("the container engine cannot be reached; retry shortly", f"{where}: {e}") from e
+
+    @classmethod
+    def probe(cls, options: DockerOptions) -> tuple[bool, str]:
+        where = options.docker_url or "the default Docker socket"
+        try:
+            client = docker.DockerClient(base_url=options.docker_url or None, timeout=PROBE_TIMEOUT)
+            try:
+                client.ping()
+            finally:
+                client.close()
+        except (docker.errors.DockerException, OSError) as e:
+            return False, f"no Docker engine answers at {where} ({e})"
+        return True, f"the Docker engine at {where} answers"
 
     async def client(self) -> docker.DockerClient:
         if self._client is None:
@@ -106,7 +129,7 @@ class DockerBackend(Backend):
             if self._network is None:
                 client = await self.client()
                 self._network = await self._call(
-                    ensure_network, client, network_name(self.opts.egress), self.opts.egress
+                    ensure_network, client, network_name(self.opts.instance_egress), self.opts.instance_egress
                 )
             return self._network
 
@@ -127,7 +150,7 @@ class DockerBackend(Backend):
     async def capacity(self) -> int:
         client = await self.client()
         info = await self._call(client.info)
-        return max(1, int(info.get("MemTotal", 0)) // docker.utils.parse_bytes(self.opts.mem_limit))
+        return max(1, int(info.get("MemTotal", 0)) // docker.utils.parse_bytes(self.common.mem_limit))
 
     async def start(self, instance_id: str, token: str) -> Instance:
         client = await self.client()
@@ -141,14 +164,14 @@ class DockerBackend(Backend):
             await self._call(container.start)
             host = await self._address(container, net)
             instance = Instance(instance_id, self.name, container.id, host, JUPYTER_PORT, "", time.time(), token)
-            await wait_ready(instance, self.opts.start_timeout, lambda: self.poll(instance))
+            await wait_ready(instance, self.common.start_timeout, lambda: self.poll(instance))
             return instance
         except BaseException:
             await asyncio.shield(self._remove_quietly(container.id))
             raise
 
     async def put_file(self, instance: Instance, filename: str, data: bytes | bytearray) -> None:
-        await put_via_contents(instance, filename, data, timeout=max(30.0, self.opts.start_timeout))
+        await put_via_contents(instance, filename, data, timeout=max(30.0, self.common.start_timeout))
 
     async def could_have_given(self, host: str, port: int) -> bool:
         """Jupyter's port at a container's address on the instance network, nothing else (not the
@@ -157,7 +180,7 @@ class DockerBackend(Backend):
         return port == JUPYTER_PORT and net.holds_instance(host)
 
     def _create_args(self, instance_id: str, token: str, net: InstanceNetwork) -> dict[str, Any]:
-        private = f"size={self.opts.disk_limit},uid={USER_UID},gid={USER_UID},mode=0700,nosuid,nodev"
+        private = f"size={self.common.disk_limit},uid={USER_UID},gid={USER_UID},mode=0700,nosuid,nodev"
         return dict(
             image=self.opts.image,
             # A name that says nothing of the instance id: the network's DNS answers reverse
@@ -165,16 +188,16 @@ class DockerBackend(Backend):
             name=f"datalab-{secrets.token_hex(8)}",
             detach=True,
             environment={AUTH_ENV: token},
-            labels={LABEL_MANAGED: MANAGED_BY, LABEL_PREFIX: self.opts.label_prefix, LABEL_INSTANCE: instance_id},
+            labels={LABEL_MANAGED: MANAGED_BY, LABEL_PREFIX: self.common.label_prefix, LABEL_INSTANCE: instance_id},
             network=net.name,
             read_only=True,
             # The only writable places, in memory (so the host's disk is never touched) and each
             # at most datalab_disk_limit; their pages count against the memory limit as well.
-            tmpfs={WORK_DIR: private, "/tmp": f"size={self.opts.disk_limit},mode=1777,nosuid,nodev"},
-            mem_limit=self.opts.mem_limit,
-            memswap_limit=self.opts.mem_limit,  # no swap: tmpfs pages never reach the host's disk
-            nano_cpus=int(self.opts.cpus * 1e9),
-            pids_limit=self.opts.pids_limit,
+            tmpfs={WORK_DIR: private, "/tmp": f"size={self.common.disk_limit},mode=1777,nosuid,nodev"},
+            mem_limit=self.common.mem_limit,
+            memswap_limit=self.common.mem_limit,  # no swap: tmpfs pages never reach the host's disk
+            nano_cpus=int(self.common.cpus * 1e9),
+            pids_limit=self.common.pids_limit,
             cap_drop=["ALL"],
             security_opt=["no-new-privileges"],
         )
@@ -198,7 +221,7 @@ class DockerBackend(Backend):
     @property
     def _ours(self) -> str:
         """The label filter for this proxy family's containers."""
-        return f"{LABEL_PREFIX}={self.opts.label_prefix}"
+        return f"{LABEL_PREFIX}={self.common.label_prefix}"
 
     async def inventory(self) -> list[Found]:
         client = await self.client()
@@ -246,7 +269,7 @@ class DockerBackend(Backend):
         client = await self.client()
         try:
             container = await self._call(client.containers.get, container_id)
-            if container.labels.get(LABEL_PREFIX) != self.opts.label_prefix:
+            if container.labels.get(LABEL_PREFIX) != self.common.label_prefix:
                 # a handle from a record not ours (Redis is not trusted blindly): never remove it
                 log.error("datalab: refusing to remove container %s: not one of ours", container_id[:12])
                 return

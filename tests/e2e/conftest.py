@@ -5,6 +5,7 @@ Nothing here is skipped: without a Docker engine or the image, these fixtures fa
 
 from __future__ import annotations
 
+import asyncio
 import os
 import secrets
 
@@ -13,6 +14,9 @@ import docker.errors
 import pytest
 import redis as redis_sync
 
+from backends import Common
+from backends.local_process import ProcessBackend
+from backends.local_process import ProcessOptions
 from e2e.proxy import Proxy
 
 IMAGE = os.environ.get("DATALAB_IMAGE", "datalab-notebook:latest")
@@ -68,11 +72,18 @@ class World:
     def snapshot(self) -> tuple[set[str], set[bytes]]:
         return {c.id for c in self.containers()}, set(self.keys())
 
+    def processes(self, prefix: str | None = None) -> ProcessBackend:
+        """The process backend's view of a prefix's instances (its default directory, as the tests' proxies use)."""
+        return ProcessBackend(Common(label_prefix=prefix or self.prefix), ProcessOptions())
+
     def scrub(self) -> None:
         """Safety net after the run: whatever a failed test left behind goes."""
         for p in self.prefixes:
             for c in self.containers(p):
                 c.remove(force=True)
+            backend = self.processes(p)
+            for found in asyncio.run(backend.inventory()):
+                asyncio.run(backend.stop(found.handle))
             for k in self.keys(p):
                 self.redis.delete(k)
 

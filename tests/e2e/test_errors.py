@@ -57,7 +57,7 @@ PROXIES: dict[str, tuple[str, dict, str | None]] = {
     "slow": (QUIET, {"datalab_start_timeout": 1}, None),
     "starved": (QUIET, {"datalab_mem_limit": "8m"}, None),
     "no_image": (QUIET, {"datalab_image": MISSING_IMAGE}, None),
-    "no_engine": (QUIET, {"datalab_docker_url": "unix://{workdir}/no-engine.sock"}, None),
+    "no_engine": (QUIET, {"datalab_backend": "docker", "datalab_docker_url": "unix://{workdir}/no-engine.sock"}, None),
     "no_redis": (QUIET, {}, "redis://127.0.0.1:1/0"),
     "subdomain": (QUIET, {"datalab_routing": "subdomain", "datalab_public_host": "localhost:{port}"}, None),
     "busy": (LIVE, {"datalab_start_concurrency": 3}, None),  # boots the rows' instances

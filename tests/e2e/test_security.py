@@ -245,7 +245,7 @@ def test_non_utf8_values_are_a_400(proxy):
 
 def test_error_bodies_carry_no_engine_text(make_proxy, tmp_path):
     sock = tmp_path / "no-engine.sock"
-    p = make_proxy(datalab_docker_url=f"unix://{sock}")
+    p = make_proxy(datalab_backend="docker", datalab_docker_url=f"unix://{sock}")
     r = p.upload("e.csv", CSV)
     assert r.status_code == 503 and error_code(r) == "ENGINE_UNAVAILABLE"
     assert str(sock) not in r.text and "Error" not in r.text

@@ -1,0 +1,58 @@
+"""Which backend runs instances: the registry of backend classes, and datalab_backend=auto's choice.
+
+Adding a backend: write its class (backends/__init__.py says what it implements) and list it in
+BACKENDS. Its Options fields become datalab_* options by themselves (config.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+from backends import Backend
+from backends import Common
+from backends.docker_engine import DockerBackend
+from backends.local_process import ProcessBackend
+
+log = logging.getLogger(__name__)
+
+# In the order datalab_backend=auto prefers them: the first that can run here is chosen.
+BACKENDS: dict[str, type[Backend]] = {cls.name: cls for cls in (DockerBackend, ProcessBackend)}
+AUTO = "auto"
+CHOICES = (AUTO, *BACKENDS)
+
+
+def option_fields() -> list[dataclasses.Field]:
+    """Every backend's own option fields (names are unique across backends)."""
+    return [f for cls in BACKENDS.values() for f in dataclasses.fields(cls.Options)]
+
+
+def options_of(cls: type[Backend], values: dict[str, Any]) -> Any:
+    """The backend's Options from option values keyed by field name (missing ones: defaults).
+    Raises ValueError naming the option when a value is refused."""
+    names = {f.name for f in dataclasses.fields(cls.Options)}
+    return cls.Options(**{k: v for k, v in values.items() if k in names})
+
+
+def choose(name: str, values: dict[str, Any]) -> tuple[type[Backend], str]:
+    """The backend class to use and why: the one named, or with auto the first that can run here
+    (none: the last, whose answers then say what is missing until an operator installs it)."""
+    if name != AUTO:
+        return BACKENDS[name], "datalab_backend=" + name
+    reasons = []
+    for cls in BACKENDS.values():
+        usable, reason = cls.probe(options_of(cls, values))
+        reasons.append(reason)
+        if usable:
+            break
+    else:
+        reasons.append("none can run here yet")
+    return cls, "datalab_backend=auto: " + "; ".join(reasons)
+
+
+def build(name: str, values: dict[str, Any], common: Common) -> Backend:
+    """The backend for these settings; says which one and why (the proxy's first datalab log line)."""
+    cls, reason = choose(name, values)
+    log.info("datalab: instances run on the %s backend (%s)", cls.name, reason)
+    return cls(common, options_of(cls, values))

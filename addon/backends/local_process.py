@@ -1,0 +1,364 @@
+"""Local-process backend: each instance is a Jupyter server process on a loopback port, for machines
+without a Docker engine (as JupyterHub's LocalProcessSpawner).
+
+An instance lives in a directory of its own, `<datalab_process_dir>/<family>/<instance id>/`: its
+`work/` is the notebook's working directory, the rest is Jupyter's and IPython's state; `pid` names
+its server process. The directory is the record the engine would keep, so a restarted proxy finds
+(and reconciliation removes) what an earlier one left.
+
+What confines an instance here is what the OS offers without containers:
+- as root, each instance runs under a user id of its own (UID_BASE + its port, in no passwd file),
+  so instances cannot read each other's files, signal each other's processes, or read each other's
+  secret from /proc; its directory is 0700 and its own;
+- resource limits (prlimit): data memory per process (datalab_mem_limit), processes and threads of
+  its user (datalab_pids_limit, as root only: the count is per user), the largest file it writes
+  (datalab_disk_limit), open files;
+- Jupyter listens on 127.0.0.1 only, and requires the instance's secret (the image's identity
+  provider, image/jupyter_server_config.py, the same configuration as in the image).
+It is not the Docker backend's confinement: instances share the host's network (they reach the
+host's services and the internet) and file system (as far as file modes let them), and datalab_cpus
+is not enforced. Without root all instances share the proxy's user. README "Backends" says so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import re
+import shutil
+import signal
+import socket
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from hashlib import sha256
+from pathlib import Path
+
+from backends import AUTH_ENV
+from backends import Backend
+from backends import BackendError
+from backends import Common
+from backends import Found
+from backends import ImageMissing
+from backends import Instance
+from backends import StartTimeout
+from backends import option
+from backends import option_error
+from backends import put_via_contents
+from backends import wait_ready
+
+ROOT = Path(__file__).resolve().parents[2]  # the repository
+STATE = Path(os.environ.get("DATALAB_STATE") or ROOT / ".state")
+JUPYTER_CONFIG = ROOT / "image" / "jupyter_server_config.py"  # the image's own settings
+HOST = "127.0.0.1"
+UID_BASE = 200_000  # as root, an instance's user id is UID_BASE + its port: unique while it runs
+PORT_TRIES = 3  # ports tried when the one picked was taken meanwhile (another proxy's start)
+STOP_GRACE = 3.0  # seconds between SIGTERM and SIGKILL
+OPEN_FILES = 4096
+_ID = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+
+
+@dataclass(frozen=True)
+class ProcessOptions:
+    jupyter_env: str = option(
+        str(STATE / "jupyter-env"),
+        "Process backend: the Python environment with Jupyter (and the data stack) that instances run "
+        "(scripts/setup.sh ensure_jupyter_env makes it).",
+        "DATALAB_JUPYTER_ENV",
+    )
+    process_dir: str = option(
+        str(STATE / "instances"), "Process backend: where instances' directories live.", "DATALAB_PROCESS_DIR"
+    )
+    process_ports: str = option(
+        "7100-7999",
+        "Process backend: the loopback ports instances listen on, FIRST-LAST (the proxy routes to no other).",
+    )
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"[0-9]{1,5}-[0-9]{1,5}", self.process_ports):
+            raise option_error("process_ports", "must look like 7100-7999")
+        first, last = self.ports
+        if not 1024 <= first <= last <= 65535:
+            raise option_error("process_ports", "must be a range within 1024-65535, first <= last")
+        for name in ("jupyter_env", "process_dir"):
+            if not os.path.isabs(getattr(self, name)):
+                raise option_error(name, "must be an absolute path")
+
+    @property
+    def ports(self) -> tuple[int, int]:
+        first, _, last = self.process_ports.partition("-")
+        return int(first), int(last)
+
+
+def size_bytes(text: str) -> int:
+    """512m -> bytes (the limits' syntax, which config.py has checked)."""
+    number, unit = re.fullmatch(r"([0-9]+)([bkmgBKMG]?)", text).groups()
+    return int(number) * _UNITS[unit.lower()]
+
+
+class ProcessBackend(Backend):
+    name = "process"
+    Options = ProcessOptions
+
+    def __init__(self, common: Common, opts: ProcessOptions):
+        self.common = common
+        self.opts = opts
+        # This proxy family's instances (a directory per key prefix, named so any prefix is a safe name).
+        self.family = Path(opts.process_dir) / sha256(common.label_prefix.encode()).hexdigest()[:16]
+        self._children: dict[str, asyncio.subprocess.Process] = {}  # started here: reaped here
+        self._exited: asyncio.Queue[str] = asyncio.Queue()
+        self._reapers: set[asyncio.Task] = set()
+
+    @classmethod
+    def probe(cls, options: ProcessOptions) -> tuple[bool, str]:
+        missing = cls._missing(options)
+        return (False, missing) if missing else (True, f"Jupyter found in {options.jupyter_env}")
+
+    @staticmethod
+    def _missing(options: ProcessOptions) -> str:
+        server = Path(options.jupyter_env) / "bin" / "jupyter-notebook"
+        if not os.access(server, os.X_OK):
+            return f"no Jupyter at {server} (make it: scripts/setup.sh ensure_jupyter_env)"
+        if not JUPYTER_CONFIG.is_file():
+            return f"{JUPYTER_CONFIG} is missing"
+        return ""
+
+    async def check(self) -> None:
+        missing = self._missing(self.opts)
+        if missing:
+            raise ImageMissing("Jupyter for instances is missing; the operator must install it", missing)
+        if os.geteuid() == 0 and shutil.which("prlimit") is None:
+            raise BackendError("instances cannot be limited", "prlimit is missing (apt-get install util-linux)")
+
+    async def capacity(self) -> int:
+        first, last = self.opts.ports
+        memory = await asyncio.to_thread(_mem_total)
+        return max(1, min(last - first + 1, memory // size_bytes(self.common.mem_limit)))
+
+    async def start(self, instance_id: str, token: str) -> Instance:
+        if not _ID.match(instance_id):
+            raise BackendError("the instance id is not valid", repr(instance_id))
+        for attempt in range(1, PORT_TRIES + 1):
+            port = await asyncio.to_thread(self._free_port)
+            try:
+                return await self._start_on(instance_id, token, port)
+            except StartTimeout:
+                raise
+            except BackendError:  # it exited at once: the port may have been taken meanwhile
+                if attempt == PORT_TRIES:
+                    raise
+        raise AssertionError("unreachable")
+
+    async def _start_on(self, instance_id: str, token: str, port: int) -> Instance:
+        home = self.family / instance_id
+        uid = UID_BASE + port if os.geteuid() == 0 else None
+        try:
+            await asyncio.to_thread(self._prepare, home, uid)
+            log_file = (home / "jupyter.log").open("ab")
+            with log_file:
+                proc = await asyncio.create_subprocess_exec(
+                    *self._command(home, port),
+                    env=self._environment(home, token),
+                    cwd=home / "work",
+                    stdin=asyncio.subprocess.DEVNULL,
+                    stdout=log_file,
+                    stderr=log_file,
+                    start_new_session=True,  # its own process group: stop ends the kernels with it
+                    user=uid,
+                    group=uid,
+                    extra_groups=[] if uid is not None else None,
+                )
+            (home / "pid").write_text(str(proc.pid))
+            self._children[instance_id] = proc
+            reaper = asyncio.get_running_loop().create_task(self._reap(instance_id, proc))
+            self._reapers.add(reaper)
+            reaper.add_done_callback(self._reapers.discard)
+            instance = Instance(instance_id, self.name, instance_id, HOST, port, "", time.time(), token)
+            await wait_ready(instance, self.common.start_timeout, lambda: self.poll(instance))
+            return instance
+        except BaseException:
+            await asyncio.shield(self.stop(instance_id))
+            raise
+
+    def _prepare(self, home: Path, uid: int | None) -> None:
+        """The instance's directory, its alone (0700); the family directory only lets owners pass."""
+        self.family.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.family, 0o711)
+        home.mkdir(mode=0o700)
+        for sub in ("work", "tmp", "runtime"):
+            (home / sub).mkdir(mode=0o700)
+        if uid is not None:
+            for path in (home, home / "work", home / "tmp", home / "runtime"):
+                os.chown(path, uid, uid)
+
+    def _command(self, home: Path, port: int) -> list[str]:
+        server = [
+            str(Path(self.opts.jupyter_env) / "bin" / "jupyter-notebook"),
+            f"--config={JUPYTER_CONFIG}",
+            f"--ServerApp.ip={HOST}",
+            f"--ServerApp.port={port}",
+            "--ServerApp.port_retries=0",
+            f"--ServerApp.root_dir={home / 'work'}",
+            "--no-browser",
+        ]
+        if os.geteuid() != 0:
+            return server  # limits on the user would be on the proxy's own user: none
+        data = size_bytes(self.common.mem_limit)
+        limits = [
+            f"--data={data}:{data}",
+            f"--nproc={self.common.pids_limit}:{self.common.pids_limit}",
+            f"--fsize={size_bytes(self.common.disk_limit)}:{size_bytes(self.common.disk_limit)}",
+            f"--nofile={OPEN_FILES}:{OPEN_FILES}",
+            "--core=0:0",
+        ]
+        return [shutil.which("prlimit") or "prlimit", *limits, "--", *server]
+
+    def _environment(self, home: Path, token: str) -> dict[str, str]:
+        """A clean environment: nothing of the proxy's (its sign key, Redis URL) reaches an instance."""
+        env_bin = Path(self.opts.jupyter_env) / "bin"
+        return {
+            "PATH": f"{env_bin}:/usr/local/bin:/usr/bin:/bin",
+            "HOME": str(home),
+            "USER": "datalab",
+            "LOGNAME": "datalab",
+            "SHELL": "/bin/bash",
+            "LANG": "C.UTF-8",
+            "TMPDIR": str(home / "tmp"),
+            "JUPYTER_CONFIG_DIR": str(home / ".jupyter"),
+            "JUPYTER_DATA_DIR": str(home / ".local" / "share" / "jupyter"),
+            "JUPYTER_RUNTIME_DIR": str(home / "runtime"),
+            "IPYTHONDIR": str(home / ".ipython"),
+            "MPLCONFIGDIR": str(home / ".matplotlib"),
+            "XDG_CACHE_HOME": str(home / ".cache"),
+            AUTH_ENV: token,
+        }
+
+    def _free_port(self) -> int:
+        """A port of the range nothing listens on now (a random one: proxies starting at once differ)."""
+        first, last = self.opts.ports
+        ports = list(range(first, last + 1))
+        random.shuffle(ports)
+        for port in ports:
+            with socket.socket() as s:
+                try:
+                    s.bind((HOST, port))
+                except OSError:
+                    continue
+                return port
+        raise BackendError("no free port for an instance", f"every port of {self.opts.process_ports} is taken")
+
+    async def _reap(self, instance_id: str, proc: asyncio.subprocess.Process) -> None:
+        await proc.wait()
+        if self._children.get(instance_id) is proc:
+            del self._children[instance_id]
+        self._exited.put_nowait(instance_id)
+
+    async def put_file(self, instance: Instance, filename: str, data: bytes | bytearray) -> None:
+        await put_via_contents(instance, filename, data, timeout=max(30.0, self.common.start_timeout))
+
+    async def poll(self, instance: Instance) -> bool:
+        return await asyncio.to_thread(self._running, instance.handle)
+
+    def _home(self, handle: str) -> Path | None:
+        """The instance's directory, if the handle can name one of ours (Redis is not trusted blindly)."""
+        return self.family / handle if _ID.match(handle) else None
+
+    def _pid(self, handle: str) -> int | None:
+        """The instance's server process, if it still runs: the pid file's process, checked to be the
+        server started for this directory (a pid is reused once its process is gone)."""
+        home = self._home(handle)
+        if home is None:
+            return None
+        try:
+            pid = int((home / "pid").read_text())
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+        except (OSError, ValueError):
+            return None
+        if f"--ServerApp.root_dir={home / 'work'}".encode() not in cmdline or state in ("Z", "X"):
+            return None
+        return pid
+
+    def _running(self, handle: str) -> bool:
+        return self._pid(handle) is not None
+
+    async def inventory(self) -> list[Found]:
+        def scan() -> list[Found]:
+            if not self.family.is_dir():
+                return []
+            found = []
+            for home in self.family.iterdir():
+                if _ID.match(home.name):
+                    found.append(Found(home.name, home.name, self._running(home.name)))
+            return found
+
+        return await asyncio.to_thread(scan)
+
+    async def exits(self) -> AsyncIterator[str]:
+        """The instances started by this proxy whose server exits (others: by reconciliation)."""
+        while True:
+            yield await self._exited.get()
+
+    async def stop(self, handle: str) -> None:
+        home = self._home(handle)
+        if home is None:
+            return
+        pid = await asyncio.to_thread(self._pid, handle)
+        if pid is not None:
+            await self._end_group(pid)
+        child = self._children.pop(handle, None)
+        if child is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(child.wait(), STOP_GRACE)
+        if os.geteuid() == 0:
+            with contextlib.suppress(OSError):
+                uid = (await asyncio.to_thread(home.stat)).st_uid
+                if uid >= UID_BASE:  # whatever its user left running, detached or not
+                    await asyncio.to_thread(_kill_user, uid)
+        await asyncio.to_thread(shutil.rmtree, home, True)
+
+    async def _end_group(self, pid: int) -> None:
+        """TERM the server's process group (its kernels, terminals), KILL what is left after a grace."""
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, sig)
+            deadline = time.monotonic() + STOP_GRACE
+            while time.monotonic() < deadline:
+                if not await asyncio.to_thread(_group_alive, pid):
+                    return
+                await asyncio.sleep(0.05)
+
+    async def could_have_given(self, host: str, port: int) -> bool:
+        first, last = self.opts.ports
+        return host == HOST and first <= port <= last
+
+
+def _mem_total() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemTotal:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether any live process (not a zombie) is in the process group."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rpartition(")")[2].split()
+            if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+                return True
+    return False
+
+
+def _kill_user(uid: int) -> None:
+    """SIGKILL every process of an instance's own user id (root only)."""
+    for status in Path("/proc").glob("[0-9]*/status"):
+        with contextlib.suppress(OSError, ValueError, ProcessLookupError):
+            for line in status.read_text().splitlines():
+                if line.startswith("Uid:"):
+                    if int(line.split()[1]) == uid:
+                        os.kill(int(status.parent.name), signal.SIGKILL)
+                    break

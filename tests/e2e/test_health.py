@@ -1,0 +1,60 @@
+"""GET /datalab/health through a real proxy: 200 while Redis and the engine answer, 503 naming the
+part that does not (with the proxy's own words only), and back to 200 when it returns."""
+
+from __future__ import annotations
+
+import requests
+
+from e2e.test_lifecycle import wait_until
+from helpers import RedisServer
+
+
+def health(proxy) -> requests.Response:
+    return requests.get(proxy.url("/datalab/health"), timeout=30)
+
+
+def status_is(proxy, status: int) -> requests.Response:
+    """The answer once health says `status` (a verdict is reused for 2 s, so a change shows soon after)."""
+    answers = wait_until(lambda: [r for r in [health(proxy)] if r.status_code == status], f"health {status}", 30)
+    return answers[0]  # (a list: a Response with an error status is falsy)
+
+
+def test_healthy_with_redis_and_docker_up(proxy):
+    r = health(proxy)
+    assert r.status_code == 200, r.text
+    assert r.headers["Content-Type"] == "application/json" and r.headers["Cache-Control"] == "no-store"
+    assert r.json() == {"code": "OK", "result": {"redis": "ok", "backend": "ok", "backend_name": "docker"}}
+    head = requests.head(proxy.url("/datalab/health"), timeout=30)
+    assert head.status_code == 200 and head.content == b""
+    post = requests.post(proxy.url("/datalab/health"), timeout=30)
+    assert post.status_code == 405 and post.json()["code"] == "METHOD_NOT_ALLOWED"
+
+
+def test_unhealthy_while_its_redis_is_down_then_healthy_again(make_proxy, world, tmp_path):
+    redis = RedisServer(tmp_path).start()
+    try:
+        p = make_proxy(prefix=world.sub("health"), redis_url=redis.url)
+        assert health(p).status_code == 200
+        redis.stop()
+        body = status_is(p, 503).json()
+        assert body["code"] == "UNHEALTHY"
+        assert body["message"] == "redis: the proxy cannot reach Redis"
+        assert body["result"] == {"redis": "the proxy cannot reach Redis", "backend": "ok", "backend_name": "docker"}
+        assert str(redis.port) not in body["message"]  # Redis's own words (its address) stay in the log
+        redis.start()
+        assert status_is(p, 200).json()["result"]["redis"] == "ok"
+    finally:
+        redis.stop()
+
+
+def test_unhealthy_when_its_docker_engine_is_unreachable(make_proxy, world):
+    p = make_proxy(
+        prefix=world.sub("noengine"), datalab_backend="docker", datalab_docker_url="unix:///nonexistent.sock"
+    )
+    r = health(p)
+    assert r.status_code == 503, r.text
+    body = r.json()
+    assert body["code"] == "UNHEALTHY" and body["message"].startswith("backend: ")
+    assert body["result"]["redis"] == "ok" and body["result"]["backend_name"] == "docker"
+    assert body["result"]["backend"] != "ok"
+    assert "nonexistent" not in r.text and "sock" not in r.text  # the engine's address stays in the log

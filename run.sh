@@ -19,6 +19,9 @@
 #   DATALAB_SIGN_KEY        shared signing key (default: generated once, kept in .state/sign_key)
 #   DATALAB_REDIS_URL       Redis URL (default redis://127.0.0.1:6379/0; started here when local and silent)
 #   DATALAB_IMAGE           Jupyter image (default datalab-notebook:latest; built here when missing)
+#   DATALAB_METRICS_PORT    serve Prometheus metrics on 127.0.0.1 at this port; worker i of --workers N
+#                           at this port + i - 1 (each process counts its own). Unset: no metrics port
+#                           (README "Metrics"). When set, it decides over --set datalab_metrics_port.
 #   DATALAB_TLS_CERT        TLS: PEM certificate chain, the server's own certificate first, then its
 #                           intermediates (as a CA issues a "fullchain.pem")
 #   DATALAB_TLS_KEY         TLS: the PEM private key of that certificate, unencrypted
@@ -173,7 +176,14 @@ else
 fi
 cmd+=(--mode reverse:http://127.0.0.1:1 --listen-host "$host" --listen-port "$port"
   --set connection_strategy=lazy --set keep_host_header=true "${tls_args[@]}")
-[ "$workers" = 1 ] && exec "${cmd[@]}" "$@"
+# Metrics: worker $1's port, as `metrics` (--set arguments; none without DATALAB_METRICS_PORT).
+[[ "${DATALAB_METRICS_PORT:-1}" =~ ^[1-9][0-9]*$ ]] || die "DATALAB_METRICS_PORT must be a port number"
+metrics_port() {
+  metrics=()
+  [ -z "${DATALAB_METRICS_PORT:-}" ] || metrics=(--set "datalab_metrics_port=$((DATALAB_METRICS_PORT + $1 - 1))")
+}
+metrics_port 1
+[ "$workers" = 1 ] && exec "${cmd[@]}" "$@" "${metrics[@]}"
 
 # Several workers: each listens on the port with SO_REUSEPORT (addon/listener.py) and boots its
 # share of the CPUs' instances at once; later --set arguments (yours) override these.
@@ -191,7 +201,8 @@ say "$workers workers on port $port"
 # SIGTERM when run.sh dies, however it dies (setpriv --pdeathsig), so none outlives it.
 declare -A slot_of=() started_at=() restarts=() backoff=()
 start_worker() {
-  setpriv --pdeathsig TERM -- "${cmd[@]}" &
+  metrics_port "$1"
+  setpriv --pdeathsig TERM -- "${cmd[@]}" "${metrics[@]}" &
   slot_of[$!]=$1
   started_at[$1]=$SECONDS
 }

@@ -353,12 +353,22 @@ def _group_alive(pgid: int) -> bool:
     return False
 
 
-def _kill_user(uid: int) -> None:
-    """SIGKILL every process of an instance's own user id (root only)."""
+def _user_processes(uid: int) -> list[int]:
+    """The live processes (not zombies) whose real user id is `uid`."""
+    pids = []
     for status in Path("/proc").glob("[0-9]*/status"):
-        with contextlib.suppress(OSError, ValueError, ProcessLookupError):
-            for line in status.read_text().splitlines():
-                if line.startswith("Uid:"):
-                    if int(line.split()[1]) == uid:
-                        os.kill(int(status.parent.name), signal.SIGKILL)
-                    break
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = dict(line.split(":", 1) for line in status.read_text().splitlines() if ":" in line)
+            if int(fields["Uid"].split()[0]) == uid and fields["State"].split()[0] not in ("Z", "X"):
+                pids.append(int(status.parent.name))
+    return pids
+
+
+def _kill_user(uid: int) -> None:
+    """SIGKILL every process of an instance's own user id (root only), until none is left."""
+    deadline = time.monotonic() + STOP_GRACE
+    while (pids := _user_processes(uid)) and time.monotonic() < deadline:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.02)

@@ -1,0 +1,96 @@
+"""The proxy on the local-process backend (datalab_backend=process), end to end: real mitmdump,
+Redis and Jupyter server processes; and datalab_backend=auto's choice."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import threading
+
+import pytest
+
+from backends.local_process import UID_BASE
+from e2e.proxy import Browser
+from e2e.test_lifecycle import error_of
+from e2e.test_lifecycle import instance_of
+from e2e.test_lifecycle import quietly
+from e2e.test_lifecycle import records
+from e2e.test_lifecycle import wait_until
+
+CSV = b"city,population\nReykjavik,139875\nNuuk,19872\n"
+
+
+@pytest.fixture
+def process_proxy(make_proxy, world):
+    def make(name: str, **options):
+        return make_proxy(prefix=world.sub(name), datalab_backend="process", **options)
+
+    return make
+
+
+def running(world, prefix: str) -> list:
+    return [f for f in asyncio.run(world.processes(prefix).inventory()) if f.running]
+
+
+def test_the_whole_contract_on_local_processes(process_proxy, world):
+    p = process_proxy("process")
+    prefix = p.prefix
+    assert "instances run on the process backend (datalab_backend=process)" in p.log_text()
+    nonce = p.start_instance("cities.csv", CSV)
+    instance = instance_of(world, prefix, nonce)
+    assert (instance.backend, instance.host) == ("process", "127.0.0.1")
+
+    browser = Browser(p)
+    assert browser.view(nonce, "tree").headers["Location"] == "/tree"
+    assert browser.get("/api/status").status_code == 200
+    r = browser.get("/api/contents/cities.csv?content=1")
+    assert r.status_code == 200 and r.json()["content"] == CSV.decode()
+    static = browser.get(f"/datalab/static/{nonce}/files/cities.csv")
+    assert static.status_code == 200 and static.content == CSV
+
+    kernel = browser.start_kernel()
+    code = "import os, pandas; print(os.getuid(), pandas.read_csv('cities.csv').population.sum(), os.getcwd())"
+    uid, total, cwd = browser.execute(kernel, code).split()
+    assert int(uid) == UID_BASE + instance.port  # not root, and not another instance's user
+    assert int(total) == 139875 + 19872 and cwd.endswith(f"/{instance.id}/work")
+
+    r = p.stop_instance(nonce)
+    assert r.status_code == 200
+    r = browser.get("/api/status")
+    assert r.status_code == 410 and error_of(r) == "INSTANCE_GONE"
+    assert world.processes(prefix).family.exists() and running(world, prefix) == []
+    assert list(world.processes(prefix).family.iterdir()) == [] and records(world, prefix) == set()
+
+
+def test_a_proxy_killed_mid_start_leaves_no_process(process_proxy, world):
+    doomed = process_proxy("process-crash", datalab_queue_timeout=1, datalab_start_timeout=8)
+    prefix = doomed.prefix
+    upload = threading.Thread(target=quietly(doomed.upload), args=("k.csv", CSV))
+    upload.start()
+    wait_until(lambda: running(world, prefix), "the start's Jupyter process", 30)
+    doomed.kill()
+    upload.join()
+    assert running(world, prefix)  # orphaned by the crash: it does not die with its parent
+
+    process_proxy("process-crash", datalab_cull_interval=1)
+    # Its capacity lease (queue 1 s + start 8 s + margin) runs out, then reconciliation removes it.
+    family = world.processes(prefix).family
+    wait_until(lambda: not list(family.iterdir()), "the orphan and its directory removed", 60)
+    assert running(world, prefix) == [] and records(world, prefix) == set()
+    assert world.redis.zcard(prefix + "slots") == 0
+
+
+def first_datalab_line(log: str) -> str:
+    """The addon's first line (mitmdump's own come before it: "Loading script .../datalab.py")."""
+    return next(line for line in log.splitlines() if re.search(r"\] datalab[: ]", line))
+
+
+def test_auto_says_first_which_backend_it_chose_and_why(make_proxy, tmp_path):
+    with_docker = make_proxy(datalab_backend="auto")
+    line = first_datalab_line(with_docker.log_text())
+    assert "instances run on the docker backend" in line and "Docker engine at" in line and "answers" in line
+
+    without = make_proxy(datalab_backend="auto", datalab_docker_url=f"unix://{tmp_path}/no-engine.sock")
+    line = first_datalab_line(without.log_text())
+    assert re.search(r"instances run on the process backend \(datalab_backend=auto: no Docker engine answers", line)
+    assert "Jupyter found in" in line

@@ -2,7 +2,7 @@
 # Runs the datalab proxy: installs what is missing, starts Redis and the Docker engine if needed,
 # builds the Jupyter image if missing, then execs mitmdump with the addon.
 #
-#   ./run.sh [--web | --lean] [--workers N] [mitmproxy arguments ...]   (run.sh's own flags first)
+#   ./run.sh [--web | --lean] [--workers N] [--demo] [mitmproxy arguments ...]   (run.sh's own flags first)
 #   ./run.sh --tls-check
 #
 #   --web                   run mitmweb (flow inspector on http://127.0.0.1:8081) instead of mitmdump
@@ -12,16 +12,22 @@
 #   --workers N             N proxy processes sharing the port (SO_REUSEPORT; the kernel spreads new
 #                           connections); a worker that dies is restarted, the others keep serving.
 #                           Default 1, or the number of CPUs with --lean. Not with --web.
+#   --demo                  also run the demo frontend (scripts/demo.py) on http://127.0.0.1:$DATALAB_DEMO_PORT/,
+#                           allowed to frame the proxy's instances (datalab_allowed_origins); it ends with run.sh
 #   --tls-check             only check DATALAB_TLS_CERT and DATALAB_TLS_KEY and write .state/tls.pem, then
 #                           exit (installs and starts nothing; e.g. to try a renewed certificate)
 #   DATALAB_LISTEN_HOST     address to listen on (default 127.0.0.1)
 #   DATALAB_PORT            port to listen on (default 8080)
 #   DATALAB_SIGN_KEY        shared signing key (default: generated once, kept in .state/sign_key)
 #   DATALAB_REDIS_URL       Redis URL (default redis://127.0.0.1:6379/0; started here when local and silent)
+#   DATALAB_BACKEND         what runs instances: docker, process (local Jupyter processes, for machines
+#                           without a Docker engine) or auto (default: docker when an engine can be had)
 #   DATALAB_IMAGE           Jupyter image (default datalab-notebook:latest; built here when missing)
 #   DATALAB_METRICS_PORT    serve Prometheus metrics on 127.0.0.1 at this port; worker i of --workers N
 #                           at this port + i - 1 (each process counts its own). Unset: no metrics port
 #                           (README "Metrics"). When set, it decides over --set datalab_metrics_port.
+#   DATALAB_DEMO_PORT       --demo: the demo page's port (default 8090)
+#   DATALAB_URL             --demo: the proxy's URL as the browser reaches it (default http://127.0.0.1:$DATALAB_PORT)
 #   DATALAB_TLS_CERT        TLS: PEM certificate chain, the server's own certificate first, then its
 #                           intermediates (as a CA issues a "fullchain.pem")
 #   DATALAB_TLS_KEY         TLS: the PEM private key of that certificate, unencrypted
@@ -115,10 +121,12 @@ PY
 
 tool=mitmdump
 workers=
+demo=
 while [ $# -gt 0 ]; do
   case "$1" in
     --web) tool=mitmweb; shift ;;
     --lean) tool=lean; shift ;;
+    --demo) demo=1; shift ;;
     --workers)
       [[ "${2:-}" =~ ^[1-9][0-9]*$ ]] || die "--workers needs a number of processes, e.g. --workers 2"
       workers=$2; shift 2 ;;
@@ -139,7 +147,9 @@ if [ "${1:-}" = "--tls-check" ]; then
   exit 0
 fi
 
-ensure_all
+ensure_packages
+ensure_venv
+ensure_backend
 [ -z "${DATALAB_TLS_CERT:-}${DATALAB_TLS_KEY:-}" ] || prepare_tls  # before anything is started: fail fast
 export DATALAB_REDIS_URL=${DATALAB_REDIS_URL:-redis://127.0.0.1:6379/0}
 ensure_redis "$DATALAB_REDIS_URL"
@@ -168,6 +178,24 @@ else
 fi
 say "sign key: $DATALAB_SIGN_KEY"
 [ "$tool" = mitmweb ] && say "flow inspector: http://127.0.0.1:8081/"
+
+# The demo frontend: a child that gets SIGTERM when run.sh (or the mitmdump it becomes) ends; its
+# page's origin may frame instances (later --set arguments, yours, override this one).
+demo_pid=
+if [ -n "$demo" ]; then
+  demo_port=${DATALAB_DEMO_PORT:-8090}
+  ! (exec 3<>"/dev/tcp/127.0.0.1/$demo_port") 2>/dev/null || die "port $demo_port is taken: set DATALAB_DEMO_PORT"
+  case "$host" in 0.0.0.0|::) proxy_host=127.0.0.1 ;; *) proxy_host=$host ;; esac
+  DATALAB_URL=${DATALAB_URL:-http://$proxy_host:$port} setpriv --pdeathsig TERM -- \
+    "$VENV/bin/python" "$ROOT/scripts/demo.py" --port "$demo_port" &
+  demo_pid=$!
+  until (exec 3<>"/dev/tcp/127.0.0.1/$demo_port") 2>/dev/null; do
+    kill -0 "$demo_pid" 2>/dev/null || die "the demo did not start (see above)"
+    sleep 0.1
+  done
+  set -- --set "datalab_allowed_origins=http://127.0.0.1:$demo_port" "$@"
+  say "demo: open http://127.0.0.1:$demo_port/"
+fi
 
 if [ "$tool" = lean ]; then
   cmd=("$VENV/bin/python" "$ROOT/addon/lean.py")
@@ -209,6 +237,7 @@ start_worker() {
 stop_workers() {
   trap - TERM INT HUP
   [ ${#slot_of[@]} -eq 0 ] || kill -TERM "${!slot_of[@]}" 2>/dev/null
+  [ -z "$demo_pid" ] || kill -TERM "$demo_pid" 2>/dev/null
   wait
   exit "$1"
 }

@@ -209,6 +209,21 @@ def add_options(add_option: Callable[..., None]) -> None:
         add_option(option_name(field.name), type(field.default), _typed_default(field.default, env), help_text)
 
 
+def _default_of(name: str) -> typing.Any:
+    """An option's default as the proxy would take it (its environment variable, else built in)."""
+    field = name.removeprefix("datalab_")
+    if field in _HELP:
+        return _typed_default(getattr(_DEFAULTS, field), _HELP[field][0])
+    spec = next(f for f in choice.option_fields() if f.name == field)
+    return _typed_default(spec.default, spec.metadata["env"])
+
+
+def settings_from_environment(**changes: typing.Any) -> Settings:
+    """Settings as a proxy started in this environment would have them (scripts act as the proxy does)."""
+    values = option_values(_default_of)
+    return Settings(**{**values, **changes})
+
+
 def option_values(get: Callable[[str], typing.Any]) -> dict[str, typing.Any]:
     """Settings' keyword arguments from option values (`get` reads datalab_<name>)."""
     values = {f.name: get(option_name(f.name)) for f in _shared_fields()}

@@ -15,6 +15,7 @@ import store
 from backends import BackendError
 from backends import choice
 from config import Settings
+from config import settings_from_environment
 from culler import Activity
 from culler import Culler
 from instances import Instances
@@ -31,7 +32,7 @@ def build_instances(s: Settings) -> Instances:
 
 async def remove_all_instances(redis_url: str, prefix: str) -> int:
     """End every instance under the prefix (operators, benchmarks and tests clean up so)."""
-    instances = build_instances(Settings(sign_key="unused", redis_url=redis_url, key_prefix=prefix))
+    instances = build_instances(settings_from_environment(sign_key="unused", redis_url=redis_url, key_prefix=prefix))
     try:
         return await instances.end_all("removed by an operator")
     finally:
@@ -96,7 +97,7 @@ class Runtime:
         try:
             await instances.backend.check()
             s = instances.settings
-            source = "datalab_max_instances" if s.max_instances else f"the engine's memory at {s.mem_limit} each"
+            source = "datalab_max_instances" if s.max_instances else f"the machine's memory at {s.mem_limit} each"
             log.info(
                 "datalab: up to %d instances (%s), pool of %d, %d booting at once",
                 await instances.max_instances(),

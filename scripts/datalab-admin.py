@@ -5,9 +5,10 @@
     .venv/bin/python scripts/datalab-admin.py remove ID [ID ...]
     .venv/bin/python scripts/datalab-admin.py remove --all
 
-Uses the same Redis URL, key prefix and image as the proxy: DATALAB_REDIS_URL, DATALAB_KEY_PREFIX,
-DATALAB_IMAGE (or --redis-url, --prefix). Removing stops the container and deletes the instance's
-record, nonces and sessions; every proxy sharing the Redis drops its routes to it at once.
+Uses the same settings as a proxy started in the same environment: DATALAB_REDIS_URL,
+DATALAB_KEY_PREFIX (or --redis-url, --prefix), DATALAB_BACKEND, DATALAB_IMAGE, DATALAB_JUPYTER_ENV...
+Removing stops the instance (container or process) and deletes its record, nonces and sessions;
+every proxy sharing the Redis drops its routes to it at once.
 """
 
 from __future__ import annotations
@@ -22,11 +23,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "addon"))
 
 from config import Settings  # noqa: E402
+from config import settings_from_environment  # noqa: E402
 from runtime import build_instances  # noqa: E402
 
 
 async def run(args: argparse.Namespace) -> None:
-    settings = Settings(sign_key="unused", redis_url=args.redis_url, key_prefix=args.prefix)
+    settings = settings_from_environment(sign_key="unused", redis_url=args.redis_url, key_prefix=args.prefix)
     instances = build_instances(settings)
     try:
         if args.command == "list":

@@ -42,22 +42,34 @@ ensure_venv() {
 ensure_packages() {
   local missing=()
   command -v redis-server >/dev/null || missing+=(redis-server)
-  command -v dockerd >/dev/null || docker info >/dev/null 2>&1 || missing+=(docker.io)
-  command -v debootstrap >/dev/null || missing+=(debootstrap)
+  command -v setpriv >/dev/null || missing+=(util-linux)  # run.sh --workers: workers end with run.sh; prlimit
+  if [ "${DATALAB_BACKEND:-auto}" != process ]; then  # the Docker backend's engine, image and confinement
+    command -v dockerd >/dev/null || docker info >/dev/null 2>&1 || missing+=(docker.io)
+    command -v debootstrap >/dev/null || missing+=(debootstrap)
+    command -v iptables >/dev/null || missing+=(iptables)  # the host firewall rule that confines instances
+  fi
+  apt_install "${missing[@]}"
+}
+
+# What only the tests use.
+ensure_test_packages() {
+  local missing=()
   command -v curl >/dev/null || missing+=(curl)  # the tests' HTTP/2 client
-  command -v iptables >/dev/null || missing+=(iptables)  # the host firewall rule that confines instances
   command -v ss >/dev/null || missing+=(iproute2)  # the tests see which workers listen and serve
-  command -v setpriv >/dev/null || missing+=(util-linux)  # run.sh --workers: workers end with run.sh
   command -v chromium >/dev/null || missing+=(chromium)  # the browser tests (headless, driven by Selenium)
   command -v chromedriver >/dev/null || missing+=(chromium-driver)
-  [ ${#missing[@]} = 0 ] && return 0
+  apt_install "${missing[@]}"
+}
+
+apt_install() {
+  [ $# = 0 ] && return 0
   if is_root && command -v apt-get >/dev/null; then
-    say "installing ${missing[*]} with apt-get (once)"
+    say "installing $* with apt-get (once)"
     apt-get update -qq >&2 || die "apt-get update failed"
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >&2 || die "apt-get install ${missing[*]} failed"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >&2 || die "apt-get install $* failed"
     # Debian starts redis-server as a service on install where it can; ours are started on demand.
   else
-    die "missing ${missing[*]}: install them (Debian: apt-get install ${missing[*]}) or run as root"
+    die "missing $*: install them (Debian: apt-get install $*) or run as root"
   fi
 }
 
@@ -159,8 +171,27 @@ ensure_jupyter_env() {
   echo "$want" > "$stamp"
 }
 
+# The backend's own parts (DATALAB_BACKEND, as the proxy's datalab_backend): Docker's engine and
+# image, or the Jupyter env that local instance processes run; auto: Docker when an engine can be
+# had here, else the Jupyter env (the proxy then makes the same choice).
+ensure_backend() {
+  case ${DATALAB_BACKEND:-auto} in
+    docker) ensure_docker; ensure_image ;;
+    process) ensure_jupyter_env ;;
+    auto)
+      if (ensure_docker); then
+        ensure_image
+      else
+        say "no Docker engine can run here: instances will be local Jupyter processes (set DATALAB_BACKEND to choose)"
+        ensure_jupyter_env
+      fi ;;
+    *) die "DATALAB_BACKEND=$DATALAB_BACKEND: choose docker, process or auto" ;;
+  esac
+}
+
 ensure_all() {
   ensure_packages
+  ensure_test_packages
   ensure_venv
   ensure_jupyter_env
   ensure_docker

@@ -9,7 +9,7 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 . "$ROOT/scripts/setup.sh"
 
 t0=$(date +%s)
-ensure_packages; t1=$(date +%s)
+ensure_packages; ensure_test_packages; t1=$(date +%s)
 ensure_venv;     t2=$(date +%s)
 ensure_docker;   t3=$(date +%s)
 ensure_image;    t4=$(date +%s)

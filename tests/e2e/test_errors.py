@@ -452,6 +452,12 @@ def instance_unreachable(env: Env) -> Answer:
         env.stop(opened)
 
 
+def unhealthy(env: Env) -> Answer:
+    """Health asked of a proxy whose Redis is away (its body also names each part: `result`)."""
+    url = env.proxy("no_redis").url("/datalab/health")
+    return env.ask(QUIET, lambda: requests.get(url, timeout=30))
+
+
 def bad_route(env: Env) -> Answer:
     """Whoever can write to Redis points the live instance's record at a service of this host
     (here Redis's port): the proxy refuses to route there. The record is put back after."""
@@ -518,6 +524,7 @@ ROWS = [
     ("instance_gone", instance_gone, 410, "INSTANCE_GONE"),
     ("instance_unreachable", instance_unreachable, 502, "INSTANCE_UNREACHABLE"),
     ("bad_route", bad_route, 502, "BAD_ROUTE"),
+    ("unhealthy", unhealthy, 503, "UNHEALTHY"),
 ]
 
 # Codes the README names that have no row, and why no client or fault can provoke them. (CLIENT_GONE
@@ -539,7 +546,8 @@ def test_every_documented_error(env, scenario, status, code):
     answer = scenario(env)
     assert (answer.status, answer.headers.get("Content-Type")) == (status, "application/json"), answer.body[:300]
     body = json.loads(answer.body)
-    assert set(body) == {"code", "message"} and body["code"] == code, body
+    extra = {"result"} if code == "UNHEALTHY" else set()  # health says which part failed
+    assert set(body) == {"code", "message"} | extra and body["code"] == code, body
     assert isinstance(body["message"], str) and body["message"].strip()
     assert not [leak for leak in LEAKS if leak in body["message"]], body["message"]
     if status == 405:

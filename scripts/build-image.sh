@@ -1,32 +1,56 @@
 #!/usr/bin/env bash
 # Builds the datalab Jupyter image with no container registry: debootstrap a Debian rootfs, install
-# Notebook 7 from PyPI into a venv inside it, and `docker import` the tree.
+# Notebook 7 and the data stack (image/requirements.txt) from PyPI into a venv inside it, then an
+# operator's extra requirements file if given, and `docker import` the tree.
 #
-#   scripts/build-image.sh [--force] [IMAGE]      (IMAGE defaults to $DATALAB_IMAGE or datalab-notebook:latest)
+#   scripts/build-image.sh [--force] [--extra-requirements FILE] [IMAGE]
+#     IMAGE defaults to $DATALAB_IMAGE or datalab-notebook:latest; FILE to $DATALAB_EXTRA_REQUIREMENTS
+#     (a pip requirements file of names and pins, installed in the same venv after the base)
 #
 # Idempotent: exits at once when the image exists and was built from these inputs (unless --force);
-# the rootfs tarball and the downloaded .debs are cached under $DATALAB_CACHE (default
-# ~/.cache/datalab). The rootfs is keyed by what goes into it (this script's rootfs recipe and
-# image/requirements.txt); the Jupyter configuration is added at import time, so changing it only
-# re-imports (seconds), it does not debootstrap again.
+# the rootfs tarballs and the downloaded .debs are cached under $DATALAB_CACHE (default
+# ~/.cache/datalab). The base rootfs is keyed by what goes into it (this script's rootfs recipe,
+# image/requirements.txt); the extra requirements are a second tarball made from the base one and keyed
+# by it and the extra file's content, so changing them only reinstalls them. The Jupyter configuration
+# is added at import time, so changing it only re-imports (seconds), it does not debootstrap again.
 # Needs root (debootstrap, chroot), debootstrap and a running Docker engine.
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")/.." && pwd)
+step() { printf '[build-image] %s\n' "$*" >&2; }
+die() { printf '[build-image] error: %s\n' "$*" >&2; exit 1; }
 force=0
-if [ "${1:-}" = "--force" ]; then force=1; shift; fi
+extra=${DATALAB_EXTRA_REQUIREMENTS:-}
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --force) force=1; shift ;;
+    --extra-requirements) [ $# -ge 2 ] || die "--extra-requirements needs a file"; extra=$2; shift 2 ;;
+    --extra-requirements=*) extra=${1#*=}; shift ;;
+    -*) die "unknown option $1 (see the top of $0)" ;;
+    *) break ;;
+  esac
+done
+if [ -n "$extra" ]; then
+  [ -f "$extra" ] && [ -r "$extra" ] || die "extra requirements $extra: no readable file there"
+  extra=$(realpath "$extra")
+fi
 image=${1:-${DATALAB_IMAGE:-datalab-notebook:latest}}
 suite=${DATALAB_SUITE:-bookworm}
 mirror=${DATALAB_MIRROR:-http://deb.debian.org/debian}
 cache=${DATALAB_CACHE:-$HOME/.cache/datalab}
-step() { printf '[build-image] %s\n' "$*" >&2; }
-die() { printf '[build-image] error: %s\n' "$*" >&2; exit 1; }
 
 docker info >/dev/null 2>&1 || die "no Docker engine answers (start dockerd first; run.sh does this for you)"
 # The build key covers everything that goes into the image: an image built from other inputs is rebuilt.
-# The rootfs recipe is the part of this script above the "import" marker below.
-rootfs_key=$(sed '/^# --- import ---$/,$d' "$0" | cat - "$here/image/requirements.txt" \
+# The base rootfs recipe is the part of this script above the "extra" marker below; the extra step's is
+# the part between the "extra" and "import" markers.
+rootfs_key=$(sed '/^# --- extra ---$/,$d' "$0" | cat - "$here/image/requirements.txt" \
       | { cat; echo "$suite $mirror"; } | sha256sum | cut -c1-16)
+tarball="$cache/rootfs-$rootfs_key.tar"
+if [ -n "$extra" ]; then
+  extra_key=$(sed -n '/^# --- extra ---$/,/^# --- import ---$/p' "$0" | cat - "$extra" | sha256sum | cut -c1-16)
+  extra_tarball="$cache/rootfs-$rootfs_key-extra-$extra_key.tar"
+  rootfs_key="$rootfs_key-extra-$extra_key"
+fi
 key=$(cat "$0" "$here/image/jupyter_server_config.py" | { cat; echo "$rootfs_key"; } | sha256sum | cut -c1-16)
 comment="datalab notebook image ($key)"
 if [ "$force" = 0 ] && [ "$(docker image inspect -f '{{.Comment}}' "$image" 2>/dev/null)" = "$comment" ]; then
@@ -35,52 +59,77 @@ if [ "$force" = 0 ] && [ "$(docker image inspect -f '{{.Comment}}' "$image" 2>/d
 fi
 [ "$(id -u)" = 0 ] || die "must run as root (debootstrap and chroot need it)"
 command -v debootstrap >/dev/null || die "debootstrap is missing: apt-get install debootstrap"
-tarball="$cache/rootfs-$rootfs_key.tar"
 mkdir -p "$cache/debs"
 
-if [ ! -f "$tarball" ]; then
+# A rootfs tree under construction in $root: removed on exit, never while anything is mounted in it.
+new_root() {
   root=$(mktemp -d /var/tmp/datalab-rootfs.XXXXXX)
-  cleanup() {
-    for m in dev/pts dev proc; do mountpoint -q "$root/$m" && umount -l "$root/$m"; done
-    # Never remove the tree while anything is still mounted inside it.
-    if ! grep -q " $root/" /proc/mounts; then rm -rf "$root"; fi
-  }
   trap cleanup EXIT
+}
+cleanup() {
+  for m in dev/pts dev proc; do mountpoint -q "$root/$m" && umount -l "$root/$m"; done
+  if ! grep -q " $root/" /proc/mounts; then rm -rf "$root"; fi
+}
+# Runs shell code in the chroot with what pip needs: /proc, /dev, the host's resolver, and the host's
+# CA bundle (it may hold a local proxy's CA). Leaves none of them behind in the tree.
+in_chroot() {
+  mount -t proc proc "$root/proc"
+  mount --bind /dev "$root/dev"
+  mount --bind /dev/pts "$root/dev/pts"
+  cp /etc/resolv.conf "$root/etc/resolv.conf"
+  cp /etc/ssl/certs/ca-certificates.crt "$root/etc/ssl/certs/host-ca-certificates.crt"
+  chroot "$root" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root \
+    PIP_CERT=/etc/ssl/certs/host-ca-certificates.crt PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_DEFAULT_TIMEOUT=180 PIP_NO_CACHE_DIR=1 \
+    sh -ec "$1" >&2
+  rm -f "$root/etc/ssl/certs/host-ca-certificates.crt"
+  : > "$root/etc/resolv.conf"
+  for m in dev/pts dev proc; do umount -l "$root/$m"; done
+}
+# Packs the tree into $1 (atomically: a tarball in the cache is always whole), then removes the tree.
+pack_root() {
+  step "packing the rootfs ..."
+  tar -C "$root" --numeric-owner -cf "$1.part" .
+  mv "$1.part" "$1"
+  cleanup
+  trap - EXIT
+}
 
+if [ ! -f "$tarball" ]; then
+  new_root
   step "debootstrap $suite (minbase) into $root ... (a few minutes)"
   debootstrap --variant=minbase --cache-dir="$cache/debs" \
     --include=python3,python3-venv,ca-certificates,tini \
     "$suite" "$root" "$mirror" >&2
 
-  mount -t proc proc "$root/proc"
-  mount --bind /dev "$root/dev"
-  mount --bind /dev/pts "$root/dev/pts"
-  cp /etc/resolv.conf "$root/etc/resolv.conf"
-  # pip inside the chroot trusts the same CA bundle as the host (this may hold a local proxy's CA).
-  cp /etc/ssl/certs/ca-certificates.crt "$root/etc/ssl/certs/host-ca-certificates.crt"
-
-  step "installing Jupyter (second step, from PyPI) ..."
+  step "installing Jupyter and the data stack (second step, from PyPI) ..."
   cp "$here/image/requirements.txt" "$root/tmp/requirements.txt"
-  chroot "$root" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root \
-    PIP_CERT=/etc/ssl/certs/host-ca-certificates.crt PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    PIP_DEFAULT_TIMEOUT=180 PIP_NO_CACHE_DIR=1 \
-    sh -ec '
-      python3 -m venv /opt/jupyter
-      /opt/jupyter/bin/pip install --progress-bar off -r /tmp/requirements.txt
-      useradd --create-home --uid 1000 --shell /bin/bash datalab
-      install -d -o datalab -g datalab /home/datalab/work
-      apt-get clean
-      rm -rf /var/lib/apt/lists/* /tmp/requirements.txt /usr/share/doc /usr/share/man /root/.cache
-    ' >&2
-  rm -f "$root/etc/ssl/certs/host-ca-certificates.crt"
-  : > "$root/etc/resolv.conf"
-  for m in dev/pts dev proc; do umount -l "$root/$m"; done
+  in_chroot '
+    python3 -m venv /opt/jupyter
+    /opt/jupyter/bin/pip install --progress-bar off -r /tmp/requirements.txt
+    useradd --create-home --uid 1000 --shell /bin/bash datalab
+    install -d -o datalab -g datalab /home/datalab/work
+    apt-get clean
+    rm -rf /var/lib/apt/lists/* /tmp/requirements.txt /usr/share/doc /usr/share/man /root/.cache
+  '
+  pack_root "$tarball"
+fi
 
-  step "packing the rootfs ..."
-  tar -C "$root" --numeric-owner -cf "$tarball.part" .
-  mv "$tarball.part" "$tarball"
-  cleanup
-  trap - EXIT
+# --- extra ---
+# The operator's extra requirements, installed in the same venv on a copy of the base rootfs.
+if [ -n "$extra" ]; then
+  if [ ! -f "$extra_tarball" ]; then
+    new_root
+    step "installing the extra requirements $extra (third step, from PyPI) ..."
+    tar -C "$root" --numeric-owner -xpf "$tarball"
+    cp "$extra" "$root/tmp/extra-requirements.txt"
+    in_chroot '
+      /opt/jupyter/bin/pip install --progress-bar off -r /tmp/extra-requirements.txt
+      rm -rf /tmp/extra-requirements.txt /root/.cache
+    '
+    pack_root "$extra_tarball"
+  fi
+  tarball=$extra_tarball
 fi
 
 # --- import ---

@@ -188,9 +188,17 @@ class Browser:
         assert r.status_code == 201, r.text
         return r.json()["id"]
 
-    def execute(self, kernel_id: str, code: str, timeout: float = 90.0, origin: str | None = None) -> str:
+    def execute(
+        self,
+        kernel_id: str,
+        code: str,
+        timeout: float = 90.0,
+        origin: str | None = None,
+        displays: list[dict] | None = None,
+    ) -> str:
         """Run code over the kernel's WebSocket channel, through the proxy, as a page of `origin`
-        (this page's own by default); return its stdout."""
+        (this page's own by default); return its stdout. The content of each display_data message
+        it sends (a plot, say) goes into `displays` when given."""
         ws_base = "ws" + self.base.removeprefix("http")
         ws_url = f"{ws_base}/api/kernels/{kernel_id}/channels?session_id={uuid.uuid4().hex}"
         msg_id = uuid.uuid4().hex
@@ -235,6 +243,8 @@ class Browser:
                 kind = msg["header"]["msg_type"]
                 if kind == "stream":
                     out.append(msg["content"]["text"])
+                elif kind == "display_data" and displays is not None:
+                    displays.append(msg["content"])
                 elif kind == "error":
                     raise AssertionError("kernel error: " + "\n".join(msg["content"]["traceback"]))
                 elif kind == "status" and msg["content"]["execution_state"] == "idle":

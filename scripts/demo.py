@@ -43,11 +43,12 @@ MAX_BODY = 1 << 30  # what this demo accepts from a browser; the proxy enforces 
 
 
 def destination_for(filename: str) -> str:
-    """Where the iframe lands: a notebook opens in Notebook 7's notebook view; any other file (a
-    CSV) in the file browser, where it is listed and a new notebook reads it by its bare name."""
-    if filename.endswith(".ipynb"):
-        return "notebooks/" + urllib.parse.quote(filename)
-    return "tree"
+    """Where the iframe lands: a notebook in Notebook 7's notebook view; any other file (a CSV) in
+    JupyterLab (served by the same Jupyter), which shows it as a table and opens a new notebook
+    (the launcher's "+") in the same page. Notebook 7's own file browser (`tree`) would open every
+    new notebook in a new browser tab, out of the frontend's iframe."""
+    path = urllib.parse.quote(filename)
+    return f"notebooks/{path}" if filename.endswith(".ipynb") else f"lab/tree/{path}"
 
 
 def start(proxy: str, key: str, scheme: str, filename: str, data: bytes) -> tuple[int, dict]:

@@ -17,6 +17,7 @@ import redis as redis_sync
 from backends import Common
 from backends.local_process import ProcessBackend
 from backends.local_process import ProcessOptions
+from e2e import browser
 from e2e.proxy import Proxy
 
 IMAGE = os.environ.get("DATALAB_IMAGE", "datalab-notebook:latest")
@@ -120,3 +121,15 @@ def make_proxy(redis_server, world, sign_key, tmp_path_factory):
     yield make
     for p in started:
         p.stop()
+
+
+@pytest.fixture(scope="module")
+def chromium(tmp_path_factory):
+    """A real headless Chromium (e2e/browser.py), one per test module; fails, with what is missing,
+    when Chromium or its driver is not installed."""
+    try:
+        driver = browser.start_chromium(tmp_path_factory.mktemp("chromium"))
+    except Exception as e:  # RuntimeError (not installed) or Selenium's WebDriverException
+        pytest.fail(f"no headless Chromium: {e}")
+    yield driver
+    driver.quit()

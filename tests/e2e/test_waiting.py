@@ -11,37 +11,21 @@ from __future__ import annotations
 
 from urllib.parse import urlsplit
 
-import pytest
 import requests
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
 import waiting
-from e2e.browser import artifacts_dir
-from e2e.browser import start_chromium
+from e2e.browser import screenshot
 from e2e.test_confinement import record
 
 CSV = b"x,y\n1,2\n"
-
-
-@pytest.fixture(scope="module")
-def chromium(tmp_path_factory):
-    driver = start_chromium(tmp_path_factory.mktemp("chromium"))
-    yield driver
-    driver.quit()
 
 
 def signal_jupyter(container, signal: str) -> None:
     """Signal the Jupyter server: the one child of the container's init (tini)."""
     code, output = container.exec_run(["sh", "-c", f"kill -{signal} $(cat /proc/1/task/1/children)"])
     assert code == 0, output
-
-
-def window_shot(driver, name: str) -> None:
-    """What the user sees, kept as an artifact."""
-    path = artifacts_dir() / f"browser-{name}.png"
-    path.write_bytes(driver.get_screenshot_as_png())
-    print(f"screenshot: {path}")
 
 
 def test_a_view_waits_for_a_silent_jupyter_then_lands_on_it(proxy, world, chromium):
@@ -62,13 +46,13 @@ def test_a_view_waits_for_a_silent_jupyter_then_lands_on_it(proxy, world, chromi
         heading = WebDriverWait(chromium, 30).until(lambda d: d.find_element(By.TAG_NAME, "h1"))
         assert heading.text == "Waiting for your notebook"
         assert urlsplit(chromium.current_url).path == f"/datalab/view/{nonce}/tree"  # still waiting
-        window_shot(chromium, "waiting")
+        screenshot(chromium, "waiting")
     finally:
         signal_jupyter(container, "CONT")
 
     WebDriverWait(chromium, 90).until(lambda d: urlsplit(d.current_url).path == "/tree")
     WebDriverWait(chromium, 90).until(lambda d: "waiting.csv" in d.find_element(By.TAG_NAME, "body").text)
-    window_shot(chromium, "waiting-landed")
+    screenshot(chromium, "waiting-landed")
 
     container.kill()  # gone, not silent: the proxy's JSON refusal, never the waiting page
     r = requests.get(view, allow_redirects=False, timeout=30)

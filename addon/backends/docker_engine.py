@@ -51,7 +51,9 @@ WORK_DIR = "/home/datalab/work"
 USER_UID = 1000
 LABEL_PREFIX = "datalab.prefix"
 LABEL_INSTANCE = "datalab.instance"
-PROBE_TIMEOUT = 3  # seconds datalab_backend=auto waits for the engine to answer
+PROBE_TIMEOUT = 10  # seconds datalab_backend=auto waits for the engine (a busy engine is slow, not absent)
+# A paused container is frozen, not gone: its views wait (api.py's waiting page), culling by idle time ends it.
+ALIVE = ("running", "paused")
 
 
 @dataclass(frozen=True)
@@ -216,7 +218,7 @@ class DockerBackend(Backend):
             container = await self._call(client.containers.get, instance.handle)
         except docker.errors.NotFound:
             return False
-        return container.status == "running"
+        return container.status in ALIVE
 
     @property
     def _ours(self) -> str:
@@ -226,9 +228,7 @@ class DockerBackend(Backend):
     async def inventory(self) -> list[Found]:
         client = await self.client()
         found = await self._call(client.containers.list, all=True, sparse=True, filters={"label": self._ours})
-        return [
-            Found(c.attrs["Labels"].get(LABEL_INSTANCE, ""), c.id, c.attrs.get("State") == "running") for c in found
-        ]
+        return [Found(c.attrs["Labels"].get(LABEL_INSTANCE, ""), c.id, c.attrs.get("State") in ALIVE) for c in found]
 
     async def exits(self) -> AsyncIterator[str]:
         client = await self.client()

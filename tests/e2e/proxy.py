@@ -62,6 +62,9 @@ class Proxy:
     def start(self) -> Proxy:
         sets = {
             "datalab_sign_key": self.sign_key,
+            # Explicit: auto would pick local processes if the engine were slow to answer (tests of
+            # auto and of the process backend say so themselves).
+            "datalab_backend": "docker",
             "datalab_redis_url": self.redis_url,
             "datalab_key_prefix": self.prefix,
             "connection_strategy": "lazy",

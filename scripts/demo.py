@@ -12,8 +12,8 @@ the page then shows in an iframe. The four steps of any frontend:
 2. Start: POST the file to `<proxy>/datalab/start?ts=&filename=`; the answer holds a nonce.
 3. Embed `<proxy>/datalab/view/<nonce>/<destination>` (an iframe or a link): the view sets the
    browser's session cookie on the proxy's host and redirects into the instance.
-4. Run the proxy with `--set datalab_allowed_origins=<this page's origin>`: browsers only show an
-   instance in another origin's iframe, and only let it open WebSockets, when the proxy says so.
+4. Run the proxy with `--set datalab_allowed_origins=<this page's origin>`: browsers show an
+   instance in an iframe of another origin only when the proxy's answers list it (frame-ancestors).
 
 Environment: DATALAB_SIGN_KEY (else .state/sign_key, as run.sh keeps it), DATALAB_SIGN_SCHEME
 (sha256 or hmac-sha256, as the proxy's), DATALAB_DEMO_PORT, DATALAB_URL (the proxy as the browser
@@ -88,11 +88,13 @@ class Demo(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         url = urllib.parse.urlsplit(self.path)
         names = urllib.parse.parse_qs(url.query).get("filename", [])
-        length = int(self.headers.get("Content-Length") or -1)
-        if url.path != "/upload" or len(names) != 1 or not 0 <= length <= MAX_BODY:
+        length = self.headers.get("Content-Length", "")
+        if url.path != "/upload" or len(names) != 1 or not length.isdigit():
             return self._json(400, {"code": "BAD_REQUEST", "message": "POST /upload?filename=NAME with the file"})
+        if int(length) > MAX_BODY:
+            return self._json(413, {"code": "UPLOAD_TOO_LARGE", "message": f"the demo takes at most {MAX_BODY} bytes"})
         # A demo reads the file whole; a real frontend would stream it on (the proxy takes chunked bodies).
-        data = self.rfile.read(length)
+        data = self.rfile.read(int(length))
         began = time.monotonic()
         status, body = start(self.proxy, self.key, self.scheme, names[0], data)
         took = time.monotonic() - began

@@ -77,7 +77,8 @@ ensure_docker() {
   docker info >/dev/null 2>&1 && return 0
   if is_root && command -v dockerd >/dev/null; then
     say "starting dockerd (log: $STATE/dockerd.log)"
-    nohup dockerd >"$STATE/dockerd.log" 2>&1 &
+    # A session of its own: the engine must outlive whatever started it (a run.sh whose group is stopped).
+    setsid nohup dockerd >"$STATE/dockerd.log" 2>&1 </dev/null &
     for _ in $(seq 1 60); do docker info >/dev/null 2>&1 && return 0; sleep 0.5; done
     die "dockerd did not come up in 30 s; see $STATE/dockerd.log"
   fi

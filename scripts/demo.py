@@ -51,6 +51,16 @@ def destination_for(filename: str) -> str:
     return f"notebooks/{path}" if filename.endswith(".ipynb") else f"lab/tree/{path}"
 
 
+def body_length(header: str) -> int | None:
+    """The Content-Length as a number, or None when it is not one: ASCII digits only ('²' and '١'
+    pass isdigit() but not int(), or mean another number). A number too long for int() to take
+    (over 4300 digits) is only known to be over MAX_BODY."""
+    if not (header.isascii() and header.isdigit()):
+        return None
+    digits = header.lstrip("0") or "0"
+    return MAX_BODY + 1 if len(digits) > len(str(MAX_BODY)) else int(digits)
+
+
 def start(proxy: str, key: str, scheme: str, filename: str, data: bytes) -> tuple[int, dict]:
     """Sign and call POST /datalab/start: (HTTP status, the proxy's JSON answer)."""
     ts = str(int(time.time() * 1000))  # milliseconds: each signature is used once (403 REPLAYED)
@@ -88,13 +98,13 @@ class Demo(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         url = urllib.parse.urlsplit(self.path)
         names = urllib.parse.parse_qs(url.query).get("filename", [])
-        length = self.headers.get("Content-Length", "")
-        if url.path != "/upload" or len(names) != 1 or not length.isdigit():
+        length = body_length(self.headers.get("Content-Length", ""))
+        if url.path != "/upload" or len(names) != 1 or length is None:
             return self._json(400, {"code": "BAD_REQUEST", "message": "POST /upload?filename=NAME with the file"})
-        if int(length) > MAX_BODY:
+        if length > MAX_BODY:
             return self._json(413, {"code": "UPLOAD_TOO_LARGE", "message": f"the demo takes at most {MAX_BODY} bytes"})
         # A demo reads the file whole; a real frontend would stream it on (the proxy takes chunked bodies).
-        data = self.rfile.read(int(length))
+        data = self.rfile.read(length)
         began = time.monotonic()
         status, body = start(self.proxy, self.key, self.scheme, names[0], data)
         took = time.monotonic() - began

@@ -23,6 +23,7 @@ reaches it). Standard library only, plus the proxy's own addon/signing.py.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import os
 import sys
@@ -61,6 +62,30 @@ def body_length(header: str) -> int | None:
     return MAX_BODY + 1 if len(digits) > len(str(MAX_BODY)) else int(digits)
 
 
+def loopback_hosts(host: str, port: int) -> frozenset[str]:
+    """The Host values a demo bound to loopback answers uploads for (empty: any, for a demo bound
+    elsewhere on purpose). A page on a name of the attacker's that resolves to 127.0.0.1 (DNS
+    rebinding) would otherwise read the answers of this signing server as its own origin's."""
+    try:
+        if not ipaddress.ip_address(host).is_loopback:
+            return frozenset()
+    except ValueError:
+        if host != "localhost":
+            return frozenset()
+    return frozenset(f"{name}:{port}" for name in ("127.0.0.1", "localhost", "[::1]", host))
+
+
+def foreign(host: str, origin: str | None, hosts: frozenset[str]) -> str | None:
+    """Why an upload comes from another site than this page, if it does. A browser sends Origin with
+    every POST a page makes; a page of another site (or a sandboxed one: 'null') must not make this
+    server sign and start instances behind its user's back. Clients that are not browsers send none."""
+    if hosts and host not in hosts:
+        return f"this demo answers as http://{sorted(hosts)[0]}, not as http://{host}"
+    if origin is not None and origin != f"http://{host}":
+        return f"only this demo's own page may upload here, not a page of {origin}"
+    return None
+
+
 def start(proxy: str, key: str, scheme: str, filename: str, data: bytes) -> tuple[int, dict]:
     """Sign and call POST /datalab/start: (HTTP status, the proxy's JSON answer)."""
     ts = str(int(time.time() * 1000))  # milliseconds: each signature is used once (403 REPLAYED)
@@ -85,10 +110,12 @@ def start(proxy: str, key: str, scheme: str, filename: str, data: bytes) -> tupl
 
 class Demo(BaseHTTPRequestHandler):
     """GET / is the page; POST /upload?filename=NAME (body: the file) signs, starts and answers
-    {"code": "OK", "result": {"nonce", "view", "steps"}} or the proxy's error JSON."""
+    {"code": "OK", "result": {"nonce", "view", "steps"}} or the proxy's error JSON. It signs for its
+    own page only (403 BAD_ORIGIN otherwise: see foreign())."""
 
     server_version = "datalab-demo"
     proxy = key = scheme = ""  # set by main()
+    hosts: frozenset[str] = frozenset()
 
     def do_GET(self) -> None:
         if urllib.parse.urlsplit(self.path).path != "/":
@@ -96,6 +123,9 @@ class Demo(BaseHTTPRequestHandler):
         self._send(200, "text/html; charset=utf-8", PAGE.encode())
 
     def do_POST(self) -> None:
+        refusal = foreign(self.headers.get("Host", ""), self.headers.get("Origin"), self.hosts)
+        if refusal:
+            return self._json(403, {"code": "BAD_ORIGIN", "message": refusal})
         url = urllib.parse.urlsplit(self.path)
         names = urllib.parse.parse_qs(url.query).get("filename", [])
         length = body_length(self.headers.get("Content-Length", ""))
@@ -203,6 +233,7 @@ def main() -> None:
     Demo.proxy = args.proxy.rstrip("/")
     Demo.key = sign_key()
     Demo.scheme = os.environ.get("DATALAB_SIGN_SCHEME") or "sha256"
+    Demo.hosts = loopback_hosts(args.host, args.port)
     if not Demo.key:
         sys.exit("demo: no sign key: set DATALAB_SIGN_KEY, or run ./run.sh once to generate .state/sign_key")
     server = ThreadingHTTPServer((args.host, args.port), Demo)

@@ -67,3 +67,27 @@ def upload_head(port: int, length: bytes, extra: bytes = b"") -> bytes:
 def test_a_malformed_content_length_is_answered(demo, length, status, code):
     got, body = ask(demo, upload_head(demo, length), b"ab")
     assert (got, body.get("code")) == (status, code)
+
+
+@pytest.mark.parametrize(
+    ("host", "origin", "status", "code"),
+    [
+        ("127.0.0.1:{port}", "http://127.0.0.1:{port}", 502, "PROXY_UNREACHABLE"),  # its own page: signed
+        ("localhost:{port}", "http://localhost:{port}", 502, "PROXY_UNREACHABLE"),
+        ("127.0.0.1:{port}", None, 502, "PROXY_UNREACHABLE"),  # not a browser (curl, a script)
+        ("127.0.0.1:{port}", "http://evil.example", 403, "BAD_ORIGIN"),  # a page of another site
+        ("127.0.0.1:{port}", "http://127.0.0.1:8080", 403, "BAD_ORIGIN"),  # same site (the proxy's), another origin
+        ("127.0.0.1:{port}", "null", 403, "BAD_ORIGIN"),  # a sandboxed page
+        ("rebound.example:{port}", "http://rebound.example:{port}", 403, "BAD_ORIGIN"),  # DNS rebinding
+        ("rebound.example:{port}", None, 403, "BAD_ORIGIN"),
+    ],
+)
+def test_only_its_own_page_gets_uploads_signed(demo, host, origin, status, code):
+    """Any page the user opens could otherwise POST here and have this server sign and start instances
+    (and, through DNS rebinding to 127.0.0.1, read their nonces)."""
+    extra = b"Host: %s\r\n" % host.format(port=demo).encode()
+    if origin is not None:
+        extra += b"Origin: %s\r\n" % origin.format(port=demo).encode()
+    head = b"POST /upload?filename=a.csv HTTP/1.1\r\n%sContent-Length: 2\r\nConnection: close\r\n" % extra
+    got, body = ask(demo, head, b"ab")
+    assert (got, body.get("code")) == (status, code)

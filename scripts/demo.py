@@ -97,15 +97,33 @@ def start(proxy: str, key: str, scheme: str, filename: str, data: bytes) -> tupl
         method="POST",
     )
     try:
-        with urllib.request.urlopen(request, timeout=180) as r:
-            return r.status, json.load(r)
-    except urllib.error.HTTPError as e:  # a refusal: the proxy's {"code", "message"}, passed on as is
         try:
-            return e.code, json.loads(e.read())
-        except ValueError:
-            return 502, {"code": "PROXY_ERROR", "message": f"the proxy answered {e.code} without a JSON body"}
+            with urllib.request.urlopen(request, timeout=180) as r:
+                return proxy_answer(r.status, r.read())
+        except urllib.error.HTTPError as e:  # a refusal: the proxy's {"code", "message"}, passed on as is
+            with e:
+                return proxy_answer(e.code, e.read())
     except OSError as e:
         return 502, {"code": "PROXY_UNREACHABLE", "message": f"the proxy at {proxy} does not answer: {e}"}
+
+
+def proxy_answer(status: int, raw: bytes) -> tuple[int, dict]:
+    """The proxy's JSON object and status; anything else (DATALAB_URL names another server) is a
+    502 that says so, never a failure of this server that leaves the page without an answer."""
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        body = None
+    if not isinstance(body, dict):
+        return 502, {"code": "PROXY_ERROR", "message": f"the proxy answered {status} without a JSON object"}
+    return status, body
+
+
+def phrase(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:  # a status outside the standard's list (499 CLIENT_GONE...)
+        return ""
 
 
 class Demo(BaseHTTPRequestHandler):
@@ -140,9 +158,10 @@ class Demo(BaseHTTPRequestHandler):
         took = time.monotonic() - began
         steps = [
             f"signed on the demo server ({self.scheme}; the key never reaches the browser)",
-            f"POST {self.proxy}/datalab/start: {status} {HTTPStatus(status).phrase} in {took:.1f} s",
+            f"POST {self.proxy}/datalab/start: {status} {phrase(status)} in {took:.1f} s",
         ]
-        nonce = (body.get("result") or {}).get("nonce") if status == 200 else None
+        result = body.get("result") if status == 200 else None
+        nonce = result.get("nonce") if isinstance(result, dict) else None
         if nonce:
             view = f"{self.proxy}/datalab/view/{nonce}/{destination_for(names[0])}"
             body = {"code": "OK", "result": {"nonce": nonce, "view": view}}

@@ -6,11 +6,13 @@ anything, or reaches the proxy and gets PROXY_UNREACHABLE (502), which proves th
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -21,17 +23,31 @@ from helpers import wait_for_port
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    """The demo on a free loopback port, as run.sh --demo starts it; its proxy answers nothing."""
+def run_demo(proxy: str, workdir: Path) -> tuple[subprocess.Popen, int]:
+    """The demo on a free loopback port, as run.sh --demo starts it, pointed at `proxy`."""
     port = free_port()
-    log = (tmp_path_factory.mktemp("demo") / "demo.log").open("w")
-    args = [sys.executable, str(ROOT / "scripts" / "demo.py"), "--port", str(port), "--proxy", "http://127.0.0.1:1"]
+    log = (workdir / f"demo-{port}.log").open("w")
+    args = [sys.executable, str(ROOT / "scripts" / "demo.py"), "--port", str(port), "--proxy", proxy]
     proc = subprocess.Popen(args, env={**os.environ, "DATALAB_SIGN_KEY": "demo-test-key"}, stdout=log, stderr=log)
-    wait_for_port(port, proc=proc)
-    yield port
+    try:
+        wait_for_port(port, proc=proc)
+    except BaseException:
+        stop(proc)
+        raise
+    return proc, port
+
+
+def stop(proc: subprocess.Popen) -> None:
     proc.terminate()
     proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """A demo whose proxy answers nothing."""
+    proc, port = run_demo("http://127.0.0.1:1", tmp_path_factory.mktemp("demo"))
+    yield port
+    stop(proc)
 
 
 def ask(port: int, head: bytes, body: bytes = b"") -> tuple[int, dict]:
@@ -90,4 +106,50 @@ def test_only_its_own_page_gets_uploads_signed(demo, host, origin, status, code)
         extra += b"Origin: %s\r\n" % origin.format(port=demo).encode()
     head = b"POST /upload?filename=a.csv HTTP/1.1\r\n%sContent-Length: 2\r\nConnection: close\r\n" % extra
     got, body = ask(demo, head, b"ab")
+    assert (got, body.get("code")) == (status, code)
+
+
+class NotTheProxy(http.server.BaseHTTPRequestHandler):
+    """What DATALAB_URL may name by mistake: a real web server that answers in its own way."""
+
+    answers = {
+        "/html/datalab/start": (200, b"<html>a web server</html>"),
+        "/list/datalab/start": (200, b"[1, 2]"),
+        "/oddresult/datalab/start": (200, b'{"code": "OK", "result": "no nonce"}'),
+        "/odd/datalab/start": (499, b'{"code": "CLIENT_GONE", "message": "a status no standard lists"}'),
+    }
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["Content-Length"]))
+        status, body = self.answers[self.path.partition("?")[0]]
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def not_the_proxy():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NotTheProxy)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize(
+    ("where", "status", "code"),
+    [("html", 502, "PROXY_ERROR"), ("list", 502, "PROXY_ERROR"), ("odd", 499, "CLIENT_GONE"), ("oddresult", 200, "OK")],
+)
+def test_an_answer_that_is_not_the_proxys_is_reported(not_the_proxy, tmp_path, where, status, code):
+    """The page shows what went wrong instead of a connection closed without an answer."""
+    proc, port = run_demo(f"{not_the_proxy}/{where}", tmp_path)
+    try:
+        got, body = ask(port, upload_head(port, b"2"), b"ab")
+    finally:
+        stop(proc)
     assert (got, body.get("code")) == (status, code)

@@ -41,6 +41,11 @@ def make(places: Path, **changes) -> ProcessBackend:
     return ProcessBackend(common, ProcessOptions(**{"process_dir": str(places), **own}))
 
 
+def as_user(uid: int, *command: str, cwd: Path) -> None:
+    """Run a command as the instance's user would (its notebook's code)."""
+    subprocess.run(["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", *command], cwd=cwd, check=True)
+
+
 def processes_of(uid: int) -> list[str]:
     """The user's live processes (a killed one may stay a zombie until its parent reaps it)."""
     out = subprocess.run(["ps", "-o", "pid=,stat=", "-u", str(uid)], capture_output=True, text=True).stdout
@@ -83,7 +88,7 @@ async def test_start_put_file_poll_inventory_stop(places):
         assert await backend.inventory() == [Found(instance.id, instance.handle, True)]
         assert await backend.poll(instance) is True
 
-        pid = int((home / "pid").read_text())
+        pid = int((backend.family / f"{instance.handle}.pid").read_text())
         uid = UID_BASE + instance.port
         assert os.stat(f"/proc/{pid}").st_uid == uid and (home / "work").stat().st_uid == uid
         assert oct(home.stat().st_mode & 0o777) == "0o700"
@@ -111,11 +116,27 @@ async def test_stop_ends_what_the_user_left_running(places):
     try:
         home = backend.family / instance.handle
         daemon = ["setsid", "-f", "sleep", "1000"]
-        subprocess.run(["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", *daemon], cwd=home, check=True)
+        as_user(uid, *daemon, cwd=home)
         assert len(processes_of(uid)) >= 2
     finally:
         await backend.stop(instance.handle)
     assert processes_of(uid) == []
+
+
+async def test_what_the_user_puts_in_its_directory_misleads_nothing(places):
+    """The instance's user owns its directory: a FIFO (or any file) named like the proxy's own notes
+    there neither hangs nor fools the proxy's poll and stop."""
+    backend = make(places)
+    instance = await backend.start(secrets.token_urlsafe(16), "t0ken")
+    home = backend.family / instance.handle
+    uid = home.stat().st_uid
+    trap = "rm -f pid && mkfifo pid && ln -s /proc/1/cmdline cmdline && mkfifo jupyter.pid"
+    as_user(uid, "sh", "-c", trap, cwd=home)
+    try:
+        assert await asyncio.wait_for(backend.poll(instance), 30) is True  # (a hang guard, not a timing check)
+    finally:
+        await asyncio.wait_for(backend.stop(instance.handle), 60)
+    assert await backend.poll(instance) is False and not home.exists() and processes_of(uid) == []
 
 
 async def test_an_exited_instance_is_reported(places):
@@ -123,7 +144,7 @@ async def test_an_exited_instance_is_reported(places):
     instance = await backend.start(secrets.token_urlsafe(16), "t0ken")
     exits = backend.exits()
     try:
-        os.kill(int((backend.family / instance.handle / "pid").read_text()), 9)
+        os.kill(int((backend.family / f"{instance.handle}.pid").read_text()), 9)
         assert await asyncio.wait_for(anext(exits), 10) == instance.id
         assert await backend.poll(instance) is False
         assert await backend.inventory() == [Found(instance.id, instance.handle, False)]

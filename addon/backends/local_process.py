@@ -2,9 +2,11 @@
 without a Docker engine (as JupyterHub's LocalProcessSpawner).
 
 An instance lives in a directory of its own, `<datalab_process_dir>/<family>/<instance id>/`: its
-`work/` is the notebook's working directory, the rest is Jupyter's and IPython's state; `pid` names
-its server process. The directory is the record the engine would keep, so a restarted proxy finds
-(and reconciliation removes) what an earlier one left.
+`work/` is the notebook's working directory, the rest is Jupyter's and IPython's state. Beside it,
+`<instance id>.pid` names its server process: in the family directory, which only the proxy writes
+(the instance's user owns its directory and may put anything there, a FIFO named `pid` included).
+The directory is the record the engine would keep, so a restarted proxy finds (and reconciliation
+removes) what an earlier one left.
 
 What confines an instance here is what the OS offers without containers:
 - as root, each instance runs under a user id of its own (UID_BASE + its port, in no passwd file),
@@ -104,8 +106,7 @@ class ProcessBackend(Backend):
     Options = ProcessOptions
 
     def __init__(self, common: Common, opts: ProcessOptions):
-        self.common = common
-        self.opts = opts
+        super().__init__(common, opts)
         # This proxy family's instances (a directory per key prefix, named so any prefix is a safe name).
         self.family = Path(opts.process_dir) / sha256(common.label_prefix.encode()).hexdigest()[:16]
         self._children: dict[str, asyncio.subprocess.Process] = {}  # started here: reaped here
@@ -171,7 +172,7 @@ class ProcessBackend(Backend):
                     group=uid,
                     extra_groups=[] if uid is not None else None,
                 )
-            (home / "pid").write_text(str(proc.pid))
+            self._pid_file(instance_id).write_text(str(proc.pid))
             self._children[instance_id] = proc
             reaper = asyncio.get_running_loop().create_task(self._reap(instance_id, proc))
             self._reapers.add(reaper)
@@ -266,6 +267,10 @@ class ProcessBackend(Backend):
         """The instance's directory, if the handle can name one of ours (Redis is not trusted blindly)."""
         return self.family / handle if _ID.match(handle) else None
 
+    def _pid_file(self, handle: str) -> Path:
+        """Where the server's pid is kept: out of the instance user's reach (see the module's docstring)."""
+        return self.family / f"{handle}.pid"
+
     def _pid(self, handle: str) -> int | None:
         """The instance's server process, if it still runs: the pid file's process, checked to be the
         server started for this directory (a pid is reused once its process is gone)."""
@@ -273,7 +278,7 @@ class ProcessBackend(Backend):
         if home is None:
             return None
         try:
-            pid = int((home / "pid").read_text())
+            pid = int(self._pid_file(handle).read_text())
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
             state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
         except (OSError, ValueError):
@@ -319,6 +324,7 @@ class ProcessBackend(Backend):
                 if uid >= UID_BASE:  # whatever its user left running, detached or not
                     await asyncio.to_thread(_kill_user, uid)
         await asyncio.to_thread(shutil.rmtree, home, True)
+        await asyncio.to_thread(self._pid_file(handle).unlink, True)
 
     async def _end_group(self, pid: int) -> None:
         """TERM the server's process group (its kernels, terminals), KILL what is left after a grace."""

@@ -18,13 +18,13 @@ import metrics
 from backends import Found
 from backends import Instance
 from backends import kernels_busy
+from instances import GONE
 from instances import Instances
 
 log = logging.getLogger(__name__)
 
 LOCK = "cull"
 LOCK_TTL = 15.0  # seconds; renewed every third of it while a round runs
-GONE = "its container is gone or stopped"
 
 
 @dataclass(frozen=True)
@@ -84,18 +84,11 @@ class Culler:
             try:
                 async for instance_id in self.instances.backend.exits():
                     delay = 1.0
-                    await self._end_exited(instance_id)
+                    await self.instances.end_if_gone(instance_id)
             except Exception as e:  # the engine or Redis went away: reconciliation covers the gap
                 log.warning("datalab: not following instance exits (%s); retrying in %.0f s", e, delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 30.0)
-
-    async def _end_exited(self, instance_id: str) -> None:
-        """Instances.end_if_gone, counted by the proxy whose end won (every proxy hears the exit)."""
-        instance = await self.instances.store.instance(instance_id)
-        if instance is not None and not await self.instances.backend.poll(instance):
-            if await self.instances.end(instance, GONE):
-                metrics.culled("gone")
 
     async def run(self) -> None:
         while True:

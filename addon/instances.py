@@ -34,6 +34,7 @@ LEASE_MARGIN = 10.0  # seconds a capacity lease outlives the longest a start may
 DRAIN = 0.5  # seconds between forgetting a user's instance (new requests: 410) and stopping it
 RETRY_AT_CAPACITY = 30  # Retry-After when every slot is taken: instances end by culling or stop
 RETRY_QUEUE_FULL = 5  # Retry-After when the boot queue did not move in time
+GONE = "its container is gone or stopped"
 HANDOUT_TRIES = 2  # instances a start may take if the one it took was ended while being handed out
 
 
@@ -207,7 +208,8 @@ class Instances:
             return True
         if await self.backend.poll(instance):
             return False
-        await self.end(instance, "its container is gone or stopped")
+        if await self.end(instance, GONE):
+            metrics.culled("gone")  # by the proxy whose end won (every proxy may notice it)
         return True
 
     async def all(self) -> list[Instance]:

@@ -142,8 +142,9 @@ class Backend(abc.ABC):
         """Whether this backend can run here, and the reason in words (datalab_backend=auto says it).
         Called once when options are applied, before serving: quick, and bounded in time."""
 
-    @abc.abstractmethod
-    def __init__(self, common: Common, options: Any): ...
+    def __init__(self, common: Common, options: Any):
+        self.common = common
+        self.opts = options
 
     @abc.abstractmethod
     async def check(self) -> None:

@@ -78,8 +78,7 @@ class DockerBackend(Backend):
     Options = DockerOptions
 
     def __init__(self, common: Common, opts: DockerOptions):
-        self.common = common
-        self.opts = opts
+        super().__init__(common, opts)
         self._client: docker.DockerClient | None = None
         self._network: InstanceNetwork | None = None
         self._network_lock = asyncio.Lock()

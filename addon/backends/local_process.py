@@ -9,9 +9,13 @@ The directory is the record the engine would keep, so a restarted proxy finds (a
 removes) what an earlier one left.
 
 What confines an instance here is what the OS offers without containers:
-- as root, each instance runs under a user id of its own (UID_BASE + its port, in no passwd file),
-  so instances cannot read each other's files, signal each other's processes, or read each other's
-  secret from /proc; its directory is 0700 and its own;
+- as root, each instance runs under a user id of its own (in no passwd file), so instances cannot
+  read each other's files, signal each other's processes, or read each other's secret from /proc;
+  its directory is 0700 and its own. The id holds the port (unique while the server runs) and a
+  random part: a later instance on the same port is another user, so what an earlier one left
+  behind (files in /tmp or /dev/shm, a process that outlived its stop) is not its own. (A user id
+  that only followed the port could be steered: an instance holding every other free port of the
+  range makes the next start take its own port, and user, and read the newcomer's files.);
 - resource limits (prlimit): data memory per process (datalab_mem_limit), processes and threads of
   its user (datalab_pids_limit, as root only: the count is per user), the largest file it writes
   (datalab_disk_limit), open files;
@@ -29,6 +33,7 @@ import contextlib
 import os
 import random
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -55,7 +60,9 @@ ROOT = Path(__file__).resolve().parents[2]  # the repository
 STATE = Path(os.environ.get("DATALAB_STATE") or ROOT / ".state")
 JUPYTER_CONFIG = ROOT / "image" / "jupyter_server_config.py"  # the image's own settings
 HOST = "127.0.0.1"
-UID_BASE = 200_000  # as root, an instance's user id is UID_BASE + its port: unique while it runs
+UID_BASE = 200_000  # as root, an instance's user id is UID_BASE + GENERATION * random + its port
+GENERATION = 1 << 16  # (the port: unique while it runs)
+GENERATIONS = 32_000  # random parts: every id stays below 2**31
 PORT_TRIES = 3  # ports tried when the one picked was taken meanwhile (another proxy's start)
 STOP_GRACE = 3.0  # seconds between SIGTERM and SIGKILL
 OPEN_FILES = 4096
@@ -155,7 +162,7 @@ class ProcessBackend(Backend):
 
     async def _start_on(self, instance_id: str, token: str, port: int) -> Instance:
         home = self.family / instance_id
-        uid = UID_BASE + port if os.geteuid() == 0 else None
+        uid = instance_uid(port) if os.geteuid() == 0 else None
         try:
             await asyncio.to_thread(self._prepare, home, uid)
             log_file = (home / "jupyter.log").open("ab")
@@ -238,12 +245,14 @@ class ProcessBackend(Backend):
         }
 
     def _free_port(self) -> int:
-        """A port of the range nothing listens on now (a random one: proxies starting at once differ)."""
+        """A port of the range nothing listens on now (a random one: proxies starting at once differ).
+        Probed as Jupyter binds (SO_REUSEADDR): a port stopped instances left in TIME_WAIT is free."""
         first, last = self.opts.ports
         ports = list(range(first, last + 1))
         random.shuffle(ports)
         for port in ports:
             with socket.socket() as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 try:
                     s.bind((HOST, port))
                 except OSError:
@@ -340,6 +349,11 @@ class ProcessBackend(Backend):
     async def could_have_given(self, host: str, port: int) -> bool:
         first, last = self.opts.ports
         return host == HOST and first <= port <= last
+
+
+def instance_uid(port: int) -> int:
+    """The user id of a new instance on `port` (as root): see the module's docstring."""
+    return UID_BASE + GENERATION * secrets.randbelow(GENERATIONS) + port
 
 
 def _mem_total() -> int:

@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 
 import pytest
 import requests
+from selenium.common.exceptions import TimeoutException
 from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
@@ -30,6 +31,7 @@ from helpers import wait_for_port
 
 BACKENDS = ["docker", "process"]
 UI_WAIT = 120  # seconds: a bound on waiting for the UI (a cold start, a kernel's first boot), not a claim
+RUN_SEEN = 3  # seconds for a run's [*] to show before the cell is run again (it shows at once)
 SMALL_LIMIT = 4096  # datalab_max_upload of the proxy that refuses
 NOTEBOOK = {
     "cells": [{"cell_type": "markdown", "id": "title", "metadata": {}, "source": ["# Uploaded through the demo"]}],
@@ -123,12 +125,23 @@ def showing(driver: WebDriver, css: str, text: str) -> WebElement:
 
 
 def type_and_run(driver: WebDriver, lines: list[str]) -> None:
-    """Once the kernel is idle (a run before it is connected is dropped), click into the active
-    cell's editor, type, line by line, then Shift+Enter (run the cell)."""
-    visible(driver, '.jp-Notebook-ExecutionIndicator[data-status="idle"]')
-    visible(driver, ".jp-CodeCell.jp-mod-active .cm-content").click()
+    """Click into the active cell's editor, type, line by line, then run the cell (Ctrl+Enter: it
+    stays active) until its prompt shows it taken ([*] or its number). A run before the page has its
+    kernel connection is dropped (the prompt stays [ ]), and no page element tells that moment: the
+    execution indicator says "idle" from the start, before any kernel status arrives."""
+    cell = visible(driver, ".jp-CodeCell.jp-mod-active")
+    cell.find_element(By.CSS_SELECTOR, ".cm-content").click()
     driver.switch_to.active_element.send_keys(Keys.ENTER.join(lines))
-    ActionChains(driver).key_down(Keys.SHIFT).send_keys(Keys.ENTER).key_up(Keys.SHIFT).perform()
+    prompt = cell.find_element(By.CSS_SELECTOR, ".jp-InputArea-prompt")
+
+    def taken(_) -> bool:
+        ActionChains(driver).key_down(Keys.CONTROL).send_keys(Keys.ENTER).key_up(Keys.CONTROL).perform()
+        try:  # a run that is taken shows [*] at once; a dropped one never does
+            return WebDriverWait(driver, RUN_SEEN, poll_frequency=0.1).until(lambda _: prompt.text.strip("[]: "))
+        except TimeoutException:
+            return False
+
+    wait(driver).until(taken)
 
 
 @pytest.fixture

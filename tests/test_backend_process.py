@@ -18,6 +18,7 @@ from backends import Common
 from backends import Found
 from backends import ImageMissing
 from backends import StartTimeout
+from backends.local_process import GENERATION
 from backends.local_process import UID_BASE
 from backends.local_process import ProcessBackend
 from backends.local_process import ProcessOptions
@@ -41,9 +42,11 @@ def make(places: Path, **changes) -> ProcessBackend:
     return ProcessBackend(common, ProcessOptions(**{"process_dir": str(places), **own}))
 
 
-def as_user(uid: int, *command: str, cwd: Path) -> None:
+def as_user(uid: int, *command: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
     """Run a command as the instance's user would (its notebook's code)."""
-    subprocess.run(["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", *command], cwd=cwd, check=True)
+    setpriv = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups"]
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}  # (a daemon it starts holds no pipe)
+    return subprocess.run([*setpriv, *command], cwd=cwd, check=check, **quiet)
 
 
 def processes_of(uid: int) -> list[str]:
@@ -89,7 +92,8 @@ async def test_start_put_file_poll_inventory_stop(places):
         assert await backend.poll(instance) is True
 
         pid = int((backend.family / f"{instance.handle}.pid").read_text())
-        uid = UID_BASE + instance.port
+        uid = home.stat().st_uid
+        assert uid >= UID_BASE and (uid - UID_BASE - instance.port) % GENERATION == 0
         assert os.stat(f"/proc/{pid}").st_uid == uid and (home / "work").stat().st_uid == uid
         assert oct(home.stat().st_mode & 0o777) == "0o700"
         limits = Path(f"/proc/{pid}/limits").read_text()
@@ -104,7 +108,7 @@ async def test_start_put_file_poll_inventory_stop(places):
     finally:
         await backend.stop(instance.handle)
     assert await backend.poll(instance) is False and await backend.inventory() == []
-    assert not home.exists() and processes_of(UID_BASE + instance.port) == []
+    assert not home.exists() and processes_of(uid) == []
     await backend.stop(instance.handle)  # idempotent
 
 
@@ -112,9 +116,9 @@ async def test_stop_ends_what_the_user_left_running(places):
     """A notebook user's detached process (new session, double fork) goes with the instance."""
     backend = make(places)
     instance = await backend.start(secrets.token_urlsafe(16), "t0ken")
-    uid = UID_BASE + instance.port
+    home = backend.family / instance.handle
+    uid = home.stat().st_uid
     try:
-        home = backend.family / instance.handle
         daemon = ["setsid", "-f", "sleep", "1000"]
         as_user(uid, *daemon, cwd=home)
         assert len(processes_of(uid)) >= 2
@@ -137,6 +141,30 @@ async def test_what_the_user_puts_in_its_directory_misleads_nothing(places):
     finally:
         await asyncio.wait_for(backend.stop(instance.handle), 60)
     assert await backend.poll(instance) is False and not home.exists() and processes_of(uid) == []
+
+
+async def test_a_later_instance_on_the_same_port_is_another_user(places):
+    """What an instance leaves outside its directory (a private file in /tmp) stays out of reach of
+    the next instance given the same port: the user id is not the port's alone (an instance that
+    held every other port of the range could otherwise pick its successor's user)."""
+    probe = make(places)
+    port = probe._free_port()
+    backend = make(places, process_ports=f"{port}-{port}")
+    first = await backend.start(secrets.token_urlsafe(16), "t0ken")
+    uid = (backend.family / first.handle).stat().st_uid
+    leftover = Path(tempfile.gettempdir()) / f"datalab-leftover-{first.id}"
+    try:
+        as_user(uid, "sh", "-c", f"umask 077; echo private > {leftover}", cwd=backend.family / first.handle)
+        await backend.stop(first.handle)
+        second = await backend.start(secrets.token_urlsafe(16), "t0ken")
+        try:
+            later = (backend.family / second.handle).stat().st_uid
+            assert second.port == first.port and later != uid
+            assert as_user(later, "cat", str(leftover), cwd=places, check=False).returncode != 0
+        finally:
+            await backend.stop(second.handle)
+    finally:
+        leftover.unlink(missing_ok=True)
 
 
 async def test_an_exited_instance_is_reported(places):

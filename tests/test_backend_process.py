@@ -99,6 +99,7 @@ async def test_start_put_file_poll_inventory_stop(places):
         limits = Path(f"/proc/{pid}/limits").read_text()
         assert "Max data size             1073741824" in limits and "Max processes             256" in limits
         assert "Max file size             1073741824" in limits
+        assert "NoNewPrivs:\t1" in Path(f"/proc/{pid}/status").read_text()  # set-uid files do not apply
         environment = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
         assert not any(e.startswith((b"DATALAB_SIGN_KEY", b"DATALAB_REDIS")) for e in environment)
 

@@ -19,6 +19,10 @@ What confines an instance here is what the OS offers without containers:
 - resource limits (prlimit): data memory per process (datalab_mem_limit), processes and threads of
   its user (datalab_pids_limit, as root only: the count is per user), the largest file it writes
   (datalab_disk_limit), open files;
+- no new privileges (setpriv --no-new-privs, inherited by every process of the instance): a set-uid
+  file does not change who runs it. (Otherwise an instance could run a set-uid copy of a program
+  another of its user's instances left in /tmp, and so have a process of a user whose instance has
+  stopped: one that no stop ends, or, with privileges, one that reads another instance's files;)
 - Jupyter listens on 127.0.0.1 only, and requires the instance's secret (the image's identity
   provider, image/jupyter_server_config.py, the same configuration as in the image).
 It is not the Docker backend's confinement: instances share the host's network (they reach the
@@ -138,8 +142,9 @@ class ProcessBackend(Backend):
         missing = self._missing(self.opts)
         if missing:
             raise ImageMissing("Jupyter for instances is missing; the operator must install it", missing)
-        if os.geteuid() == 0 and shutil.which("prlimit") is None:
-            raise BackendError("instances cannot be limited", "prlimit is missing (apt-get install util-linux)")
+        for tool in ("prlimit", "setpriv"):
+            if os.geteuid() == 0 and shutil.which(tool) is None:
+                raise BackendError("instances cannot be limited", f"{tool} is missing (apt-get install util-linux)")
 
     async def capacity(self) -> int:
         first, last = self.opts.ports
@@ -222,7 +227,8 @@ class ProcessBackend(Backend):
             f"--nofile={OPEN_FILES}:{OPEN_FILES}",
             "--core=0:0",
         ]
-        return [shutil.which("prlimit") or "prlimit", *limits, "--", *server]
+        confined = [shutil.which("setpriv") or "setpriv", "--no-new-privs"]
+        return [*confined, shutil.which("prlimit") or "prlimit", *limits, "--", *server]
 
     def _environment(self, home: Path, token: str) -> dict[str, str]:
         """A clean environment: nothing of the proxy's (its sign key, Redis URL) reaches an instance."""

@@ -50,9 +50,11 @@ def test_the_whole_contract_on_local_processes(process_proxy, world):
 
     kernel = browser.start_kernel()
     code = "import os, pandas; print(os.getuid(), pandas.read_csv('cities.csv').population.sum(), os.getcwd())"
-    uid, total, cwd = browser.execute(kernel, code).split()
+    code += "; print(open('/proc/self/status').read().split('NoNewPrivs:')[1].split()[0])"
+    uid, total, cwd, no_new_privileges = browser.execute(kernel, code).split()
     home = world.processes(prefix).family / instance.id
     assert int(uid) == home.stat().st_uid >= UID_BASE  # not root: its instance's own user
+    assert no_new_privileges == "1"  # a set-uid file left by another instance's user gives no other user
     assert int(total) == 139875 + 19872 and cwd.endswith(f"/{instance.id}/work")
 
     r = p.stop_instance(nonce)

@@ -3,10 +3,13 @@ as the OS offers it, and nothing left behind."""
 
 import asyncio
 import base64
+import contextlib
 import os
 import secrets
+import socket
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 
 import pytest
@@ -166,6 +169,53 @@ async def test_a_later_instance_on_the_same_port_is_another_user(places):
             await backend.stop(second.handle)
     finally:
         leftover.unlink(missing_ok=True)
+
+
+def command_lines() -> list[bytes]:
+    """Every process's command line, as any local user reads them."""
+    lines = []
+    for path in Path("/proc").glob("[0-9]*/cmdline"):
+        with contextlib.suppress(OSError):
+            lines.append(path.read_bytes())
+    return lines
+
+
+def squat(port: int, stop: threading.Event) -> None:
+    """Another local user's trap: a socket bound to the port (SO_REUSEADDR, not listening, so the
+    port still looks free) that listens once a Jupyter for that port is seen starting, so it is
+    there before Jupyter binds, and answers 200 to everything."""
+    with socket.socket() as trap:
+        trap.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        trap.bind(("127.0.0.1", port))
+        flag = f"--ServerApp.port={port}".encode()
+        while not stop.is_set() and not any(flag in command for command in command_lines()):
+            stop.wait(0.005)
+        trap.listen()
+        trap.settimeout(0.1)
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                conn, _ = trap.accept()
+                with conn:
+                    conn.recv(65536)
+                    conn.sendall(b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+
+
+async def test_a_start_is_not_answered_by_whoever_took_its_port(places):
+    """Anyone on the host may listen on the instance's port before its Jupyter does (its command
+    line, with the port, is public in /proc): such a listener answering is no instance."""
+    port = make(places)._free_port()
+    backend = make(places, process_ports=f"{port}-{port}")
+    stop = threading.Event()
+    trap = threading.Thread(target=squat, args=(port, stop))
+    trap.start()
+    try:
+        with pytest.raises(BackendError):
+            instance = await backend.start(secrets.token_urlsafe(16), "t0ken")
+            await backend.stop(instance.handle)
+    finally:
+        stop.set()
+        trap.join()
+    assert await backend.inventory() == []
 
 
 async def test_an_exited_instance_is_reported(places):

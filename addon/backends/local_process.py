@@ -191,6 +191,8 @@ class ProcessBackend(Backend):
             reaper.add_done_callback(self._reapers.discard)
             instance = Instance(instance_id, self.name, instance_id, HOST, port, "", time.time(), token)
             await wait_ready(instance, self.common.start_timeout, lambda: self.poll(instance))
+            if uid is not None and await asyncio.to_thread(_listeners, port) != {uid}:
+                raise BackendError("another process answered on the instance's port", f"port {port}")
             return instance
         except BaseException:
             await asyncio.shield(self.stop(instance_id))
@@ -360,6 +362,20 @@ class ProcessBackend(Backend):
 def instance_uid(port: int) -> int:
     """The user id of a new instance on `port` (as root): see the module's docstring."""
     return UID_BASE + GENERATION * secrets.randbelow(GENERATIONS) + port
+
+
+def _listeners(port: int) -> set[int]:
+    """The user ids of the sockets listening on `port`, at any address. What answered a start must be
+    the instance's own user: the port was free when picked, and anyone on the host may take it
+    before Jupyter binds it (Jupyter's command line, which names it, is public in /proc)."""
+    uids = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for row in Path(table).read_text().splitlines()[1:]:
+                fields = row.split()
+                if fields[3] == "0A" and int(fields[1].rpartition(":")[2], 16) == port:  # 0A: LISTEN
+                    uids.add(int(fields[7]))
+    return uids
 
 
 def _mem_total() -> int:

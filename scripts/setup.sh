@@ -96,10 +96,11 @@ ensure_redis() {
   local url=$1 hostport host port
   hostport=${url#redis://}; hostport=${hostport%%/*}; hostport=${hostport##*@}
   host=${hostport%%:*}; port=${hostport##*:}; [ "$port" = "$hostport" ] && port=6379
+  # Its snapshots hold every instance's secret: root's alone (process instances run as other users).
+  mkdir -p "$STATE/redis" && chmod 700 "$STATE/redis"
   if redis-cli -h "$host" -p "$port" ping >/dev/null 2>&1; then return 0; fi
   case "$host" in 127.0.0.1|localhost) ;; *) die "Redis at $url does not answer (and it is not local, so it is not started here)";; esac
   say "starting redis-server on $host:$port (data: $STATE/redis)"
-  mkdir -p "$STATE/redis"
   redis-server --bind "$host" --port "$port" --dir "$STATE/redis" --daemonize yes \
     --logfile "$STATE/redis/redis.log" --pidfile "$STATE/redis/redis.pid" >/dev/null || die "redis-server did not start"
   for _ in $(seq 1 40); do redis-cli -h "$host" -p "$port" ping >/dev/null 2>&1 && return 0; sleep 0.25; done

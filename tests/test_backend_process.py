@@ -243,3 +243,22 @@ async def test_handles_from_elsewhere_are_refused(places):
     with pytest.raises(BackendError):
         await backend.start("../escape-attempt", "t0ken")
     assert not (places / "escape-attempt").exists()
+
+
+def test_the_local_redis_keeps_its_data_from_instances(places):
+    """Redis snapshots hold every instance's secret: the Redis run.sh starts (ensure_redis) keeps
+    them where an instance's user (any uid but root's) cannot read them."""
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    root = Path(__file__).resolve().parents[1]
+    state = places / f"state-{port}"
+    script = f". scripts/setup.sh && ensure_redis redis://127.0.0.1:{port}/0 && redis-cli -p {port} save"
+    env = {**os.environ, "ROOT": str(root), "DATALAB_STATE": str(state)}
+    try:
+        subprocess.run(["bash", "-c", script], cwd=root, env=env, check=True, capture_output=True)
+        assert (state / "redis" / "dump.rdb").exists()
+        assert as_user(UID_BASE + port, "cat", str(state / "redis" / "dump.rdb"), cwd=root, check=False).returncode
+    finally:
+        subprocess.run(["redis-cli", "-p", str(port), "shutdown", "nosave"], capture_output=True)

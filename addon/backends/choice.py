@@ -24,8 +24,13 @@ CHOICES = (AUTO, *BACKENDS)
 
 
 def option_fields() -> list[dataclasses.Field]:
-    """Every backend's own option fields (names are unique across backends)."""
-    return [f for cls in BACKENDS.values() for f in dataclasses.fields(cls.Options)]
+    """Every backend's option fields, each name once: backends may share an option (a Swarm backend
+    takes the Docker backend's datalab_image) by declaring the same field (e.g. by subclassing)."""
+    fields: dict[str, dataclasses.Field] = {}
+    for cls in BACKENDS.values():
+        for f in dataclasses.fields(cls.Options):
+            fields.setdefault(f.name, f)
+    return list(fields.values())
 
 
 def options_of(cls: type[Backend], values: dict[str, Any]) -> Any:

@@ -58,6 +58,7 @@ ensure_test_packages() {
   command -v ss >/dev/null || missing+=(iproute2)  # the tests see which workers listen and serve
   command -v chromium >/dev/null || missing+=(chromium)  # the browser tests (headless, driven by Selenium)
   command -v chromedriver >/dev/null || missing+=(chromium-driver)
+  command -v redis-sentinel >/dev/null || missing+=(redis-sentinel)  # the Sentinel failover test
   apt_install "${missing[@]}"
 }
 
@@ -91,20 +92,45 @@ ensure_image() {
   "$ROOT/scripts/build-image.sh" "$image" || die "building $image failed (see above)"
 }
 
+# The proxy image (./run.sh --swarm runs it as a stack; build-proxy-image.sh decides; quick when current).
+ensure_proxy_image() {
+  local image=${DATALAB_PROXY_IMAGE:-datalab-proxy:latest}
+  "$ROOT/scripts/build-proxy-image.sh" "$image" || die "building $image failed (see above)"
+}
+
+# A swarm for the Swarm backend: a single-node one on loopback when the engine is in none.
+ensure_swarm() {
+  local state
+  state=$(docker info -f '{{.Swarm.LocalNodeState}}' 2>/dev/null) || die "no Docker engine answers"
+  case "$state" in
+    active) return 0 ;;
+    inactive) say "initialising a single-node swarm (docker swarm init --advertise-addr 127.0.0.1)"
+      docker swarm init --advertise-addr 127.0.0.1 >/dev/null || die "docker swarm init failed (see above)" ;;
+    *) die "this engine's swarm state is '$state': wait for it, or leave it (docker swarm leave --force)" ;;
+  esac
+}
+
 # Start a redis-server for $1 (a redis:// URL on this machine) unless one answers there already.
 ensure_redis() {
   local url=$1 hostport host port
   hostport=${url#redis://}; hostport=${hostport%%/*}; hostport=${hostport##*@}
   host=${hostport%%:*}; port=${hostport##*:}; [ "$port" = "$hostport" ] && port=6379
-  # Its snapshots hold every instance's secret: root's alone (process instances run as other users).
-  mkdir -p "$STATE/redis" && chmod 700 "$STATE/redis"
+  # Its data holds every instance's secret: root's alone (process instances run as other users).
+  # Each port has its own directory: two servers sharing one would overwrite each other's files.
+  local dir=$STATE/redis/$port
+  mkdir -p "$STATE/redis" && chmod 700 "$STATE/redis" && mkdir -p "$dir"
   if redis-cli -h "$host" -p "$port" ping >/dev/null 2>&1; then return 0; fi
   case "$host" in 127.0.0.1|localhost) ;; *) die "Redis at $url does not answer (and it is not local, so it is not started here)";; esac
-  say "starting redis-server on $host:$port (data: $STATE/redis)"
-  redis-server --bind "$host" --port "$port" --dir "$STATE/redis" --daemonize yes \
-    --logfile "$STATE/redis/redis.log" --pidfile "$STATE/redis/redis.pid" >/dev/null || die "redis-server did not start"
+  # The snapshot of the days before per-port directories goes to the first server started.
+  [ -f "$STATE/redis/dump.rdb" ] && [ ! -e "$dir/dump.rdb" ] && mv "$STATE/redis/dump.rdb" "$dir/dump.rdb"
+  say "starting redis-server on $host:$port (data: $dir, append-only file synced every second)"
+  # The append-only file keeps every write but the last second's across a crash (snapshots alone lost
+  # minutes of sessions, whose containers were then orphaned).
+  redis-server --bind "$host" --port "$port" --dir "$dir" --daemonize yes \
+    --appendonly yes --appendfsync everysec \
+    --logfile "$dir/redis.log" --pidfile "$dir/redis.pid" >/dev/null || die "redis-server did not start"
   for _ in $(seq 1 40); do redis-cli -h "$host" -p "$port" ping >/dev/null 2>&1 && return 0; sleep 0.25; done
-  die "redis-server did not answer on $host:$port; see $STATE/redis/redis.log"
+  die "redis-server did not answer on $host:$port; see $dir/redis.log"
 }
 
 # Runs a command as an unprivileged uid when we are root (as the local-process backend runs Jupyter).

@@ -19,6 +19,7 @@ from mitmproxy import ctx
 from mitmproxy import exceptions
 from redis.asyncio.connection import parse_url
 
+import sentinel
 import signing
 from backends import Common
 from backends import choice
@@ -112,7 +113,11 @@ class Settings:
 # name (without the datalab_ prefix), environment variable for the default or None, help text.
 _HELP: dict[str, tuple[str | None, str]] = {
     "sign_key": ("DATALAB_SIGN_KEY", "Shared secret for X-SIGN = sha256(sign_key + ts + filename). Required."),
-    "redis_url": ("DATALAB_REDIS_URL", "Redis holding nonces, sessions and instances, e.g. redis://127.0.0.1:6379/0"),
+    "redis_url": (
+        "DATALAB_REDIS_URL",
+        "Redis holding nonces, sessions and instances: redis://127.0.0.1:6379/0, or "
+        "redis+sentinel://[[user]:password@]host:port[,host:port...]/<service>[/db] (its primary, through Sentinel)",
+    ),
     "key_prefix": ("DATALAB_KEY_PREFIX", "Prefix of every Redis key (and container label) this proxy owns."),
     "backend": (
         "DATALAB_BACKEND",
@@ -238,12 +243,7 @@ def parse_settings(values: dict[str, typing.Any]) -> Settings:
     for cls in choice.BACKENDS.values():
         choice.options_of(cls, s.backend_options)  # each refuses its own bad values
     _require(bool(s.sign_key), "sign_key", "is required: set DATALAB_SIGN_KEY or --set datalab_sign_key=...")
-    _require(
-        s.redis_url.startswith(("redis://", "rediss://", "unix://")),
-        "redis_url",
-        "must be a redis://, rediss:// or unix:// URL",
-    )
-    parse_url(s.redis_url)
+    _check_redis_url(s.redis_url)
     _require(bool(s.key_prefix) and " " not in s.key_prefix, "key_prefix", "must be non-empty without spaces")
     positive = ("nonce_ttl", "session_ttl", "max_upload", "max_skew", "pids_limit", "start_timeout")
     positive += ("queue_timeout", "idle_timeout", "max_age", "cull_interval")
@@ -281,6 +281,22 @@ def parse_settings(values: dict[str, typing.Any]) -> Settings:
         s.routing != "subdomain" or bool(s.public_host), "public_host", "is required with datalab_routing=subdomain"
     )
     return s
+
+
+def _check_redis_url(url: str) -> None:
+    """A plain Redis URL, or a redis+sentinel:// one (sentinel.py gives its syntax)."""
+    if sentinel.is_sentinel_url(url):
+        try:
+            sentinel.parse_sentinel_url(url)
+        except ValueError as e:
+            raise ValueError(f"{option_name('redis_url')}: {e}") from e
+        return
+    _require(
+        url.startswith(("redis://", "rediss://", "unix://")),
+        "redis_url",
+        "must be a redis://, rediss://, unix:// or redis+sentinel://host:port[,host:port...]/service[/db] URL",
+    )
+    parse_url(url)
 
 
 def _positive_number(text: str) -> bool:

@@ -29,6 +29,7 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+import sentinel
 from backends import Instance
 
 log = logging.getLogger(__name__)
@@ -151,17 +152,20 @@ REDIS_WAIT = 5  # seconds a command may wait for one of them before it fails (a 
 
 def connect(url: str) -> redis.Redis:
     """One client per process: short timeouts and a few retries, so a Redis outage is a quick 503.
-    Its connections are bounded: an unbounded pool keeps as many as requests ever came at once."""
-    pool = redis.BlockingConnectionPool.from_url(
-        url,
-        max_connections=REDIS_CONNECTIONS,
-        timeout=REDIS_WAIT,
-        socket_connect_timeout=2,
-        socket_timeout=5,
-        health_check_interval=30,
-        retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=2),
-        retry_on_error=[RedisConnectionError, RedisTimeoutError],
-    )
+    Its connections are bounded: an unbounded pool keeps as many as requests ever came at once.
+    A redis+sentinel:// URL gives a client that follows the primary across failovers (sentinel.py)."""
+    options = {
+        "max_connections": REDIS_CONNECTIONS,
+        "timeout": REDIS_WAIT,
+        "socket_connect_timeout": 2,
+        "socket_timeout": 5,
+        "health_check_interval": 30,
+        "retry": Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=2),
+        "retry_on_error": [RedisConnectionError, RedisTimeoutError],
+    }
+    if sentinel.is_sentinel_url(url):
+        return sentinel.connect_sentinel(url, **options)
+    pool = redis.BlockingConnectionPool.from_url(url, **options)
     return redis.Redis.from_pool(pool)  # the client owns the pool: closing it closes them
 
 

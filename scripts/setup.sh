@@ -118,7 +118,7 @@ ensure_redis() {
   # Its data holds every instance's secret: root's alone (process instances run as other users).
   # Each port has its own directory: two servers sharing one would overwrite each other's files.
   local dir=$STATE/redis/$port
-  mkdir -p "$STATE/redis" && chmod 700 "$STATE/redis" && mkdir -p "$dir"
+  mkdir -p "$dir" && chmod 700 "$STATE/redis" "$dir"
   if redis-cli -h "$host" -p "$port" ping >/dev/null 2>&1; then return 0; fi
   case "$host" in 127.0.0.1|localhost) ;; *) die "Redis at $url does not answer (and it is not local, so it is not started here)";; esac
   # The snapshot of the days before per-port directories goes to the first server started.

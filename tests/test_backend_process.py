@@ -246,8 +246,8 @@ async def test_handles_from_elsewhere_are_refused(places):
 
 
 def test_the_local_redis_keeps_its_data_from_instances(places):
-    """Redis snapshots hold every instance's secret: the Redis run.sh starts (ensure_redis) keeps
-    them where an instance's user (any uid but root's) cannot read them."""
+    """Redis snapshots and append-only files hold every instance's secret: the Redis run.sh starts
+    (ensure_redis) keeps them where an instance's user (any uid but root's) cannot read them."""
     probe = socket.socket()
     probe.bind(("127.0.0.1", 0))
     port = probe.getsockname()[1]
@@ -258,7 +258,9 @@ def test_the_local_redis_keeps_its_data_from_instances(places):
     env = {**os.environ, "ROOT": str(root), "DATALAB_STATE": str(state)}
     try:
         subprocess.run(["bash", "-c", script], cwd=root, env=env, check=True, capture_output=True)
-        assert (state / "redis" / "dump.rdb").exists()
-        assert as_user(UID_BASE + port, "cat", str(state / "redis" / "dump.rdb"), cwd=root, check=False).returncode
+        data = state / "redis" / str(port)  # each port its own directory
+        for name in ("dump.rdb", "appendonlydir/appendonly.aof.manifest"):  # the snapshot and the append-only file
+            assert (data / name).exists()
+            assert as_user(UID_BASE + port, "cat", str(data / name), cwd=root, check=False).returncode
     finally:
         subprocess.run(["redis-cli", "-p", str(port), "shutdown", "nosave"], capture_output=True)

@@ -14,11 +14,14 @@ from backends import Backend
 from backends import Common
 from backends.docker_engine import DockerBackend
 from backends.local_process import ProcessBackend
+from backends.swarm import SwarmBackend
 
 log = logging.getLogger(__name__)
 
 # In the order datalab_backend=auto prefers them: the first that can run here is chosen.
-BACKENDS: dict[str, type[Backend]] = {cls.name: cls for cls in (DockerBackend, ProcessBackend)}
+AUTO_ORDER: tuple[type[Backend], ...] = (DockerBackend, ProcessBackend)
+# Chosen by name only: swarm needs the proxy inside the cluster's overlay, a deployment decision.
+BACKENDS: dict[str, type[Backend]] = {cls.name: cls for cls in (*AUTO_ORDER, SwarmBackend)}
 AUTO = "auto"
 CHOICES = (AUTO, *BACKENDS)
 
@@ -46,7 +49,7 @@ def choose(name: str, values: dict[str, Any]) -> tuple[type[Backend], str]:
     if name != AUTO:
         return BACKENDS[name], "datalab_backend=" + name
     reasons = []
-    for cls in BACKENDS.values():
+    for cls in AUTO_ORDER:
         usable, reason = cls.probe(options_of(cls, values))
         reasons.append(reason)
         if usable:

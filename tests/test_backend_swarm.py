@@ -1,0 +1,183 @@
+"""The Swarm backend against the real engine in single-node swarm mode (scripts/setup.sh ensure_swarm).
+
+The host has no route into a Swarm overlay, so the full start (readiness, upload) runs in a helper
+container of the project's own image that joins the overlay, with the engine's socket and this
+tree mounted, as the proxy runs inside the cluster; the rest runs from the host.
+"""
+
+import json
+import secrets
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import docker
+import pytest
+
+from backends import BackendError
+from backends import Common
+from backends import Found
+from backends import ImageMissing
+from backends import Instance
+from backends import StartTimeout
+from backends.choice import choose
+from backends.docker_engine import LABEL_PREFIX
+from backends.swarm import SwarmBackend
+from backends.swarm import SwarmOptions
+from backends.swarm import ensure_overlay
+from e2e.conftest import IMAGE
+
+ROOT = Path(__file__).resolve().parent.parent
+SITE = next(Path(p) for p in sys.path if p.endswith("site-packages") and p.startswith(sys.prefix))  # the docker SDK
+
+
+@pytest.fixture(scope="module")
+def engine():
+    client = docker.from_env()  # no engine: this fails, it is not skipped
+    swarm = client.info()["Swarm"]
+    assert swarm["LocalNodeState"] == "active", "the engine is not in swarm mode: run scripts/test.sh (ensure_swarm)"
+    yield client
+    client.close()
+
+
+def make(**changes) -> SwarmBackend:
+    """A backend of a prefix of its own; `changes` may be Common's fields or SwarmOptions'."""
+    own = {k: changes.pop(k) for k in list(changes) if k in SwarmOptions.__dataclass_fields__}
+    common = Common(**{"label_prefix": f"unit-{secrets.token_hex(4)}:", **changes})
+    return SwarmBackend(common, SwarmOptions(**{"image": IMAGE, **own}))
+
+
+def managed(engine, backend: SwarmBackend) -> list:
+    return engine.services.list(filters={"label": f"{LABEL_PREFIX}={backend.common.label_prefix}"})
+
+
+# In the helper container, on the overlay: start an instance, upload to it, read the upload back.
+INSIDE = textwrap.dedent("""
+    import asyncio, base64, json, os, sys
+    from backends import AUTH_HEADER, Common, http_get
+    from backends.swarm import SwarmBackend, SwarmOptions
+
+    async def main():
+        backend = SwarmBackend(Common(os.environ["PREFIX"]), SwarmOptions(image=os.environ["IMAGE"]))
+        instance = await backend.start(os.environ["INSTANCE"], "t0ken")
+        big = os.urandom(9 * 1024 * 1024 + 5)  # three contents-API chunks
+        for name, data in (("a.csv", b"1,2\\n"), ("blob.bin", big)):
+            await backend.put_file(instance, name, data)
+            small = len(data) < 1000  # the proxy's own requests read answers of at most 1 MiB: the big one by size
+            query = "content=1&format=base64" if small else "content=0"
+            status, body = await http_get(instance.host, instance.port, f"/api/contents/{name}?{query}", 30, "t0ken")
+            model = json.loads(body)
+            assert status == 200 and model["size"] == len(data), status
+            assert not small or base64.b64decode(model["content"]) == data
+        refused = await http_get(instance.host, instance.port, "/api/contents/a.csv", 10, "wrong")
+        print(json.dumps({"instance": instance.to_json(), "wrong_token": refused[0]}))
+
+    asyncio.run(main())
+""")
+
+
+def start_inside(engine, backend: SwarmBackend, instance_id: str) -> dict:
+    """Run INSIDE in a helper container on the backend's overlay; its answer as a dict."""
+    done = subprocess.run(
+        ["docker", "run", "--rm", "--user", "0", "--network", backend.opts.swarm_network]
+        + ["-v", f"{ROOT}:/repo:ro", "-v", "/var/run/docker.sock:/var/run/docker.sock"]
+        + [
+            "-e",
+            f"PYTHONPATH=/repo/addon:/repo/{SITE.relative_to(ROOT)}",
+            "-e",
+            f"PREFIX={backend.common.label_prefix}",
+        ]
+        + ["-e", f"IMAGE={IMAGE}", "-e", f"INSTANCE={instance_id}", "--entrypoint", "python3", IMAGE, "-c", INSIDE],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    if done.returncode != 0:
+        for service in managed(engine, backend):  # what the helper started before it failed
+            service.remove()
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+async def test_start_put_file_poll_inventory_stop(engine):
+    backend = make()
+    await backend.network()  # the helper joins it: it must exist first
+    answer = start_inside(engine, backend, "swarm-" + secrets.token_hex(8))
+    instance = Instance.from_json(answer["instance"])
+    try:
+        assert answer["wrong_token"] == 403 and instance.backend == "swarm"
+        assert await backend.poll(instance) is True
+        assert await backend.inventory() == [Found(instance.id, instance.handle, True)]
+        (service,) = managed(engine, backend)
+        template = service.attrs["Spec"]["TaskTemplate"]
+        spec, limits = template["ContainerSpec"], template["Resources"]["Limits"]
+        assert template["RestartPolicy"]["Condition"] == "none"
+        assert limits == {"NanoCPUs": 10**9, "MemoryBytes": 1024**3, "Pids": 256}
+        assert spec["ReadOnly"] is True and spec["CapabilityDrop"] == ["ALL"] and spec["Image"].startswith("sha256:")
+        options = {m["Target"]: m["VolumeOptions"]["DriverConfig"]["Options"]["o"] for m in spec["Mounts"]}
+        assert set(options) == {"/home/datalab/work", "/tmp"} and all("size=1g" in o for o in options.values())
+        assert not service.attrs["Spec"]["EndpointSpec"].get("Ports") and not service.attrs["Endpoint"].get("Ports")
+        (task,) = service.tasks()
+        container = engine.containers.get(task["Status"]["ContainerStatus"]["ContainerID"])
+        host_config = container.attrs["HostConfig"]
+        assert host_config["Memory"] == 1024**3 and host_config["PidsLimit"] == 256
+        assert host_config["CapDrop"] == ["ALL"] and host_config["ReadonlyRootfs"] is True
+        assert not host_config.get("Binds") and container.attrs["Config"]["User"] == "datalab"
+        network = engine.networks.get(backend.opts.swarm_network)
+        assert network.attrs["Internal"] is True and network.attrs["Attachable"] is True
+        assert list(container.attrs["NetworkSettings"]["Networks"]) == [network.name]  # no ingress, no gwbridge
+        assert await backend.could_have_given(instance.host, instance.port)
+        gateway = network.attrs["IPAM"]["Config"][0]["Gateway"]
+        for forged in [(gateway, 8888), ("127.0.0.1", 6379), (instance.host, 22), ("evil.example", 8888)]:
+            assert not await backend.could_have_given(*forged)
+    finally:
+        await backend.stop(instance.handle)
+    assert await backend.poll(instance) is False
+    assert managed(engine, backend) == [] and await backend.inventory() == []
+    await backend.stop(instance.handle)  # idempotent
+
+
+async def test_missing_image_fails_at_once_and_leaves_no_service(engine):
+    by_name = make(image="datalab-no-such-image:never")
+    with pytest.raises(ImageMissing, match="scripts/build-image.sh"):
+        await by_name.start("i" * 32, "t0ken")
+    assert managed(engine, by_name) == []
+    # An image ID the node does not hold: the task is rejected, and the start fails on that, not on a timeout.
+    on_node = make(image="sha256:" + "0" * 64, start_timeout=300)
+    with pytest.raises(ImageMissing, match="missing on the node"):
+        await on_node.start("i" * 32, "t0ken")
+    assert managed(engine, on_node) == []
+    assert not engine.images.list(name="datalab-no-such-image")
+
+
+async def test_a_task_that_fails_fails_the_start_at_once(engine):
+    backend = make(pids_limit=1, start_timeout=300)  # tini cannot fork Jupyter: the task fails
+    with pytest.raises(BackendError, match="task did not start") as raised:
+        await backend.start("i" * 32, "t0ken")
+    assert not isinstance(raised.value, StartTimeout) and "failed" in raised.value.detail
+    assert managed(engine, backend) == []
+
+
+async def test_no_node_matching_the_constraint_fails_at_once(engine):
+    backend = make(swarm_constraint="node.labels.datalab-never==1", start_timeout=300)
+    with pytest.raises(BackendError, match="no node of the swarm"):
+        await backend.start("i" * 32, "t0ken")
+    assert managed(engine, backend) == []
+
+
+def test_an_overlay_not_ours_is_refused(engine):
+    name = "datalab-swarm-test-" + secrets.token_hex(4)
+    engine.networks.create(name, driver="overlay", internal=True, attachable=True)
+    try:
+        with pytest.raises(BackendError, match="not made by the proxy"):
+            ensure_overlay(engine, name)
+    finally:
+        engine.networks.get(name).remove()
+
+
+def test_swarm_is_chosen_by_name_only():
+    assert choose("swarm", {})[0] is SwarmBackend
+    assert choose("auto", {})[0] is not SwarmBackend
+    with pytest.raises(ValueError, match="datalab_instance_egress"):
+        SwarmOptions(instance_egress=True)

@@ -4,7 +4,12 @@
 #
 #   ./run.sh [--web | --lean] [--workers N] [--demo] [mitmproxy arguments ...]   (run.sh's own flags first)
 #   ./run.sh --tls-check
+#   ./run.sh --swarm [mitmproxy arguments ...]
 #
+#   --swarm                 the proxy (DATALAB_REPLICAS replicas, default 2, datalab_backend=swarm) and Redis
+#                           as a stack on this machine's swarm (initialised when none), port DATALAB_PORT
+#                           published; follows the proxy's logs, removes the stack on SIGINT/SIGTERM
+#                           (deploy/swarm.sh says more; README "Swarm")
 #   --web                   run mitmweb (flow inspector on http://127.0.0.1:8081) instead of mitmdump
 #   --lean                  production: the same addons in a lean mitmproxy master (addon/lean.py: no
 #                           flow printing, no scripts; takes --mode, --listen-*, --certs, --set, -q, -v),
@@ -119,6 +124,7 @@ PY
   tls_args=(--certs "*=$tls_file")
 }
 
+if [ "${1:-}" = --swarm ]; then shift; exec "$ROOT/deploy/swarm.sh" "$@"; fi
 tool=mitmdump
 workers=
 demo=

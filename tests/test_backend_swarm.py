@@ -174,11 +174,11 @@ def test_an_overlay_not_ours_is_refused(engine):
         engine.networks.get(name).remove()
 
 
-def test_swarm_is_chosen_by_name_only():
+async def test_swarm_is_chosen_by_name_only_and_refuses_egress():
     assert choose("swarm", {})[0] is SwarmBackend
-    assert choose("auto", {})[0] is not SwarmBackend
-    with pytest.raises(ValueError, match="datalab_instance_egress"):
-        SwarmOptions(instance_egress=True)
+    assert choose("auto", {"instance_egress": True})[0] is not SwarmBackend
+    with pytest.raises(BackendError, match="cannot be confined"):
+        await make(instance_egress=True).check()
 
 
 async def test_stop_leaves_services_not_ours(engine):

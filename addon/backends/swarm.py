@@ -76,8 +76,6 @@ class SwarmOptions(DockerOptions):
         super().__post_init__()
         if not self.swarm_network:
             raise option_error("swarm_network", "must name an overlay network")
-        if self.instance_egress:
-            raise option_error("instance_egress", "is not available on the swarm backend (its overlay is internal)")
 
 
 def in_memory(target: str, options: str) -> Mount:
@@ -203,6 +201,10 @@ class SwarmBackend(DockerBackend):
             raise self._image_missing() from e
 
     async def network(self) -> InstanceNetwork:
+        if self.opts.instance_egress:  # refused here, not in SwarmOptions: every backend's options are parsed
+            raise BackendError(
+                "instances cannot be confined as configured", "datalab_instance_egress is not available on swarm"
+            )
         async with self._network_lock:
             if self._network is None:
                 client = await self.client()

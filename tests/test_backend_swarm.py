@@ -177,6 +177,7 @@ def test_an_overlay_not_ours_is_refused(engine):
 async def test_swarm_is_chosen_by_name_only_and_refuses_egress():
     assert choose("swarm", {})[0] is SwarmBackend
     assert choose("auto", {"instance_egress": True})[0] is not SwarmBackend
+    await make().check()  # a manager, the image, the overlay: all there
     with pytest.raises(BackendError, match="cannot be confined"):
         await make(instance_egress=True).check()
 

@@ -7,9 +7,9 @@ crashed instance stays gone, as with Docker), the Docker backend's labels, limit
 an optional placement constraint, and no published port (publishing would attach the task to
 ingress and docker_gwbridge, i.e. give it a way out). The image is referenced by its ID, so no node
 ever pulls it: a node without it rejects the task ("No such image"), which fails the start at once.
-What an engine of API 1.41 (Docker 20.10) cannot set on a service: no-new-privileges (services
-learn it in API 1.46; cap_drop ALL still leaves a set-uid program no capability to gain), and a tmpfs
-mount's uid (so the in-memory mounts are anonymous volumes of the local driver, see in_memory).
+What an engine of API 1.41 (Docker 20.10) cannot set on a service: no-new-privileges (a set-uid
+program still becomes uid 0, though with no capability: README says the daemon-wide remedy), and a
+tmpfs mount's uid (so the in-memory mounts are anonymous volumes of the local driver, see in_memory).
 """
 
 from __future__ import annotations
@@ -175,8 +175,7 @@ class SwarmBackend(DockerBackend):
 
     async def check(self) -> None:
         await self._manager()
-        if not self.opts.image.startswith("sha256:"):
-            await self._image_id()
+        await self._image_id()
         await self.network()
 
     async def _manager(self) -> None:

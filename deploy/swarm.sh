@@ -44,6 +44,11 @@ network=$DATALAB_SWARM_NETWORK
 dir="$STATE/swarm"
 mkdir -p "$dir" && chmod 700 "$dir"
 
+# One run.sh per stack: a second would update the first's stack, then remove it when it ends.
+exec 9>"$dir/$stack.lock"
+flock -n 9 || die "another run.sh --swarm already runs the stack $stack (lock $dir/$stack.lock): set DATALAB_STACK"
+! (exec 3<>"/dev/tcp/127.0.0.1/$DATALAB_PORT") 2>/dev/null || die "port $DATALAB_PORT is taken: set DATALAB_PORT"
+
 ensure_packages
 ensure_venv
 ensure_docker
@@ -128,21 +133,28 @@ trap 'remove_stack 0' TERM INT HUP
 say "deploying the stack $stack: $replicas proxy replica(s) and Redis, port $DATALAB_PORT published"
 docker stack deploy --resolve-image never "${files[@]}" "$stack" >&2 || remove_stack 1
 
-# Ready when every replica runs; a task that fails or is rejected ends it at once, saying why.
+# Ready when every task of $1 runs ($2 of them); a task that fails or is rejected ends it at once, saying why.
+wait_running() {
+  local service=$1 want=$2 states running=0 i
+  for i in $(seq 1 240); do
+    # Every task so far (a rejected one is replaced, its desired state then "shutdown"): the stack is new.
+    states=$(docker service ps --no-trunc --format '{{.CurrentState}}|{{.Error}}' "$service" 2>/dev/null || true)
+    running=$(grep -c '^Running' <<<"$states" || true)
+    [ "$running" -ge "$want" ] && return 0
+    if grep -qE '^(Rejected|Failed)' <<<"$states"; then
+      say "a task of $service did not start: $(grep -E '^(Rejected|Failed)' <<<"$states" | head -1)"
+      docker service logs --raw "$service" 2>&1 | tail -20 >&2 || true
+      remove_stack 1
+    fi
+    sleep 0.5 & wait $!
+  done
+  say "$service: $running of $want task(s) running after 2 minutes: $(docker service ps --no-trunc --format '{{.CurrentState}} {{.Error}}' "$service" 2>&1 | head -1)"
+  remove_stack 1
+}
 service="${stack}_proxy"
-for i in $(seq 1 240); do
-  # Every task so far (a rejected one is replaced, its desired state then "shutdown"): the stack is new.
-  states=$(docker service ps --format '{{.CurrentState}}|{{.Error}}' "$service" 2>/dev/null || true)
-  running=$(grep -c '^Running' <<<"$states" || true)
-  [ "$running" -ge "$replicas" ] && break
-  if grep -qE '^(Rejected|Failed)' <<<"$states"; then
-    say "a proxy task did not start: $(grep -E '^(Rejected|Failed)' <<<"$states" | head -1)"
-    docker service logs --raw "$service" 2>&1 | tail -20 >&2 || true
-    remove_stack 1
-  fi
-  sleep 0.5 & wait $!
-done
-[ "$running" -ge "$replicas" ] || { say "the proxy's replicas were not running after 2 minutes"; remove_stack 1; }
+wait_running "$service" "$replicas"
+wait_running "${stack}_redis" 1
+[ "$publish" = mesh ] || wait_running "${stack}_edge" 1
 say "proxy listening on http://127.0.0.1:$DATALAB_PORT/ (and every node's addresses): $replicas replica(s) of $service"
 say "sign key: $DATALAB_SIGN_KEY"
 

@@ -102,6 +102,7 @@ install -m 0644 "$here/deploy/edge.py" "$layer/tree/opt/datalab/edge.py"
 cp "$tarball" "$layer/rootfs.tar"
 tar -C "$layer/tree" --owner=0 --group=0 --numeric-owner -rf "$layer/rootfs.tar" ./opt/datalab
 
+previous=$(docker image inspect -f '{{.Id}}' "$image" 2>/dev/null || true)
 step "docker import $tarball (+ addon) as $image ..."
 docker import \
   --change 'WORKDIR /opt/datalab' \
@@ -111,4 +112,8 @@ docker import \
   --change 'ENTRYPOINT ["/usr/bin/tini", "--", "/opt/datalab/entrypoint.sh"]' \
   --message "$comment" \
   "$layer/rootfs.tar" "$image" >&2
+# The image it replaces (each import is a new one; the addon changes often): removed unless a container uses it.
+if [ -n "$previous" ] && [ "$previous" != "$(docker image inspect -f '{{.Id}}' "$image")" ]; then
+  docker image rm "$previous" >/dev/null 2>&1 || true
+fi
 step "done: $image"

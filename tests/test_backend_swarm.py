@@ -5,6 +5,7 @@ container of the project's own image that joins the overlay, with the engine's s
 tree mounted, as the proxy runs inside the cluster; the rest runs from the host.
 """
 
+import asyncio
 import json
 import secrets
 import subprocess
@@ -133,7 +134,13 @@ async def test_start_put_file_poll_inventory_stop(engine):
         await backend.stop(instance.handle)
     assert await backend.poll(instance) is False
     assert managed(engine, backend) == [] and await backend.inventory() == []
-    await backend.stop(instance.handle)  # idempotent
+    assert len(engine.volumes.list(filters={"label": f"{LABEL_PREFIX}={backend.common.label_prefix}"})) == 2
+    for _ in range(150):  # the task's container goes a moment after its service (bounded wait, no timing asserted)
+        if not engine.containers.list(all=True, filters={"id": container.id}):
+            break
+        await asyncio.sleep(0.2)
+    await backend.stop(instance.handle)  # idempotent, and removes the in-memory volumes the task held
+    assert engine.volumes.list(filters={"label": f"{LABEL_PREFIX}={backend.common.label_prefix}"}) == []
 
 
 async def test_missing_image_fails_at_once_and_leaves_no_service(engine):
@@ -155,6 +162,13 @@ async def test_a_task_that_fails_fails_the_start_at_once(engine):
         await backend.start("i" * 32, "t0ken")
     assert not isinstance(raised.value, StartTimeout) and "failed" in raised.value.detail
     assert managed(engine, backend) == []
+    ours = {"label": f"{LABEL_PREFIX}={backend.common.label_prefix}"}
+    for _ in range(150):  # the task's container goes a moment after its service (bounded wait, no timing asserted)
+        if not engine.containers.list(all=True, filters=ours):
+            break
+        await asyncio.sleep(0.2)
+    await backend.stop("gone-" + secrets.token_hex(4))  # any later stop removes what the failed start's task held
+    assert engine.volumes.list(filters=ours) == []
 
 
 async def test_no_node_matching_the_constraint_fails_at_once(engine):

@@ -78,12 +78,19 @@ class SwarmOptions(DockerOptions):
             raise option_error("swarm_network", "must name an overlay network")
 
 
-def in_memory(target: str, options: str) -> Mount:
-    """A tmpfs at `target` with mount(2)'s own options, as a task's anonymous volume (removed with
-    its container). A service's tmpfs mount cannot do it on API 1.41: it has no uid option, and the
-    runtime resets its mode to the image directory's (root's 0755 for the working directory)."""
+def in_memory(target: str, name: str, options: str, labels: dict[str, str]) -> Mount:
+    """A tmpfs at `target` with mount(2)'s own options, as a task's volume of the local driver
+    (unmounted when its container ends; the engine keeps the empty volume until removed). It is
+    named: without a name, Swarm's executor and the engine would each make one. A service's
+    tmpfs mount cannot do it on API 1.41: it has no uid option, and the runtime resets its mode to
+    the image directory's (root's 0755 for the working directory)."""
     driver = DriverConfig("local", {"type": "tmpfs", "device": "tmpfs", "o": options})
-    return Mount(target, None, type="volume", no_copy=True, driver_config=driver, labels={LABEL_MANAGED: MANAGED_BY})
+    return Mount(target, name, type="volume", no_copy=True, driver_config=driver, labels=labels)
+
+
+def volume_names(service_name: str) -> tuple[str, str]:
+    """The names of a service's in-memory volumes (working directory, /tmp): found from its name alone."""
+    return f"{service_name}-work", f"{service_name}-tmp"
 
 
 def task_failure(task: dict[str, Any], image: str) -> BackendError | None:
@@ -157,6 +164,7 @@ class SwarmBackend(DockerBackend):
     def __init__(self, common: Common, opts: SwarmOptions):
         super().__init__(common, opts)
         self._network_id = ""
+        self._leftover: set[str] = set()  # volumes of removed services, in use when last tried
 
     @classmethod
     def probe(cls, options: SwarmOptions) -> tuple[bool, str]:
@@ -177,6 +185,7 @@ class SwarmBackend(DockerBackend):
         await self._manager()
         await self._image_id()
         await self.network()
+        await self._sweep_volumes()
 
     async def _manager(self) -> None:
         client = await self.client()
@@ -269,9 +278,12 @@ class SwarmBackend(DockerBackend):
         )
         resources["Limits"]["Pids"] = self.common.pids_limit  # API 1.41; the SDK has no argument for it
         labels = {LABEL_MANAGED: MANAGED_BY, LABEL_PREFIX: self.common.label_prefix, LABEL_INSTANCE: instance_id}
+        owner = {LABEL_MANAGED: MANAGED_BY, LABEL_PREFIX: self.common.label_prefix}
+        name = f"datalab-{secrets.token_hex(8)}"  # says nothing of the instance id (DNS answers with it)
+        work, tmp = volume_names(name)
         return dict(
             image=image,
-            name=f"datalab-{secrets.token_hex(8)}",  # says nothing of the instance id (DNS answers with it)
+            name=name,
             env=[f"{AUTH_ENV}={token}"],
             labels=labels,
             container_labels=labels,
@@ -281,8 +293,8 @@ class SwarmBackend(DockerBackend):
             constraints=[self.opts.swarm_constraint] if self.opts.swarm_constraint else None,
             read_only=True,
             mounts=[
-                in_memory(WORK_DIR, f"size={disk},uid={USER_UID},gid={USER_UID},mode=0700,nosuid,nodev"),
-                in_memory("/tmp", f"size={disk},mode=1777,nosuid,nodev"),
+                in_memory(WORK_DIR, work, f"size={disk},uid={USER_UID},gid={USER_UID},mode=0700,nosuid,nodev", owner),
+                in_memory("/tmp", tmp, f"size={disk},mode=1777,nosuid,nodev", owner),
             ],
             resources=resources,
             cap_drop=["ALL"],
@@ -326,5 +338,28 @@ class SwarmBackend(DockerBackend):
                 log.error("datalab: refusing to remove service %s: not one of ours", service_id[:12])
                 return
             await self._call(service.remove)
+            self._leftover |= set(volume_names(service.name))
         except docker.errors.NotFound:
             pass  # already gone: that is what stop wants
+        self._leftover = await self._remove_volumes(self._leftover)
+
+    async def _remove_volumes(self, names: set[str] | list[str]) -> set[str]:
+        """Remove these volumes; those still in use (a task's container goes a moment after its
+        service) are returned, for the next stop to remove."""
+        client = await self.client()
+        kept = set()
+        for name in names:
+            try:
+                volume = await self._call(client.volumes.get, name)
+                await self._call(volume.remove)
+            except docker.errors.NotFound:
+                pass
+            except BackendError:  # in use (409): its container is on its way out
+                kept.add(name)
+        return kept
+
+    async def _sweep_volumes(self) -> None:
+        """What a crashed proxy's instances left (volume prune leaves these volumes alone on 20.10)."""
+        client = await self.client()
+        volumes = await self._call(client.volumes.list, filters={"label": self._ours})
+        await self._remove_volumes([v.name for v in volumes])

@@ -165,6 +165,7 @@ class SwarmBackend(DockerBackend):
         super().__init__(common, opts)
         self._network_id = ""
         self._leftover: set[str] = set()  # volumes of removed services, in use when last tried
+        self._swept = False
 
     @classmethod
     def probe(cls, options: SwarmOptions) -> tuple[bool, str]:
@@ -185,7 +186,9 @@ class SwarmBackend(DockerBackend):
         await self._manager()
         await self._image_id()
         await self.network()
-        await self._sweep_volumes()
+        if not self._swept:  # once per process: check() also answers health probes
+            await self._sweep_volumes()
+            self._swept = True
 
     async def _manager(self) -> None:
         client = await self.client()

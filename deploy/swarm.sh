@@ -47,7 +47,12 @@ mkdir -p "$dir" && chmod 700 "$dir"
 # One run.sh per stack: a second would update the first's stack, then remove it when it ends.
 exec 9>"$dir/$stack.lock"
 flock -n 9 || die "another run.sh --swarm already runs the stack $stack (lock $dir/$stack.lock): set DATALAB_STACK"
-! (exec 3<>"/dev/tcp/127.0.0.1/$DATALAB_PORT") 2>/dev/null || die "port $DATALAB_PORT is taken: set DATALAB_PORT"
+# A stack of that name left by a run.sh killed outright is taken over (updated, then removed at the end).
+if docker stack ls --format '{{.Name}}' 2>/dev/null | grep -qx "$stack"; then
+  say "the stack $stack is deployed already (a run.sh killed outright?): taking it over"
+else
+  ! (exec 3<>"/dev/tcp/127.0.0.1/$DATALAB_PORT") 2>/dev/null || die "port $DATALAB_PORT is taken: set DATALAB_PORT"
+fi
 
 ensure_packages
 ensure_venv

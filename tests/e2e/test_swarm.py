@@ -95,6 +95,20 @@ class Stack:
         instances = client.services.list(filters={"label": f"datalab.prefix={self.prefix}"})
         return stack + instances
 
+    def remove_volume(self, client: docker.DockerClient) -> None:
+        """The stack's Redis volume (a stack's removal keeps it), once its container is gone."""
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                client.volumes.get(f"{self.name}_redis-data").remove()
+                return
+            except docker.errors.NotFound:
+                return
+            except docker.errors.APIError:  # still in use by a container being removed
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+
     def proxy_containers(self, client: docker.DockerClient) -> list:
         return client.containers.list(filters={"label": f"com.docker.swarm.service.name={self.name}_proxy"})
 
@@ -111,7 +125,7 @@ def stack(docker_client, tmp_path_factory):
         yield s
     finally:
         s.terminate()
-        subprocess.run(["docker", "volume", "rm", f"{s.name}_redis-data"], capture_output=True, check=False)
+        s.remove_volume(docker_client)
 
 
 @pytest.fixture(scope="module")

@@ -301,6 +301,7 @@ class SwarmBackend(DockerBackend):
             ],
             resources=resources,
             cap_drop=["ALL"],
+            stop_grace_period=10**9,  # 1 s, in ns: a stopped instance is discarded (Docker's is killed at once)
         )
 
     async def could_have_given(self, host: str, port: int) -> bool:
@@ -318,6 +319,7 @@ class SwarmBackend(DockerBackend):
 
     async def inventory(self) -> list[Found]:
         client = await self.client()
+        self._leftover = await self._remove_volumes(self._leftover)  # each reconciliation round, too
         found = await self._call(client.services.list, filters={"label": self._ours}, status=True)
         return [
             Found(

@@ -60,9 +60,16 @@ async def serve(service: str, port: int, client_r: asyncio.StreamReader, client_
         log.warning("edge: %s", e)
         client_w.close()
         return
-    await asyncio.gather(pipe(client_r, upstream_w), pipe(upstream_r, client_w))
-    upstream_w.close()
-    client_w.close()
+    # The replica bounds a connection (its idle timeout) and its end is the connection's end: the
+    # client's side is then cut too, not waited on (a silent or vanished client would hold both
+    # sockets forever). A client's end only half-closes: the replica's answer still comes back.
+    inbound = asyncio.create_task(pipe(client_r, upstream_w))
+    try:
+        await pipe(upstream_r, client_w)
+    finally:
+        inbound.cancel()
+        upstream_w.close()
+        client_w.close()
 
 
 async def main(listen_port: int, service: str, port: int) -> None:

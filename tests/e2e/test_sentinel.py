@@ -6,27 +6,18 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 import redis as redis_sync
 
 from e2e.proxy import Browser
+from e2e.test_lifecycle import wait_until
 from helpers import free_port
 from helpers import wait_for_port
 
 SERVICE = "datalab"
 CSV = b"x,y\n1,2\n"
-
-
-def wait_until(check, what: str, timeout: float = 60.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := check():
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
 
 
 def error_of(r) -> str:

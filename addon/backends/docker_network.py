@@ -90,17 +90,29 @@ def ensure_network(client: docker.DockerClient, name: str, egress: bool) -> Inst
         problems.append("its egress setting differs")
     if options.get("com.docker.network.bridge.enable_icc") != "false":
         problems.append("it lets containers reach each other")
+    refuse_unconfined(name, problems)
+    bridge = options.get("com.docker.network.bridge.name") or bridge_name(name)
+    return InstanceNetwork(name, bridge, *subnet_and_gateway(name, attrs), egress)
+
+
+def refuse_unconfined(name: str, problems: list[str]) -> None:
+    """A network found not confined as asked is never used: the operator removes it."""
     if problems:
         raise BackendError(
             "the instance network is not confined as required",
             f"Docker network {name}: {', '.join(problems)}; remove it (docker network rm {name})",
         )
+
+
+def subnet_and_gateway(
+    name: str, attrs: dict
+) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ipaddress.IPv4Address | ipaddress.IPv6Address | None]:
+    """The network's subnet and the host's (or the overlay's) own address on it, from its inspect data."""
     config = (attrs.get("IPAM") or {}).get("Config") or []
     if not config or not config[0].get("Subnet"):
         raise BackendError("the instance network has no subnet", f"Docker network {name} has no IPAM subnet")
-    bridge = options.get("com.docker.network.bridge.name") or bridge_name(name)
     gateway = ipaddress.ip_address(config[0]["Gateway"]) if config[0].get("Gateway") else None
-    return InstanceNetwork(name, bridge, ipaddress.ip_network(config[0]["Subnet"]), gateway, egress)
+    return ipaddress.ip_network(config[0]["Subnet"]), gateway
 
 
 def close_host_to(net: InstanceNetwork) -> None:

@@ -15,7 +15,6 @@ tmpfs mount's uid (so the in-memory mounts are anonymous volumes of the local dr
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import secrets
 import time
@@ -52,6 +51,8 @@ from backends.docker_engine import DockerOptions
 from backends.docker_network import LABEL_MANAGED
 from backends.docker_network import MANAGED_BY
 from backends.docker_network import InstanceNetwork
+from backends.docker_network import refuse_unconfined
+from backends.docker_network import subnet_and_gateway
 
 log = logging.getLogger(__name__)
 
@@ -143,16 +144,8 @@ def ensure_overlay(client: docker.DockerClient, name: str) -> tuple[str, Instanc
         )
         if bad
     ]
-    if problems:
-        raise BackendError(
-            "the instance network is not confined as required",
-            f"Docker network {name}: {', '.join(problems)}; remove it (docker network rm {name})",
-        )
-    config = (attrs.get("IPAM") or {}).get("Config") or []
-    if not config or not config[0].get("Subnet"):
-        raise BackendError("the instance network has no subnet", f"Docker network {name} has no IPAM subnet")
-    gateway = ipaddress.ip_address(config[0]["Gateway"]) if config[0].get("Gateway") else None
-    return net.id, InstanceNetwork(name, "", ipaddress.ip_network(config[0]["Subnet"]), gateway, False)
+    refuse_unconfined(name, problems)
+    return net.id, InstanceNetwork(name, "", *subnet_and_gateway(name, attrs), False)
 
 
 class SwarmBackend(DockerBackend):

@@ -20,6 +20,7 @@ from backends import BackendError
 from backends import Common
 from backends import Found
 from backends import ImageMissing
+from backends import Instance
 from backends import StartTimeout
 from backends.local_process import GENERATION
 from backends.local_process import UID_BASE
@@ -50,6 +51,11 @@ def as_user(uid: int, *command: str, cwd: Path, check: bool = True) -> subproces
     setpriv = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups"]
     quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}  # (a daemon it starts holds no pipe)
     return subprocess.run([*setpriv, *command], cwd=cwd, check=check, **quiet)
+
+
+def server_pid(backend: ProcessBackend, instance: Instance) -> int:
+    """The instance's server process, as its pid file names it ("<pid> <start time>")."""
+    return int((backend.family / f"{instance.handle}.pid").read_text().split()[0])
 
 
 def processes_of(uid: int) -> list[str]:
@@ -94,7 +100,7 @@ async def test_start_put_file_poll_inventory_stop(places):
         assert await backend.inventory() == [Found(instance.id, instance.handle, True)]
         assert await backend.poll(instance) is True
 
-        pid = int((backend.family / f"{instance.handle}.pid").read_text())
+        pid = server_pid(backend, instance)
         uid = home.stat().st_uid
         assert uid >= UID_BASE and (uid - UID_BASE - instance.port) % GENERATION == 0
         assert os.stat(f"/proc/{pid}").st_uid == uid and (home / "work").stat().st_uid == uid
@@ -223,13 +229,31 @@ async def test_an_exited_instance_is_reported(places):
     instance = await backend.start(secrets.token_urlsafe(16), "t0ken")
     exits = backend.exits()
     try:
-        os.kill(int((backend.family / f"{instance.handle}.pid").read_text()), 9)
+        os.kill(server_pid(backend, instance), 9)
         assert await asyncio.wait_for(anext(exits), 10) == instance.id
         assert await backend.poll(instance) is False
         assert await backend.inventory() == [Found(instance.id, instance.handle, False)]
     finally:
         await backend.stop(instance.handle)
     assert await backend.inventory() == []
+
+
+async def test_a_starting_instance_is_never_taken_for_gone(places):
+    """From the moment its server is spawned, poll says it runs: while the server execs (setpriv,
+    prlimit, Python) its command line reads empty, and a poll that went by it failed starts at random
+    ("the instance exited while starting") and would have had reconciliation end a live instance."""
+    backend = make(places)
+    for _ in range(5):  # (the window is a few milliseconds: one start in a few fell into it)
+        handle = secrets.token_urlsafe(16)
+        starting = asyncio.create_task(backend.start(handle, "t0ken"))
+        seen = []
+        while not starting.done():
+            if (backend.family / f"{handle}.pid").exists():
+                seen.append(await backend.poll(Instance(handle, "process", handle, "127.0.0.1", 0, "", 0.0, "")))
+            await asyncio.sleep(0)
+        instance = await starting
+        await backend.stop(instance.handle)
+        assert seen and all(seen), f"{seen.count(False)} of {len(seen)} polls said a starting instance was gone"
 
 
 async def test_handles_from_elsewhere_are_refused(places):

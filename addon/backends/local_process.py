@@ -3,8 +3,10 @@ without a Docker engine (as JupyterHub's LocalProcessSpawner).
 
 An instance lives in a directory of its own, `<datalab_process_dir>/<family>/<instance id>/`: its
 `work/` is the notebook's working directory, the rest is Jupyter's and IPython's state. Beside it,
-`<instance id>.pid` names its server process: in the family directory, which only the proxy writes
-(the instance's user owns its directory and may put anything there, a FIFO named `pid` included).
+`<instance id>.pid` names its server process (pid and start time: a pid is reused once its process
+is gone, a start time is not, and neither changes when the process execs): in the family directory,
+which only the proxy writes (the instance's user owns its directory and may put anything there, a
+FIFO named `pid` included).
 The directory is the record the engine would keep, so a restarted proxy finds (and reconciliation
 removes) what an earlier one left.
 
@@ -70,6 +72,7 @@ GENERATIONS = 32_000  # random parts: every id stays below 2**31
 PORT_TRIES = 3  # ports tried when the one picked was taken meanwhile (another proxy's start)
 STOP_GRACE = 3.0  # seconds between SIGTERM and SIGKILL
 OPEN_FILES = 4096
+START_TIME = 19  # /proc/<pid>/stat's field 22 (start time), in _stat's list
 _ID = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 
@@ -184,13 +187,17 @@ class ProcessBackend(Backend):
                     group=uid,
                     extra_groups=[] if uid is not None else None,
                 )
-            self._pid_file(instance_id).write_text(str(proc.pid))
+            self._pid_file(instance_id).write_text(f"{proc.pid} {_start_time(proc.pid)}")
             self._children[instance_id] = proc
             reaper = asyncio.get_running_loop().create_task(self._reap(instance_id, proc))
             self._reapers.add(reaper)
             reaper.add_done_callback(self._reapers.discard)
             instance = Instance(instance_id, self.name, instance_id, HOST, port, "", time.time(), token)
-            await wait_ready(instance, self.common.start_timeout, lambda: self.poll(instance))
+            try:
+                await wait_ready(instance, self.common.start_timeout, lambda: self.poll(instance))
+            except BackendError as e:
+                e.detail = f"{e.detail} jupyter.log ends: {_tail(home / 'jupyter.log')!r}".lstrip()
+                raise
             if uid is not None and await asyncio.to_thread(_listeners, port) != {uid}:
                 raise BackendError("another process answered on the instance's port", f"port {port}")
             return instance
@@ -289,18 +296,17 @@ class ProcessBackend(Backend):
         return self.family / f"{handle}.pid"
 
     def _pid(self, handle: str) -> int | None:
-        """The instance's server process, if it still runs: the pid file's process, checked to be the
-        server started for this directory (a pid is reused once its process is gone)."""
-        home = self._home(handle)
-        if home is None:
+        """The instance's server process, if it still runs: the pid file's process, checked by its start
+        time to be the one started (a pid is reused once its process is gone). Not by its command line:
+        that reads empty while the process execs (setpriv, prlimit, then Python), a live server then."""
+        if self._home(handle) is None:
             return None
         try:
-            pid = int(self._pid_file(handle).read_text())
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-            state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
-        except (OSError, ValueError):
-            return None
-        if f"--ServerApp.root_dir={home / 'work'}".encode() not in cmdline or state in ("Z", "X"):
+            pid, started = map(int, self._pid_file(handle).read_text().split())
+            fields = _stat(pid)
+            if int(fields[START_TIME]) != started or fields[0] in ("Z", "X"):
+                return None
+        except (OSError, ValueError, IndexError):
             return None
         return pid
 
@@ -364,6 +370,26 @@ def instance_uid(port: int) -> int:
     return UID_BASE + GENERATION * secrets.randbelow(GENERATIONS) + port
 
 
+def _stat(pid: int) -> list[str]:
+    """/proc/<pid>/stat's fields from the state on (the command name before it may hold spaces)."""
+    return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+
+
+def _start_time(pid: int) -> int:
+    """When the process started, in clock ticks since boot."""
+    return int(_stat(pid)[START_TIME])
+
+
+def _tail(log: Path, size: int = 600) -> str:
+    """The end of an instance's log: why its server exited, for the proxy's log (not the client)."""
+    try:
+        with log.open("rb") as f:
+            f.seek(max(0, log.stat().st_size - size))
+            return f.read().decode(errors="replace")
+    except OSError:
+        return ""
+
+
 def _listeners(port: int) -> set[int]:
     """The user ids of the sockets listening on `port`, at any address. What answered a start must be
     the instance's own user: the port was free when picked, and anyone on the host may take it
@@ -387,9 +413,9 @@ def _mem_total() -> int:
 
 def _group_alive(pgid: int) -> bool:
     """Whether any live process (not a zombie) is in the process group."""
-    for stat in Path("/proc").glob("[0-9]*/stat"):
+    for stat in Path("/proc").glob("[0-9]*"):
         with contextlib.suppress(OSError, ValueError, IndexError):
-            fields = stat.read_text().rpartition(")")[2].split()
+            fields = _stat(int(stat.name))
             if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
                 return True
     return False

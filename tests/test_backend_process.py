@@ -8,6 +8,7 @@ import os
 import secrets
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -270,21 +271,35 @@ async def test_handles_from_elsewhere_are_refused(places):
 
 
 def test_the_local_redis_keeps_its_data_from_instances(places):
-    """Redis snapshots and append-only files hold every instance's secret: the Redis run.sh starts
-    (ensure_redis) keeps them where an instance's user (any uid but root's) cannot read them."""
+    """Redis holds every instance's secret and route. The Redis run.sh starts (ensure_redis) keeps
+    its snapshot and append-only file where an instance's user (any uid but root's) cannot read them,
+    and answers nobody without its password, which that user cannot read either; the proxy's own
+    scripts, given the plain loopback URL, find it."""
     probe = socket.socket()
     probe.bind(("127.0.0.1", 0))
     port = probe.getsockname()[1]
     probe.close()
     root = Path(__file__).resolve().parents[1]
     state = places / f"state-{port}"
-    script = f". scripts/setup.sh && ensure_redis redis://127.0.0.1:{port}/0 && redis-cli -p {port} save"
+    data = state / "redis" / str(port)  # each port its own directory
     env = {**os.environ, "ROOT": str(root), "DATALAB_STATE": str(state)}
+    url = f"redis://127.0.0.1:{port}/0"
+    redis_cli, password = ["redis-cli", "-p", str(port)], ""
     try:
-        subprocess.run(["bash", "-c", script], cwd=root, env=env, check=True, capture_output=True)
-        data = state / "redis" / str(port)  # each port its own directory
-        for name in ("dump.rdb", "appendonlydir/appendonly.aof.manifest"):  # the snapshot and the append-only file
+        subprocess.run(["bash", "-c", f". scripts/setup.sh && ensure_redis {url}"], cwd=root, env=env, check=True)
+        password = (data / "password").read_text()
+        saved = subprocess.run([*redis_cli, "save"], env={"REDISCLI_AUTH": password}, capture_output=True)
+        assert saved.stdout == b"OK\n"
+        for name in ("dump.rdb", "appendonlydir/appendonly.aof.manifest", "password"):
             assert (data / name).exists()
             assert as_user(UID_BASE + port, "cat", str(data / name), cwd=root, check=False).returncode
+        instance_user = ["setpriv", f"--reuid={UID_BASE + port}", f"--regid={UID_BASE + port}", "--clear-groups"]
+        as_instance = subprocess.run([*instance_user, *redis_cli, "keys", "*"], capture_output=True, text=True)
+        assert "NOAUTH" in as_instance.stdout + as_instance.stderr
+        assert password not in subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+
+        admin = [sys.executable, str(root / "scripts" / "datalab-admin.py"), "--redis-url", url, "list"]
+        listed = subprocess.run(admin, env={**env, "DATALAB_BACKEND": "process"}, capture_output=True, text=True)
+        assert listed.returncode == 0, listed.stderr
     finally:
-        subprocess.run(["redis-cli", "-p", str(port), "shutdown", "nosave"], capture_output=True)
+        subprocess.run([*redis_cli, "shutdown", "nosave"], env={"REDISCLI_AUTH": password}, capture_output=True)

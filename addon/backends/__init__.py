@@ -16,6 +16,7 @@ import abc
 import asyncio
 import base64
 import json
+import os
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -24,10 +25,13 @@ from collections.abc import Callable
 from dataclasses import asdict
 from dataclasses import dataclass
 from dataclasses import field
+from pathlib import Path
 from typing import Any
 from typing import ClassVar
 from urllib.parse import quote
 
+ROOT = Path(__file__).resolve().parents[2]  # the repository
+STATE = Path(os.environ.get("DATALAB_STATE") or ROOT / ".state")  # this machine's state (scripts/setup.sh)
 MAX_ANSWER = 1 << 20  # bytes of an instance's answer to the proxy's own requests (status, kernels, contents)
 CONTENTS_CHUNK = 4 << 20  # bytes per contents-API request (Jupyter holds each whole, base64 and all)
 

@@ -50,6 +50,8 @@ from hashlib import sha256
 from pathlib import Path
 
 from backends import AUTH_ENV
+from backends import ROOT
+from backends import STATE
 from backends import Backend
 from backends import BackendError
 from backends import Common
@@ -62,8 +64,6 @@ from backends import option_error
 from backends import put_via_contents
 from backends import wait_ready
 
-ROOT = Path(__file__).resolve().parents[2]  # the repository
-STATE = Path(os.environ.get("DATALAB_STATE") or ROOT / ".state")
 JUPYTER_CONFIG = ROOT / "image" / "jupyter_server_config.py"  # the image's own settings
 HOST = "127.0.0.1"
 UID_BASE = 200_000  # as root, an instance's user id is UID_BASE + GENERATION * random + its port

@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 
 import pytest
 import requests
+from selenium.common.exceptions import StaleElementReferenceException
 from selenium.common.exceptions import TimeoutException
 from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
@@ -107,14 +108,23 @@ class DemoPage:
         return screenshot(self.driver, f"{name}-{self.backend}")
 
 
-def wait(driver: WebDriver) -> WebDriverWait:
-    return WebDriverWait(driver, UI_WAIT, poll_frequency=0.25)
+STALE = [StaleElementReferenceException]  # JupyterLab re-renders what a wait found: look it up again
+
+
+def wait(driver: WebDriver, timeout: float = UI_WAIT, poll: float = 0.25) -> WebDriverWait:
+    return WebDriverWait(driver, timeout, poll_frequency=poll, ignored_exceptions=STALE)
 
 
 def visible(driver: WebDriver, css: str) -> WebElement:
     return wait(driver).until(
         lambda d: next((e for e in d.find_elements(By.CSS_SELECTOR, css) if e.is_displayed()), None)
     )
+
+
+def click(driver: WebDriver, css: str) -> None:
+    """Click what `css` shows; if it is re-rendered before the click lands (a new notebook's cell is
+    replaced once its model loads), the new one."""
+    wait(driver).until(lambda d: visible(d, css).click() or True)
 
 
 def showing(driver: WebDriver, css: str, text: str) -> WebElement:
@@ -129,15 +139,16 @@ def type_and_run(driver: WebDriver, lines: list[str]) -> None:
     stays active) until its prompt shows it taken ([*] or its number). A run before the page has its
     kernel connection is dropped (the prompt stays [ ]), and no page element tells that moment: the
     execution indicator says "idle" from the start, before any kernel status arrives."""
-    cell = visible(driver, ".jp-CodeCell.jp-mod-active")
-    cell.find_element(By.CSS_SELECTOR, ".cm-content").click()
+    active = ".jp-CodeCell.jp-mod-active"
+    click(driver, f"{active} .cm-content")
     driver.switch_to.active_element.send_keys(Keys.ENTER.join(lines))
-    prompt = cell.find_element(By.CSS_SELECTOR, ".jp-InputArea-prompt")
 
     def taken(_) -> bool:
         ActionChains(driver).key_down(Keys.CONTROL).send_keys(Keys.ENTER).key_up(Keys.CONTROL).perform()
         try:  # a run that is taken shows [*] at once; a dropped one never does
-            return WebDriverWait(driver, RUN_SEEN, poll_frequency=0.1).until(lambda _: prompt.text.strip("[]: "))
+            return wait(driver, RUN_SEEN, 0.1).until(
+                lambda d: d.find_element(By.CSS_SELECTOR, f"{active} .jp-InputArea-prompt").text.strip("[]: ")
+            )
         except TimeoutException:
             return False
 
@@ -180,7 +191,7 @@ def test_notebook_cell_runs_and_is_saved(open_demo, tmp_path):
     assert (url.netloc, url.path) == (urlsplit(proxy.base).netloc, "/notebooks/analysis.ipynb")
     driver = page.driver
     showing(driver, ".jp-MarkdownOutput", "Uploaded through the demo")  # the uploaded notebook, rendered
-    visible(driver, ".jp-Notebook-footer").click()  # "Click to add a cell": a code cell
+    click(driver, ".jp-Notebook-footer")  # "Click to add a cell": a code cell
     type_and_run(driver, ["print(6 * 7)"])
     showing(driver, ".jp-OutputArea-output", "42")
     ActionChains(driver).key_down(Keys.CONTROL).send_keys("s").key_up(Keys.CONTROL).perform()
@@ -210,8 +221,8 @@ def test_csv_is_plotted_in_a_new_notebook(open_demo, tmp_path):
     assert urlsplit(page.enter_lab()).path == "/lab/tree/squares.csv"
     driver = page.driver
     visible(driver, ".jp-CSVViewer")  # JupyterLab shows the upload as a table
-    visible(driver, 'jp-button[data-command="launcher:create"]').click()
-    visible(driver, '.jp-LauncherCard[data-category="Notebook"]').click()
+    click(driver, 'jp-button[data-command="launcher:create"]')
+    click(driver, '.jp-LauncherCard[data-category="Notebook"]')
     type_and_run(driver, PLOT)
     plot = visible(driver, '.jp-OutputArea-output img[src^="data:image/png"]')
     assert plot.size["width"] > 100 and plot.size["height"] > 100

@@ -139,7 +139,21 @@ fi
 layer=$(mktemp -d /var/tmp/datalab-config.XXXXXX)
 trap 'rm -rf "$layer"' EXIT
 install -D -m 0644 "$here/image/jupyter_server_config.py" "$layer/tree/etc/jupyter/jupyter_server_config.py"
-cp "$tarball" "$layer/rootfs.tar"
+# The copy holds no set-uid or set-gid file (su, passwd, mount...): a Swarm service on API 1.41
+# cannot ask for no-new-privileges, and such a program would run as uid 0 there. Done on the copy,
+# so the cached rootfs (and its key) stay as they are.
+python3 - "$tarball" "$layer/rootfs.tar" <<'PY'
+import sys
+import tarfile
+
+with tarfile.open(sys.argv[1]) as src, tarfile.open(sys.argv[2], "w", format=tarfile.GNU_FORMAT) as dst:
+    for member in src:
+        data = src.extractfile(member) if member.isreg() else None
+        if member.isreg():
+            member.mode &= ~0o6000
+            member.type = tarfile.REGTYPE  # (a sparse entry is written out whole)
+        dst.addfile(member, data)
+PY
 tar -C "$layer/tree" --owner=0 --group=0 --numeric-owner -rf "$layer/rootfs.tar" ./etc/jupyter
 
 step "docker import $tarball (+ configuration) as $image ..."

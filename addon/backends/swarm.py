@@ -7,9 +7,10 @@ crashed instance stays gone, as with Docker), the Docker backend's labels, limit
 an optional placement constraint, and no published port (publishing would attach the task to
 ingress and docker_gwbridge, i.e. give it a way out). The image is referenced by its ID, so no node
 ever pulls it: a node without it rejects the task ("No such image"), which fails the start at once.
-What an engine of API 1.41 (Docker 20.10) cannot set on a service: no-new-privileges (a set-uid
-program still becomes uid 0, though with no capability: README says the daemon-wide remedy), and a
-tmpfs mount's uid (so the in-memory mounts are anonymous volumes of the local driver, see in_memory).
+What an engine of API 1.41 (Docker 20.10) cannot set on a service: no-new-privileges (so the image
+holds no set-uid or set-gid program: scripts/build-image.sh clears those bits; an operator's own image
+must too, or set it daemon-wide), and a tmpfs mount's uid (so the in-memory mounts are anonymous
+volumes of the local driver, see in_memory).
 """
 
 from __future__ import annotations

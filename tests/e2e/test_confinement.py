@@ -130,7 +130,7 @@ def test_no_egress_by_default_as_the_network_settings_show(proxy, world):
     assert any(f"-i {bridge}" in r and f"! -d {subnet}" in r and r.endswith("-j DROP") for r in rules.splitlines())
 
 
-def test_the_file_system_is_read_only_but_for_bounded_work_and_tmp(make_proxy, world):
+def test_the_file_system_is_read_only_but_for_bounded_work_and_tmp_and_has_no_set_uid_program(make_proxy, world):
     prefix = world.sub("disk")
     p = make_proxy(prefix=prefix, datalab_disk_limit="8m")
     browser = Browser(p)
@@ -149,7 +149,11 @@ def write(path, size):
     except OSError as e:
         return errno.errorcode[e.errno]
 root = [l.split() for l in open("/proc/mounts") if l.split()[1] == "/"][-1][3].split(",")[0]
+def set_id(top):
+    paths = (os.path.join(d, f) for d, _, files in os.walk(top) for f in files)
+    return [p for p in paths if not os.path.islink(p) and os.lstat(p).st_mode & 0o6000]
 print(json.dumps({
+    "set_id_programs": set_id("/usr") + set_id("/opt"),
     "root": root,
     "home": write("/home/datalab/x", 65536),
     "etc": write("/etc/x", 65536),
@@ -161,6 +165,7 @@ print(json.dumps({
 """,
     )
     assert seen == {
+        "set_id_programs": [],  # (su, passwd...: on Swarm, which cannot ask for no-new-privileges, uid 0)
         "root": "ro",
         "home": "EROFS",
         "etc": "EROFS",

@@ -174,8 +174,11 @@ port=${DATALAB_PORT:-8080}
 # One run.sh per address: workers share their port with any process that asks (SO_REUSEPORT), so a
 # second run.sh on it would silently serve beside the first. The lock is held for as long as the
 # proxy's processes live (they inherit it).
-exec 9>"$STATE/port-$host-$port.lock"
-flock -n 9 || die "another run.sh already serves $host:$port (lock $STATE/port-$host-$port.lock)"
+# (Their files stay, empty, in $STATE/locks: removing one another run.sh may hold would split the lock.)
+mkdir -p "$STATE/locks"
+rm -f "$STATE"/port-*.lock  # (where they piled up before)
+exec 9>"$STATE/locks/port-$host-$port.lock"
+flock -n 9 || die "another run.sh already serves $host:$port (lock $STATE/locks/port-$host-$port.lock)"
 if [ ${#tls_args[@]} -gt 0 ]; then
   say "proxy listening on https://$host:$port/ and, on the same port, http://$host:$port/  (Redis: $DATALAB_REDIS_URL)"
   say "TLS certificate for: $tls_names  (from $DATALAB_TLS_CERT; combined into $tls_file)"

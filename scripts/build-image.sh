@@ -149,8 +149,9 @@ import tarfile
 with tarfile.open(sys.argv[1]) as src, tarfile.open(sys.argv[2], "w", format=tarfile.GNU_FORMAT) as dst:
     for member in src:
         data = src.extractfile(member) if member.isreg() else None
-        if member.isreg():
+        if not member.isdir():  # (a hard link's entry carries a mode too, which import applies)
             member.mode &= ~0o6000
+        if member.isreg():
             member.type = tarfile.REGTYPE  # (a sparse entry is written out whole)
         dst.addfile(member, data)
 PY

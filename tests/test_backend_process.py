@@ -12,6 +12,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -262,6 +263,23 @@ async def test_a_starting_instance_is_never_taken_for_gone(places):
             await starting
         assert seen and all(seen), f"{seen.count(False)} of {len(seen)} polls said a starting instance was gone"
     assert await backend.inventory() == []
+
+
+async def test_a_server_is_known_by_its_pid_start_time_and_boot(places):
+    """A pid file that names another process (a pid reused, or pid and start time recurring after a
+    reboot, which instance directories survive) names no running instance: stop signals no stranger."""
+    backend = make(places)
+    instance = await backend.start(secrets.token_urlsafe(16), "t0ken")
+    noted = backend.family / f"{instance.handle}.pid"
+    pid, started, boot = noted.read_text().split()
+    try:
+        for other in (f"{pid} {int(started) + 1} {boot}", f"{pid} {started} {uuid.uuid4()}", f"1 {started} {boot}"):
+            noted.write_text(other)
+            assert await backend.poll(instance) is False, other
+        noted.write_text(f"{pid} {started} {boot}")
+        assert await backend.poll(instance) is True
+    finally:
+        await backend.stop(instance.handle)
 
 
 async def test_handles_from_elsewhere_are_refused(places):

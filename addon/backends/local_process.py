@@ -3,8 +3,8 @@ without a Docker engine (as JupyterHub's LocalProcessSpawner).
 
 An instance lives in a directory of its own, `<datalab_process_dir>/<family>/<instance id>/`: its
 `work/` is the notebook's working directory, the rest is Jupyter's and IPython's state. Beside it,
-`<instance id>.pid` names its server process (pid and start time: a pid is reused once its process
-is gone, a start time is not, and neither changes when the process execs): in the family directory,
+`<instance id>.pid` names its server process (pid, start time and boot: a pid is reused once its
+process is gone, a start time is not, and none changes when the process execs): in the family directory,
 which only the proxy writes (the instance's user owns its directory and may put anything there, a
 FIFO named `pid` included).
 The directory is the record the engine would keep, so a restarted proxy finds (and reconciliation
@@ -73,6 +73,7 @@ PORT_TRIES = 3  # ports tried when the one picked was taken meanwhile (another p
 STOP_GRACE = 3.0  # seconds between SIGTERM and SIGKILL
 OPEN_FILES = 4096
 START_TIME = 19  # /proc/<pid>/stat's field 22 (start time), in _stat's list
+BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
 _ID = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 
@@ -187,7 +188,7 @@ class ProcessBackend(Backend):
                     group=uid,
                     extra_groups=[] if uid is not None else None,
                 )
-            self._pid_file(instance_id).write_text(f"{proc.pid} {_start_time(proc.pid)}")
+            self._pid_file(instance_id).write_text(_identity(proc.pid))
             self._children[instance_id] = proc
             reaper = asyncio.get_running_loop().create_task(self._reap(instance_id, proc))
             self._reapers.add(reaper)
@@ -302,9 +303,9 @@ class ProcessBackend(Backend):
         if self._home(handle) is None:
             return None
         try:
-            pid, started = map(int, self._pid_file(handle).read_text().split())
-            fields = _stat(pid)
-            if int(fields[START_TIME]) != started or fields[0] in ("Z", "X"):
+            noted = self._pid_file(handle).read_text()
+            pid = int(noted.split()[0])
+            if _identity(pid) != noted or _stat(pid)[0] in ("Z", "X"):
                 return None
         except (OSError, ValueError, IndexError):
             return None
@@ -375,9 +376,11 @@ def _stat(pid: int) -> list[str]:
     return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
 
 
-def _start_time(pid: int) -> int:
-    """When the process started, in clock ticks since boot."""
-    return int(_stat(pid)[START_TIME])
+def _identity(pid: int) -> str:
+    """What names a process for good: its pid, start time (clock ticks since boot) and the boot's id.
+    A pid is reused once its process is gone; pid and start time may recur after a reboot, which
+    instance directories survive (a stop must never signal a stranger)."""
+    return f"{pid} {_stat(pid)[START_TIME]} {BOOT_ID.read_text().strip()}"
 
 
 def _tail(log: Path, size: int = 600) -> str:

@@ -24,7 +24,7 @@
 #   DATALAB_LISTEN_HOST     address to listen on (default 127.0.0.1)
 #   DATALAB_PORT            port to listen on (default 8080)
 #   DATALAB_SIGN_KEY        shared signing key (default: generated once, kept in .state/sign_key)
-#   DATALAB_REDIS_URL       Redis URL (default redis://127.0.0.1:6379/0; started here when local and silent)
+#   DATALAB_REDIS_URL       Redis URL (default unix://$STATE/redis/local/redis.sock; started here when local and silent)
 #   DATALAB_BACKEND         what runs instances: docker, process (local Jupyter processes, for machines
 #                           without a Docker engine) or auto (default: docker when an engine can be had)
 #   DATALAB_IMAGE           Jupyter image (default datalab-notebook:latest; built here when missing)
@@ -157,8 +157,13 @@ ensure_packages
 ensure_venv
 ensure_backend
 [ -z "${DATALAB_TLS_CERT:-}${DATALAB_TLS_KEY:-}" ] || prepare_tls  # before anything is started: fail fast
-export DATALAB_REDIS_URL=${DATALAB_REDIS_URL:-redis://127.0.0.1:6379/0}
+export DATALAB_REDIS_URL=${DATALAB_REDIS_URL:-$LOCAL_REDIS_URL}
 ensure_redis "$DATALAB_REDIS_URL"
+case "${DATALAB_BACKEND:-auto} $DATALAB_REDIS_URL" in
+  docker*) ;;
+  *redis://127.*|*redis://localhost*|*redis://\[::1\]*|*@127.*|*@localhost*)
+    say "warning: Redis on a loopback port: process-backend instances share loopback and can reach it (README \"Backends\"); the default, a Unix socket, they cannot" ;;
+esac
 
 if [ -z "${DATALAB_SIGN_KEY:-}" ]; then
   if [ ! -s "$STATE/sign_key" ]; then

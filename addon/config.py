@@ -21,6 +21,7 @@ from redis.asyncio.connection import parse_url
 
 import sentinel
 import signing
+from backends import STATE
 from backends import Common
 from backends import choice
 
@@ -44,10 +45,15 @@ _HOST_RE = re.compile(
 _ORIGIN_RE = re.compile(r"^https?://[^/?#@\s]+$")
 
 
+# The Redis run.sh starts (scripts/setup.sh ensure_redis): a Unix socket in a directory only its user
+# may enter, which no instance can reach or pose as (a loopback port, process instances could).
+LOCAL_REDIS_URL = f"unix://{STATE}/redis/local/redis.sock"
+
+
 @dataclass(frozen=True)
 class Settings:
     sign_key: str = ""
-    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_url: str = LOCAL_REDIS_URL
     key_prefix: str = "datalab:"
     backend: str = "auto"
     nonce_ttl: int = 600
@@ -115,7 +121,8 @@ _HELP: dict[str, tuple[str | None, str]] = {
     "sign_key": ("DATALAB_SIGN_KEY", "Shared secret for X-SIGN = sha256(sign_key + ts + filename). Required."),
     "redis_url": (
         "DATALAB_REDIS_URL",
-        "Redis holding nonces, sessions and instances: redis://127.0.0.1:6379/0, or "
+        "Redis holding nonces, sessions and instances: unix://<socket> (run.sh starts the default one), "
+        "redis://host:port/db, or "
         "redis+sentinel://[[user]:password@]host:port[,host:port...]/<service>[/db] (its primary, through Sentinel)",
     ),
     "key_prefix": ("DATALAB_KEY_PREFIX", "Prefix of every Redis key (and container label) this proxy owns."),

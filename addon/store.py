@@ -22,7 +22,6 @@ import enum
 import logging
 import secrets
 from collections.abc import AsyncIterator
-from urllib.parse import urlsplit
 
 import redis.asyncio as redis
 from redis.asyncio.retry import Retry
@@ -31,7 +30,6 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 import sentinel
-from backends import STATE
 from backends import Instance
 
 log = logging.getLogger(__name__)
@@ -167,21 +165,8 @@ def connect(url: str) -> redis.Redis:
     }
     if sentinel.is_sentinel_url(url):
         return sentinel.connect_sentinel(url, **options)
-    pool = redis.BlockingConnectionPool.from_url(url, **options, **local_password(url))
+    pool = redis.BlockingConnectionPool.from_url(url, **options)
     return redis.Redis.from_pool(pool)  # the client owns the pool: closing it closes them
-
-
-def local_password(url: str) -> dict[str, str]:
-    """The password of the Redis run.sh started on this machine (scripts/setup.sh ensure_redis), for
-    a loopback redis:// URL that names none: it is kept in <state>/redis/<port>/password, readable by
-    root alone, so the proxy and its scripts find it and no instance (another user) does."""
-    parts = urlsplit(url)
-    if parts.scheme != "redis" or parts.password or parts.hostname not in ("127.0.0.1", "localhost", "::1"):
-        return {}
-    try:
-        return {"password": (STATE / "redis" / str(parts.port or 6379) / "password").read_text().strip()}
-    except (OSError, ValueError):
-        return {}
 
 
 class Store:

@@ -36,7 +36,7 @@ from store import connect  # noqa: E402
 __all__ = ["AUTH_HEADER", "Settings", "Store", "build_instances", "connect", "new_token"]
 
 CSV = b"a,b\n1,2\n"
-REDIS_URL = os.environ.get("DATALAB_REDIS_URL", "redis://127.0.0.1:6379/0")
+REDIS_URL = os.environ.get("DATALAB_REDIS_URL", Settings.redis_url)  # run.sh's by default
 IMAGE = os.environ.get("DATALAB_IMAGE", "datalab-notebook:latest")
 
 

@@ -110,42 +110,57 @@ ensure_swarm() {
   esac
 }
 
-# Start a redis-server for $1 (a redis:// URL on this machine) unless one answers there already.
-# One started here requires a password, kept in $STATE/redis/<port>/password (root's alone), which the
-# proxy and scripts on this machine use for a loopback URL without one (store.local_password): on the
-# process backend, instances share the host's loopback, and a Redis without one gave every instance
-# every session (their secrets) and every route.
-ensure_redis() {
-  local url=$1 hostport host port
-  hostport=${url#redis://}; hostport=${hostport%%/*}; hostport=${hostport##*@}
-  host=${hostport%%:*}; port=${hostport##*:}; [ "$port" = "$hostport" ] && port=6379
-  # Its data holds every instance's secret: root's alone (process instances run as other users).
-  # Each port has its own directory: two servers sharing one would overwrite each other's files.
-  local dir=$STATE/redis/$port answer
+# The Redis run.sh starts by default: on a Unix socket in a directory that is root's alone (with the
+# data), not on a TCP port. Process-backend instances share the host's loopback: a port they could
+# reach (and read every session's secret and route from), or take while Redis is down (and pose as
+# it); a socket there they can do neither with.
+LOCAL_REDIS_URL="unix://$STATE/redis/local/redis.sock"
+
+# A directory of $STATE for Redis's data: ours, and no one else's to write (its data holds every
+# instance's secret, and redis-server writes there as root).
+redis_dir() {
+  local dir=$1 d
   mkdir -p "$dir" && chmod 700 "$STATE/redis" "$dir"
-  if answer=$(redis-cli -h "$host" -p "$port" ping 2>&1); then  # (an answer, NOAUTH included)
-    [ "$answer" != PONG ] || say "warning: the Redis at $host:$port requires no password: instances of the process backend could read and change its sessions; stop it (redis-cli -p $port shutdown) and run.sh starts one that does"
-    return 0
-  fi
-  case "$host" in 127.0.0.1|localhost) ;; *) die "Redis at $url does not answer (and it is not local, so it is not started here)";; esac
-  # The snapshot of the days before per-port directories goes to the first server started.
-  [ -f "$STATE/redis/dump.rdb" ] && [ ! -e "$dir/dump.rdb" ] && mv "$STATE/redis/dump.rdb" "$dir/dump.rdb"
-  # The password is kept with the data it guards (a restarted server keeps it); in a file, not on
-  # redis-server's command line, which every user of the machine can read.
-  (umask 077
-   [ -s "$dir/password" ] || head -c 24 /dev/urandom | base64 | tr -d '/+=\n' > "$dir/password"
-   printf 'requirepass %s\n' "$(cat "$dir/password")" > "$dir/auth.conf")
-  say "starting redis-server on $host:$port (data: $dir, append-only file synced every second, password in $dir/password)"
+  for d in "$STATE" "$STATE/redis" "$dir"; do
+    [ ! -L "$d" ] && [ "$(stat -c %u "$d")" = "$(id -u)" ] && [ -z "$(find "$d" -maxdepth 0 -perm /022)" ] \
+      || die "$d must be a directory of this user's that no one else may write (Redis keeps every instance's secret there)"
+  done
+}
+
+# Start a redis-server for $1 unless one answers there already: a unix:// URL of a socket in $STATE,
+# or a redis:// URL on this machine (a port: README says what process instances can do to it).
+ensure_redis() {
+  local url=$1 dir where
+  local -a at listen
+  case "$url" in
+    unix://*)
+      local socket=${url#unix://}; socket=${socket%%\?*}
+      at=(-s "$socket"); where=$socket
+      if redis-cli "${at[@]}" ping >/dev/null 2>&1; then return 0; fi
+      [ "$(dirname "$socket")" = "$STATE/redis/local" ] \
+        || die "Redis at $url does not answer (and it is not run.sh's own socket, so it is not started here)"
+      [ ${#socket} -le 100 ] || die "the Redis socket path $socket is too long for a Unix socket: set DATALAB_STATE to a shorter directory"
+      dir=$STATE/redis/local
+      listen=(--port 0 --unixsocket "$socket" --unixsocketperm 700) ;;
+    *)
+      local hostport host port
+      hostport=${url#redis://}; hostport=${hostport%%/*}; hostport=${hostport##*@}
+      host=${hostport%%:*}; port=${hostport##*:}; [ "$port" = "$hostport" ] && port=6379
+      at=(-h "$host" -p "$port"); where=$host:$port
+      if redis-cli "${at[@]}" ping >/dev/null 2>&1; then return 0; fi
+      case "$host" in 127.0.0.1|localhost) ;; *) die "Redis at $url does not answer (and it is not local, so it is not started here)";; esac
+      dir=$STATE/redis/$port  # each port its own: two servers sharing one would overwrite each other's files
+      listen=(--bind "$host" --port "$port") ;;
+  esac
+  redis_dir "$dir"
+  say "starting redis-server on $where (data: $dir, append-only file synced every second)"
   # The append-only file keeps every write but the last second's across a crash (snapshots alone lost
   # minutes of sessions, whose containers were then orphaned).
-  redis-server "$dir/auth.conf" --bind "$host" --port "$port" --dir "$dir" --daemonize yes \
+  redis-server "${listen[@]}" --dir "$dir" --daemonize yes \
     --appendonly yes --appendfsync everysec \
     --logfile "$dir/redis.log" --pidfile "$dir/redis.pid" >/dev/null || die "redis-server did not start"
-  for _ in $(seq 1 40); do
-    [ "$(REDISCLI_AUTH=$(cat "$dir/password") redis-cli -h "$host" -p "$port" ping 2>/dev/null)" = PONG ] && return 0
-    sleep 0.25
-  done
-  die "redis-server did not answer on $host:$port; see $dir/redis.log"
+  for _ in $(seq 1 40); do redis-cli "${at[@]}" ping >/dev/null 2>&1 && return 0; sleep 0.25; done
+  die "redis-server did not answer on $where; see $dir/redis.log"
 }
 
 # Runs a command as an unprivileged uid when we are root (as the local-process backend runs Jupyter).

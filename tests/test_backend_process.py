@@ -295,36 +295,57 @@ async def test_handles_from_elsewhere_are_refused(places):
     assert not (places / "escape-attempt").exists()
 
 
-def test_the_local_redis_keeps_its_data_from_instances(places):
-    """Redis holds every instance's secret and route. The Redis run.sh starts (ensure_redis) keeps
-    its snapshot and append-only file where an instance's user (any uid but root's) cannot read them,
-    and answers nobody without its password, which that user cannot read either; the proxy's own
-    scripts, given the plain loopback URL, find it."""
-    probe = socket.socket()
-    probe.bind(("127.0.0.1", 0))
-    port = probe.getsockname()[1]
-    probe.close()
+def redis_of_run_sh(state: Path) -> tuple[str, Path, dict[str, str]]:
+    """Where run.sh's default Redis lives under `state`: its URL, its directory, and the environment
+    scripts/setup.sh and the proxy's scripts read it from."""
     root = Path(__file__).resolve().parents[1]
-    state = places / f"state-{port}"
-    data = state / "redis" / str(port)  # each port its own directory
-    env = {**os.environ, "ROOT": str(root), "DATALAB_STATE": str(state)}
-    url = f"redis://127.0.0.1:{port}/0"
-    redis_cli, password = ["redis-cli", "-p", str(port)], ""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DATALAB_")} | {"DATALAB_STATE": str(state)}
+    return f"unix://{state}/redis/local/redis.sock", state / "redis" / "local", env | {"ROOT": str(root)}
+
+
+def test_the_redis_of_run_sh_is_out_of_every_instances_reach(places):
+    """Redis holds every instance's secret and route. The Redis run.sh starts by default (ensure_redis)
+    listens on no port, only on a Unix socket in a directory that is root's alone, with its snapshot and
+    append-only file: an instance's user (any uid but root's) can neither reach it, nor read its data,
+    nor take its place while it is down (a loopback port, it could). The proxy's scripts find it by
+    default."""
+    state = places / f"state-{secrets.token_hex(3)}"
+    url, data, env = redis_of_run_sh(state)
+    socket_path = data / "redis.sock"
+    uid = UID_BASE + 4242
+    root = Path(env["ROOT"])
     try:
         subprocess.run(["bash", "-c", f". scripts/setup.sh && ensure_redis {url}"], cwd=root, env=env, check=True)
-        password = (data / "password").read_text()
-        saved = subprocess.run([*redis_cli, "save"], env={"REDISCLI_AUTH": password}, capture_output=True)
-        assert saved.stdout == b"OK\n"
-        for name in ("dump.rdb", "appendonlydir/appendonly.aof.manifest", "password"):
+        redis_cli = ["redis-cli", "-s", str(socket_path)]
+        assert subprocess.run([*redis_cli, "save"], capture_output=True).stdout == b"OK\n"
+        assert subprocess.run([*redis_cli, "config", "get", "port"], capture_output=True).stdout == b"port\n0\n"
+        for name in ("dump.rdb", "appendonlydir/appendonly.aof.manifest"):
             assert (data / name).exists()
-            assert as_user(UID_BASE + port, "cat", str(data / name), cwd=root, check=False).returncode
-        instance_user = ["setpriv", f"--reuid={UID_BASE + port}", f"--regid={UID_BASE + port}", "--clear-groups"]
-        as_instance = subprocess.run([*instance_user, *redis_cli, "keys", "*"], capture_output=True, text=True)
-        assert "NOAUTH" in as_instance.stdout + as_instance.stderr
-        assert password not in subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+            assert as_user(uid, "cat", str(data / name), cwd=root, check=False).returncode
+        instance_user = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups"]
+        as_instance = subprocess.run([*instance_user, *redis_cli, "ping"], capture_output=True, text=True)
+        assert "PONG" not in as_instance.stdout and "Permission denied" in as_instance.stdout + as_instance.stderr
+        for squat in ("s.bind(sys.argv[1])", "open(sys.argv[1] + '.new', 'w')"):  # its place, its directory
+            code = f"import socket, sys; s = socket.socket(socket.AF_UNIX); {squat}"
+            squatter = [*instance_user, "/usr/bin/python3", "-c", code, str(socket_path)]  # (pyenv's: root's alone)
+            as_instance = subprocess.run(squatter, capture_output=True)
+            assert as_instance.returncode and b"Permission denied" in as_instance.stderr
 
-        admin = [sys.executable, str(root / "scripts" / "datalab-admin.py"), "--redis-url", url, "list"]
+        admin = [sys.executable, str(root / "scripts" / "datalab-admin.py"), "list"]  # no --redis-url: the default
         listed = subprocess.run(admin, env={**env, "DATALAB_BACKEND": "process"}, capture_output=True, text=True)
         assert listed.returncode == 0, listed.stderr
     finally:
-        subprocess.run([*redis_cli, "shutdown", "nosave"], env={"REDISCLI_AUTH": password}, capture_output=True)
+        subprocess.run(["redis-cli", "-s", str(socket_path), "shutdown", "nosave"], capture_output=True)
+
+
+def test_redis_is_not_started_in_a_directory_others_may_write(places):
+    """Redis writes its data (every instance's secret) as root: into a state directory another user
+    owns, that user could read it, or link its files to any of root's. ensure_redis refuses."""
+    state = places / f"state-{secrets.token_hex(3)}"
+    url, data, env = redis_of_run_sh(state)
+    data.mkdir(parents=True)
+    os.chown(state / "redis", UID_BASE + 4343, UID_BASE + 4343)
+    ensure = ["bash", "-c", f". scripts/setup.sh && ensure_redis {url}"]
+    refused = subprocess.run(ensure, cwd=env["ROOT"], env=env, capture_output=True, text=True)
+    assert refused.returncode != 0 and "no one else may write" in refused.stderr
+    assert not (data / "redis.sock").exists()

@@ -159,10 +159,9 @@ ensure_backend
 [ -z "${DATALAB_TLS_CERT:-}${DATALAB_TLS_KEY:-}" ] || prepare_tls  # before anything is started: fail fast
 export DATALAB_REDIS_URL=${DATALAB_REDIS_URL:-$LOCAL_REDIS_URL}
 ensure_redis "$DATALAB_REDIS_URL"
-case "${DATALAB_BACKEND:-auto} $DATALAB_REDIS_URL" in
-  docker*) ;;
-  *redis://127.*|*redis://localhost*|*redis://\[::1\]*|*@127.*|*@localhost*)
-    say "warning: Redis on a loopback port: process-backend instances share loopback and can reach it (README \"Backends\"); the default, a Unix socket, they cannot" ;;
+case "$BACKEND_LIKELY $DATALAB_REDIS_URL" in
+  docker*|*" unix://"*) ;;
+  *) say "warning: process-backend instances share this machine's network: they reach this Redis as the proxy does (and pose as it from a port of this machine while it is down). Use the default, a Unix socket, or a Redis elsewhere that requires a password (README \"Backends\")" ;;
 esac
 
 if [ -z "${DATALAB_SIGN_KEY:-}" ]; then

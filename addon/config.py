@@ -14,6 +14,7 @@ import re
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass
+from urllib.parse import quote
 
 from mitmproxy import ctx
 from mitmproxy import exceptions
@@ -47,7 +48,7 @@ _ORIGIN_RE = re.compile(r"^https?://[^/?#@\s]+$")
 
 # The Redis run.sh starts (scripts/setup.sh ensure_redis): a Unix socket in a directory only its user
 # may enter, which no instance can reach or pose as (a loopback port, process instances could).
-LOCAL_REDIS_URL = f"unix://{STATE}/redis/local/redis.sock"
+LOCAL_REDIS_URL = "unix://" + quote(f"{STATE}/redis/local/redis.sock")
 
 
 @dataclass(frozen=True)

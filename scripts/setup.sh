@@ -2,12 +2,14 @@
 # Each step is idempotent and says what it does; a step that cannot be done says why and how to fix it.
 # Expects $ROOT (the repository) to be set.
 
-STATE=${DATALAB_STATE:-$ROOT/.state}
-VENV=${DATALAB_VENV:-$ROOT/.venv}
-mkdir -p "$STATE"
-
 say() { printf '[datalab] %s\n' "$*" >&2; }
 die() { printf '[datalab] error: %s\n' "$*" >&2; exit 1; }
+
+# Absolute (as the proxy's backends.STATE), and fit for a unix:// URL (which ends at ? or #, and decodes %).
+STATE=$(realpath -m -s -- "${DATALAB_STATE:-$ROOT/.state}")
+case "$STATE" in *[?#%]*) die "DATALAB_STATE=$STATE: a path without ?, # or % please (it goes into a URL)";; esac
+VENV=${DATALAB_VENV:-$ROOT/.venv}
+mkdir -p "$STATE"
 is_root() { [ "$(id -u)" = 0 ]; }
 
 # A Python >= 3.12 (mitmproxy 12 needs it): $DATALAB_PYTHON, then PATH, then pyenv's versions.
@@ -116,15 +118,27 @@ ensure_swarm() {
 # it); a socket there they can do neither with.
 LOCAL_REDIS_URL="unix://$STATE/redis/local/redis.sock"
 
-# A directory of $STATE for Redis's data: ours, and no one else's to write (its data holds every
-# instance's secret, and redis-server writes there as root).
+# A directory of $STATE for Redis's data (every instance's secret, written there by redis-server as
+# root), made 0700 and checked before anything is done in it: $STATE and below ours alone, no symlink;
+# each directory above writable only by its owner, or sticky (as /tmp: no one can rename what is ours
+# there). Else another user (an instance's) could read the data, replace the socket, or aim root's
+# writes at files of root's.
 redis_dir() {
-  local dir=$1 d
-  mkdir -p "$dir" && chmod 700 "$STATE/redis" "$dir"
-  for d in "$STATE" "$STATE/redis" "$dir"; do
-    [ ! -L "$d" ] && [ "$(stat -c %u "$d")" = "$(id -u)" ] && [ -z "$(find "$d" -maxdepth 0 -perm /022)" ] \
-      || die "$d must be a directory of this user's that no one else may write (Redis keeps every instance's secret there)"
+  local dir=$1 d="" part me
+  me=$(id -u)
+  local -a parts
+  IFS=/ read -ra parts <<< "${dir#/}"
+  for part in "${parts[@]}"; do
+    d=$d/$part
+    [ -e "$d" ] || [ -L "$d" ] || mkdir -m 700 "$d" || die "cannot make $d"
+    case "$d/" in
+      "$STATE/"*)
+        [ ! -L "$d" ] && [ -d "$d" ] && [ "$(stat -c %u "$d")" = "$me" ] \
+          && [ -z "$(find "$d" -maxdepth 0 -perm /022)" ] ;;
+      *) [ -k "$d" ] || [ -z "$(find -L "$d" -maxdepth 0 -perm /022)" ] ;;
+    esac || die "$d: Redis keeps every instance's secret under $dir, so $STATE and what is in it must be this user's alone, and no directory above it writable by others (unless sticky, as /tmp)"
   done
+  chmod 700 "$STATE/redis" "$dir"
 }
 
 # Start a redis-server for $1 unless one answers there already: a unix:// URL of a socket in $STATE,
@@ -136,11 +150,15 @@ ensure_redis() {
     unix://*)
       local socket=${url#unix://}; socket=${socket%%\?*}
       at=(-s "$socket"); where=$socket
-      if redis-cli "${at[@]}" ping >/dev/null 2>&1; then return 0; fi
-      [ "$(dirname "$socket")" = "$STATE/redis/local" ] \
-        || die "Redis at $url does not answer (and it is not run.sh's own socket, so it is not started here)"
-      [ ${#socket} -le 100 ] || die "the Redis socket path $socket is too long for a Unix socket: set DATALAB_STATE to a shorter directory"
+      if [ "$(dirname "$socket")" != "$STATE/redis/local" ]; then  # an operator's own: used, never started
+        redis-cli "${at[@]}" ping >/dev/null 2>&1 && return 0
+        die "Redis at $url does not answer (and it is not run.sh's own socket, so it is not started here)"
+      fi
+      [ "$(printf %s "$socket" | LC_ALL=C wc -c)" -le 107 ] \
+        || die "the Redis socket path $socket is too long for a Unix socket (107 bytes): set DATALAB_STATE to a shorter directory"
       dir=$STATE/redis/local
+      redis_dir "$dir"  # (checked before anything answering there is believed)
+      if redis-cli "${at[@]}" ping >/dev/null 2>&1; then return 0; fi
       listen=(--port 0 --unixsocket "$socket" --unixsocketperm 700) ;;
     *)
       local hostport host port
@@ -150,9 +168,9 @@ ensure_redis() {
       if redis-cli "${at[@]}" ping >/dev/null 2>&1; then return 0; fi
       case "$host" in 127.0.0.1|localhost) ;; *) die "Redis at $url does not answer (and it is not local, so it is not started here)";; esac
       dir=$STATE/redis/$port  # each port its own: two servers sharing one would overwrite each other's files
+      redis_dir "$dir"
       listen=(--bind "$host" --port "$port") ;;
   esac
-  redis_dir "$dir"
   say "starting redis-server on $where (data: $dir, append-only file synced every second)"
   # The append-only file keeps every write but the last second's across a crash (snapshots alone lost
   # minutes of sessions, whose containers were then orphaned).
@@ -232,16 +250,20 @@ ensure_jupyter_env() {
 # The backend's own parts (DATALAB_BACKEND, as the proxy's datalab_backend): Docker's engine and
 # image, or the Jupyter env that local instance processes run; auto: Docker when an engine can be
 # had here, else the Jupyter env (the proxy then makes the same choice).
+# Sets BACKEND_LIKELY: what auto will choose (docker or process), as far as this can tell.
 ensure_backend() {
+  BACKEND_LIKELY=${DATALAB_BACKEND:-auto}
   case ${DATALAB_BACKEND:-auto} in
     docker) ensure_docker; ensure_image ;;
     process) ensure_jupyter_env ;;
     auto)
       if (ensure_docker); then
         ensure_image
+        BACKEND_LIKELY=docker
       else
         say "no Docker engine can run here: instances will be local Jupyter processes (set DATALAB_BACKEND to choose)"
         ensure_jupyter_env
+        BACKEND_LIKELY=process
       fi ;;
     *) die "DATALAB_BACKEND=$DATALAB_BACKEND: choose docker, process or auto" ;;
   esac

@@ -338,14 +338,29 @@ def test_the_redis_of_run_sh_is_out_of_every_instances_reach(places):
         subprocess.run(["redis-cli", "-s", str(socket_path), "shutdown", "nosave"], capture_output=True)
 
 
-def test_redis_is_not_started_in_a_directory_others_may_write(places):
-    """Redis writes its data (every instance's secret) as root: into a state directory another user
-    owns, that user could read it, or link its files to any of root's. ensure_redis refuses."""
-    state = places / f"state-{secrets.token_hex(3)}"
+@pytest.mark.parametrize("trap", ["owned by another", "a symlink to root's", "in a directory all may write"])
+def test_redis_is_not_started_where_another_user_could_reach_it(places, trap):
+    """Redis writes its data (every instance's secret) as root: in a state directory another user owns
+    or can swap (a symlink, a parent anyone may write without the sticky bit), that user could read
+    it, replace the socket, or aim root's writes at root's own files. ensure_redis refuses, and does
+    nothing there first (the symlink's target keeps its mode)."""
+    other = UID_BASE + 4343
+    parent = places / f"parent-{secrets.token_hex(3)}"
+    parent.mkdir()
+    state = parent / "state"
+    victim = places / f"victim-{secrets.token_hex(3)}"
+    victim.mkdir(mode=0o755)
+    (state / "redis").parent.mkdir()
+    if trap == "owned by another":
+        (state / "redis").mkdir()
+        os.chown(state / "redis", other, other)
+    elif trap == "a symlink to root's":
+        (state / "redis").symlink_to(victim)
+    else:
+        parent.chmod(0o777)
     url, data, env = redis_of_run_sh(state)
-    data.mkdir(parents=True)
-    os.chown(state / "redis", UID_BASE + 4343, UID_BASE + 4343)
     ensure = ["bash", "-c", f". scripts/setup.sh && ensure_redis {url}"]
     refused = subprocess.run(ensure, cwd=env["ROOT"], env=env, capture_output=True, text=True)
-    assert refused.returncode != 0 and "no one else may write" in refused.stderr
+    assert refused.returncode != 0 and "this user's alone" in refused.stderr, refused.stderr
     assert not (data / "redis.sock").exists()
+    assert oct(victim.stat().st_mode & 0o777) == "0o755" and list(victim.iterdir()) == []

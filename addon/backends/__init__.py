@@ -31,7 +31,7 @@ from typing import ClassVar
 from urllib.parse import quote
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository
-STATE = Path(os.environ.get("DATALAB_STATE") or ROOT / ".state")  # this machine's state (scripts/setup.sh)
+STATE = Path(os.path.abspath(os.environ.get("DATALAB_STATE") or ROOT / ".state"))  # (as scripts/setup.sh's)
 MAX_ANSWER = 1 << 20  # bytes of an instance's answer to the proxy's own requests (status, kernels, contents)
 CONTENTS_CHUNK = 4 << 20  # bytes per contents-API request (Jupyter holds each whole, base64 and all)
 

@@ -231,6 +231,14 @@ class Browser:
         # over wss://, trust what this page's HTTP client trusts (a test's CA bundle, say)
         trusted = self.http.verify if isinstance(self.http.verify, str) else None
         tls = ssl.create_default_context(cafile=trusted) if ws_url.startswith("wss:") else None
+        if tls is not None:
+            # websockets' sync client reads its socket in a thread of its own while this one sends:
+            # one SSL object used from two threads at once, which OpenSSL does not allow. Over TLS 1.3
+            # (whose session tickets arrive after the handshake) an upgrade request now and then (one
+            # in a few hundred here) never left the client: the proxy's socket had received only the
+            # handshake, and it closed the connection at datalab_header_timeout. Browsers have no
+            # such race; plain HTTP over TLS 1.3 is tested by the requests library's clients.
+            tls.maximum_version = ssl.TLSVersion.TLSv1_2
         with websockets.sync.client.connect(
             ws_url,
             ssl=tls,

@@ -153,6 +153,14 @@ if [ "${1:-}" = "--tls-check" ]; then
   exit 0
 fi
 
+host=${DATALAB_LISTEN_HOST:-127.0.0.1}
+port=${DATALAB_PORT:-8080}
+# (Lock files stay, empty, in $STATE/locks: removing one another run.sh may hold would split the lock.)
+mkdir -p "$STATE/locks"
+rm -f "$STATE"/port-*.lock  # (where they piled up before)
+lock=$STATE/locks/port-$host-$port.lock
+(flock -n 9) 9>"$lock" || die "another run.sh already serves $host:$port (lock $lock)"
+
 ensure_packages
 ensure_venv
 ensure_backend
@@ -173,16 +181,12 @@ if [ -z "${DATALAB_SIGN_KEY:-}" ]; then
 fi
 export DATALAB_SIGN_KEY
 
-host=${DATALAB_LISTEN_HOST:-127.0.0.1}
-port=${DATALAB_PORT:-8080}
 # One run.sh per address: workers share their port with any process that asks (SO_REUSEPORT), so a
 # second run.sh on it would silently serve beside the first. The lock is held for as long as the
-# proxy's processes live (they inherit it).
-# (Their files stay, empty, in $STATE/locks: removing one another run.sh may hold would split the lock.)
-mkdir -p "$STATE/locks"
-rm -f "$STATE"/port-*.lock  # (where they piled up before)
-exec 9>"$STATE/locks/port-$host-$port.lock"
-flock -n 9 || die "another run.sh already serves $host:$port (lock $STATE/locks/port-$host-$port.lock)"
+# proxy's processes live (they inherit it), so it is taken once Redis and dockerd, which must not
+# inherit it, are started; a second run.sh is told at once, before it starts anything.
+exec 9>"$lock"
+flock -n 9 || die "another run.sh already serves $host:$port (lock $lock)"
 if [ ${#tls_args[@]} -gt 0 ]; then
   say "proxy listening on https://$host:$port/ and, on the same port, http://$host:$port/  (Redis: $DATALAB_REDIS_URL)"
   say "TLS certificate for: $tls_names  (from $DATALAB_TLS_CERT; combined into $tls_file)"

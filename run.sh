@@ -172,13 +172,7 @@ case "$BACKEND_LIKELY $DATALAB_REDIS_URL" in
   *) say "warning: process-backend instances share this machine's network: they reach this Redis as the proxy does (and pose as it from a port of this machine while it is down). Use the default, a Unix socket, or a Redis elsewhere that requires a password (README \"Backends\")" ;;
 esac
 
-if [ -z "${DATALAB_SIGN_KEY:-}" ]; then
-  if [ ! -s "$STATE/sign_key" ]; then
-    (umask 077; "$VENV/bin/python" -c 'import secrets; print(secrets.token_hex(32))' > "$STATE/sign_key")
-    say "generated a sign key in $STATE/sign_key"
-  fi
-  DATALAB_SIGN_KEY=$(cat "$STATE/sign_key")
-fi
+ensure_sign_key
 export DATALAB_SIGN_KEY
 
 # One run.sh per address: workers share their port with any process that asks (SO_REUSEPORT), so a

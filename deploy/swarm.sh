@@ -62,13 +62,7 @@ ensure_image
 ensure_proxy_image
 
 # The sign key, as run.sh keeps it, handed to the stack as a secret file (root's alone).
-if [ -z "${DATALAB_SIGN_KEY:-}" ]; then
-  if [ ! -s "$STATE/sign_key" ]; then
-    (umask 077; "$VENV/bin/python" -c 'import secrets; print(secrets.token_hex(32))' > "$STATE/sign_key")
-    say "generated a sign key in $STATE/sign_key"
-  fi
-  DATALAB_SIGN_KEY=$(cat "$STATE/sign_key")
-fi
+ensure_sign_key
 export DATALAB_SIGN_KEY_FILE="$dir/$stack.sign_key"
 (umask 077; printf '%s' "$DATALAB_SIGN_KEY" > "$DATALAB_SIGN_KEY_FILE")
 

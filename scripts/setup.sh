@@ -181,6 +181,17 @@ ensure_redis() {
   die "redis-server did not answer on $where; see $dir/redis.log"
 }
 
+# DATALAB_SIGN_KEY, unless given: generated once, kept in $STATE/sign_key (root's alone).
+ensure_sign_key() {
+  if [ -z "${DATALAB_SIGN_KEY:-}" ]; then
+    if [ ! -s "$STATE/sign_key" ]; then
+      (umask 077; "$VENV/bin/python" -c 'import secrets; print(secrets.token_hex(32))' > "$STATE/sign_key")
+      say "generated a sign key in $STATE/sign_key"
+    fi
+    DATALAB_SIGN_KEY=$(cat "$STATE/sign_key")
+  fi
+}
+
 # Runs a command as an unprivileged uid when we are root (as the local-process backend runs Jupyter).
 as_unprivileged() {
   if is_root; then (cd / && setpriv --reuid=65534 --regid=65534 --clear-groups -- "$@"); else "$@"; fi

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import random
 import re
@@ -305,7 +306,8 @@ class ProcessBackend(Backend):
         try:
             noted = self._pid_file(handle).read_text()
             pid = int(noted.split()[0])
-            if _identity(pid) != noted or _stat(pid)[0] in ("Z", "X"):
+            fields = _stat(pid)
+            if _identity(pid, fields) != noted or fields[0] in ("Z", "X"):
                 return None
         except (OSError, ValueError, IndexError):
             return None
@@ -376,11 +378,17 @@ def _stat(pid: int) -> list[str]:
     return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
 
 
-def _identity(pid: int) -> str:
+def _identity(pid: int, fields: list[str] | None = None) -> str:
     """What names a process for good: its pid, start time (clock ticks since boot) and the boot's id.
     A pid is reused once its process is gone; pid and start time may recur after a reboot, which
-    instance directories survive (a stop must never signal a stranger)."""
-    return f"{pid} {_stat(pid)[START_TIME]} {BOOT_ID.read_text().strip()}"
+    instance directories survive (a stop must never signal a stranger). `fields`: its _stat, if read."""
+    return f"{pid} {(fields or _stat(pid))[START_TIME]} {_boot_id()}"
+
+
+@functools.cache
+def _boot_id() -> str:
+    """This boot's id (the same for as long as the proxy runs)."""
+    return BOOT_ID.read_text().strip()
 
 
 def _tail(log: Path, size: int = 600) -> str:

@@ -161,7 +161,7 @@ class Api:
         except RedisError as e:
             flow.response = errors.redis_unavailable(e).response()
         except Exception:
-            log.exception("datalab: unexpected failure on %s", flow.request.path)
+            log.exception("datalab: unexpected failure on %s", inputs.shown(flow.request.path))
             flow.response = ApiError(500, "INTERNAL", "the proxy failed unexpectedly; see its log").response()
 
     async def _dispatch(self, flow: http.HTTPFlow) -> None:

@@ -17,6 +17,9 @@ _TOKEN_RE = re.compile(r"^[A-Za-z0-9_-]{22,128}$")
 # Characters left as they are in a redirect path; everything else is percent-encoded.
 _PATH_SAFE = "/:@!$&'()*+,;=-._~"
 _QUERY_SAFE = _PATH_SAFE + "?"
+# Format characters (Cf) a name may keep: the zero-width (non-)joiners are part of correct spelling
+# in Persian and Indic scripts and of emoji sequences; they neither reorder text nor break a line.
+_JOINERS = frozenset("\u200c\u200d")
 
 
 def check_utf8(value: str) -> str:
@@ -56,7 +59,29 @@ def check_filename(name: str) -> str:
         raise ValueError("filename must be a single name, without '/' or '\\'")
     if any(unicodedata.category(c) == "Cc" for c in name):  # C0, DEL and C1
         raise ValueError("filename must not contain NUL or control characters")
+    if any(is_disguise(c) for c in name):
+        raise ValueError(
+            "filename must not contain line or paragraph separators, bidirectional controls "
+            "or other invisible format characters"
+        )
     return name
+
+
+def is_disguise(char: str) -> bool:
+    """A character that forges a line in a log or a listing (U+2028, U+2029), makes a name read
+    otherwise than it is (U+202E shows 'report\u202evsc.exe' as 'reportexe.csv'; U+061C, U+200E/F,
+    U+202A-202E, U+2066-2069), or hides in it (U+200B, U+2060, U+FEFF, soft hyphen, tag
+    characters): line and paragraph separators (Zl, Zp) and every format character (Cf) but the
+    joiners (U+200C, U+200D)."""
+    category = unicodedata.category(char)
+    return category in ("Zl", "Zp") or (category == "Cf" and char not in _JOINERS)
+
+
+def shown(text: str) -> str:
+    """`text` as one printable line for a log or a listing: itself when every character is
+    printable, else a quoted Python literal with the others escaped (names kept before the rule
+    above, or any client text)."""
+    return text if text.isprintable() else repr(text)
 
 
 def safe_destination(raw_path: str, raw_query: str = "") -> str:

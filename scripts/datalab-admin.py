@@ -22,6 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "addon"))
 
+import inputs  # noqa: E402
 from config import Settings  # noqa: E402
 from config import settings_from_environment  # noqa: E402
 from runtime import build_instances  # noqa: E402
@@ -35,7 +36,7 @@ async def run(args: argparse.Namespace) -> None:
             for inst in await instances.all():
                 state = "running" if await instances.backend.poll(inst) else "gone"
                 age = inst.age(time.time())
-                name = inst.filename or "(in the pool)"
+                name = inputs.shown(inst.filename) if inst.filename else "(in the pool)"  # one line each
                 print(f"{inst.id}  {state:7s}  {inst.host}:{inst.port}  {age / 60:7.1f} min  {name}")
         elif args.all:
             print(f"removed {await instances.end_all('removed by an operator')} instances")

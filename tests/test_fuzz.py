@@ -153,7 +153,7 @@ def test_safe_destination_stays_on_origin(raw_path, raw_query):
 @PURE
 @given(
     st.one_of(
-        untrusted, st.lists(st.sampled_from(["a", ".", "é", "\x85", "\u2028", " ", "x" * 100]), max_size=8).map("".join)
+        untrusted, st.lists(st.sampled_from(["a", ".", "é", "\x85", "\u2028", "\u202e", "\u200d", " ", "x" * 100]), max_size=8).map("".join)
     )
 )
 @example("a\x85b")
@@ -165,6 +165,8 @@ def test_check_filename_accepts_only_single_plain_names(name):
     assert accepted == name and name
     assert not any(bad in name for bad in ("/", "\\", "..", "\x00"))
     assert not any(unicodedata.category(c) == "Cc" for c in name), repr(name)  # C0, DEL and C1
+    assert not any(unicodedata.category(c) in ("Zl", "Zp") for c in name), repr(name)  # no forged lines
+    assert all(unicodedata.category(c) != "Cf" or c in "\u200c\u200d" for c in name), repr(name)  # nor bidi tricks
     assert len(name.encode("utf-8", "surrogatepass")) <= inputs.MAX_FILENAME_BYTES
 
 

@@ -14,6 +14,48 @@ def test_filename_accepted(name):
 
 @pytest.mark.parametrize(
     "name",
+    ["\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645.csv", "\U0001f468\u200d\U0001f4bb.csv", "a\u00a0b.csv", "e\u0301.csv"],
+    ids=["persian_zwnj", "emoji_zwj", "no_break_space", "combining_accent"],
+)
+def test_filename_keeps_joiners_and_visible_spaces(name):
+    assert inputs.check_filename(name) == name
+
+
+# Names that forge a line in the proxy's log or `datalab-admin list`, or read otherwise than they are.
+DISGUISES = {
+    "line_separator": "a\u2028forged line.csv",
+    "paragraph_separator": "a\u2029b.csv",
+    "right_to_left_override": "report\u202evsc.exe",  # shown as "reportexe.csv"
+    "left_to_right_mark": "a\u200eb.csv",
+    "right_to_left_mark": "a\u200fb.csv",
+    "embedding": "\u202ab.csv",
+    "pop_directional": "a\u202c.csv",
+    "isolate": "a\u2067b\u2069.csv",
+    "first_strong_isolate": "\u2068a.csv",
+    "arabic_letter_mark": "a\u061cb.csv",
+    "zero_width_space": "pass\u200bwd.csv",
+    "word_joiner": "a\u2060b.csv",
+    "byte_order_mark": "\ufeffa.csv",
+    "soft_hyphen": "a\u00adb.csv",
+    "tag_character": "a\U000e0041.csv",
+}
+
+
+@pytest.mark.parametrize("name", DISGUISES.values(), ids=DISGUISES.keys())
+def test_filename_refuses_separators_bidi_controls_and_invisible_format_characters(name):
+    with pytest.raises(ValueError, match="separators, bidirectional controls"):
+        inputs.check_filename(name)
+
+
+def test_shown_puts_any_name_on_one_printable_line():
+    assert inputs.shown("über.csv") == "über.csv"
+    for name in DISGUISES.values():
+        text = inputs.shown(name)
+        assert text.isprintable() and text.startswith("'") and len(text.splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "name",
     ["", ".", "..", "../x", "a/b", "a\\b", "/etc/passwd", "a\x00b", "a\nb", "a\x7fb", "x" * 256, "é" * 128, "a..b"]
     + ["a\x85b", "\x9b31m.csv"],  # C1 control characters (found by test_fuzz)
 )

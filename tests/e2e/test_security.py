@@ -243,6 +243,33 @@ def test_non_utf8_values_are_a_400(proxy):
     assert r.status_code == 400 and error_code(r) == "BAD_REQUEST"
 
 
+# Signed filenames that would split the proxy's log or `datalab-admin list` into a forged line, or
+# show a name other than the file's (U+202E turns "report\u202evsc.exe" into "reportexe.csv").
+FORGING_NAMES = {
+    "line_separator": "a.csv\u2028instance x holds secret.csv",
+    "paragraph_separator": "a\u2029b.csv",
+    "right_to_left_override": "report\u202evsc.exe",
+    "right_to_left_isolate": "a\u2067b\u2069.csv",
+    "right_to_left_mark": "a\u200fb.csv",
+    "arabic_letter_mark": "a\u061cb.csv",
+    "zero_width_space": "a\u200bb.csv",
+    "byte_order_mark": "\ufeffa.csv",
+}
+
+
+def test_names_that_forge_log_lines_or_disguise_themselves_are_refused(make_proxy, world):
+    """Each is signed correctly: only the name rule stands between it and a running instance."""
+    quiet = world.sub("names")
+    p = make_proxy(prefix=quiet)
+    for label, name in FORGING_NAMES.items():
+        r = p.upload(name, CSV)
+        assert (r.status_code, error_code(r)) == (400, "BAD_REQUEST"), (label, r.text[:200])
+        assert "filename" in r.json()["message"], label
+    assert world.keys(quiet) == [], "a refused name spends no signature and records nothing"
+    assert world.containers(quiet) == [], "a refused name starts no instance"
+    assert "holds secret.csv" not in p.log_text()
+
+
 def test_error_bodies_carry_no_engine_text(make_proxy, tmp_path):
     sock = tmp_path / "no-engine.sock"
     p = make_proxy(datalab_backend="docker", datalab_docker_url=f"unix://{sock}")

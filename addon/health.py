@@ -50,7 +50,7 @@ class SharedCheck:
         """OK, or a sentence for the public saying what is wrong."""
         if time.monotonic() - self._at < CACHE_FOR:
             return self._verdict
-        if self._task is None:
+        if self._task is None or self._task.done():  # (a done one's verdict is the stale one above)
             self._task = asyncio.create_task(self._run())
         try:
             # shielded: a caller that gives up (or hangs up) does not cancel the others' check
@@ -69,7 +69,9 @@ class SharedCheck:
         else:
             if self._verdict != OK:
                 log.info("datalab: health: %s is back", self.name)
-        self._verdict, self._at, self._task = verdict, time.monotonic(), None
+        # The task is not cleared here: under an eager task factory (mitmproxy's) a check that never
+        # waits (a refused Unix socket) ends inside create_task, before the task is even stored.
+        self._verdict, self._at = verdict, time.monotonic()
         return verdict
 
     async def close(self) -> None:

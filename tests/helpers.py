@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -40,15 +41,17 @@ def wait_for_port(port: int, timeout: float = 30.0, proc: subprocess.Popen | Non
 
 
 class RedisServer:
-    """A throwaway redis-server on loopback; `persist` keeps data across stop/start (AOF in `workdir`)."""
+    """A throwaway redis-server on loopback; `persist` keeps data across stop/start (AOF in `workdir`);
+    `unix_socket` also listens on that socket (as run.sh's Redis does; keep its path short)."""
 
-    def __init__(self, workdir: Path, persist: bool = False):
+    def __init__(self, workdir: Path, persist: bool = False, unix_socket: Path | None = None):
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server is not installed (scripts/test.sh installs it)")
         self.binary = binary
         self.workdir = workdir
         self.persist = persist
+        self.unix_socket = unix_socket
         self.port = free_port()
         self.proc: subprocess.Popen | None = None
 
@@ -56,9 +59,15 @@ class RedisServer:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
+    @property
+    def socket_url(self) -> str:
+        assert self.unix_socket is not None, "started without a socket"
+        return f"unix://{self.unix_socket}"
+
     def start(self) -> RedisServer:
         args = [self.binary, "--bind", "127.0.0.1", "--port", str(self.port), "--dir", str(self.workdir), "--save", ""]
         args += ["--appendonly", "yes" if self.persist else "no"]
+        args += ["--unixsocket", str(self.unix_socket), "--unixsocketperm", "700"] if self.unix_socket else []
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_for_port(self.port, proc=self.proc)
         return self
@@ -66,5 +75,15 @@ class RedisServer:
     def stop(self) -> None:
         if self.proc is not None:
             self.proc.terminate()
+            self.thaw()  # a frozen one would not act on it
             self.proc.wait(timeout=10)
             self.proc = None
+
+    def freeze(self) -> None:
+        """As a paused VM or a partition looks: connections stay open, nothing answers."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGCONT)

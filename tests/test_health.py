@@ -27,6 +27,15 @@ class Part:
             raise self.failure
 
 
+@pytest.fixture
+async def eager():
+    """The loop runs tasks as mitmproxy's does: each task's first steps inside create_task."""
+    loop = asyncio.get_running_loop()
+    loop.set_task_factory(asyncio.eager_task_factory)
+    yield
+    loop.set_task_factory(None)
+
+
 async def test_concurrent_callers_share_one_check_and_its_verdict():
     part = Part()
     part.release.clear()
@@ -75,3 +84,15 @@ async def test_verdicts_are_public_sentences(failure, verdict_of, verdict):
     expected = verdict or (failure.public if isinstance(failure, BackendError) else "the proxy cannot reach Redis")
     assert said == expected
     assert "docker.sock" not in said and "10.0.0.5" not in said and "/srv" not in said
+
+
+async def test_a_check_that_ends_inside_create_task_is_checked_again(eager, monkeypatch):
+    """A refused Unix socket fails without the check ever waiting: under an eager task factory the
+    check ends before create_task returns, and must not leave its verdict standing for good."""
+    monkeypatch.setattr(health, "CACHE_FOR", 0.0)
+    part = Part(RedisConnectionError("Error 2 connecting to /run/redis.sock"))  # release is set: never waits
+    shared = SharedCheck("redis", part.check, health.redis_verdict)
+    assert await shared.verdict() == "the proxy cannot reach Redis"
+    part.failure = None  # Redis is back
+    assert await shared.verdict() == "ok"
+    assert part.calls == 2

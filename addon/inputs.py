@@ -36,6 +36,15 @@ def new_token() -> str:
     return secrets.token_urlsafe(TOKEN_BYTES)
 
 
+def new_instance_id() -> str:
+    """A token that never starts with '-': an operator gives instance ids on command lines
+    (`datalab-admin remove`, `docker ps --filter`, `ls`), where one would read as an option.
+    (Older ids may start with one: everything still takes them.)"""
+    while (token := new_token()).startswith("-"):
+        pass
+    return token
+
+
 def is_token(value: str) -> bool:
     """Cheap shape check, so junk never costs a Redis round trip."""
     return bool(_TOKEN_RE.fullmatch(value))  # not match: its '$' also matches before a final newline

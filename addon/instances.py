@@ -106,7 +106,7 @@ class Instances:
     async def _cold_start(self) -> Instance:
         """Boot one for this start: a capacity slot at once or 503, then a boot slot within the queue timeout."""
         s = self.settings
-        instance_id = inputs.new_token()
+        instance_id = inputs.new_instance_id()
         lease = s.queue_timeout + s.start_timeout + LEASE_MARGIN
         if await self.store.reserve(instance_id, time.time(), lease, await self.max_instances()) != Reservation.GRANTED:
             raise NoCapacity("every instance slot is taken; retry later", RETRY_AT_CAPACITY)

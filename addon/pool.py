@@ -51,7 +51,7 @@ class PoolFiller:
         if s.pool_size == 0 or time.monotonic() < self._retry_at:
             return
         while inst.admission.try_acquire():
-            instance_id = inputs.new_token()
+            instance_id = inputs.new_instance_id()
             lease = s.start_timeout + LEASE_MARGIN
             try:
                 got = await inst.store.reserve(instance_id, time.time(), lease, await inst.max_instances(), s.pool_size)

@@ -5,6 +5,9 @@
     .venv/bin/python scripts/datalab-admin.py remove ID [ID ...]
     .venv/bin/python scripts/datalab-admin.py remove --all
 
+Every argument of `remove` but --all and --help is an id, whatever its first character (older ids
+may start with '-'; new ones never do).
+
 Uses the same settings as a proxy started in the same environment: DATALAB_REDIS_URL,
 DATALAB_KEY_PREFIX (or --redis-url, --prefix), DATALAB_BACKEND, DATALAB_IMAGE, DATALAB_JUPYTER_ENV...
 Removing stops the instance (container or process) and deletes its record, nonces and sessions;
@@ -51,6 +54,24 @@ async def run(args: argparse.Namespace) -> None:
         await instances.store.close()
 
 
+OPTIONS_WITH_VALUE = ("--redis-url", "--prefix")
+REMOVE_FLAGS = ("--all", "-h", "--help")
+
+
+def ids_apart(argv: list[str]) -> list[str]:
+    """The command line with `remove`'s ids after a '--', where argparse reads none as an option:
+    ids are random, and one in 64 made before new_instance_id starts with '-'."""
+    i = 0
+    while i < len(argv) and argv[i].startswith("-"):  # the options before the command
+        i += 2 if argv[i] in OPTIONS_WITH_VALUE else 1
+    if i >= len(argv) or argv[i] != "remove":
+        return argv
+    rest = argv[i + 1 :]
+    flags = [a for a in rest if a in REMOVE_FLAGS]
+    ids = [a for a in rest if a not in REMOVE_FLAGS and a != "--"]
+    return [*argv[: i + 1], *flags, *(["--", *ids] if ids else [])]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--redis-url", default=os.environ.get("DATALAB_REDIS_URL", Settings.redis_url))
@@ -60,7 +81,7 @@ def main() -> None:
     remove = sub.add_parser("remove", help="stop and forget instances")
     remove.add_argument("ids", nargs="*")
     remove.add_argument("--all", action="store_true")
-    args = parser.parse_args()
+    args = parser.parse_args(ids_apart(sys.argv[1:]))
     if args.command == "remove" and not (args.ids or args.all):
         parser.error("remove needs instance ids or --all")
     asyncio.run(run(args))

@@ -153,7 +153,10 @@ def test_safe_destination_stays_on_origin(raw_path, raw_query):
 @PURE
 @given(
     st.one_of(
-        untrusted, st.lists(st.sampled_from(["a", ".", "é", "\x85", "\u2028", "\u202e", "\u200d", " ", "x" * 100]), max_size=8).map("".join)
+        untrusted,
+        st.lists(
+            st.sampled_from(["a", ".", "é", "\x85", "\u2028", "\u202e", "\u200d", " ", "x" * 100]), max_size=8
+        ).map("".join),
     )
 )
 @example("a\x85b")

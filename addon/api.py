@@ -3,8 +3,8 @@ while the instance does not answer: waiting.py), static (fetch a path) and healt
 
 Refusals are decided in `requestheaders`, before an upload body is read; a body is then streamed
 to the upload sink (upload.py) and never held beyond datalab_max_upload, nor waited for beyond
-datalab_upload_timeout; beyond datalab_max_uploads bodies at once, a start is refused before its
-signature is spent. Every error is an
+datalab_upload_timeout; beyond datalab_max_uploads bodies at once, or while health's backend check
+fails, a start is refused before its signature is spent. Every error is an
 ApiError, turned into JSON here; anything unexpected is a 500, never a request sent upstream.
 """
 
@@ -232,9 +232,19 @@ class Api:
             raise ApiError(503, "NOT_READY", "the proxy is still starting; retry in a moment")
         if self.sink.full:  # before the signature is spent: the frontend may send this one again
             raise errors.uploads_busy(s.max_uploads)
+        await self._check_backend()
         await self._spend(signed)
         flow.metadata[START] = signed.subject
         self.sink.take(flow, limit=s.max_upload)
+
+    async def _check_backend(self) -> None:
+        """A start the backend cannot serve (no engine, no image, no Jupyter env) is refused with what
+        health says of it (its check: shared, cached), before its signature is spent or its body read:
+        the frontend may send the same start again once the operator fixed it. A check that does not
+        answer in time refuses nothing (the start then says what went wrong)."""
+        error = await (await self._current_health()).parts["backend"].failure()
+        if isinstance(error, BackendError):
+            raise error
 
     def _too_large(self) -> ApiError:
         return ApiError(413, "UPLOAD_TOO_LARGE", f"the upload is over {self.runtime.settings.max_upload} bytes")
@@ -326,11 +336,14 @@ class Api:
         flow.request.path = inputs.safe_destination(destination, query)
         flow.metadata[STATIC] = True
 
-    async def _report_health(self, flow: http.HTTPFlow) -> None:
+    async def _current_health(self) -> Health:
         """Built once per set of parts: its shared, cached checks are what keep it cheap."""
         if self._health is None or self._health.instances is not self.runtime.instances:
             if self._health is not None:
                 await self._health.close()
             self._health = Health(self.runtime.instances)
-        status, body = await self._health.report()
+        return self._health
+
+    async def _report_health(self, flow: http.HTTPFlow) -> None:
+        status, body = await (await self._current_health()).report()
         flow.response = errors.json_response(status, body)

@@ -44,6 +44,7 @@ class SharedCheck:
         self.verdict_of = verdict_of
         self._task: asyncio.Task[str] | None = None
         self._verdict = OK
+        self._error: Exception | None = None  # what the check that gave the verdict raised
         self._at = float("-inf")
 
     async def verdict(self) -> str:
@@ -58,12 +59,19 @@ class SharedCheck:
         except TimeoutError:
             return f"no answer within {TIMEOUT:g} s"
 
+    async def failure(self) -> Exception | None:
+        """What the check raised, when the verdict (as callers of `verdict` get it) is its failure;
+        None when it is OK or did not answer in time."""
+        verdict = await self.verdict()
+        return self._error if verdict != OK and verdict == self._verdict else None
+
     async def _run(self) -> str:
+        error = None
         try:
             await self.check()
             verdict = OK
         except Exception as e:
-            verdict = self.verdict_of(e)
+            verdict, error = self.verdict_of(e), e
             if verdict != self._verdict:
                 log.warning("datalab: health: %s: %s", self.name, e)
         else:
@@ -71,7 +79,7 @@ class SharedCheck:
                 log.info("datalab: health: %s is back", self.name)
         # The task is not cleared here: under an eager task factory (mitmproxy's) a check that never
         # waits (a refused Unix socket) ends inside create_task, before the task is even stored.
-        self._verdict, self._at = verdict, time.monotonic()
+        self._verdict, self._error, self._at = verdict, error, time.monotonic()
         return verdict
 
     async def close(self) -> None:

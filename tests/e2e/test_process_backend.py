@@ -8,6 +8,7 @@ import re
 import threading
 
 import pytest
+import requests
 
 from backends.local_process import UID_BASE
 from e2e.proxy import Browser
@@ -97,3 +98,22 @@ def test_auto_says_first_which_backend_it_chose_and_why(make_proxy, tmp_path):
     line = first_datalab_line(without.log_text())
     assert re.search(r"instances run on the process backend \(datalab_backend=auto: no Docker engine answers", line)
     assert "Jupyter found in" in line
+
+
+def test_a_start_without_jupyter_answers_what_health_says(process_proxy, world, tmp_path):
+    """datalab_backend=process chosen while its Jupyter env is missing (run.sh built none): health names
+    the backend, and a start gets the same sentence at once (503), its signature unspent, nothing
+    created, instead of trying to run the missing Jupyter (502 START_FAILED)."""
+    p = process_proxy("process-no-env", datalab_jupyter_env=str(tmp_path / "no-such-env"))
+    keys_before = set(world.keys(p.prefix))
+    health = requests.get(p.url("/datalab/health"), timeout=30)
+    assert health.status_code == 503 and health.json()["code"] == "UNHEALTHY"
+    sentence = health.json()["result"]["backend"]
+    assert "Jupyter" in sentence and health.json()["message"] == f"backend: {sentence}"
+
+    r = p.upload("missing.csv", CSV)
+    assert r.status_code == 503 and error_of(r) == "IMAGE_MISSING", r.text
+    assert r.json()["message"] == sentence
+    assert set(world.keys(p.prefix)) == keys_before  # no instance, lease or spent signature
+    assert running(world, p.prefix) == []
+    assert not world.processes(p.prefix).family.exists() or not list(world.processes(p.prefix).family.iterdir())

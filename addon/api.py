@@ -276,12 +276,9 @@ class Api:
         s = self.runtime.settings
         location = inputs.safe_destination(destination, query)
         if s.routing == "subdomain":
-            label = hosts.classify(flow.request.host_header or "", s.public_host).label
-            if label != hosts.instance_label(instance.id):
+            if not self._on_own_host(flow, instance):
                 # The cookie must be set by the instance's own host: send the browser there first
                 # (scheme-relative, so it keeps whatever scheme it came with).
-                if label:
-                    raise errors.nonce_unknown()  # another instance's host: not this nonce's place
                 here = hosts.instance_host(instance.id, s.public_host)
                 flow.response = redirect(f"//{here}{PREFIX}view/{nonce}{location}")
                 return
@@ -311,6 +308,15 @@ class Api:
             raise errors.instance_gone()
         return False
 
+    def _on_own_host(self, flow: http.HTTPFlow, instance: Instance) -> bool:
+        """The host rule of a nonce's endpoints, view and static alike, in subdomain routing: on
+        another instance's host the nonce is not known (that host is another origin, whose pages
+        must not get this instance's content); True on the instance's own host, False elsewhere."""
+        where = hosts.place(flow.request.host_header or "", self.runtime.settings.public_host, instance.id)
+        if where == hosts.OTHER:
+            raise errors.nonce_unknown()
+        return where == hosts.OWN
+
     def _may_navigate_here(self, flow: http.HTTPFlow) -> bool:
         """In cookie routing a view re-points the browser's one session: a page of another site
         must not do that behind the user's back (the user's open tabs would then save into the
@@ -322,6 +328,8 @@ class Api:
         return bool(referer) and referer in self.runtime.settings.origins
 
     async def _static(self, flow: http.HTTPFlow, instance: Instance, destination: str, query: str) -> None:
+        if self.runtime.settings.routing == "subdomain":
+            self._on_own_host(flow, instance)  # served on its own host or the main one, as view
         if "Upgrade" in flow.request.headers:
             raise errors.bad_request("static fetches plain paths; it opens no WebSocket")
         # mitmproxy answers an unreachable upstream with its own HTML page: check first, answer in JSON.

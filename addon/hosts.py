@@ -54,6 +54,20 @@ def classify(host_header: str, public_host: str) -> HostKind:
     return HostKind()
 
 
+# Where a request about an instance (its nonce's view or static) came, in subdomain routing.
+OWN = "own"  # the instance's own host
+OTHER = "other"  # another instance's host: the nonce does not work there (A's content on B's origin)
+NEUTRAL = "neutral"  # the main host, or a host that is none of ours
+
+
+def place(host_header: str, public_host: str, instance_id: str) -> str:
+    """OWN, OTHER or NEUTRAL: the one host rule of a nonce's endpoints (api.py applies it)."""
+    label = classify(host_header, public_host).label
+    if not label:
+        return NEUTRAL
+    return OWN if label == instance_label(instance_id) else OTHER
+
+
 def _netloc(host: str, default_ports: tuple[int, ...]) -> str:
     """host[:port] lowercase with a default port dropped: how two hosts are compared."""
     host = host.strip().lower()

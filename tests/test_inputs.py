@@ -154,3 +154,12 @@ def test_origin_allowed_with_a_non_ascii_digit_port_is_a_bool():
     # found by test_fuzz: int('²') raised, so a Host header of b'a:\xc2\xb2' broke the WebSocket check
     assert hosts.origin_allowed("http://a", "a:\u00b2", frozenset()) is False
     assert hosts.origin_allowed("http://a:80", "a:80", frozenset()) is True
+
+
+def test_place_names_the_instance_host_its_own_and_every_other_instance_host_other():
+    a, b, public = inputs.new_instance_id(), inputs.new_instance_id(), "datalab.example:8443"
+    host_a = hosts.instance_host(a, public)
+    assert hosts.place(host_a, public, a) == hosts.OWN
+    assert hosts.place(host_a.upper() + ".", public, a) == hosts.OWN  # DNS names ignore case and a final dot
+    assert hosts.place(hosts.instance_host(b, public), public, a) == hosts.OTHER
+    assert [hosts.place(h, public, a) for h in (public, "127.0.0.1:8443", "", "x.evil.example")] == [hosts.NEUTRAL] * 4

@@ -18,6 +18,7 @@ import websockets.exceptions
 import websockets.sync.client
 
 import hosts
+import inputs
 import signing
 from backends import AUTH_HEADER
 from backends import Instance
@@ -331,6 +332,22 @@ def test_subdomain_routing_gives_each_instance_its_own_origin(subdomain_proxy, w
         f"ws://{host_of[a]}/api/kernels/{kernel}/channels", page_a.cookie_header(), f"http://{host_of[b]}"
     )
     assert status == 403 and b"BAD_ORIGIN" in body  # B's pages cannot reach A's kernel
+
+
+def test_static_keeps_the_host_rule_of_view(subdomain_proxy, world):
+    """A's nonce on another instance's host is unknown to static as it is to view: that host is
+    B's origin, and A's files are not served there (sandboxed or not)."""
+    p = subdomain_proxy
+    a = p.start_instance("a.csv", CSV)
+    public = f"localhost:{p.port}"
+    host_a = hosts.instance_host(instance_of(world, a).id, public)
+    host_b = hosts.instance_host(inputs.new_instance_id(), public)  # the rule reads the host alone
+    for endpoint in ("view", "static"):
+        r = requests.get(f"http://{host_b}/datalab/{endpoint}/{a}/files/a.csv", allow_redirects=False, timeout=30)
+        assert (r.status_code, error_code(r)) == (404, "NONCE_UNKNOWN"), endpoint
+    for host in (host_a, public):  # its own host, and the main one the frontend fetches through
+        r = requests.get(f"http://{host}/datalab/static/{a}/files/a.csv", timeout=30)
+        assert (r.status_code, r.content) == (200, CSV), host
 
 
 @pytest.fixture

@@ -69,7 +69,7 @@ class RouteCache:
 class Router:
     def __init__(self, runtime: Runtime, sink: UploadSink):
         self.runtime = runtime
-        self.sink = sink  # a refused request's body drains there, never into memory
+        self.sink = sink  # a refused request is answered there at once, its body never in memory
         self.cache = RouteCache(ttl=0)
         self._listener: asyncio.Task | None = None
         self._checking: dict[str, asyncio.Task] = {}  # instances being checked after a failed connection

@@ -8,12 +8,17 @@ any request refused with a body on its way, by any addon: `UploadSink.refuse`) i
 sink's in the `response` hook (a refusal: here; a start: api.py). Should that hook ever fail, the
 sink's own answer is a JSON 500: the request still fails closed.
 
-Bounded: a body must arrive within datalab_upload_timeout of its headers, or the sink stops reading,
-answers 408 UPLOAD_TIMEOUT and closes; mitmproxy passes that answer on and then closes the client
-connection, so a stalled or slow client holds none of its three descriptors (client, proxy -> sink,
-sink) beyond the deadline. At most datalab_max_uploads bodies arrive at once: beyond that a refusal
-is answered at once (the sink answers without reading, so mitmproxy buffers nothing) and the
-connection closes, and a start is refused 503 CAPACITY before its signature is spent.
+A refusal is decided from the request head, so it is the first answer (no 100 Continue before
+it) and is given at once: the sink answers without reading, and reads on (dropping) for LINGER
+only, so a client that ends its body by then ends cleanly, and any other is closed (HTTP/2: its
+stream reset). A refused body never counts among the bodies arriving: unsigned clients, however
+many and however slow, never hold the places that signed starts need.
+
+Bounded: a start's body must arrive within datalab_upload_timeout of its headers, or the sink stops
+reading, answers 408 UPLOAD_TIMEOUT and closes; mitmproxy passes that answer on and then closes the
+client connection, so a stalled or slow client holds none of its three descriptors (client, proxy
+-> sink, sink) beyond the deadline. At most datalab_max_uploads starts' bodies arrive at once:
+beyond that a start is refused 503 CAPACITY (at once, as any refusal) before its signature is spent.
 """
 
 from __future__ import annotations
@@ -86,11 +91,12 @@ def has_body(request: http.Request) -> bool:
 
 class UploadSink:
     """A loopback HTTP/1.1 server that reads request bodies to the end, keeps nothing, answers 500
-    (or 408 when a body does not arrive in time).
+    (or 408 when a body does not arrive in time; at once, told the body is a refusal's).
 
     Also an addon: `take` streams a flow's body here; `refuse` turns an answer given in
-    `requestheaders` into one given after the body is drained; `response` gives it. It counts the
-    bodies on their way here (`full`), from `take` to the flow's answer or error.
+    `requestheaders` into one given as the sink's (so the body is never buffered); `response`
+    gives it. It counts the starts' bodies on their way here (`full`), from `take` to the flow's
+    answer or error.
     """
 
     def __init__(self, settings: Callable[[], Settings | None] | None = None) -> None:
@@ -123,7 +129,7 @@ class UploadSink:
 
     def take(self, flow: http.HTTPFlow, limit: int, unread: bool = False) -> BodyCollector:
         """Stream the flow's body here, keeping at most `limit` bytes of it. `unread`: the sink
-        answers at once without reading it (the flow holds no place among the bodies arriving)."""
+        answers at once without reading it (a refusal: it holds no place among the bodies arriving)."""
         if self.port is None:
             raise RuntimeError("the upload sink is not listening yet")
         collector = BodyCollector(limit)
@@ -140,17 +146,19 @@ class UploadSink:
         return collector
 
     def refuse(self, flow: http.HTTPFlow) -> None:
-        """Give the answer already set on the flow only once its body (if any) is drained here:
-        answered now, mitmproxy would first read the whole body into memory. With `full`, the
-        answer comes at once, unread, and the connection closes."""
-        if flow.response is None or not has_body(flow.request) or self.port is None:
+        """The answer already set on the flow in `requestheaders` is final: no 100 Continue goes
+        before it (RFC 9110 §10.1.1), and a body on its way is never read into memory (set now,
+        mitmproxy would first read the whole body). The body goes to the sink unread: the sink
+        answers at once, so the refusal holds no place among the bodies `arriving` (an unsigned
+        client never holds what signed starts need), and the connection ends within LINGER."""
+        if flow.response is None:
             return
-        unread = self.full
-        if unread:
-            closing(flow, flow.response)
+        flow.request.headers.pop("Expect", None)  # else mitmproxy sends 100 Continue after the hook
+        if not has_body(flow.request) or self.port is None:
+            return
         flow.metadata[DEFERRED] = flow.response.get_state()
         flow.response = None
-        self.take(flow, limit=0, unread=unread)
+        self.take(flow, limit=0, unread=True)
 
     def response(self, flow: http.HTTPFlow) -> None:
         if flow.metadata.get(SINK):
@@ -162,7 +170,11 @@ class UploadSink:
                 flow.response = closing(flow, errors.upload_timeout(self.settings.upload_timeout).response())
                 return
         if DEFERRED in flow.metadata:
-            flow.response = http.Response.from_state(flow.metadata.pop(DEFERRED))
+            answer = http.Response.from_state(flow.metadata.pop(DEFERRED))
+            if flow.request.timestamp_end is None:
+                # Answered before the body ended: whatever of it is still to come is not read.
+                closing(flow, answer)
+            flow.response = answer
 
     def error(self, flow: http.HTTPFlow) -> None:
         self._arriving.pop(flow.id, None)
@@ -222,7 +234,9 @@ class UploadSink:
             async with asyncio.timeout(LINGER):
                 await writer.drain()
             if conn.their_state is not h11.DONE:
-                await _linger(reader, writer)
+                # Cut (timeout): say so, and the proxy closes the client at once. Unread: the proxy
+                # goes on passing the body here, so a client that ends it soon ends cleanly.
+                await _linger(reader, writer, half_close=verdict == "timeout")
         except (h11.ProtocolError, ConnectionError, TimeoutError) as e:
             log.debug("upload sink: %s", e)
         finally:
@@ -247,11 +261,13 @@ def _deadline(value: bytes | None) -> float | None:
         return None
 
 
-async def _linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    """Answered before the body ended: say so (half-close) and read on for a moment. Closed with
-    unread bytes, the socket would send a reset, and the proxy could lose the answer on its way."""
+async def _linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, half_close: bool) -> None:
+    """Answered before the body ended: read on for a moment (after a half-close, if told). Closed
+    with unread bytes, a socket sends a reset, and the answer on its way could be lost: here the
+    sink's to the proxy; while the proxy passes the body on, the proxy's to its client."""
     try:
-        writer.write_eof()
+        if half_close:
+            writer.write_eof()
         async with asyncio.timeout(LINGER):
             while await reader.read(CHUNK):
                 pass

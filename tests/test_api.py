@@ -18,6 +18,7 @@ from marks import SINK
 from marks import START
 from runtime import Runtime
 from upload import RECEIVED
+from upload import UNREAD
 from upload import BodyCollector
 
 KEY = "unit-key"
@@ -153,10 +154,10 @@ async def test_method_not_allowed_names_the_method(sink):
     assert flow.response.headers["Allow"] == "POST"
 
 
-async def test_a_refusal_with_a_body_drains_it_first(sink):
+async def test_a_refusal_with_a_body_sends_it_unread_to_the_sink(sink):
     flow = await run_headers(start_flow(sign="0" * 64, content=b"x" * 100), sink)
     assert flow.response is None and flow.metadata[DEFERRED]
-    assert flow.request.stream.limit == 0  # drained, nothing kept
+    assert flow.request.stream.limit == 0 and flow.request.headers[UNREAD] == "1"  # nothing kept, answered at once
     flow = await run_headers(start_flow(sign="0" * 64, content=b""), sink)
     assert flow.response.status_code == 403 and SINK not in flow.metadata  # no body: answered at once
 

@@ -107,17 +107,37 @@ async def test_the_client_cannot_give_the_sink_its_instructions(sink):
     assert float(flow.request.headers[DEADLINE]) <= time.time() + sink.settings.upload_timeout + 1
 
 
-async def test_beyond_the_bound_a_refusal_is_given_at_once_and_the_connection_closes(sink):
-    sink._settings = lambda: settings(max_uploads=1)
-    sink.refuse(refused_flow())  # drained: holds the one place
-    flow = refused_flow()
-    sink.refuse(flow)
-    assert flow.response is None and flow.metadata[SINK] and flow.request.headers[UNREAD] == "1"
-    assert sink.arriving == 1, "an unread body holds no place"
+def sink_answered(sink: UploadSink, flow, body_ended: bool) -> None:
+    """The sink's answer to an unread body, given before or after the body ended."""
+    if not body_ended:
+        flow.request.timestamp_end = None
     flow.response = tutils.tresp(status_code=500)
     flow.response.headers[VERDICT] = "unread"
     sink.response(flow)
-    assert flow.response.status_code == 403 and flow.response.headers["Connection"] == "close"
+
+
+async def test_a_refusal_is_given_at_once_and_holds_no_place(sink):
+    """However few bodies are arriving, a refused one goes to the sink unread: refused (unsigned)
+    clients hold none of the places signed starts need."""
+    sink._settings = lambda: settings(max_uploads=1)
+    flows = [refused_flow() for _ in range(3)]
+    for flow in flows:
+        sink.refuse(flow)
+        assert flow.response is None and flow.metadata[SINK] and flow.request.headers[UNREAD] == "1"
+    assert sink.arriving == 0 and not sink.full
+    sink_answered(sink, flows[0], body_ended=False)
+    assert flows[0].response.status_code == 403 and flows[0].response.headers["Connection"] == "close"
+    sink_answered(sink, flows[1], body_ended=True)  # it came whole: its connection may go on
+    assert flows[1].response.status_code == 403 and "Connection" not in flows[1].response.headers
+
+
+@pytest.mark.parametrize("content", [b"x" * 100, b""])
+async def test_a_refusal_goes_out_with_no_100_continue_first(sink, content):
+    """mitmproxy answers Expect: 100-continue after the requestheaders hook: a refusal takes it away."""
+    flow = refused_flow(content)
+    flow.request.headers["Expect"] = "100-continue"
+    sink.refuse(flow)
+    assert "Expect" not in flow.request.headers
 
 
 async def test_beyond_the_bound_a_start_is_refused_before_its_signature_is_spent(sink):
@@ -127,7 +147,7 @@ async def test_beyond_the_bound_a_start_is_refused_before_its_signature_is_spent
     flow = await through_api(start_flow(content=b"a,b\n"), sink, runtime_for(max_uploads=1))
     body = json.loads(flow.response.content)
     assert (flow.response.status_code, body["code"]) == (503, "CAPACITY")
-    assert flow.response.headers["Retry-After"] == "5" and flow.response.headers["Connection"] == "close"
+    assert flow.response.headers["Retry-After"] == "5"
     assert START not in flow.metadata
 
 

@@ -44,11 +44,11 @@ def start_head(
     ).encode()
 
 
-def hold_upload(port: int, sign_key: str, name: str, bad_signature: bool = False, timeout: float = 30.0):
-    """A start (with a body of 1 MB) whose head the proxy has taken, as its 100 Continue says, and
-    whose body stalls after 1 KiB; the open socket."""
+def hold_upload(port: int, sign_key: str, name: str, timeout: float = 30.0):
+    """A signed start (with a body of 1 MB) whose head the proxy has taken, as its 100 Continue says,
+    and whose body stalls after 1 KiB; the open socket. (A refused start gets no 100 Continue.)"""
     s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
-    s.sendall(start_head(sign_key, name, 1_000_000, bad_signature, headers="Expect: 100-continue\r\n"))
+    s.sendall(start_head(sign_key, name, 1_000_000, headers="Expect: 100-continue\r\n"))
     raw = b""
     while b"\r\n\r\n" not in raw:
         chunk = s.recv(4096)

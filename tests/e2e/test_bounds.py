@@ -94,6 +94,7 @@ async def misbehave(port: int, sign_key: str, kind: str, i: int, connecting: asy
         return kind, reply
     if kind == "stalled":  # a start (half signed, half refused) whose body stops coming
         writer.write(start_head(sign_key, name, 1_000_000, bad_signature=bool(i % 2)) + b"x" * 1024)
+        kind += "_refused" if i % 2 else ""
     else:  # a request head that never ends
         writer.write(HEAD_CUT_SHORT)
     reply = await read_reply(reader, until_closed=True, timeout=WAIT)
@@ -144,9 +145,10 @@ def test_descriptors_do_not_grow_over_1000_aborted_refused_and_stalled_uploads(m
     for kind, reply in outcomes:
         got = None if reply is None else (reply.status, reply.code, reply.closed)
         seen.setdefault(kind, []).append(got)
-    assert len(seen["aborted"]) + len(seen["refused"]) + len(seen["stalled"]) == 1000
-    assert set(seen["refused"]) == {(403, "BAD_SIGNATURE", False)}
+    assert sum(len(seen[k]) for k in ("aborted", "refused", "stalled", "stalled_refused")) == 1000
+    assert set(seen["refused"]) == {(403, "BAD_SIGNATURE", False)}, "its body came whole: the connection goes on"
     assert set(seen["stalled"]) == {(408, "UPLOAD_TIMEOUT", True)}, "a stalled body is cut, answered and closed"
+    assert set(seen["stalled_refused"]) == {(403, "BAD_SIGNATURE", True)}, "refused at once, then closed"
     assert set(seen["slow_head"]) == {(408, "HEADER_TIMEOUT", True)}, "a head cut short is answered and closed"
     assert holding.others <= baseline.others + SLACK, f"{holding} with the clients still there; before: {baseline}"
     assert after.others <= baseline.others + SLACK, f"{after} once the clients left; before: {baseline}"

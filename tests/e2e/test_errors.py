@@ -418,10 +418,10 @@ def slow_head(env: Env) -> Answer:
 
 
 def uploads_busy(env: Env) -> Answer:
-    """datalab_max_uploads (1) bodies are arriving already (a refused one, stalled): a start is
+    """datalab_max_uploads (1) bodies are arriving already (a signed one, stalled): a start is
     refused at once, before its signature is spent, with 64 KiB of its 10 MB body sent."""
     p = env.proxy("narrow")
-    held = rawhttp.hold_upload(p.port, p.sign_key, "held.csv", bad_signature=True)
+    held = rawhttp.hold_upload(p.port, p.sign_key, "held.csv")
     try:
         head = rawhttp.start_head(p.sign_key, "a.csv", 10_000_000)
         answer = env.ask(QUIET, lambda: raw(p.port, head + b"x" * 65536))

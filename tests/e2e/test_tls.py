@@ -376,6 +376,45 @@ def test_http2_upload_with_an_empty_data_frame_arrives_whole(tls_proxy, tls):
     assert fetch_sha256(tls_proxy, tls.ca, nonce, "frames.bin") == (len(data), hashlib.sha256(data).hexdigest())
 
 
+def h2_first_answer(port: int, ca: Path, path: str, headers: list[tuple[str, str]]) -> tuple[int, bytes]:
+    """Send a POST's headers over HTTP/2 and no body: the first status that comes (1xx included),
+    and the body that follows a final one (until the stream ends or is reset)."""
+    context = ssl.create_default_context(cafile=str(ca))
+    context.set_alpn_protocols(["h2"])
+    raw = socket.create_connection(("127.0.0.1", port), timeout=30)
+    with context.wrap_socket(raw, server_hostname="localhost") as sock:
+        assert sock.selected_alpn_protocol() == "h2"
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        conn.initiate_connection()
+        stream = conn.get_next_available_stream_id()
+        request = [(":method", "POST"), (":scheme", "https"), (":authority", f"localhost:{port}"), (":path", path)]
+        conn.send_headers(stream, request + headers)
+        sock.sendall(conn.data_to_send())
+        status, body, ended = None, b"", False
+        while not ended:
+            data = sock.recv(65536)
+            assert data, "the proxy closed the connection"
+            for event in conn.receive_data(data):
+                if isinstance(event, (h2.events.InformationalResponseReceived, h2.events.ResponseReceived)):
+                    status = status or int(dict(event.headers)[b":status"])
+                    ended = ended or isinstance(event, h2.events.InformationalResponseReceived)
+                elif isinstance(event, h2.events.DataReceived):
+                    body += event.data
+                elif isinstance(event, (h2.events.StreamEnded, h2.events.StreamReset)):
+                    ended = True
+            sock.sendall(conn.data_to_send())
+        return status, body
+
+
+def test_http2_a_start_refused_on_its_headers_gets_no_100_continue(tls_proxy, tls):
+    """As over HTTP/1 (test_refusals.py): the final status comes first, the body is not asked for."""
+    path, _ = signed_start(tls_proxy, "bad.csv")
+    headers = [("x-sign", "0" * 64), ("content-length", "110000000"), ("expect", "100-continue")]
+    status, body = h2_first_answer(tls_proxy.port, tls.ca, path, headers)
+    assert status == 403, f"the first status is {status}"
+    assert json.loads(body)["code"] == "BAD_SIGNATURE"
+
+
 def test_behind_https_plain_http_pages_are_another_origin(tls_proxy, tls, csv_nonce):
     """Jupyter compares hosts only, so http://host is "same origin" to it. Behind HTTPS the proxy
     refuses such pages' requests and WebSockets, marks Jupyter's cookies Secure and sends HSTS, so

@@ -36,7 +36,9 @@
 #   DATALAB_TLS_CERT        TLS: PEM certificate chain, the server's own certificate first, then its
 #                           intermediates (as a CA issues a "fullchain.pem")
 #   DATALAB_TLS_KEY         TLS: the PEM private key of that certificate, unencrypted
-# Any other datalab_* option: pass --set datalab_NAME=VALUE (see README).
+# Any other datalab_* option: pass --set datalab_NAME=VALUE (see README). Those above with an option
+# (datalab_backend, datalab_image, datalab_jupyter_env, datalab_redis_url, datalab_sign_key) may come as
+# --set as well: --set wins, and what run.sh prepares (the Jupyter env, the image, Redis) follows it.
 #
 # TLS: with DATALAB_TLS_CERT and DATALAB_TLS_KEY both set, the proxy serves HTTPS (and wss://, and
 # HTTP/2 to clients that offer it) with that certificate, whatever name a client asks for, on
@@ -153,6 +155,7 @@ if [ "${1:-}" = "--tls-check" ]; then
   exit 0
 fi
 
+take_sets "$@"  # --set datalab_backend=process and the like: prepared as their variables are
 host=${DATALAB_LISTEN_HOST:-127.0.0.1}
 port=${DATALAB_PORT:-8080}
 # (Lock files stay, empty, in $STATE/locks: removing one another run.sh may hold would split the lock.)

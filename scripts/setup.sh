@@ -12,6 +12,29 @@ VENV=${DATALAB_VENV:-$ROOT/.venv}
 mkdir -p "$STATE"
 is_root() { [ "$(id -u)" = 0 ]; }
 
+# The options run.sh and deploy/swarm.sh prepare for (the backend's parts, the image, Redis, the sign key, ...)
+# come as environment variables (the options' defaults) or as mitmproxy arguments, --set datalab_NAME=VALUE
+# or --set=datalab_NAME=VALUE, which win over them (the last one given, as in mitmproxy). take_sets exports
+# each one given so, as its variable, before anything is prepared: what is prepared is what the proxy uses.
+SET_VARIABLES=(backend:DATALAB_BACKEND image:DATALAB_IMAGE jupyter_env:DATALAB_JUPYTER_ENV
+  redis_url:DATALAB_REDIS_URL sign_key:DATALAB_SIGN_KEY key_prefix:DATALAB_KEY_PREFIX
+  swarm_network:DATALAB_SWARM_NETWORK)
+take_sets() {
+  local set name pair
+  while [ $# -gt 0 ]; do
+    case "$1" in
+      --set) set=${2:-}; shift $(($# > 1 ? 2 : 1)) ;;
+      --set=*) set=${1#--set=}; shift ;;
+      *) shift; continue ;;
+    esac
+    [[ "$set" == datalab_*=* ]] || continue
+    name=${set%%=*}; name=${name#datalab_}
+    for pair in "${SET_VARIABLES[@]}"; do
+      if [ "${pair%%:*}" = "$name" ]; then export "${pair#*:}=${set#*=}"; fi
+    done
+  done
+}
+
 # A Python >= 3.12 (mitmproxy 12 needs it): $DATALAB_PYTHON, then PATH, then pyenv's versions.
 find_python() {
   local c
@@ -258,7 +281,7 @@ ensure_jupyter_env() {
   echo "$want" > "$stamp"
 }
 
-# The backend's own parts (DATALAB_BACKEND, as the proxy's datalab_backend): Docker's engine and
+# The backend's own parts (DATALAB_BACKEND, or --set datalab_backend: take_sets): Docker's engine and
 # image, or the Jupyter env that local instance processes run; auto: Docker when an engine can be
 # had here, else the Jupyter env (the proxy then makes the same choice).
 # Sets BACKEND_LIKELY: what auto will choose (docker or process), as far as this can tell.
@@ -276,7 +299,7 @@ ensure_backend() {
         ensure_jupyter_env
         BACKEND_LIKELY=process
       fi ;;
-    *) die "DATALAB_BACKEND=$DATALAB_BACKEND: choose docker, process or auto" ;;
+    *) die "datalab_backend=$DATALAB_BACKEND (DATALAB_BACKEND or --set): choose docker, process or auto (the Swarm backend: ./run.sh --swarm)" ;;
   esac
 }
 

@@ -4,8 +4,12 @@ Redis and Jupyter server processes; and datalab_backend=auto's choice."""
 from __future__ import annotations
 
 import asyncio
+import os
 import re
+import signal
+import subprocess
 import threading
+from pathlib import Path
 
 import pytest
 import requests
@@ -17,8 +21,11 @@ from e2e.test_lifecycle import instance_of
 from e2e.test_lifecycle import quietly
 from e2e.test_lifecycle import records
 from e2e.test_lifecycle import wait_until
+from helpers import free_port
 
 CSV = b"city,population\nReykjavik,139875\nNuuk,19872\n"
+ROOT = Path(__file__).resolve().parents[2]
+RUN_SH_EXITS = 60  # seconds: run.sh's set-up when everything is current (venv, packages), then its refusal
 
 
 @pytest.fixture
@@ -117,3 +124,42 @@ def test_a_start_without_jupyter_answers_what_health_says(process_proxy, world, 
     assert set(world.keys(p.prefix)) == keys_before  # no instance, lease or spent signature
     assert running(world, p.prefix) == []
     assert not world.processes(p.prefix).family.exists() or not list(world.processes(p.prefix).family.iterdir())
+
+
+@pytest.mark.parametrize("form", ["--set NAME=VALUE", "--set=NAME=VALUE"])
+def test_run_sh_prepares_the_jupyter_env_of_a_backend_chosen_by_set(form, redis_server, sign_key, tmp_path):
+    """`./run.sh --set datalab_backend=process` (while DATALAB_BACKEND says docker) prepares the process
+    backend's Jupyter env, at the path the proxy will use (DATALAB_JUPYTER_ENV or --set
+    datalab_jupyter_env), not Docker's image. Here that path cannot be made (below a file), so run.sh
+    stops there, saying so, with nothing started: no proxy on the port, no Redis of its own."""
+    (tmp_path / "a-file").write_text("")
+    env_dir = tmp_path / "a-file" / "jupyter-env"
+    port = free_port()
+    environment = os.environ | {
+        "DATALAB_BACKEND": "docker",
+        "DATALAB_PORT": str(port),
+        "DATALAB_REDIS_URL": redis_server.url,
+        "DATALAB_SIGN_KEY": sign_key,
+    }
+    if form == "--set NAME=VALUE":
+        args = ["--set", "datalab_backend=process"]
+        environment["DATALAB_JUPYTER_ENV"] = str(env_dir)
+    else:
+        args = ["--set=datalab_backend=process", f"--set=datalab_jupyter_env={env_dir}"]
+    run = subprocess.Popen(
+        [str(ROOT / "run.sh"), *args],
+        env=environment,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, _ = run.communicate(timeout=RUN_SH_EXITS)
+    except subprocess.TimeoutExpired:
+        os.killpg(run.pid, signal.SIGTERM)
+        out, _ = run.communicate(timeout=30)
+        pytest.fail(f"run.sh did not stop at the Jupyter env; it went on:\n{out[-3000:]}")
+    assert run.returncode != 0, out
+    assert f"creating the Jupyter env {env_dir}" in out and f"creating {env_dir} failed" in out, out
+    assert "build-image" not in out and "proxy listening" not in out, out

@@ -2,6 +2,7 @@
 """Benchmark: what the proxy costs against fast backends, a real Jupyter and other proxies (issue 8).
 
     .venv/bin/python scripts/bench_proxy.py [--seconds 4] [--rounds 2] [--quick] [--json .state/bench_proxy.json]
+    .venv/bin/python scripts/bench_proxy.py --only ws --setup-only   # set up, check the sessions route, clean up
 
 One command, one machine, one run: every number is a ratio against a baseline measured in the same
 run, printed as a table (row, metric, value, baseline, ratio, target, met?) and written to --json.
@@ -17,7 +18,10 @@ vouches for (a container on the network datalab-isolated, port 8888). So the ben
 labels its instances, under the bench's own key prefix), runs host processes inside their network
 namespaces with nsenter (the host's nginx, worker_processes 1, in one; scripts/bench_backend.py,
 a WebSocket echo and upload sink, in the other), writes their instance records into Redis with
-the product's own store (reserve + bind) and opens a real session through /datalab/view/<nonce>/.
+the product's own store (reserve + bind) and opens a real session through /datalab/view/<nonce>/
+(the echo backend answers no Jupyter /api/status, so its view answers the waiting page, which sets
+the same session cookie as the redirect). Only the holders and tools the --only sections need are
+set up; a set-up that fails exits non-zero.
 The proxies run with pool_size=0 and long idle/cull intervals, so nothing touches the holders.
 
 Rows (each a real process; load from wrk -t2 -c16 --latency unless said otherwise; every
@@ -127,6 +131,11 @@ ENTRIES = {
     WORKERS2: (("--workers", "2"), ("--workers",)),
     LEAN2: (("--lean", "--workers", "2"), ("--lean", "--workers")),
 }
+
+
+# What each section measures through: its holders (nginx, the echo backend) and load tools.
+HOLDERS = {"http": ("nginx",), "jupyter": (), "ws": ("echo",), "memory": ("nginx", "echo")}
+TOOLS = {"http": ("wrk", "nginx"), "jupyter": ("wrk",), "ws": (), "memory": ("wrk", "nginx", "curl")}
 
 
 def slug(name: str) -> str:
@@ -520,6 +529,7 @@ class Holder:
     pid: int
     ip: str
     cookie: str = ""
+    role: str = ""
 
 
 @dataclass
@@ -562,8 +572,16 @@ class Bench:
 
     # -- set-up ---------------------------------------------------------------------------------
 
+    @property
+    def sections(self) -> list[str]:
+        return [name.strip() for name in self.args.only.split(",") if name.strip()]
+
+    def needed(self, table: dict[str, tuple[str, ...]]) -> set[str]:
+        """What the sections asked for need (an unknown section needs nothing: it fails by itself)."""
+        return {what for name in self.sections for what in table.get(name, ())}
+
     def prepare_tools(self) -> None:
-        missing = [pkg for tool, pkg in (("wrk", "wrk"), ("nginx", "nginx")) if not shutil.which(tool, path=PATH)]
+        missing = sorted(tool for tool in self.needed(TOOLS) if not shutil.which(tool, path=PATH))  # package = tool
         if missing:
             print(f"installing {' '.join(missing)} with apt-get", flush=True)
             subprocess.run(["apt-get", "install", "-y", "-q", *missing], check=True, stdout=subprocess.DEVNULL)
@@ -576,11 +594,12 @@ class Bench:
         import mitmproxy.version
         import websockets
 
+        nginx = shutil.which("nginx", path=PATH)
         self.meta.update(
             machine=f"{os.cpu_count()} CPUs, {os.uname().sysname} {os.uname().release}",
             wrk=tool_version(["wrk", "-v"]),
             wrk_flags="-t2 -c16 --latency --timeout 10s -d<seconds>",
-            nginx=tool_version([shutil.which("nginx", path=PATH), "-v"]) + " (worker_processes 1, access_log off)",
+            nginx=tool_version([nginx, "-v"]) + " (worker_processes 1, access_log off)" if nginx else "missing",
             mitmproxy=mitmproxy.version.VERSION,
             websockets_client=f"websockets {websockets.__version__} (Python {sys.version.split()[0]})",
             node=tool_version(["node", "--version"]) if shutil.which("node") else "missing",
@@ -672,7 +691,7 @@ class Bench:
                 await store.close()
 
         asyncio.run(bind())
-        holder = Holder(instance_id, container, pid, ip)
+        holder = Holder(instance_id, container, pid, ip, role=role)
         holder.cookie = nonce  # replaced by the session cookie once a proxy runs
         print(f"holder {role}: container {container[:12]} at {ip}:8888 (instance {instance_id[:8]}...)", flush=True)
         return holder
@@ -743,35 +762,54 @@ http {{
         holder.cookie = session_cookie(base, holder.cookie)
 
     def setup(self) -> None:
+        """The default entry, the holders the sections need with a session open on each through
+        it (checked to route), then the other entries (not with --setup-only)."""
         self.prepare_tools()
         print(f"key prefix {self.prefix}  logs in {self.logs}", flush=True)
         self.start_default_proxy()
         network = self.network()
-        self.nginx = self.start_holder("nginx", network)
-        self.echo = self.start_holder("echo", network)
-        self.start_nginx(self.nginx)
-        self.start_echo(self.echo)
-        self.open_session(self.nginx)
-        self.open_session(self.echo)
-        status, body = http_get(f"http://127.0.0.1:{self.proxy_ports[DEFAULT]}/small", {"Cookie": self.nginx.cookie})
-        if status != 200 or body != SMALL_BODY.encode():
-            raise RuntimeError(f"the proxy did not route the session to nginx: {status} {body[:200]!r}")
+        holders = self.needed(HOLDERS)
+        if "nginx" in holders:
+            self.nginx = self.start_holder("nginx", network)
+            self.start_nginx(self.nginx)
+        if "echo" in holders:
+            self.echo = self.start_holder("echo", network)
+            self.start_echo(self.echo)
+        for holder in self.holders():
+            self.open_session(holder)
+            answer = self.through(DEFAULT, holder)
+            if answer is not None:
+                raise RuntimeError(f"the proxy did not route the session to the {holder.role} holder: {answer}")
+            print(f"the default entry routes the {holder.role} holder's session", flush=True)
+        if self.args.setup_only:
+            return
         for name in (LEAN1, WORKERS2, LEAN2):
             self.start_entry(name)
             self.check_routes(name)
 
+    def holders(self) -> list[Holder]:
+        return [h for h in (self.nginx, self.echo) if h is not None]
+
+    def through(self, name: str, holder: Holder) -> str | None:
+        """None if the proxy `name` routes the holder's session to it (nginx's /small, or the echo
+        backend's own 404), else what it answered."""
+        path, want = ("/small", (200, SMALL_BODY.encode())) if holder is self.nginx else ("/none", (404, b"not here\n"))
+        status, body = http_get(f"http://127.0.0.1:{self.proxy_ports[name]}{path}", {"Cookie": holder.cookie})
+        return None if (status, body) == want else f"{status} {body[:120]!r}"
+
     def check_routes(self, name: str) -> None:
-        """A proxy row counts only if that proxy routes the session (every worker: 10 connections)."""
+        """A proxy row counts only if that proxy routes the sessions (every worker: 10 connections)."""
         proc = self.proxies.get(name)
         if not isinstance(proc, subprocess.Popen):
             return
-        for _ in range(10):
-            status, body = http_get(f"http://127.0.0.1:{self.proxy_ports[name]}/small", {"Cookie": self.nginx.cookie})
-            if status != 200 or body != SMALL_BODY.encode():
-                self.proxies[name] = Skip(f"failed: it answered {status} {body[:120]!r} for the live session")
-                print(f"  {name}: {self.proxies[name]}", flush=True)
-                self.procs.stop(proc)
-                return
+        for holder in self.holders():
+            for _ in range(10):
+                answer = self.through(name, holder)
+                if answer is not None:
+                    self.proxies[name] = Skip(f"failed: it answered {answer} for the live session")
+                    print(f"  {name}: {self.proxies[name]}", flush=True)
+                    self.procs.stop(proc)
+                    return
 
     def start_plain_mitmdump(self, upstream: str, name: str = "plain mitmdump", *extra: str) -> Target:
         port = free_port()
@@ -1291,6 +1329,11 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=ROOT / ".state" / "bench_proxy.json")
     parser.add_argument("--only", default="http,jupyter,ws,memory", help="sections to run (comma-separated)")
     parser.add_argument("--keep-logs", action="store_true", help="keep the processes' logs (printed path)")
+    parser.add_argument(
+        "--setup-only",
+        action="store_true",
+        help="set up for the --only sections (the default entry, their holders, a session on each), check it, clean up",
+    )
     args = parser.parse_args()
     if args.quick:
         args.seconds, args.rounds, args.jupyter_rounds, args.requests, args.transfer = 2, 1, 1, 10_000, 256 * MIB
@@ -1302,10 +1345,11 @@ def main() -> None:
     sections = {"http": bench.bench_http, "jupyter": bench.bench_jupyter, "ws": bench.bench_ws}
     sections["memory"] = bench.bench_memory
     start = time.monotonic()
-    interrupted = False
+    interrupted = set_up = False
     try:
         bench.setup()
-        for name in args.only.split(","):
+        set_up = True
+        for name in [] if args.setup_only else bench.sections:
             t0 = time.monotonic()
             try:
                 sections[name.strip()]()
@@ -1337,6 +1381,10 @@ def main() -> None:
     print(f"took {elapsed / 60:.1f} min")
     if interrupted:
         sys.exit(130)
+    if not set_up:
+        sys.exit("set-up failed: no row was measured (see above)")
+    if args.setup_only:
+        print("set-up done: every session routes")
 
 
 if __name__ == "__main__":

@@ -109,16 +109,23 @@ def bench_proxy(**options: object) -> Iterator[BenchProxy]:
 
 
 def session_cookie(base: str, nonce: str) -> str:
+    """The session cookie (name=value) a view sets: with its redirect when the instance answers its
+    /api/status, or with the waiting page (200) when it does not, as a bench stand-in backend that
+    serves no Jupyter (see addon/waiting.py). Either way the session is open."""
+
     class NoRedirect(urllib.request.HTTPRedirectHandler):
         def redirect_request(self, *a, **k):
             return None
 
     opener = urllib.request.build_opener(NoRedirect)
     try:
-        opener.open(f"{base}/datalab/view/{nonce}/tree", timeout=30)
+        with opener.open(f"{base}/datalab/view/{nonce}/tree", timeout=30) as r:
+            status, cookie, body = r.status, r.headers.get("Set-Cookie"), b""
     except urllib.error.HTTPError as e:
-        return e.headers["Set-Cookie"].split(";")[0]
-    raise RuntimeError("view did not redirect")
+        status, cookie, body = e.code, e.headers.get("Set-Cookie"), e.read()
+    if status not in (200, 302) or not cookie:
+        raise RuntimeError(f"view opened no session: {status} {body[:200]!r}")
+    return cookie.split(";")[0]
 
 
 # For bench_proxy.py: proxies in their own process group (with --workers, run.sh has children),

@@ -150,7 +150,8 @@ class UploadSink:
         before it (RFC 9110 §10.1.1), and a body on its way is never read into memory (set now,
         mitmproxy would first read the whole body). The body goes to the sink unread: the sink
         answers at once, so the refusal holds no place among the bodies `arriving` (an unsigned
-        client never holds what signed starts need), and the connection ends within LINGER."""
+        client never holds what signed starts need); what of the body comes within LINGER is
+        dropped, and a connection whose body has not ended by then is closed."""
         if flow.response is None:
             return
         flow.request.headers.pop("Expect", None)  # else mitmproxy sends 100 Continue after the hook

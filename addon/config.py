@@ -55,6 +55,7 @@ LOCAL_REDIS_URL = "unix://" + quote(f"{STATE}/redis/local/redis.sock")
 class Settings:
     sign_key: str = ""
     redis_url: str = LOCAL_REDIS_URL
+    redis_timeout: int = 3
     key_prefix: str = "datalab:"
     backend: str = "auto"
     nonce_ttl: int = 600
@@ -125,6 +126,10 @@ _HELP: dict[str, tuple[str | None, str]] = {
         "Redis holding nonces, sessions and instances: unix://<socket> (run.sh starts the default one), "
         "redis://host:port/db, or "
         "redis+sentinel://[[user]:password@]host:port[,host:port...]/<service>[/db] (its primary, through Sentinel)",
+    ),
+    "redis_timeout": (
+        None,
+        "Seconds a Redis call may take, retries and reconnects included; then 503 REDIS_UNAVAILABLE.",
     ),
     "key_prefix": ("DATALAB_KEY_PREFIX", "Prefix of every Redis key (and container label) this proxy owns."),
     "backend": (
@@ -256,6 +261,7 @@ def parse_settings(values: dict[str, typing.Any]) -> Settings:
     positive = ("nonce_ttl", "session_ttl", "max_upload", "max_skew", "pids_limit", "start_timeout")
     positive += ("queue_timeout", "idle_timeout", "max_age", "cull_interval")
     positive += ("upload_timeout", "max_uploads", "header_timeout")
+    positive += ("redis_timeout",)
     for name in positive:
         _require(getattr(s, name) > 0, name, "must be positive")
     for name in ("route_cache_ttl", "pool_size", "start_concurrency", "max_instances"):

@@ -25,6 +25,8 @@ from redis.asyncio.sentinel import Sentinel
 from redis.asyncio.sentinel import SentinelConnectionPool
 from redis.backoff import NoBackoff
 
+from redis_deadline import DeadlineRedis
+
 SCHEME = "redis+sentinel://"
 SENTINEL_PORT = 26379
 SENTINEL_TIMEOUT = 1  # seconds: a silent sentinel is skipped for the next one, not waited on
@@ -83,8 +85,9 @@ class _BlockingSentinelPool(SentinelConnectionPool, BlockingConnectionPool):
     """Sentinel's pool, bounded as the plain client's is: a command waits for a free connection."""
 
 
-class _PrimaryClient(redis.Redis):
-    """The primary's client; closing it also closes its connections to the sentinels."""
+class _PrimaryClient(DeadlineRedis):
+    """The primary's client, each call bounded (the sentinels' answers included: they are asked
+    within the call that needs a connection); closing it also closes its connections to the sentinels."""
 
     async def aclose(self, close_connection_pool: bool | None = None) -> None:
         await super().aclose(close_connection_pool)

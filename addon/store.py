@@ -29,6 +29,7 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+import redis_deadline
 import sentinel
 from backends import Instance
 
@@ -147,16 +148,17 @@ class Reservation(enum.IntEnum):
 
 
 REDIS_CONNECTIONS = 32  # per client: a burst of requests shares them instead of opening one each
-REDIS_WAIT = 5  # seconds a command may wait for one of them before it fails (a 503)
 
 
-def connect(url: str) -> redis.Redis:
-    """One client per process: short timeouts and a few retries, so a Redis outage is a quick 503.
-    Its connections are bounded: an unbounded pool keeps as many as requests ever came at once.
+def connect(url: str, deadline: float = redis_deadline.DEFAULT) -> redis.Redis:
+    """One client per process. Each call ends within `deadline` seconds, retries included
+    (redis_deadline.py), so a Redis outage or freeze is a quick 503; the retries within it ride out
+    a dropped connection. Its connections are bounded: an unbounded pool keeps as many as requests
+    ever came at once, and a call waits for one within its deadline.
     A redis+sentinel:// URL gives a client that follows the primary across failovers (sentinel.py)."""
     options = {
         "max_connections": REDIS_CONNECTIONS,
-        "timeout": REDIS_WAIT,
+        "timeout": deadline,  # the wait for a pooled connection (the deadline cuts it anyway)
         "socket_connect_timeout": 2,
         "socket_timeout": 5,
         "health_check_interval": 30,
@@ -164,9 +166,12 @@ def connect(url: str) -> redis.Redis:
         "retry_on_error": [RedisConnectionError, RedisTimeoutError],
     }
     if sentinel.is_sentinel_url(url):
-        return sentinel.connect_sentinel(url, **options)
-    pool = redis.BlockingConnectionPool.from_url(url, **options)
-    return redis.Redis.from_pool(pool)  # the client owns the pool: closing it closes them
+        client = sentinel.connect_sentinel(url, **options)
+    else:
+        pool = redis.BlockingConnectionPool.from_url(url, **options)
+        client = redis_deadline.DeadlineRedis.from_pool(pool)  # the client owns the pool: closing it closes them
+    client.deadline = deadline
+    return client
 
 
 class Store:

@@ -71,6 +71,8 @@ class Settings:
     upload_timeout: int = 300
     max_uploads: int = 64
     header_timeout: int = 60
+    max_head: int = 64 * 1024  # tornado's own limit (Jupyter Server runs on it): what passes here, it takes
+    max_head_lines: int = 100
     max_skew: int = 300
     start_timeout: int = 60
     mem_limit: str = "1g"
@@ -173,6 +175,12 @@ _HELP: dict[str, tuple[str | None, str]] = {
         "Seconds a client connection may take to send a request head, from its opening or from its "
         "previous answer (an idle kept-alive connection is closed after it).",
     ),
+    "max_head": (
+        None,
+        "Largest request head (request line and headers), in bytes; a bigger one is refused before it is "
+        "parsed: 431 HEAD_TOO_LARGE, and the connection closes.",
+    ),
+    "max_head_lines": (None, "Most lines in a request head (request line and headers); beyond it 431 HEAD_TOO_LARGE."),
     "max_skew": (None, "Seconds a signed ts may differ from the proxy's clock."),
     "start_timeout": (None, "Seconds to wait for a new instance's Jupyter to answer /api/status."),
     "mem_limit": (None, "Memory limit of each instance (512m, 1g; the process backend: per process)."),
@@ -261,6 +269,7 @@ def parse_settings(values: dict[str, typing.Any]) -> Settings:
     positive = ("nonce_ttl", "session_ttl", "max_upload", "max_skew", "pids_limit", "start_timeout")
     positive += ("queue_timeout", "idle_timeout", "max_age", "cull_interval")
     positive += ("upload_timeout", "max_uploads", "header_timeout")
+    positive += ("max_head", "max_head_lines")
     positive += ("redis_timeout",)
     for name in positive:
         _require(getattr(s, name) > 0, name, "must be positive")

@@ -9,7 +9,7 @@ upload.py and are answered in Api.response) or Router.requestheaders (everything
 cookie -> Redis -> instance), then FailClosed (guards.py). A start takes an instance in
 instances.py (warm pool: pool.py, boot queue: admission.py); Runtime runs the background work
 that keeps instances in order (pool.py, culler.py). Clients are bounded in time and number:
-request heads by deadlines.py, upload bodies by upload.py.
+request heads by deadlines.py (time) and heads.py (bytes, lines), upload bodies by upload.py.
 """
 
 from api import Api
@@ -19,6 +19,7 @@ from deadlines import OneRequestAtATime
 from guards import FailClosed
 from guards import TransportSecurity
 from guards import TrimWebSockets
+from heads import HeadBounds
 from listener import SharedPort
 from metrics import Metrics
 from router import Router
@@ -32,6 +33,7 @@ sink = UploadSink(lambda: runtime.settings)  # also an addon: a loopback server 
 addons = [
     Config(runtime.apply),
     deadline,
+    HeadBounds(lambda: runtime.settings),  # request heads within datalab_max_head bytes and _lines, or 431
     runtime,
     sink,
     Metrics(lambda: runtime.store),  # before the api: GET /datalab/metrics with the token (metrics.py)

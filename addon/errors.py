@@ -92,6 +92,10 @@ def header_timeout(seconds: int) -> ApiError:
     return ApiError(408, "HEADER_TIMEOUT", f"the request head did not arrive within {seconds} s")
 
 
+def head_too_large(why: str) -> ApiError:
+    return ApiError(431, "HEAD_TOO_LARGE", f"{why}; nothing was done")
+
+
 def uploads_busy(limit: int) -> ApiError:
     return ApiError(
         503,

@@ -25,10 +25,12 @@ import signing
 from backends import STATE
 from backends import Common
 from backends import choice
+from backends import memory_budget
 
 log = logging.getLogger(__name__)
 
 MIB = 1024 * 1024
+PROCESS_DISK_LIMIT = "1g"  # datalab_disk_limit=auto with datalab_backend=process: the largest file
 SAMESITE = ("Lax", "Strict", "None")
 ROUTINGS = ("cookie", "subdomain")
 HOST_COOKIE_PREFIX = "__Host-"
@@ -78,7 +80,7 @@ class Settings:
     mem_limit: str = "1g"
     cpus: str = "1.0"
     pids_limit: int = 256
-    disk_limit: str = "1g"
+    disk_limit: str = memory_budget.AUTO
     route_cache_ttl: int = 5
     pool_size: int = 2
     start_concurrency: int = 0
@@ -92,13 +94,15 @@ class Settings:
 
     @functools.cached_property
     def common(self) -> Common:
-        """What every backend gets: whose instances, and their limits."""
+        """What every backend gets: whose instances, and their limits (a disk limit of auto is what
+        fits beside Jupyter in the memory limit; the process backend's, a largest file, is 1g)."""
+        process = self.backend == "process" and self.disk_limit == memory_budget.AUTO
         return Common(
             label_prefix=self.key_prefix,
             mem_limit=self.mem_limit,
             cpus=float(self.cpus),
             pids_limit=self.pids_limit,
-            disk_limit=self.disk_limit,
+            disk_limit=PROCESS_DISK_LIMIT if process else self.disk_limit,
             start_timeout=float(self.start_timeout),
         )
 
@@ -188,8 +192,9 @@ _HELP: dict[str, tuple[str | None, str]] = {
     "pids_limit": (None, "Process-count limit of each instance (the process backend: only when run as root)."),
     "disk_limit": (
         None,
-        "Docker: size of each instance's writable places (work directory, /tmp), in memory; process backend: "
-        "largest file. 512m, 1g.",
+        "Docker, swarm: size of each instance's writable places (work directory, /tmp), in memory; they must fit "
+        "in datalab_mem_limit beside Jupyter; auto: what fits, (mem_limit - 448m) / 2. Process backend: "
+        "largest file. 256m, 1g or auto.",
     ),
     "route_cache_ttl": (None, "Seconds a session's route is cached in memory (0 disables the cache)."),
     "pool_size": (None, "Instances kept started and ready for the next uploads, shared by all proxies on the Redis."),
@@ -288,7 +293,10 @@ def parse_settings(values: dict[str, typing.Any]) -> Settings:
         "None needs datalab_cookie_secure=true (browsers refuse it otherwise)",
     )
     _require(bool(re.fullmatch(r"[0-9]+[bkmgBKMG]?", s.mem_limit)), "mem_limit", "must look like 512m or 1g")
-    _require(bool(re.fullmatch(r"[1-9][0-9]*[kmgKMG]?", s.disk_limit)), "disk_limit", "must look like 512m or 1g")
+    _require(
+        bool(re.fullmatch(r"auto|[1-9][0-9]*[kmgKMG]?", s.disk_limit)), "disk_limit", "must look like 256m, 1g or auto"
+    )
+    _check_in_memory_fit(s)
     _require(s.sign_scheme in signing.SCHEMES, "sign_scheme", f"must be one of {', '.join(signing.SCHEMES)}")
     for origin in s.origins:
         _require(
@@ -304,6 +312,13 @@ def parse_settings(values: dict[str, typing.Any]) -> Settings:
         s.routing != "subdomain" or bool(s.public_host), "public_host", "is required with datalab_routing=subdomain"
     )
     return s
+
+
+def _check_in_memory_fit(s: Settings) -> None:
+    """Container instances keep their writable places in memory: they must fit in the memory limit
+    (backends/memory_budget.py). Not the process backend's concern (its disk limit is a file size)."""
+    if s.backend != "process" and (problem := memory_budget.misfit(s.mem_limit, s.disk_limit)):
+        raise ValueError(problem)
 
 
 def _check_redis_url(url: str) -> None:

@@ -20,7 +20,12 @@ from backends import StartTimeout
 from backends.docker_engine import LABEL_PREFIX
 from backends.docker_engine import DockerBackend
 from backends.docker_engine import DockerOptions
+from backends.docker_network import InstanceNetwork
+from backends.docker_network import subnet_and_gateway
+from config import Settings
+from config import parse_settings
 from e2e.conftest import IMAGE
+from e2e.test_confinement import host_address
 
 
 @pytest.fixture
@@ -81,8 +86,14 @@ async def test_start_put_file_poll_inventory_stop(engine):
         assert host_config["Memory"] == 1024**3 and host_config["PidsLimit"] == 256
         assert host_config["CapDrop"] == ["ALL"] and "no-new-privileges" in host_config["SecurityOpt"]
         assert host_config["ReadonlyRootfs"] is True and not host_config.get("Binds")
-        assert set(host_config["Tmpfs"]) == {"/home/datalab/work", "/tmp"}
-        assert all("size=1g" in o for o in host_config["Tmpfs"].values())
+        sizes = {place: options.split(",")[0] for place, options in host_config["Tmpfs"].items()}
+        # datalab_disk_limit=auto at 1g: (1024m - 64m of /dev/shm - 384m for Jupyter) / 2
+        assert sizes == {"/home/datalab/work": "size=288m", "/tmp": "size=288m", "/dev/shm": "size=64m"}
+        assert all("nr_inodes=16384" in o for o in host_config["Tmpfs"].values())
+        assert host_config["Dns"] == ["127.0.0.1"]
+        assert [(m["Type"], m["Source"], m["Target"], m["ReadOnly"]) for m in host_config["Mounts"]] == [
+            ("bind", "/dev/null", "/etc/resolv.conf", True)
+        ]
         assert not host_config.get("PortBindings") and container.attrs["Config"]["User"] == "datalab"
         network = engine.networks.get(host_config["NetworkMode"])
         assert network.attrs["Internal"] is True and list(container.attrs["NetworkSettings"]["Networks"]) == [
@@ -90,7 +101,7 @@ async def test_start_put_file_poll_inventory_stop(engine):
         ]
         assert ipaddress.ip_address(instance.host) in ipaddress.ip_network(network.attrs["IPAM"]["Config"][0]["Subnet"])
         assert await backend.could_have_given(instance.host, instance.port)
-        gateway = network.attrs["IPAM"]["Config"][0]["Gateway"]  # the host's own end of the network
+        gateway = host_address(network.attrs["Options"]["com.docker.network.bridge.name"])  # the host's own end
         elsewhere = [("127.0.0.1", 6379), ("169.254.169.254", 80), (instance.host, 22), ("evil.example", 8888)]
         for forged in elsewhere + [(gateway, 8888), ("::1", 8888)]:
             assert not await backend.could_have_given(*forged)
@@ -105,3 +116,45 @@ async def test_start_put_file_poll_inventory_stop(engine):
 async def test_capacity_is_engine_memory_over_the_limit(engine):
     total = engine.info()["MemTotal"]
     assert await make(mem_limit="512m").capacity() == total // (512 * 1024**2)
+
+
+@pytest.mark.parametrize(
+    ("backend", "mem", "disk", "refused"),
+    [
+        ("docker", "1g", "1g", "datalab_disk_limit=1g does not fit in datalab_mem_limit=1g"),
+        ("swarm", "1g", "1g", "datalab_mem_limit must be at least 2496m, or datalab_disk_limit at most 288m"),
+        ("auto", "512m", "33m", "datalab_disk_limit at most 32m"),
+        ("docker", "300m", "auto", "datalab_mem_limit=300m is too small for datalab_disk_limit=auto"),
+        ("docker", "300m", "1m", "datalab_mem_limit must be at least 450m$"),
+        ("docker", "1g", "auto", None),
+        ("docker", "512m", "32m", None),
+        ("docker", "3g", "1g", None),
+        ("process", "1g", "4g", None),  # its disk limit is the largest file, not memory
+    ],
+)
+def test_limits_whose_in_memory_mounts_crowd_out_jupyter_are_refused_at_start_up(backend, mem, disk, refused):
+    """Filled, the working directory, /tmp and /dev/shm (memory counted against the limit) must leave
+    384m for Jupyter and a kernel: a proxy whose limits do not is refused with both options named."""
+    values = {**Settings(sign_key="k").__dict__, "backend": backend, "mem_limit": mem, "disk_limit": disk}
+    if refused is None:
+        parse_settings(values)
+    else:
+        with pytest.raises(ValueError, match=refused):
+            parse_settings(values)
+
+
+def test_disk_limit_auto_is_what_fits():
+    assert Settings(sign_key="k").common.disk_limit == "288m"
+    assert Settings(sign_key="k", mem_limit="512m").common.disk_limit == "32m"
+    assert Settings(sign_key="k", mem_limit="512m", disk_limit="8m").common.disk_limit == "8m"
+    assert Settings(sign_key="k", backend="process").common.disk_limit == "1g"  # a largest file, as before
+
+
+def test_the_hosts_address_on_a_network_is_known_when_the_engine_leaves_the_gateway_out(engine):
+    """Docker 20.10 leaves the gateway out of its default bridge's inspect data on a fresh engine
+    ({"Subnet": "172.17.0.0/16"}): the host's address there is still never taken for an instance's."""
+    bridge = engine.networks.get("bridge").attrs
+    subnet, gateway = subnet_and_gateway("bridge", bridge)
+    assert str(gateway) == host_address(bridge["Options"]["com.docker.network.bridge.name"])
+    net = InstanceNetwork("bridge", "docker0", subnet, gateway, False)
+    assert not net.holds_instance(str(gateway)) and net.holds_instance(str(gateway + 1))

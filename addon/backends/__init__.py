@@ -30,6 +30,9 @@ from typing import Any
 from typing import ClassVar
 from urllib.parse import quote
 
+from backends.memory_budget import AUTO
+from backends.memory_budget import disk_limit_for
+
 ROOT = Path(__file__).resolve().parents[2]  # the repository
 STATE = Path(os.path.abspath(os.environ.get("DATALAB_STATE") or ROOT / ".state"))  # (as scripts/setup.sh's)
 MAX_ANSWER = 1 << 20  # bytes of an instance's answer to the proxy's own requests (status, kernels, contents)
@@ -81,14 +84,18 @@ def option_error(name: str, message: str) -> ValueError:
 @dataclass(frozen=True)
 class Common:
     """What every backend is given: whose instances they are, and the limits each instance gets
-    (as far as the backend's platform can enforce them; its README row says which)."""
+    (as far as the backend's platform can enforce them; its README row says which). A disk limit
+    of auto is made a size here: what fits in the memory limit (backends/memory_budget.py)."""
 
     label_prefix: str
     mem_limit: str = "1g"
     cpus: float = 1.0
     pids_limit: int = 256
-    disk_limit: str = "1g"
+    disk_limit: str = AUTO
     start_timeout: float = 60.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "disk_limit", disk_limit_for(self.mem_limit, self.disk_limit))
 
 
 class BackendError(Exception):

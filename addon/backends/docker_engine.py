@@ -2,8 +2,9 @@
 
 Every Docker SDK call is blocking, so each goes through `_call` (a worker thread). A container is
 confined: on the proxy's own network (docker_network.py), a read-only root with size-limited
-in-memory mounts for the working directory and /tmp only, no capabilities, no new privileges,
-memory/CPU/process limits, nothing of the host mounted. An upload goes in through Jupyter's
+in-memory mounts for the working directory, /tmp and /dev/shm only (that fit in its memory limit:
+memory_budget.py), no name server, no capabilities, no new privileges, memory/CPU/process limits,
+nothing of the host mounted but /dev/null (as an empty resolv.conf). An upload goes in through Jupyter's
 contents API (the root is read-only, so the engine's archive copy cannot write it).
 """
 
@@ -24,6 +25,7 @@ import docker
 import docker.errors
 import docker.utils
 from docker.models.containers import Container
+from docker.types import Mount
 
 from backends import AUTH_ENV
 from backends import Backend
@@ -43,6 +45,9 @@ from backends.docker_network import InstanceNetwork
 from backends.docker_network import close_host_to
 from backends.docker_network import ensure_network
 from backends.docker_network import network_name
+from backends.memory_budget import INODES
+from backends.memory_budget import SHM_SIZE
+from backends.memory_budget import mib
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +59,32 @@ LABEL_INSTANCE = "datalab.instance"
 PROBE_TIMEOUT = 10  # seconds datalab_backend=auto waits for the engine (a busy engine is slow, not absent)
 # A paused container is frozen, not gone: its views wait (api.py's waiting page), culling by idle time ends it.
 ALIVE = ("running", "paused")
+# DNS: an instance needs none (the proxy reaches it by address, localhost is in /etc/hosts), and
+# Docker's embedded server (127.0.0.11) forwards to the host's name servers, from the host's own
+# namespace when they are loopback ones (CVE-2024-29018, Docker < 26): a way out of an internal
+# network. So the embedded server's only upstream is the container's own loopback, where nothing
+# answers (`--dns 127.0.0.1` is dialled inside the container), and /etc/resolv.conf is empty
+# (/dev/null, read-only: present on every node, unlike a file of the proxy's), so no resolver in the
+# instance asks anyone.
+NAMESERVERS = ["127.0.0.1"]
+RESOLV_CONF = "/etc/resolv.conf"
+
+
+def no_resolver() -> Mount:
+    """The mount that shadows the engine's resolv.conf (the engine writes none where one is mounted)."""
+    return Mount(RESOLV_CONF, "/dev/null", type="bind", read_only=True)
+
+
+def in_memory_mounts(disk_limit: str) -> dict[str, str]:
+    """Every writable place of an instance (Docker and Swarm alike), target -> tmpfs options: the
+    sizes and file counts memory_budget.py fits in the memory limit (a file costs kernel memory
+    whatever its size, so their number is bounded too)."""
+    bounded = f"nr_inodes={INODES},nosuid,nodev"
+    return {
+        WORK_DIR: f"size={disk_limit},{bounded},uid={USER_UID},gid={USER_UID},mode=0700",
+        "/tmp": f"size={disk_limit},{bounded},mode=1777",
+        "/dev/shm": f"size={mib(SHM_SIZE)},{bounded},noexec,mode=1777",
+    }
 
 
 @dataclass(frozen=True)
@@ -181,7 +212,6 @@ class DockerBackend(Backend):
         return port == JUPYTER_PORT and net.holds_instance(host)
 
     def _create_args(self, instance_id: str, token: str, net: InstanceNetwork) -> dict[str, Any]:
-        private = f"size={self.common.disk_limit},uid={USER_UID},gid={USER_UID},mode=0700,nosuid,nodev"
         return dict(
             image=self.opts.image,
             # A name that says nothing of the instance id: the network's DNS answers reverse
@@ -191,10 +221,12 @@ class DockerBackend(Backend):
             environment={AUTH_ENV: token},
             labels={LABEL_MANAGED: MANAGED_BY, LABEL_PREFIX: self.common.label_prefix, LABEL_INSTANCE: instance_id},
             network=net.name,
+            dns=NAMESERVERS,
+            mounts=[no_resolver()],
             read_only=True,
-            # The only writable places, in memory (so the host's disk is never touched) and each
-            # at most datalab_disk_limit; their pages count against the memory limit as well.
-            tmpfs={WORK_DIR: private, "/tmp": f"size={self.common.disk_limit},mode=1777,nosuid,nodev"},
+            # The only writable places, in memory (so the host's disk is never touched): their pages
+            # count against the memory limit, which they fit in with room for Jupyter to spare.
+            tmpfs=in_memory_mounts(self.common.disk_limit),
             mem_limit=self.common.mem_limit,
             memswap_limit=self.common.mem_limit,  # no swap: tmpfs pages never reach the host's disk
             nano_cpus=int(self.common.cpus * 1e9),

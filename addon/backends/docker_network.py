@@ -37,7 +37,7 @@ class InstanceNetwork:
     name: str
     bridge: str  # the host's interface for it
     subnet: ipaddress.IPv4Network | ipaddress.IPv6Network
-    gateway: ipaddress.IPv4Address | ipaddress.IPv6Address | None  # the host's own address on it
+    gateway: ipaddress.IPv4Address | ipaddress.IPv6Address  # the host's own address on it
     egress: bool
 
     def holds_instance(self, host: str) -> bool:
@@ -106,13 +106,16 @@ def refuse_unconfined(name: str, problems: list[str]) -> None:
 
 def subnet_and_gateway(
     name: str, attrs: dict
-) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ipaddress.IPv4Address | ipaddress.IPv6Address | None]:
-    """The network's subnet and the host's (or the overlay's) own address on it, from its inspect data."""
+) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    """The network's subnet and the host's (or the overlay's) own address on it, from its inspect
+    data. An engine may leave the gateway out where none was asked for (Docker 20.10's default
+    bridge on a fresh engine: {"Subnet": "172.17.0.0/16"}); its IPAM then gave the subnet's first
+    address, which is never taken for an instance's either way."""
     config = (attrs.get("IPAM") or {}).get("Config") or []
     if not config or not config[0].get("Subnet"):
         raise BackendError("the instance network has no subnet", f"Docker network {name} has no IPAM subnet")
-    gateway = ipaddress.ip_address(config[0]["Gateway"]) if config[0].get("Gateway") else None
-    return ipaddress.ip_network(config[0]["Subnet"]), gateway
+    subnet = ipaddress.ip_network(config[0]["Subnet"], strict=False)
+    return subnet, ipaddress.ip_address(config[0].get("Gateway") or next(subnet.hosts()))
 
 
 def close_host_to(net: InstanceNetwork) -> None:

@@ -9,8 +9,9 @@ ingress and docker_gwbridge, i.e. give it a way out). The image is referenced by
 ever pulls it: a node without it rejects the task ("No such image"), which fails the start at once.
 What an engine of API 1.41 (Docker 20.10) cannot set on a service: no-new-privileges (so the image
 holds no set-uid or set-gid program: scripts/build-image.sh clears those bits; an operator's own image
-must too, or set it daemon-wide), and a tmpfs mount's uid (so the in-memory mounts are anonymous
-volumes of the local driver, see in_memory).
+must too, or set it daemon-wide), and a tmpfs mount's uid (so the in-memory mounts are named
+volumes of the local driver, see in_memory). The in-memory mounts and the DNS settings are the
+Docker backend's own (docker_engine.in_memory_mounts, no_resolver, NAMESERVERS).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Any
 import docker
 import docker.errors
 import docker.utils
+from docker.types import DNSConfig
 from docker.types import DriverConfig
 from docker.types import EndpointSpec
 from docker.types import Mount
@@ -44,11 +46,13 @@ from backends import wait_ready
 from backends.docker_engine import JUPYTER_PORT
 from backends.docker_engine import LABEL_INSTANCE
 from backends.docker_engine import LABEL_PREFIX
+from backends.docker_engine import NAMESERVERS
 from backends.docker_engine import PROBE_TIMEOUT
-from backends.docker_engine import USER_UID
 from backends.docker_engine import WORK_DIR
 from backends.docker_engine import DockerBackend
 from backends.docker_engine import DockerOptions
+from backends.docker_engine import in_memory_mounts
+from backends.docker_engine import no_resolver
 from backends.docker_network import LABEL_MANAGED
 from backends.docker_network import MANAGED_BY
 from backends.docker_network import InstanceNetwork
@@ -60,6 +64,7 @@ log = logging.getLogger(__name__)
 # Task states after which the task never runs (https://docs.docker.com/engine/swarm/how-swarm-mode-works/swarm-task-states/)
 ENDED = ("complete", "failed", "shutdown", "rejected", "orphaned", "remove")
 UNSCHEDULABLE = "no suitable node"  # a pending task's Err when no node matches (constraint, resources)
+VOLUME_SUFFIXES = {WORK_DIR: "work", "/tmp": "tmp", "/dev/shm": "shm"}  # of each in-memory mount's volume
 
 
 @dataclass(frozen=True)
@@ -90,9 +95,9 @@ def in_memory(target: str, name: str, options: str, labels: dict[str, str]) -> M
     return Mount(target, name, type="volume", no_copy=True, driver_config=driver, labels=labels)
 
 
-def volume_names(service_name: str) -> tuple[str, str]:
-    """The names of a service's in-memory volumes (working directory, /tmp): found from its name alone."""
-    return f"{service_name}-work", f"{service_name}-tmp"
+def volume_names(service_name: str) -> dict[str, str]:
+    """A service's in-memory volumes, target -> name: found from the service's name alone."""
+    return {target: f"{service_name}-{suffix}" for target, suffix in VOLUME_SUFFIXES.items()}
 
 
 def task_failure(task: dict[str, Any], image: str) -> BackendError | None:
@@ -269,7 +274,6 @@ class SwarmBackend(DockerBackend):
             delay = min(delay * 2, 0.25)
 
     def _service_args(self, instance_id: str, token: str, image: str, net: InstanceNetwork) -> dict[str, Any]:
-        disk = self.common.disk_limit
         resources = Resources(
             cpu_limit=int(self.common.cpus * 1e9), mem_limit=docker.utils.parse_bytes(self.common.mem_limit)
         )
@@ -277,7 +281,7 @@ class SwarmBackend(DockerBackend):
         labels = {LABEL_MANAGED: MANAGED_BY, LABEL_PREFIX: self.common.label_prefix, LABEL_INSTANCE: instance_id}
         owner = {LABEL_MANAGED: MANAGED_BY, LABEL_PREFIX: self.common.label_prefix}
         name = f"datalab-{secrets.token_hex(8)}"  # says nothing of the instance id (DNS answers with it)
-        work, tmp = volume_names(name)
+        volumes = volume_names(name)
         return dict(
             image=image,
             name=name,
@@ -289,9 +293,13 @@ class SwarmBackend(DockerBackend):
             restart_policy=RestartPolicy(condition="none"),
             constraints=[self.opts.swarm_constraint] if self.opts.swarm_constraint else None,
             read_only=True,
+            dns_config=DNSConfig(nameservers=NAMESERVERS),
             mounts=[
-                in_memory(WORK_DIR, work, f"size={disk},uid={USER_UID},gid={USER_UID},mode=0700,nosuid,nodev", owner),
-                in_memory("/tmp", tmp, f"size={disk},mode=1777,nosuid,nodev", owner),
+                no_resolver(),
+                *(
+                    in_memory(target, volumes[target], options, owner)
+                    for target, options in in_memory_mounts(self.common.disk_limit).items()
+                ),
             ],
             resources=resources,
             cap_drop=["ALL"],
@@ -337,7 +345,7 @@ class SwarmBackend(DockerBackend):
                 log.error("datalab: refusing to remove service %s: not one of ours", service_id[:12])
                 return
             await self._call(service.remove)
-            self._leftover |= set(volume_names(service.name))
+            self._leftover |= set(volume_names(service.name).values())
         except docker.errors.NotFound:
             pass  # already gone: that is what stop wants
         self._leftover = await self._remove_volumes(self._leftover)

@@ -72,10 +72,23 @@ def run(browser: Browser, code: str) -> dict:
     return json.loads(browser.execute(browser.start_kernel(), PROBE + code).strip().splitlines()[-1])
 
 
+def host_address(interface: str) -> str:
+    """The host's own IPv4 address on one of its interfaces, as its kernel has it (an engine's inspect
+    data may leave a network's gateway out: Docker 20.10's default bridge on a fresh engine)."""
+    shown = subprocess.run(["ip", "-j", "-4", "addr", "show", "dev", interface], capture_output=True, check=True)
+    (address,) = [a["local"] for a in json.loads(shown.stdout)[0]["addr_info"]]
+    return address
+
+
+def bridge_of(network) -> str:
+    return network.attrs["Options"]["com.docker.network.bridge.name"]
+
+
 def gateway_of(world, instance: Instance) -> str:
+    """The host's address on the instance's network: where its default route points."""
     container = world.docker.containers.get(instance.handle)
-    (settings,) = container.attrs["NetworkSettings"]["Networks"].values()
-    return settings["Gateway"]
+    (name,) = container.attrs["NetworkSettings"]["Networks"]
+    return host_address(bridge_of(world.docker.networks.get(name)))
 
 
 def test_an_instance_reaches_no_neighbour_and_no_host_service(proxy, world, host_service):
@@ -84,7 +97,7 @@ def test_an_instance_reaches_no_neighbour_and_no_host_service(proxy, world, host
     a, b = proxy.start_instance("a.csv", CSV), proxy.start_instance("b.csv", CSV)
     mine, neighbour = record(world, a), record(world, b)
     gateway = gateway_of(world, mine)
-    docker0 = world.docker.networks.get("bridge").attrs["IPAM"]["Config"][0]["Gateway"]  # another host address
+    docker0 = host_address(bridge_of(world.docker.networks.get("bridge")))  # another host address
     # the checks are worth something only if these are open from where they are meant to be used
     with socket.create_connection((gateway, host_service.port), timeout=3):
         pass  # the host reaches its own service at the bridge address
@@ -176,7 +189,89 @@ print(json.dumps({
     }
     (container,) = world.containers(prefix)
     mounts = world.docker.api.inspect_container(container.id)["Mounts"]
-    assert mounts == []  # nothing of the host: no bind, no volume (the tmpfs mounts are not listed here)
+    # nothing of the host but an empty file, read-only, as resolv.conf; no volume (the tmpfs mounts
+    # are not listed here)
+    assert [(m["Type"], m["Source"], m["Destination"], m["RW"]) for m in mounts] == [
+        ("bind", "/dev/null", "/etc/resolv.conf", False)
+    ]
+
+
+FILL = """
+import errno, json, os
+def fill(directory):
+    \"\"\"Write one file in `directory` until the write fails (4 GiB at most); how it failed.\"\"\"
+    try:
+        with open(os.path.join(directory, "fill"), "wb", buffering=0) as f:
+            for _ in range(4096):
+                f.write(b"x" * (1 << 20))
+        return "written"
+    except OSError as e:
+        return errno.errorcode.get(e.errno, repr(e))
+def fill_with_files(directory):
+    \"\"\"Create empty files (which take no pages, only the kernel's record of them) until it fails.\"\"\"
+    os.makedirs(os.path.join(directory, "many"))
+    try:
+        for n in range(1 << 22):
+            open(os.path.join(directory, "many", str(n)), "wb").close()
+        return "written"
+    except OSError as e:
+        return errno.errorcode.get(e.errno, repr(e))
+"""
+
+
+def test_filling_every_writable_place_fails_with_enospc_and_the_instance_lives(make_proxy, world):
+    """The in-memory mounts are memory counted against the instance's limit: filled, they must leave
+    room for Jupyter and a kernel (datalab_disk_limit=auto sizes them so), or the whole instance
+    would be OOM-killed, its files lost, instead of a write failing with ENOSPC."""
+    prefix = world.sub("full")
+    p = make_proxy(prefix=prefix, datalab_mem_limit="512m")  # the disk limit: auto
+    browser = Browser(p)
+    nonce = p.start_instance("f.csv", CSV)
+    browser.view(nonce)
+    kernel = browser.start_kernel()
+    began = time.time()
+    code = FILL + """
+kernel = os.getpid()
+print(json.dumps({place: [fill(place), fill_with_files(place)] for place in
+    ("/home/datalab/work", "/tmp", "/dev/shm")}))
+"""
+    filled = json.loads(browser.execute(kernel, code).strip().splitlines()[-1])
+    assert filled == {place: ["ENOSPC", "ENOSPC"] for place in ("/home/datalab/work", "/tmp", "/dev/shm")}
+    # the same kernel, with everything full, still runs code, pandas included
+    after = browser.execute(kernel, "import pandas; print(os.getpid() == kernel, pandas.Series([1, 2]).sum())")
+    assert after.split() == ["True", "3"]
+    assert browser.get("/api/status").status_code == 200  # through the proxy
+    assert requests.get(p.url(f"/datalab/static/{nonce}/files/f.csv"), timeout=30).content == CSV  # the upload is there
+    (found,) = world.containers(prefix)
+    state = world.docker.api.inspect_container(found.id)
+    assert (state["State"]["Status"], state["State"]["OOMKilled"], state["RestartCount"]) == ("running", False, 0)
+    ooms = world.docker.events(
+        since=began, until=time.time(), decode=True, filters={"container": found.id, "event": "oom"}
+    )
+    assert list(ooms) == []  # not even one of its processes
+
+
+def test_an_instance_has_no_name_server(proxy, world):
+    """Docker's embedded DNS (127.0.0.11) forwards to the host's name servers (from the host's own
+    namespace when they are loopback ones: CVE-2024-29018): a way out. Shown from the container's
+    settings and its resolv.conf as the kernel reads it; no name is ever looked up but localhost,
+    which /etc/hosts answers."""
+    nonce = proxy.start_instance("n.csv", CSV)
+    instance = record(world, nonce)
+    attrs = world.docker.api.inspect_container(instance.handle)
+    # the embedded server's only upstream: the container's own loopback, where nothing answers
+    assert attrs["HostConfig"]["Dns"] == ["127.0.0.1"]
+    assert {"Type": "bind", "Source": "/dev/null", "Destination": "/etc/resolv.conf", "RW": False}.items() <= next(
+        m for m in attrs["Mounts"] if m["Destination"] == "/etc/resolv.conf"
+    ).items()
+    browser = Browser(proxy)
+    browser.view(nonce)
+    seen = run(
+        browser,
+        "import json; print(json.dumps({'resolv.conf': open('/etc/resolv.conf').read(), "
+        "'localhost': socket.getaddrinfo('localhost', 8888, socket.AF_INET)[0][4][0]}))",
+    )
+    assert seen == {"resolv.conf": "", "localhost": "127.0.0.1"}  # no nameserver line, no 127.0.0.11
 
 
 def test_a_forged_record_is_never_routed(proxy, world, host_service):

@@ -55,7 +55,7 @@ QUIET, LIVE = "quiet", "live"
 PROXIES: dict[str, tuple[str, dict, str | None]] = {
     "plain": (QUIET, {"datalab_max_upload": 16}, None),
     "slow": (QUIET, {"datalab_start_timeout": 1}, None),
-    "starved": (QUIET, {"datalab_mem_limit": "8m"}, None),
+    "starved": (QUIET, {"datalab_pids_limit": 1}, None),  # no second process, no thread: Jupyter cannot run
     "no_image": (QUIET, {"datalab_image": MISSING_IMAGE}, None),
     "no_engine": (QUIET, {"datalab_backend": "docker", "datalab_docker_url": "unix://{workdir}/no-engine.sock"}, None),
     "no_redis": (QUIET, {}, "redis://127.0.0.1:1/0"),

@@ -73,6 +73,7 @@ class Settings:
     upload_timeout: int = 300
     max_uploads: int = 64
     header_timeout: int = 60
+    upstream_timeout: int = 120
     max_head: int = 64 * 1024  # tornado's own limit (Jupyter Server runs on it): what passes here, it takes
     max_head_lines: int = 100
     max_skew: int = 300
@@ -179,6 +180,11 @@ _HELP: dict[str, tuple[str | None, str]] = {
         "Seconds a client connection may take to send a request head, from its opening or from its "
         "previous answer (an idle kept-alive connection is closed after it).",
     ),
+    "upstream_timeout": (
+        None,
+        "Seconds an instance may take to begin its answer (its head; a WebSocket: its 101) once a request "
+        "has reached it whole; then 504 UPSTREAM_TIMEOUT. A begun answer or an open WebSocket is never cut.",
+    ),
     "max_head": (
         None,
         "Largest request head (request line and headers), in bytes; a bigger one is refused before it is "
@@ -274,6 +280,7 @@ def parse_settings(values: dict[str, typing.Any]) -> Settings:
     positive = ("nonce_ttl", "session_ttl", "max_upload", "max_skew", "pids_limit", "start_timeout")
     positive += ("queue_timeout", "idle_timeout", "max_age", "cull_interval")
     positive += ("upload_timeout", "max_uploads", "header_timeout")
+    positive += ("upstream_timeout",)
     positive += ("max_head", "max_head_lines")
     positive += ("redis_timeout",)
     for name in positive:

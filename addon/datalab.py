@@ -25,6 +25,7 @@ from metrics import Metrics
 from router import Router
 from runtime import Runtime
 from upload import UploadSink
+from upstream_deadline import UpstreamDeadline
 
 runtime = Runtime()  # also an addon: running() starts the pool, culling and exit events; done() stops them
 deadline = HeaderDeadline(lambda: runtime.settings)  # closes connections whose request head does not come in time
@@ -42,6 +43,7 @@ addons = [
     FailClosed(runtime, sink),
     TransportSecurity(lambda: runtime.settings),
     TrimWebSockets(),
+    UpstreamDeadline(lambda: runtime.settings),  # an instance's answer begins within datalab_upstream_timeout, or 504
     OneRequestAtATime(),  # after the others: a flow is claimed (upload or not) before reading pauses
     SharedPort(),  # run.sh --workers: several processes on one port
     deadline.after,  # last: a request is over once every other addon is done with it

@@ -96,6 +96,10 @@ def head_too_large(why: str) -> ApiError:
     return ApiError(431, "HEAD_TOO_LARGE", f"{why}; nothing was done")
 
 
+def upstream_timeout(seconds: int) -> ApiError:
+    return ApiError(504, "UPSTREAM_TIMEOUT", f"the instance did not answer within {seconds} s")
+
+
 def uploads_busy(limit: int) -> ApiError:
     return ApiError(
         503,

@@ -12,3 +12,4 @@ DEFERRED = "datalab.deferred"  # a refusal (mitmproxy state), given in place of 
 CUT = "datalab.cut"  # the body did not arrive within datalab_upload_timeout: answered 408, nothing started
 ROUTED = "datalab.instance"  # the instance id a proxied flow was sent to
 SESSION = "datalab.session"  # the session id of a proxied flow
+UPSTREAM_TIMEOUT = "datalab.upstream_timeout"  # its instance gave no answer in time: the 504 is ours

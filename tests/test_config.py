@@ -43,6 +43,7 @@ def test_defaults_with_a_key_are_valid():
         {"upload_timeout": 0},
         {"max_uploads": 0},
         {"header_timeout": -1},
+        {"upstream_timeout": 0},
         {"max_head": 0},
         {"max_head_lines": -1},
         {"sign_scheme": "md5"},
@@ -61,6 +62,7 @@ def test_bad_settings_say_which_option(changes):
 def test_client_bounds_defaults():
     s = parse_settings(good())
     assert (s.upload_timeout, s.max_uploads, s.header_timeout) == (300, 64, 60)
+    assert s.upstream_timeout == 120  # above Jupyter's own 60 s wait for a kernel's kernel_info reply
     assert (s.max_head, s.max_head_lines) == (65536, 100)  # tornado's head limit (Jupyter's); Apache's line count
 
 

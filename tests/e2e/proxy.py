@@ -202,32 +202,14 @@ class Browser:
         """Run code over the kernel's WebSocket channel, through the proxy, as a page of `origin`
         (this page's own by default); return its stdout. The content of each display_data message
         it sends (a plot, say) goes into `displays` when given."""
+        with self.kernel_channels(kernel_id, origin) as ws:
+            return run_code(ws, code, timeout, displays)
+
+    def kernel_channels(self, kernel_id: str, origin: str | None = None):
+        """The kernel's WebSocket channel, opened through the proxy as a page of `origin` (this
+        page's own by default): a context manager."""
         ws_base = "ws" + self.base.removeprefix("http")
         ws_url = f"{ws_base}/api/kernels/{kernel_id}/channels?session_id={uuid.uuid4().hex}"
-        msg_id = uuid.uuid4().hex
-        request = {
-            "header": {
-                "msg_id": msg_id,
-                "username": "e2e",
-                "session": uuid.uuid4().hex,
-                "msg_type": "execute_request",
-                "version": "5.3",
-            },
-            "parent_header": {},
-            "metadata": {},
-            "channel": "shell",
-            "buffers": [],
-            "content": {
-                "code": code,
-                "silent": False,
-                "store_history": False,
-                "user_expressions": {},
-                "allow_stdin": False,
-                "stop_on_error": True,
-            },
-        }
-        out: list[str] = []
-        deadline = time.monotonic() + timeout
         # over wss://, trust what this page's HTTP client trusts (a test's CA bundle, say)
         trusted = self.http.verify if isinstance(self.http.verify, str) else None
         tls = ssl.create_default_context(cafile=trusted) if ws_url.startswith("wss:") else None
@@ -239,25 +221,54 @@ class Browser:
             # handshake, and it closed the connection at datalab_header_timeout. Browsers have no
             # such race; plain HTTP over TLS 1.3 is tested by the requests library's clients.
             tls.maximum_version = ssl.TLSVersion.TLSv1_2
-        with websockets.sync.client.connect(
+        return websockets.sync.client.connect(
             ws_url,
             ssl=tls,
             additional_headers={"Cookie": self.cookie_header()},
             origin=origin or self.base,
             open_timeout=90,  # Jupyter answers the upgrade once the new kernel replied to kernel_info (up to 60 s)
-        ) as ws:
-            ws.send(json.dumps(request))
-            while time.monotonic() < deadline:
-                msg = json.loads(ws.recv(timeout=max(0.1, deadline - time.monotonic())))
-                if msg.get("parent_header", {}).get("msg_id") != msg_id:
-                    continue
-                kind = msg["header"]["msg_type"]
-                if kind == "stream":
-                    out.append(msg["content"]["text"])
-                elif kind == "display_data" and displays is not None:
-                    displays.append(msg["content"])
-                elif kind == "error":
-                    raise AssertionError("kernel error: " + "\n".join(msg["content"]["traceback"]))
-                elif kind == "status" and msg["content"]["execution_state"] == "idle":
-                    return "".join(out)
-        raise TimeoutError("the kernel did not finish in time")
+        )
+
+
+def run_code(ws, code: str, timeout: float = 90.0, displays: list[dict] | None = None) -> str:
+    """Send an execute_request on an open kernel channel and return the code's stdout once the
+    kernel is idle again (display_data contents go into `displays` when given)."""
+    msg_id = uuid.uuid4().hex
+    request = {
+        "header": {
+            "msg_id": msg_id,
+            "username": "e2e",
+            "session": uuid.uuid4().hex,
+            "msg_type": "execute_request",
+            "version": "5.3",
+        },
+        "parent_header": {},
+        "metadata": {},
+        "channel": "shell",
+        "buffers": [],
+        "content": {
+            "code": code,
+            "silent": False,
+            "store_history": False,
+            "user_expressions": {},
+            "allow_stdin": False,
+            "stop_on_error": True,
+        },
+    }
+    out: list[str] = []
+    deadline = time.monotonic() + timeout
+    ws.send(json.dumps(request))
+    while time.monotonic() < deadline:
+        msg = json.loads(ws.recv(timeout=max(0.1, deadline - time.monotonic())))
+        if msg.get("parent_header", {}).get("msg_id") != msg_id:
+            continue
+        kind = msg["header"]["msg_type"]
+        if kind == "stream":
+            out.append(msg["content"]["text"])
+        elif kind == "display_data" and displays is not None:
+            displays.append(msg["content"])
+        elif kind == "error":
+            raise AssertionError("kernel error: " + "\n".join(msg["content"]["traceback"]))
+        elif kind == "status" and msg["content"]["execution_state"] == "idle":
+            return "".join(out)
+    raise TimeoutError("the kernel did not finish in time")

@@ -64,6 +64,7 @@ PROXIES: dict[str, tuple[str, dict, str | None]] = {
     "full": (LIVE, {"datalab_max_instances": 1}, None),  # shares busy's capacity: full once one instance lives
     "hasty": (QUIET, {"datalab_upload_timeout": 2, "datalab_header_timeout": 2}, None),
     "narrow": (QUIET, {"datalab_max_uploads": 1}, None),
+    "impatient": (LIVE, {"datalab_upstream_timeout": 2}, None),  # routes to busy's instances
 }
 # Seconds after a proxy answers by which it is surely past mitmproxy's start-up, during which an error
 # in its log makes it exit: a row checks that its proxy is still there.
@@ -452,6 +453,21 @@ def instance_unreachable(env: Env) -> Answer:
         env.stop(opened)
 
 
+def upstream_timeout(env: Env) -> Answer:
+    """The shared instance's Jupyter frozen (as above) while a routed request waits for its answer;
+    it runs again after."""
+    live = env.live
+    container = env.world.docker.containers.get(env.instance(live).handle)
+    cookies = {"datalab_session": live.browser.http.cookies["datalab_session"]}
+    url = env.proxy("impatient").url("/api/status")
+    frozen = container.exec_run(["sh", "-c", "kill -STOP $(cat /proc/1/task/1/children)"])
+    assert frozen.exit_code == 0, frozen.output
+    try:
+        return env.ask(LIVE, lambda: requests.get(url, cookies=cookies, timeout=60))
+    finally:
+        container.exec_run(["sh", "-c", "kill -CONT $(cat /proc/1/task/1/children)"])
+
+
 def unhealthy(env: Env) -> Answer:
     """Health asked of a proxy whose Redis is away (its body also names each part: `result`)."""
     url = env.proxy("no_redis").url("/datalab/health")
@@ -523,6 +539,7 @@ ROWS = [
     ("not_ready", not_ready, 503, "NOT_READY"),
     ("instance_gone", instance_gone, 410, "INSTANCE_GONE"),
     ("instance_unreachable", instance_unreachable, 502, "INSTANCE_UNREACHABLE"),
+    ("upstream_timeout", upstream_timeout, 504, "UPSTREAM_TIMEOUT"),
     ("bad_route", bad_route, 502, "BAD_ROUTE"),
     ("unhealthy", unhealthy, 503, "UNHEALTHY"),
 ]

@@ -1,0 +1,165 @@
+"""A request sent to an instance gets its answer's head within datalab_upstream_timeout, or a JSON
+504 UPSTREAM_TIMEOUT, and its upstream connection is dropped.
+
+A frozen or wedged Jupyter (a stopped process, a container whose server hangs) accepts the
+connection and says nothing; mitmproxy waits for it as long as its idle `tcp_timeout`, so the
+browser got no answer at all. The deadline counts from the moment the request has arrived whole
+(the `request` hook: the end of a streamed body, or the head of a bodiless request) and ends when
+the answer's head arrives (`responseheaders`): a long download that has begun is never cut, and a
+WebSocket upgrade is bounded only until its 101, never once open.
+
+mitmproxy lets an addon answer a request only before it is sent upstream, and it answers a failed
+upstream itself (an HTML 502 from its HTTP/1 and HTTP/2 layers, after the `error` hook, which
+cannot replace it). So the 504 is handed to mitmproxy as the instance's own answer would be: its
+bytes go into the upstream connection's HTTP/1 reader, as if the instance had sent them, with
+`Connection: close`, which makes mitmproxy drop that connection. The flow then ends as any
+answered flow does (every addon's response hooks run; HTTP/1 and HTTP/2 clients alike get the
+JSON), and whatever the instance sends later goes nowhere. This is only done when the connection
+carries this request and not a byte of an answer has come (else the answer could be spliced):
+otherwise the connection is closed and mitmproxy answers its own 502 page. A request still
+waiting for its connection to open is looked at again a second later.
+
+A paused or frozen instance is alive to its backend: nothing here asks it whether the instance
+is gone (router.py does that after a connection fails).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+from mitmproxy import ctx
+from mitmproxy import http
+from mitmproxy.connection import ConnectionState
+from mitmproxy.net.http import http1
+from mitmproxy.proxy import events
+from mitmproxy.proxy import layer
+from mitmproxy.proxy.layers.http import HttpLayer
+from mitmproxy.proxy.layers.http._http1 import Http1Client
+
+import errors
+from config import Settings
+from marks import ROUTED
+from marks import STATIC
+from marks import UPSTREAM_TIMEOUT
+
+log = logging.getLogger(__name__)
+
+RECHECK = 1.0  # seconds until a request still waiting for its upstream connection is looked at again
+MAX_LAYERS = 16  # a layer stack is a handful deep; the walk to the HTTP layer stops after this many
+
+
+class UpstreamDeadline:
+    def __init__(self, settings: Callable[[], Settings | None]):
+        self.settings = settings
+        self._timers: dict[str, asyncio.TimerHandle] = {}
+        self._answering: set[asyncio.Task] = set()
+
+    @property
+    def timeout(self) -> int:
+        s = self.settings()
+        return s.upstream_timeout if s is not None else Settings.upstream_timeout
+
+    def request(self, flow: http.HTTPFlow) -> None:
+        """The request has arrived whole and goes to its instance now: the deadline starts."""
+        if flow.response or flow.error or not flow.live:
+            return
+        if ROUTED in flow.metadata or flow.metadata.get(STATIC):
+            self._arm(flow, self.timeout)
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        self._disarm(flow)
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        self._disarm(flow)
+        if flow.metadata.get(UPSTREAM_TIMEOUT) and flow.response is not None:
+            # The `close` was for the upstream connection, which mitmproxy has closed by now (not
+            # yet at `responseheaders`: hooks run as they are called, before the reader reaches
+            # the end of the answer); the client's own connection stays open.
+            flow.response.headers.pop("Connection", None)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self._disarm(flow)
+
+    async def done(self) -> None:
+        for timer in self._timers.values():
+            timer.cancel()
+        self._timers.clear()
+        await asyncio.gather(*self._answering, return_exceptions=True)
+
+    def _arm(self, flow: http.HTTPFlow, delay: float) -> None:
+        self._disarm(flow)
+        self._timers[flow.id] = asyncio.get_running_loop().call_later(delay, self._expire, flow)
+
+    def _disarm(self, flow: http.HTTPFlow) -> None:
+        timer = self._timers.pop(flow.id, None)
+        if timer is not None:
+            timer.cancel()
+
+    def _expire(self, flow: http.HTTPFlow) -> None:
+        self._timers.pop(flow.id, None)
+        task = asyncio.create_task(self._answer(flow))
+        self._answering.add(task)
+        task.add_done_callback(self._answering.discard)
+
+    async def _answer(self, flow: http.HTTPFlow) -> None:
+        """From its checks to the injection nothing pauses, and the handler's event lock is free (it
+        is held only while events are handled, and timers do not run then), so no byte of the
+        instance's can come in between."""
+        if flow.response or flow.error or not flow.live:
+            return
+        handler = _handler_of(flow)
+        if handler is None:
+            return  # the client is gone: mitmproxy ends the flow itself
+        server = flow.server_conn
+        io = handler.transports.get(server)
+        busy = handler._server_event_lock.locked()
+        if io is None or io.writer is None or not server.connected or busy:
+            self._arm(flow, RECHECK)  # still connecting, or waiting for a connection slot
+            return
+        seconds = self.timeout
+        instance = flow.metadata.get(ROUTED) or "of a static fetch"
+        where = f"{flow.request.method} {flow.request.path.partition('?')[0]} (instance {instance})"
+        if not _nothing_received(handler, flow):
+            log.warning("datalab: %s: no whole answer head within %d s; closing its connection", where, seconds)
+            handler.close_connection(server)  # mitmproxy answers its own 502 page
+            return
+        log.warning("datalab: %s: no answer within %d s; answering 504", where, seconds)
+        flow.metadata[UPSTREAM_TIMEOUT] = True
+        await handler.server_event(events.DataReceived(server, upstream_timeout_answer(seconds)))
+        if server.state is not ConnectionState.CLOSED:  # never reused: the instance may answer late
+            handler.close_connection(server)
+
+
+def upstream_timeout_answer(seconds: int) -> bytes:
+    """The 504, framed as an instance's HTTP/1.1 answer that closes its connection."""
+    response = errors.upstream_timeout(seconds).response()
+    response.headers["Connection"] = "close"
+    return http1.assemble_response(response)
+
+
+def _handler_of(flow: http.HTTPFlow):
+    """mitmproxy's handler of the flow's client connection (no public way to reach it)."""
+    proxyserver = ctx.master.addons.get("proxyserver")
+    return proxyserver.connections.get(flow.client_conn.id) if proxyserver is not None else None
+
+
+def _nothing_received(handler, flow: http.HTTPFlow) -> bool:
+    """The flow's upstream HTTP/1 reader holds this flow's request and no byte of an answer."""
+    reader = _upstream_reader(handler, flow)
+    return reader is not None and reader.request is flow.request and reader.response is None and not reader.buf
+
+
+def _upstream_reader(handler, flow: http.HTTPFlow) -> Http1Client | None:
+    """The HTTP/1 layer reading the flow's upstream connection: below the client's layers (the
+    reverse mode, TLS), the HTTP layer keeps one per upstream connection."""
+    current: layer.Layer | None = handler.layer
+    for _ in range(MAX_LAYERS):
+        if current is None or isinstance(current, HttpLayer):
+            break
+        current = current.layer if isinstance(current, layer.NextLayer) else getattr(current, "child_layer", None)
+    if not isinstance(current, HttpLayer):
+        return None
+    client = getattr(current.connections.get(flow.server_conn), "child_layer", None)
+    return client if isinstance(client, Http1Client) else None

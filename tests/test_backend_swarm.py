@@ -114,8 +114,13 @@ async def test_start_put_file_poll_inventory_stop(engine):
         assert template["RestartPolicy"]["Condition"] == "none"
         assert limits == {"NanoCPUs": 10**9, "MemoryBytes": 1024**3, "Pids": 256}
         assert spec["ReadOnly"] is True and spec["CapabilityDrop"] == ["ALL"] and spec["Image"].startswith("sha256:")
-        options = {m["Target"]: m["VolumeOptions"]["DriverConfig"]["Options"]["o"] for m in spec["Mounts"]}
-        assert set(options) == {"/home/datalab/work", "/tmp"} and all("size=1g" in o for o in options.values())
+        mounts = {m["Target"]: m for m in spec["Mounts"]}
+        no_resolver = {"Type": "bind", "Source": "/dev/null", "Target": "/etc/resolv.conf", "ReadOnly": True}
+        assert mounts.pop("/etc/resolv.conf") == no_resolver and spec["DNSConfig"] == {"Nameservers": ["127.0.0.1"]}
+        options = {target: m["VolumeOptions"]["DriverConfig"]["Options"]["o"] for target, m in mounts.items()}
+        sizes = {target: o.split(",")[0] for target, o in options.items()}  # the Docker backend's: auto at 1g
+        assert sizes == {"/home/datalab/work": "size=288m", "/tmp": "size=288m", "/dev/shm": "size=64m"}
+        assert all("nr_inodes=16384" in o for o in options.values())
         assert not service.attrs["Spec"]["EndpointSpec"].get("Ports") and not service.attrs["Endpoint"].get("Ports")
         (task,) = service.tasks()
         container = engine.containers.get(task["Status"]["ContainerStatus"]["ContainerID"])
@@ -123,6 +128,10 @@ async def test_start_put_file_poll_inventory_stop(engine):
         assert host_config["Memory"] == 1024**3 and host_config["PidsLimit"] == 256
         assert host_config["CapDrop"] == ["ALL"] and host_config["ReadonlyRootfs"] is True
         assert not host_config.get("Binds") and container.attrs["Config"]["User"] == "datalab"
+        assert host_config["Dns"] == ["127.0.0.1"]
+        looked = "cat /etc/resolv.conf; stat -c '%a %U' /dev/shm; grep -c shm /proc/mounts"
+        inside = container.exec_run(["sh", "-c", looked])
+        assert inside.output.decode().split() == ["1777", "root", "1"]  # resolv.conf empty; one /dev/shm, ours
         network = engine.networks.get(backend.opts.swarm_network)
         assert network.attrs["Internal"] is True and network.attrs["Attachable"] is True
         assert list(container.attrs["NetworkSettings"]["Networks"]) == [network.name]  # no ingress, no gwbridge
@@ -134,7 +143,7 @@ async def test_start_put_file_poll_inventory_stop(engine):
         await backend.stop(instance.handle)
     assert await backend.poll(instance) is False
     assert managed(engine, backend) == [] and await backend.inventory() == []
-    assert len(engine.volumes.list(filters={"label": f"{LABEL_PREFIX}={backend.common.label_prefix}"})) == 2
+    assert len(engine.volumes.list(filters={"label": f"{LABEL_PREFIX}={backend.common.label_prefix}"})) == 3
     for _ in range(150):  # the task's container goes a moment after its service (bounded wait, no timing asserted)
         if not engine.containers.list(all=True, filters={"id": container.id}):
             break

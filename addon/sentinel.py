@@ -18,7 +18,6 @@ import re
 from typing import NamedTuple
 from urllib.parse import unquote
 
-import redis.asyncio as redis
 from redis.asyncio.connection import BlockingConnectionPool
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
@@ -95,7 +94,7 @@ class _PrimaryClient(DeadlineRedis):
             await client.aclose()
 
 
-def connect_sentinel(url: str, **pool_options) -> redis.Redis:
+def connect_sentinel(url: str, **pool_options) -> DeadlineRedis:
     """A client of the primary the sentinels name now, and after each failover the new one."""
     parsed = parse_sentinel_url(url)
     sentinel_options = {

@@ -150,7 +150,7 @@ class Reservation(enum.IntEnum):
 REDIS_CONNECTIONS = 32  # per client: a burst of requests shares them instead of opening one each
 
 
-def connect(url: str, deadline: float = redis_deadline.DEFAULT) -> redis.Redis:
+def connect(url: str, deadline: float = redis_deadline.DEFAULT) -> redis_deadline.DeadlineRedis:
     """One client per process. Each call ends within `deadline` seconds, retries included
     (redis_deadline.py), so a Redis outage or freeze is a quick 503; the retries within it ride out
     a dropped connection. Its connections are bounded: an unbounded pool keeps as many as requests

@@ -10,6 +10,7 @@ cookie -> Redis -> instance), then FailClosed (guards.py). A start takes an inst
 instances.py (warm pool: pool.py, boot queue: admission.py); Runtime runs the background work
 that keeps instances in order (pool.py, culler.py). Clients are bounded in time and number:
 request heads by deadlines.py (time) and heads.py (bytes, lines), upload bodies by upload.py.
+Instances' answers must begin in time (upstream_deadline.py).
 """
 
 from api import Api

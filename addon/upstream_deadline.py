@@ -17,7 +17,9 @@ answered flow does (every addon's response hooks run; HTTP/1 and HTTP/2 clients 
 JSON), and whatever the instance sends later goes nowhere. This is only done when the connection
 carries this request and not a byte of an answer has come (else the answer could be spliced):
 otherwise the connection is closed and mitmproxy answers its own 502 page. A request still
-waiting for its connection to open is looked at again a second later.
+waiting for its connection to open (connecting, or queued behind mitmproxy's five connections per
+client and address, as an HTTP/2 client's many streams may be) is looked at every second, and
+once it is sent the instance gets the whole deadline from then.
 
 A paused or frozen instance is alive to its backend: nothing here asks it whether the instance
 is gone (router.py does that after a connection fails).
@@ -54,6 +56,7 @@ class UpstreamDeadline:
     def __init__(self, settings: Callable[[], Settings | None]):
         self.settings = settings
         self._timers: dict[str, asyncio.TimerHandle] = {}
+        self._unsent: set[str] = set()  # flows whose deadline came before their connection opened
         self._answering: set[asyncio.Task] = set()
 
     @property
@@ -69,10 +72,10 @@ class UpstreamDeadline:
             self._arm(flow, self.timeout)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
-        self._disarm(flow)
+        self._forget(flow)
 
     def response(self, flow: http.HTTPFlow) -> None:
-        self._disarm(flow)
+        self._forget(flow)
         if flow.metadata.get(UPSTREAM_TIMEOUT) and flow.response is not None:
             # The `close` was for the upstream connection, which mitmproxy has closed by now (not
             # yet at `responseheaders`: hooks run as they are called, before the reader reaches
@@ -80,12 +83,13 @@ class UpstreamDeadline:
             flow.response.headers.pop("Connection", None)
 
     def error(self, flow: http.HTTPFlow) -> None:
-        self._disarm(flow)
+        self._forget(flow)
 
     async def done(self) -> None:
         for timer in self._timers.values():
             timer.cancel()
         self._timers.clear()
+        self._unsent.clear()
         await asyncio.gather(*self._answering, return_exceptions=True)
 
     def _arm(self, flow: http.HTTPFlow, delay: float) -> None:
@@ -96,6 +100,10 @@ class UpstreamDeadline:
         timer = self._timers.pop(flow.id, None)
         if timer is not None:
             timer.cancel()
+
+    def _forget(self, flow: http.HTTPFlow) -> None:
+        self._disarm(flow)
+        self._unsent.discard(flow.id)
 
     def _expire(self, flow: http.HTTPFlow) -> None:
         self._timers.pop(flow.id, None)
@@ -114,9 +122,16 @@ class UpstreamDeadline:
             return  # the client is gone: mitmproxy ends the flow itself
         server = flow.server_conn
         io = handler.transports.get(server)
-        busy = handler._server_event_lock.locked()
-        if io is None or io.writer is None or not server.connected or busy:
-            self._arm(flow, RECHECK)  # still connecting, or waiting for a connection slot
+        if io is None or io.writer is None or not server.connected:
+            self._unsent.add(flow.id)  # still connecting, or waiting for a connection slot
+            self._arm(flow, RECHECK)
+            return
+        if handler._server_event_lock.locked():  # (not seen: then the handler's events could cut in)
+            self._arm(flow, RECHECK)
+            return
+        if flow.id in self._unsent:  # sent within the last RECHECK seconds: the instance's time starts
+            self._unsent.discard(flow.id)
+            self._arm(flow, self.timeout)
             return
         seconds = self.timeout
         instance = flow.metadata.get(ROUTED) or "of a static fetch"

@@ -26,11 +26,22 @@ from runtime import remove_all_instances as remove_all
 CSV = b"x,y\n1,2\n"
 DEADLINE = 4  # seconds: datalab_upstream_timeout of these tests' proxies
 CLIENT_TIMEOUT = 30  # the clients' own bound: far beyond the deadline, so it is the proxy that answers
+STREAMS = 7  # HTTP/2 requests at once on one connection
 
 
 def frozen(world, nonce: str, prefix: str | None = None):
     """The instance's container (for signal_jupyter)."""
     return world.docker.containers.get(record(world, nonce, prefix).handle)
+
+
+def json_values(body: bytes) -> list:
+    """The JSON documents one after another in `body` (curl writes each answer's body in turn)."""
+    decoder, text, values = json.JSONDecoder(), body.decode(), []
+    while text.strip():
+        value, end = decoder.raw_decode(text.strip())
+        values.append(value)
+        text = text.strip()[end:]
+    return values
 
 
 def assert_upstream_timeout(status: int, body: bytes) -> None:
@@ -93,9 +104,16 @@ def test_a_frozen_instance_answers_504_over_http2(redis_server, world, sign_key,
         container = frozen(world, nonce, prefix)
         signal_jupyter(container, "STOP")
         try:
-            trace, body = curl_h2(proxy, tls.ca, "/api/status", "-H", cookie, "--max-time", str(CLIENT_TIMEOUT))
-            assert "< HTTP/2 504" in trace, trace
-            assert_upstream_timeout(504, body)
+            # More streams than mitmproxy opens connections to one address for one client (5): the
+            # last wait for a connection, and get their whole deadline once sent.
+            others = [f"https://localhost:{proxy.port}/api/status?stream={i}" for i in range(STREAMS - 1)]
+            extra = ["-H", cookie, "--max-time", str(CLIENT_TIMEOUT), "--parallel", *others]
+            trace, body = curl_h2(proxy, tls.ca, "/api/status", *extra)
+            assert trace.count("< HTTP/2 504") == STREAMS, trace
+            answers = json_values(body)
+            assert len(answers) == STREAMS, body
+            for answer in answers:
+                assert_upstream_timeout(504, json.dumps(answer).encode())
         finally:
             signal_jupyter(container, "CONT")
         trace, body = curl_h2(proxy, tls.ca, "/api/status", "-H", cookie, "--max-time", str(CLIENT_TIMEOUT))

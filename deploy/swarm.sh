@@ -8,7 +8,10 @@
 # replica to run, then follows the proxy's logs. SIGINT/SIGTERM remove the stack, then every instance
 # service of this proxy's key prefix (the proxies are gone first, so none starts another meanwhile).
 # Arguments are mitmproxy's, given to every replica (e.g. --set datalab_pool_size=2); run.sh's own flags
-# (--web, --lean, --workers, --demo) and TLS are not for --swarm.
+# (--web, --lean, --workers, --demo) and TLS are not for --swarm, nor are where a replica listens (-p,
+# --listen-port, --listen-host, --mode, their --set forms: the port is DATALAB_PORT; deploy/swarm_args.py)
+# or another backend: all refused at once. --set datalab_image, datalab_sign_key, datalab_key_prefix and
+# datalab_swarm_network win over their variables below, as in ./run.sh.
 #
 #   DATALAB_STACK          the stack's name (default datalab)
 #   DATALAB_REPLICAS       proxy replicas (default 2)
@@ -31,6 +34,14 @@ for arg in "$@"; do
   esac
 done
 [ -z "${DATALAB_TLS_CERT:-}${DATALAB_TLS_KEY:-}" ] || die "--swarm does not serve TLS itself: put a TLS-terminating load balancer before the published port"
+# Arguments that would leave the published port answering nothing (another port, address or mode for the
+# replicas: every request would hang) are refused at once, before anything is prepared or deployed.
+[ -x "$VENV/bin/python" ] || ensure_venv
+if ! refused=$("$VENV/bin/python" "$ROOT/deploy/swarm_args.py" "$@"); then
+  [ -n "$refused" ] || die "mitmdump refuses these arguments (see above), so every replica would"
+  die "$refused"
+fi
+take_sets "$@"  # --set datalab_image=..., datalab_key_prefix=...: prepared (and cleaned up) as the replicas use them
 stack=${DATALAB_STACK:-datalab}
 [[ "$stack" =~ ^[a-zA-Z0-9][a-zA-Z0-9_.-]*$ ]] || die "DATALAB_STACK=$stack: letters, digits, _ . - only"
 replicas=${DATALAB_REPLICAS:-2}

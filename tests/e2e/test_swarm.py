@@ -30,17 +30,20 @@ PROXY_IMAGE = os.environ.get("DATALAB_PROXY_IMAGE", "datalab-proxy:latest")
 CSV = b"city,population\nReykjavik,139875\nNuuk,19872\n"
 READY_TIMEOUT = 300  # the first run may build images (quick when they are current)
 STOP_TIMEOUT = 120
+REFUSED_WITHIN = 60  # seconds: run.sh's set-up when its venv is current, then the refusal
 
 
 class Stack:
     """A `./run.sh --swarm` in its own process group, and what it deploys (named by `stack`)."""
 
-    def __init__(self, workdir: Path):
+    def __init__(self, workdir: Path, args: tuple[str, ...] = ("--set", "datalab_pool_size=0")):
+        """`args`: run.sh's after --swarm ("{port}" in one: a free port other than the published one)."""
         self.name = f"dltest{secrets.token_hex(3)}"
         self.prefix = f"{self.name}:"
         self.port = free_port()
         self.sign_key = secrets.token_hex(32)
         self.log = workdir / "run-swarm.log"
+        self.other_port = free_port()
         env = os.environ | {
             "DATALAB_STACK": self.name,
             "DATALAB_PORT": str(self.port),
@@ -49,7 +52,7 @@ class Stack:
             "DATALAB_REPLICAS": "2",
         }
         self.proc = subprocess.Popen(
-            [str(ROOT / "run.sh"), "--swarm", "--set", "datalab_pool_size=0"],
+            [str(ROOT / "run.sh"), "--swarm", *(a.replace("{port}", str(self.other_port)) for a in args)],
             env=env,
             stdout=self.log.open("w"),
             stderr=subprocess.STDOUT,
@@ -136,6 +139,37 @@ def csv_nonce(stack):
 def error_of(r: requests.Response) -> str:
     assert r.headers["Content-Type"] == "application/json"
     return r.json()["code"]
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("-p", "{port}"),
+        ("--listen-port={port}",),
+        ("--set", "listen_port={port}"),
+        ("--set=listen_port={port}",),
+        ("--listen-host", "127.0.0.1"),
+        ("--mode", "regular@{port}"),
+    ],
+    ids=lambda args: " ".join(args),
+)
+def test_where_replicas_listen_is_refused_at_once_naming_datalab_port(args, docker_client, tmp_path):
+    """mitmproxy's -p (which plain ./run.sh takes) and the like would have the replicas listen where the
+    published port (DATALAB_PORT) does not lead: every request would hang. They are refused at once,
+    saying to set DATALAB_PORT, and nothing is deployed."""
+    s = Stack(tmp_path, args)
+    try:
+        returncode = s.proc.wait(timeout=REFUSED_WITHIN)
+    except subprocess.TimeoutExpired:
+        s.terminate()
+        s.remove_volume(docker_client)
+        pytest.fail(f"run.sh --swarm {' '.join(args)} was not refused; it went on:\n{s.log_text()[-3000:]}")
+    out = s.log_text()
+    assert returncode != 0 and "DATALAB_PORT" in out and "is not for --swarm" in out, out
+    assert s.name not in subprocess.run(
+        ["docker", "stack", "ls", "--format", "{{.Name}}"], capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert s.services(docker_client) == []
 
 
 def test_two_replicas_run_the_swarm_backend(stack, docker_client):

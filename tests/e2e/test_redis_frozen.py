@@ -48,6 +48,7 @@ def test_a_frozen_redis_is_a_quick_503_then_served_again(make_proxy, world, tmp_
         finally:
             redis.thaw()
         wait_until(lambda: browser.get("/api/status").status_code == 200, "the session served again", 20)
+        wait_until(lambda: requests.get(p.url("/datalab/health"), timeout=CLIENT_WAIT).ok, "health 200 again", 20)
         assert Browser(p).view(nonce).status_code == 302  # and its nonce opens it once more
     finally:
         redis.thaw()

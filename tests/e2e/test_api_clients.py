@@ -56,6 +56,15 @@ def test_a_script_writes_with_a_made_up_xsrf_pair(proxy, instance):
     r = requests.delete(proxy.url(f"/api/contents/{r.json()['path']}"), headers=paired, timeout=30)
     assert r.status_code == 204, r.text
 
+    # README's snippet, as written there: a session that keeps the cookies, the header on every request
+    http = requests.Session()
+    http.cookies.set("datalab_session", instance)  # (README's opens the view; `instance` did)
+    http.cookies.set("_xsrf", xsrf)
+    http.headers["X-XSRFToken"] = xsrf
+    assert http.post(proxy.url("/api/contents"), json=model, timeout=30).status_code == 201
+    r = http.get(proxy.url(f"/files/{FILENAME}"), params={"_xsrf": xsrf}, timeout=30)
+    assert r.status_code == 200 and r.content == CSV
+
     files = proxy.url(f"/files/{FILENAME}")
     assert requests.get(files, headers=cookie, timeout=30).status_code == 403  # no same-origin Referer
     r = requests.get(f"{files}?_xsrf={xsrf}", headers={"Cookie": paired["Cookie"]}, timeout=30)

@@ -30,7 +30,6 @@ from backends import memory_budget
 log = logging.getLogger(__name__)
 
 MIB = 1024 * 1024
-PROCESS_DISK_LIMIT = "1g"  # datalab_disk_limit=auto with datalab_backend=process: the largest file
 SAMESITE = ("Lax", "Strict", "None")
 ROUTINGS = ("cookie", "subdomain")
 HOST_COOKIE_PREFIX = "__Host-"
@@ -95,15 +94,14 @@ class Settings:
 
     @functools.cached_property
     def common(self) -> Common:
-        """What every backend gets: whose instances, and their limits (a disk limit of auto is what
-        fits beside Jupyter in the memory limit; the process backend's, a largest file, is 1g)."""
-        process = self.backend == "process" and self.disk_limit == memory_budget.AUTO
+        """What every backend gets: whose instances, and their limits (a disk limit of auto is made a
+        size by the backend: what fits beside Jupyter in a container's memory limit)."""
         return Common(
             label_prefix=self.key_prefix,
             mem_limit=self.mem_limit,
             cpus=float(self.cpus),
             pids_limit=self.pids_limit,
-            disk_limit=PROCESS_DISK_LIMIT if process else self.disk_limit,
+            disk_limit=self.disk_limit,
             start_timeout=float(self.start_timeout),
         )
 

@@ -22,6 +22,8 @@ from backends.docker_engine import DockerBackend
 from backends.docker_engine import DockerOptions
 from backends.docker_network import InstanceNetwork
 from backends.docker_network import subnet_and_gateway
+from backends.local_process import ProcessBackend
+from backends.swarm import SwarmBackend
 from config import Settings
 from config import parse_settings
 from e2e.conftest import IMAGE
@@ -144,10 +146,13 @@ def test_limits_whose_in_memory_mounts_crowd_out_jupyter_are_refused_at_start_up
 
 
 def test_disk_limit_auto_is_what_fits():
-    assert Settings(sign_key="k").common.disk_limit == "288m"
-    assert Settings(sign_key="k", mem_limit="512m").common.disk_limit == "32m"
-    assert Settings(sign_key="k", mem_limit="512m", disk_limit="8m").common.disk_limit == "8m"
-    assert Settings(sign_key="k", backend="process").common.disk_limit == "1g"  # a largest file, as before
+    def disk(cls, **changes):
+        return cls(Settings(sign_key="k", **changes).common, cls.Options()).common.disk_limit
+
+    assert disk(DockerBackend) == disk(SwarmBackend) == "288m"
+    assert disk(DockerBackend, mem_limit="512m") == "32m"
+    assert disk(DockerBackend, mem_limit="512m", disk_limit="8m") == "8m"
+    assert disk(ProcessBackend) == "1g"  # a largest file, as before
 
 
 def test_the_hosts_address_on_a_network_is_known_when_the_engine_leaves_the_gateway_out(engine):

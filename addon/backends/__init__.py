@@ -25,13 +25,13 @@ from collections.abc import Callable
 from dataclasses import asdict
 from dataclasses import dataclass
 from dataclasses import field
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 from typing import ClassVar
 from urllib.parse import quote
 
 from backends.memory_budget import AUTO
-from backends.memory_budget import disk_limit_for
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository
 STATE = Path(os.path.abspath(os.environ.get("DATALAB_STATE") or ROOT / ".state"))  # (as scripts/setup.sh's)
@@ -85,7 +85,7 @@ def option_error(name: str, message: str) -> ValueError:
 class Common:
     """What every backend is given: whose instances they are, and the limits each instance gets
     (as far as the backend's platform can enforce them; its README row says which). A disk limit
-    of auto is made a size here: what fits in the memory limit (backends/memory_budget.py)."""
+    of auto is made a size by the backend (Backend.auto_disk_limit)."""
 
     label_prefix: str
     mem_limit: str = "1g"
@@ -93,9 +93,6 @@ class Common:
     pids_limit: int = 256
     disk_limit: str = AUTO
     start_timeout: float = 60.0
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "disk_limit", disk_limit_for(self.mem_limit, self.disk_limit))
 
 
 class BackendError(Exception):
@@ -154,8 +151,16 @@ class Backend(abc.ABC):
         Called once when options are applied, before serving: quick, and bounded in time."""
 
     def __init__(self, common: Common, options: Any):
+        if common.disk_limit == AUTO:
+            common = replace(common, disk_limit=self.auto_disk_limit(common.mem_limit))
         self.common = common
         self.opts = options
+
+    @classmethod
+    def auto_disk_limit(cls, mem_limit: str) -> str:
+        """What datalab_disk_limit=auto is on this backend: here a largest file of 1g; a backend whose
+        writable places are memory gives what fits in the memory limit."""
+        return "1g"
 
     @abc.abstractmethod
     async def check(self) -> None:

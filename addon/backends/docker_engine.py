@@ -28,6 +28,7 @@ from docker.models.containers import Container
 from docker.types import Mount
 
 from backends import AUTH_ENV
+from backends import AUTO
 from backends import Backend
 from backends import BackendError
 from backends import Common
@@ -47,6 +48,7 @@ from backends.docker_network import ensure_network
 from backends.docker_network import network_name
 from backends.memory_budget import INODES
 from backends.memory_budget import SHM_SIZE
+from backends.memory_budget import disk_limit_for
 from backends.memory_budget import mib
 
 log = logging.getLogger(__name__)
@@ -127,6 +129,11 @@ class DockerBackend(Backend):
         except (docker.errors.DockerException, OSError) as e:
             where = self.opts.docker_url or "the default Docker socket"
             raise EngineUnavailable("the container engine cannot be reached; retry shortly", f"{where}: {e}") from e
+
+    @classmethod
+    def auto_disk_limit(cls, mem_limit: str) -> str:
+        """What fits in the memory limit beside Jupyter (memory_budget.py); Swarm's too."""
+        return disk_limit_for(mem_limit, AUTO)
 
     @classmethod
     def probe(cls, options: DockerOptions) -> tuple[bool, str]:

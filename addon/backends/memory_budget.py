@@ -8,8 +8,8 @@ OOM-killed (every file lost, the next request a 502 then a 410) instead of faili
 ENOSPC. So all of them together fit in the limit with RESERVE to spare: datalab_disk_limit=auto
 takes what fits, and a size that does not fit is refused at start-up (config.py).
 
-Plain functions of the option strings (config.py and Common use them; nothing here imports the
-backends).
+Plain functions of the option strings (config.py validates with them, the Docker backend sizes
+with them; nothing here imports the backends).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import docker.utils
 MIB = 1 << 20
 AUTO = "auto"  # datalab_disk_limit's default: what fits in datalab_mem_limit
 PLACES = 2  # writable places of datalab_disk_limit each: the working directory and /tmp
-SHM_SIZE = 64 * MIB  # /dev/shm, Docker's default size (the Docker backend sets it explicitly)
+SHM_SIZE = 64 * MIB  # /dev/shm, Docker's default size (both backends mount it themselves, at this size)
 INODES = 16384  # files (and directories, links) per in-memory mount: about 1 KiB of kernel memory each
 # What Jupyter and a kernel need beside the mounts. Measured in the image (cgroup memory.stat):
 # an idle Jupyter server 65 MiB resident; with a kernel that imported pandas, numpy and matplotlib,

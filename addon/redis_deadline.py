@@ -8,7 +8,9 @@ TimeoutError (a RedisError), which the proxy answers 503 REDIS_UNAVAILABLE.
 
 Cancelling a call mid-reply is safe in redis-py (7.1): a connection whose read or write is
 interrupted is disconnected (`except BaseException: disconnect`), never handed out again with half
-a reply unread, and the pool takes it back.
+a reply unread, and the pool takes it back. Only the giving back itself must not be cut: a release
+that waits for the pool's lock when the deadline passes would leave its connection counted in use
+for good (DeadlinePool).
 
 Covered: commands (`execute_command`: scripts are EVALSHA/SCRIPT LOAD through it), pipelines and
 transactions (`execute`), pub/sub commands (SUBSCRIBE...). Not bounded: waiting for pub/sub
@@ -23,6 +25,8 @@ from collections.abc import Awaitable
 import redis.asyncio as redis
 from redis.asyncio.client import Pipeline
 from redis.asyncio.client import PubSub
+from redis.asyncio.connection import AbstractConnection
+from redis.asyncio.connection import BlockingConnectionPool
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 DEFAULT = 3.0  # seconds a Redis call may take, all in
@@ -38,6 +42,13 @@ async def within[T](seconds: float, call: Awaitable[T]) -> T:
         if not deadline.expired():
             raise
         raise RedisTimeoutError(f"no answer from Redis within {seconds:g} s") from e
+
+
+class DeadlinePool(BlockingConnectionPool):
+    """A bounded pool whose connections always come back, whenever their call's deadline passes."""
+
+    async def release(self, connection: AbstractConnection) -> None:
+        await asyncio.shield(super().release(connection))
 
 
 class DeadlineRedis(redis.Redis):

@@ -18,12 +18,12 @@ import re
 from typing import NamedTuple
 from urllib.parse import unquote
 
-from redis.asyncio.connection import BlockingConnectionPool
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.asyncio.sentinel import SentinelConnectionPool
 from redis.backoff import NoBackoff
 
+from redis_deadline import DeadlinePool
 from redis_deadline import DeadlineRedis
 
 SCHEME = "redis+sentinel://"
@@ -80,7 +80,7 @@ def _sentinel(text: str) -> tuple[str, int]:
     return match["host"].strip("[]"), port
 
 
-class _BlockingSentinelPool(SentinelConnectionPool, BlockingConnectionPool):
+class _BlockingSentinelPool(SentinelConnectionPool, DeadlinePool):
     """Sentinel's pool, bounded as the plain client's is: a command waits for a free connection."""
 
 

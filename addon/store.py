@@ -168,7 +168,7 @@ def connect(url: str, deadline: float = redis_deadline.DEFAULT) -> redis_deadlin
     if sentinel.is_sentinel_url(url):
         client = sentinel.connect_sentinel(url, **options)
     else:
-        pool = redis.BlockingConnectionPool.from_url(url, **options)
+        pool = redis_deadline.DeadlinePool.from_url(url, **options)
         client = redis_deadline.DeadlineRedis.from_pool(pool)  # the client owns the pool: closing it closes them
     client.deadline = deadline
     return client

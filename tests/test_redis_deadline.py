@@ -15,6 +15,8 @@ import store
 from e2e.test_lifecycle import wait_until
 from e2e.test_sentinel import SentinelGroup
 from helpers import RedisServer
+from redis_deadline import DeadlinePool
+from redis_deadline import DeadlineRedis
 
 DEADLINE = 0.5  # the client's, short for the test
 BOUND = 10  # where the test stops waiting: redis-py's own timeouts and retries alone took far longer
@@ -69,6 +71,22 @@ async def test_a_call_cut_mid_reply_leaves_no_reply_behind(frozen_redis):
         await refused(client.get("first"))
         frozen_redis.thaw()
         assert [await client.get("second") for _ in range(3)] == [b"2"] * 3
+    finally:
+        await client.aclose()
+
+
+async def test_a_connection_comes_back_whenever_the_deadline_passes(redis_url):
+    """A call whose deadline passes while it gives its connection back (the pool's lock busy, as in
+    a burst) still gives it back: else the pool is one smaller for good, and a pool of one spent."""
+    client = DeadlineRedis.from_pool(DeadlinePool.from_url(redis_url, max_connections=1, timeout=DEADLINE))
+    client.deadline = 1.0
+    try:
+        call = asyncio.create_task(client.blpop(["nothing"], timeout=0.2))  # answered after 0.2 s
+        await asyncio.sleep(0.1)
+        async with client.connection_pool._condition:  # held until past the call's deadline
+            await asyncio.sleep(1.5)
+        await refused(call)  # its deadline passed, giving back
+        assert await client.ping()  # with the one connection
     finally:
         await client.aclose()
 

@@ -71,6 +71,7 @@ class Settings:
     max_upload: int = 100 * MIB
     upload_timeout: int = 300
     max_uploads: int = 64
+    max_ws_message: int = 64 * MIB
     header_timeout: int = 60
     upstream_timeout: int = 120
     max_head: int = 64 * 1024  # tornado's own limit (Jupyter Server runs on it): what passes here, it takes
@@ -172,6 +173,11 @@ _HELP: dict[str, tuple[str | None, str]] = {
         None,
         "Upload bodies arriving at this proxy process at once; beyond it a request is refused at once "
         "(503 CAPACITY) without its body being read.",
+    ),
+    "max_ws_message": (
+        None,
+        "Largest WebSocket message, in bytes, either way (a kernel's output too); past it the WebSocket "
+        "closes with 1009.",
     ),
     "header_timeout": (
         None,
@@ -278,6 +284,7 @@ def parse_settings(values: dict[str, typing.Any]) -> Settings:
     positive = ("nonce_ttl", "session_ttl", "max_upload", "max_skew", "pids_limit", "start_timeout")
     positive += ("queue_timeout", "idle_timeout", "max_age", "cull_interval")
     positive += ("upload_timeout", "max_uploads", "header_timeout")
+    positive += ("max_ws_message",)
     positive += ("upstream_timeout",)
     positive += ("max_head", "max_head_lines")
     positive += ("redis_timeout",)

@@ -9,8 +9,9 @@ upload.py and are answered in Api.response) or Router.requestheaders (everything
 cookie -> Redis -> instance), then FailClosed (guards.py). A start takes an instance in
 instances.py (warm pool: pool.py, boot queue: admission.py); Runtime runs the background work
 that keeps instances in order (pool.py, culler.py). Clients are bounded in time and number:
-request heads by deadlines.py (time) and heads.py (bytes, lines), upload bodies by upload.py.
-Instances' answers must begin in time (upstream_deadline.py).
+request heads by deadlines.py (time) and heads.py (bytes, lines), upload bodies by upload.py,
+WebSocket messages by websocket_bound.py. Instances' answers must begin in time
+(upstream_deadline.py).
 """
 
 from api import Api
@@ -27,6 +28,7 @@ from router import Router
 from runtime import Runtime
 from upload import UploadSink
 from upstream_deadline import UpstreamDeadline
+from websocket_bound import WebSocketBound
 
 runtime = Runtime()  # also an addon: running() starts the pool, culling and exit events; done() stops them
 deadline = HeaderDeadline(lambda: runtime.settings)  # closes connections whose request head does not come in time
@@ -45,6 +47,7 @@ addons = [
     TransportSecurity(lambda: runtime.settings),
     TrimWebSockets(),
     UpstreamDeadline(lambda: runtime.settings),  # an instance's answer begins within datalab_upstream_timeout, or 504
+    WebSocketBound(lambda: runtime.settings),  # a WebSocket message is held up to datalab_max_ws_message
     OneRequestAtATime(),  # after the others: a flow is claimed (upload or not) before reading pauses
     SharedPort(),  # run.sh --workers: several processes on one port
     deadline.after,  # last: a request is over once every other addon is done with it

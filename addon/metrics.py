@@ -70,6 +70,12 @@ PROXIED = Counter(
 WEBSOCKET_MESSAGES = Counter(
     "datalab_websocket_messages", "WebSocket messages through routed flows, by sender.", ["sender"], registry=COUNTERS
 )
+WEBSOCKET_TOO_BIG = Counter(
+    "datalab_websocket_too_big",
+    "WebSockets closed with 1009 for a message over datalab_max_ws_message, by sender.",
+    ["sender"],
+    registry=COUNTERS,
+)
 CULLS = Counter(
     "datalab_culls", "Instances ended by culling and reconciliation, by reason.", ["reason"], registry=COUNTERS
 )
@@ -85,6 +91,7 @@ START_OK = STARTS.labels("ok")
 START_LATENCY = {source: START_SECONDS.labels(source) for source in ("pooled", "cold")}
 WEBSOCKET_FROM_CLIENT = WEBSOCKET_MESSAGES.labels("client")
 WEBSOCKET_FROM_INSTANCE = WEBSOCKET_MESSAGES.labels("instance")
+TOO_BIG_FROM = {True: WEBSOCKET_TOO_BIG.labels("client"), False: WEBSOCKET_TOO_BIG.labels("instance")}
 
 
 def refused(code: str, status: int) -> None:
@@ -101,6 +108,10 @@ def websocket_message(flow: http.HTTPFlow) -> None:
         WEBSOCKET_FROM_CLIENT.inc()
     else:
         WEBSOCKET_FROM_INSTANCE.inc()
+
+
+def websocket_too_big(from_client: bool) -> None:
+    TOO_BIG_FROM[from_client].inc()
 
 
 # Starts: Instances.start is wrapped in timed_start, Instances.boot in cold_boot; a boot inside a

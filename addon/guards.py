@@ -8,7 +8,8 @@ default target. FailClosed answers 500 for any flow that no datalab addon claime
 word on every upstream connection: it opens only towards the upload sink or an address the backend
 vouches for, so a bug (in any addon, or one that skipped the other hooks) can never forward a
 request somewhere it was not routed. TrimWebSockets bounds the message history
-mitmproxy keeps per WebSocket, which otherwise grows for as long as a kernel is connected.
+mitmproxy keeps per WebSocket, which otherwise grows for as long as a kernel is connected, in
+number and bytes (a message's own size is websocket_bound.py's).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from upload import UploadSink
 log = logging.getLogger(__name__)
 
 WEBSOCKET_MESSAGES_KEPT = 10
+WEBSOCKET_BYTES_KEPT = 1024 * 1024  # of the messages before the newest
 HSTS_SECONDS = 31_536_000  # a year
 
 
@@ -78,10 +80,20 @@ class FailClosed:
 
 
 class TrimWebSockets:
+    """mitmproxy keeps every message of a WebSocket in its flow (for mitmweb). Kept here: the newest
+    (being relayed), and before it up to WEBSOCKET_MESSAGES_KEPT in all within WEBSOCKET_BYTES_KEPT
+    bytes, so an open WebSocket holds one message (up to datalab_max_ws_message) plus 1 MiB, not ten
+    of the biggest size."""
+
     def websocket_message(self, flow: http.HTTPFlow) -> None:
         messages = flow.websocket.messages if flow.websocket else []
-        if len(messages) > WEBSOCKET_MESSAGES_KEPT:
-            del messages[:-WEBSOCKET_MESSAGES_KEPT]
+        kept, size = 1, 0
+        while kept < min(len(messages), WEBSOCKET_MESSAGES_KEPT):
+            size += len(messages[-kept - 1].content)
+            if size > WEBSOCKET_BYTES_KEPT:
+                break
+            kept += 1
+        del messages[:-kept]
 
 
 class TransportSecurity:

@@ -2,10 +2,12 @@ import json
 import time
 
 from mitmproxy import connection
+from mitmproxy import websocket
 from mitmproxy.proxy.server_hooks import ServerConnectionHookData
 from mitmproxy.test import taddons
 from mitmproxy.test import tflow
 from mitmproxy.test import tutils
+from wsproto.frame_protocol import Opcode
 from test_api import recorded
 from test_api import request_flow
 from test_api import runtime_for
@@ -162,6 +164,22 @@ def test_websocket_history_is_bounded():
             flow.websocket.messages.append(flow.websocket.messages[0])
             trim.websocket_message(flow)
     assert len(flow.websocket.messages) == 10
+
+
+def test_websocket_history_keeps_big_messages_only_while_they_are_the_newest():
+    """Ten messages of 4 MiB stay held no longer: the newest (being relayed) and 1 MiB before it."""
+    trim = TrimWebSockets()
+    flow = tflow.twebsocketflow()
+    big = websocket.WebSocketMessage(Opcode.BINARY, True, b"\0" * (4 << 20))
+    small = websocket.WebSocketMessage(Opcode.TEXT, False, b"x" * 1000)
+    with taddons.context(trim):
+        for message in [big, small] * 10:
+            flow.websocket.messages.append(message)
+            trim.websocket_message(flow)
+        assert flow.websocket.messages == [small]
+        flow.websocket.messages.append(big)
+        trim.websocket_message(flow)
+    assert flow.websocket.messages == [small, big]
 
 
 def test_an_instance_cannot_set_the_session_cookie():

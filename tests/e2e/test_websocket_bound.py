@@ -32,11 +32,11 @@ class Kernel:
     id: str
 
 
-@pytest.fixture(scope="module", params=["mitmdump", "lean"])
-def kernel(request, redis_server, world, sign_key, tmp_path_factory) -> Iterator[Kernel]:
-    options = {"datalab_pool_size": 0, "datalab_max_ws_message": LIMIT}
+def open_kernel(tool: str, limit: int, redis_server, world, sign_key, tmp_path_factory) -> Iterator[Kernel]:
+    """A proxy (`tool`) with datalab_max_ws_message=`limit`, an instance behind it and a kernel."""
+    options = {"datalab_pool_size": 0, "datalab_max_ws_message": limit}
     workdir = tmp_path_factory.mktemp("proxy")
-    proxy = Proxy(redis_server.url, world.prefix, sign_key, workdir, options, tool=request.param).start()
+    proxy = Proxy(redis_server.url, world.prefix, sign_key, workdir, options, tool=tool).start()
     try:
         nonce = proxy.start_instance("data.csv", b"x,y\n1,2\n")
         browser = Browser(proxy)
@@ -45,6 +45,11 @@ def kernel(request, redis_server, world, sign_key, tmp_path_factory) -> Iterator
         proxy.stop_instance(nonce)
     finally:
         proxy.stop()
+
+
+@pytest.fixture(scope="module", params=["mitmdump", "lean"])
+def kernel(request, redis_server, world, sign_key, tmp_path_factory) -> Iterator[Kernel]:
+    yield from open_kernel(request.param, LIMIT, redis_server, world, sign_key, tmp_path_factory)
 
 
 def rss(proxy: Proxy) -> int:

@@ -1,27 +1,29 @@
 """A WebSocket message may be held up to datalab_max_ws_message bytes, in either direction; past
 that the WebSocket is closed with 1009 (message too big), towards the sender and the other side.
 
-Why a patch: mitmproxy (written against 12.3.1) relays a WebSocket message only once its last frame
-is in. Its WebSocket layer (proxy/layers/websocket.py, WebsocketLayer.relay_messages) appends every
-fragment, and every piece of one big frame, to a per-direction buffer (WebsocketConnection.frame_buf)
-and calls the websocket_message hook only when the message ends: a sender that never sends its final
-frame grows that buffer without end, and no addon hook runs meanwhile (nor does the idle timeout,
-while bytes flow). wsproto itself streams a frame's payload as it arrives, keeping only the unparsed
-rest of one read (at most 64 KiB). So the bound sits at the one place every message passes through
-on its way in: WebsocketConnection.events(), the parser's output, which the layer reads once per
-read. It counts each piece before the layer keeps it; the piece that would pass the bound is
-replaced by a close event, which the layer handles as any peer's close: a close frame with 1009 to
-both sides, both connections closed, websocket_end. One change to that close (a wrapper of
-WebsocketLayer.relay_messages): the sender's connection stays open until its close answers ours,
-what it still sends thrown away (Drain), up to DRAIN bytes or the bound, whichever is more: a
-sender still writing a big frame would otherwise get a TCP reset and never read the 1009. The patches are
-applied once per process (idempotent), when the addon is made; they refuse to apply to a mitmproxy
-whose layer they were not written for.
+Why a patch: mitmproxy (written against 12.3.1) relays a WebSocket message only once its last
+frame is in. Its WebSocket layer (proxy/layers/websocket.py, WebsocketLayer.relay_messages)
+appends every fragment, and every piece of one big frame, to a per-direction buffer
+(WebsocketConnection.frame_buf) and calls the websocket_message hook only when the message ends:
+a sender that never sends its final frame grows that buffer without end, and no addon hook runs
+meanwhile (nor does the idle timeout, while bytes flow). wsproto itself streams a frame's payload
+as it arrives, keeping only the unparsed rest of one read (at most 64 KiB). So the bound sits at
+the one place every message passes through on its way in: WebsocketConnection.events(), the
+parser's output, which the layer reads once per read. It counts each piece before the layer keeps
+it; the piece that would pass the bound is replaced by a close event, which the layer handles as
+any peer's close: a close frame with 1009 to both sides, both connections closed, websocket_end.
 
-A raw relay of WebSockets (`flow.websocket = None` in a 101's response hook, which hands the
-connection to mitmproxy's TCP layer) bypasses this parser and so this bound: such a passthrough must
-count frames itself, by this module's rule (MessageSize), and tests/e2e/test_websocket_bound.py runs
-against the lean entry too, so it fails if the bound is bypassed.
+One change to that close (a wrapper of WebsocketLayer.relay_messages): the sender's connection
+stays open until its close answers ours, what it still sends parsed only to find that close and
+thrown away (Drain), for up to DRAIN bytes or the bound, whichever is more; then it is closed. A
+sender still writing a big frame would otherwise get a TCP reset and never read the 1009.
+
+The patches are applied once per process (idempotent), when the addon is made, so under mitmdump
+-s, mitmweb and lean.py alike; they refuse to apply to a mitmproxy whose layer they were not
+written for. A raw relay of WebSockets (`flow.websocket = None` in a 101's response hook, which
+hands the connection to mitmproxy's TCP layer) bypasses this parser and so this bound: such a
+passthrough must count frames itself, by this module's rule (MessageSize), here;
+tests/e2e/test_websocket_bound.py runs against every entry, so it fails if the bound is bypassed.
 """
 
 from __future__ import annotations
@@ -129,6 +131,11 @@ def _cut(wsl: wslayer.WebsocketLayer) -> wslayer.WebsocketConnection | None:
     return None
 
 
+def _is_cut_sender(wsl: wslayer.WebsocketLayer, conn: connection.Connection) -> bool:
+    sender = _cut(wsl)
+    return sender is not None and sender.conn is conn
+
+
 def _relaying(relay_messages):
     """mitmproxy's relay_messages, but the layer's close of a sender cut by the bound leaves that
     sender's connection open, for Drain to close."""
@@ -141,8 +148,7 @@ def _relaying(relay_messages):
                 command = inner.send(reply)
             except StopIteration:
                 break
-            sender = _cut(self)
-            if sender is not None and isinstance(command, commands.CloseConnection) and command.connection is sender.conn:
+            if isinstance(command, commands.CloseConnection) and _is_cut_sender(self, command.connection):
                 continue
             reply = yield command
         sender = _cut(self)

@@ -1,7 +1,7 @@
-"""A WebSocket message is held up to datalab_max_ws_message, either way: past it the proxy closes the
-WebSocket with 1009 and lets go of what it held. End to end on a real proxy (mitmdump and the lean
-entry: a passthrough of WebSockets in either would bypass the bound and fail here), a real instance
-and kernel, and the websockets client; memory is the proxy's VmRSS.
+"""A WebSocket message is held up to datalab_max_ws_message, either way: past it the proxy closes
+the WebSocket with 1009 and lets go of what it held. End to end on a real proxy (mitmdump, the lean
+entry and mitmweb: a passthrough of WebSockets in any would bypass the bound and fail here), a real
+instance and kernel, and the websockets client; memory is the proxy's VmRSS.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def open_kernel(tool: str, limit: int, redis_server, world, sign_key, tmp_path_f
         proxy.stop()
 
 
-@pytest.fixture(scope="module", params=["mitmdump", "lean"])
+@pytest.fixture(scope="module", params=["mitmdump", "lean", "mitmweb"])
 def kernel(request, redis_server, world, sign_key, tmp_path_factory) -> Iterator[Kernel]:
     yield from open_kernel(request.param, LIMIT, redis_server, world, sign_key, tmp_path_factory)
 

@@ -111,16 +111,18 @@ class Drain:
     def __init__(self, ws: wslayer.WebsocketConnection, left: int):
         self.ws = ws
         self.left = left
+        self.closed = False
 
     def __call__(self, event: events.Event) -> CommandGenerator[None]:
-        if not isinstance(event, events.ConnectionEvent) or event.connection is not self.ws.conn:
-            return
+        if self.closed or not isinstance(event, events.ConnectionEvent) or event.connection is not self.ws.conn:
+            return  # (events held while a hook ran may still come after the close)
         if isinstance(event, events.DataReceived):
             self.left -= len(event.data)
             self.ws.receive_data(event.data)
             answered = any(isinstance(e, CloseConnection) for e in wsproto.Connection.events(self.ws))
             if not answered and self.left >= 0:
                 return
+        self.closed = True
         yield commands.CloseConnection(self.ws.conn)
 
 

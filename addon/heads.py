@@ -13,7 +13,8 @@ either limit before it is parsed: `431 HEAD_TOO_LARGE` with `Connection: close`;
 client goes on sending is read and dropped for a moment (so it reads the answer, not a reset) and
 the connection closes. A head that begins on a kept-alive connection is counted from where the last
 request ended. Also bounded by datalab_max_head: what a client sends while its request is in flight
-(the next head: the connection closes) and a chunked body's size line or trailers (likewise).
+(the next head: reading pauses until the answer) and a chunked body's size line or trailers (the
+connection closes).
 
 HTTP/2: h2 bounds a header block itself (at most 64 CONTINUATION frames, a decoded list of 64 KiB;
 past it the connection is closed); `HeadBounds.requestheaders` applies the two limits to the fields
@@ -27,10 +28,13 @@ what the subclass builds on.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 from collections.abc import Callable
 
+from mitmproxy import connection
+from mitmproxy import ctx
 from mitmproxy import http
 from mitmproxy.net.http import http1
 from mitmproxy.proxy import commands
@@ -79,6 +83,17 @@ def refusal_of(size: int, lines: int) -> str | None:
     return None
 
 
+def head_prefix(buf) -> bytes:
+    """The first datalab_max_head + 1 bytes of a connection's buffer: all a head within the limit
+    can take, and enough to refuse one that is not. Read from h11's buffer without copying the rest
+    (its bytearray: a pipelining client's backlog can be far bigger, and this runs once per head)."""
+    size = limits()[0] + 1
+    data = getattr(buf, "_data", None)
+    if isinstance(data, bytearray):
+        return bytes(memoryview(data)[:size])
+    return bytes(buf)[:size]
+
+
 def head_too_large_answer(message: str) -> bytes:
     response = errors.head_too_large(message).response()
     response.headers["Connection"] = "close"
@@ -93,6 +108,7 @@ class BoundedHttp1Server(_MITMPROXY_HTTP1):
         self._counted_head = 0  # the stream id of the head whose line ends are counted
         self._line_ends = 0  # line ends buffered since that head began
         self._dropped = 0  # bytes dropped after a refusal
+        self._error: str | None = None  # why the request in flight ends, once the connection closes
 
     def read_headers(self, event: events.ConnectionEvent) -> commands.CommandGenerator:
         if isinstance(event, events.DataReceived):
@@ -106,14 +122,16 @@ class BoundedHttp1Server(_MITMPROXY_HTTP1):
         """Cheap per chunk: the new chunk's line ends are counted; the buffer is looked at whole
         only once it is over a limit (a head then ends in it, or is refused)."""
         max_bytes, max_lines = limits()
+        data = None
         if self._counted_head != self.stream_id:  # a new head: what a kept-alive connection left, once
             self._counted_head = self.stream_id
-            self._line_ends = bytes(self.buf).count(b"\n")
+            data = head_prefix(self.buf)
+            self._line_ends = data.count(b"\n")
         else:
             self._line_ends += chunk.count(b"\n")
         if len(self.buf) <= max_bytes and self._line_ends <= max_lines + 1:
             return None
-        data = bytes(self.buf)
+        data = head_prefix(self.buf) if data is None else data
         refusal = over_limits(data)
         if refusal is None:
             # Within the limits: mitmproxy then takes the head in this chunk, after any blank lines
@@ -136,19 +154,19 @@ class BoundedHttp1Server(_MITMPROXY_HTTP1):
         LINGER_BYTES or LINGER_SECONDS)."""
         if isinstance(event, events.DataReceived):
             self._dropped += self._drop()
-            if self._dropped <= LINGER_BYTES:
-                return
-        elif not isinstance(event, (events.ConnectionClosed, events.Wakeup)):
-            return
-        self.state = self.done
-        yield commands.CloseConnection(self.conn)
+            if self._dropped > LINGER_BYTES:
+                yield from self._close_soon(None)
+        elif isinstance(event, events.Wakeup):
+            yield from self._close_soon(None)
+        elif isinstance(event, events.ConnectionClosed):
+            yield from self._close()
 
     def wait(self, event: events.Event) -> commands.CommandGenerator:
-        """A request in flight: what the client sends meanwhile is the next head, held until the
-        answer is given (OneRequestAtATime stops reading most clients; not uploads)."""
+        """A request in flight: what the client sends meanwhile is the next head (or heads,
+        pipelined), kept until the answer is given. Past datalab_max_head, reading pauses until
+        then (OneRequestAtATime resumes it at the answer), as it does for most requests at once."""
         if isinstance(event, events.DataReceived) and len(self.buf) > limits()[0]:
-            yield from self._cut("sent over datalab_max_head while its request was in flight")
-            return
+            pause_socket(self.conn)
         yield from super().wait(event)
 
     def read_body(self, event: events.Event) -> commands.CommandGenerator:
@@ -160,18 +178,64 @@ class BoundedHttp1Server(_MITMPROXY_HTTP1):
 
     def _cut(self, why: str) -> commands.CommandGenerator:
         log.info("datalab: %s: %s: closed", human.format_address(self.conn.peername), why)
+        yield from self._close_soon(why)
+
+    def _close_soon(self, error: str | None) -> commands.CommandGenerator:
+        """Close the socket itself; mitmproxy then sees the connection end as if the client had
+        closed it, and cleans up as it does then. (Its own CloseConnection cancels the connection's
+        reader task, and in 12.3.1 a cancellation that lands while that task waits to hand over a
+        chunk skips the clean-up: the socket stays open and is read on into memory.) Until then what
+        comes is dropped; `error` ends the request in flight."""
         self._drop()
+        self._error = error
+        self.state = self._closing
+        if not close_socket(self.conn):
+            yield from self._close()
+
+    def _closing(self, event: events.Event) -> commands.CommandGenerator:
+        if isinstance(event, events.DataReceived):
+            self._drop()
+        elif isinstance(event, events.ConnectionClosed):
+            yield from self._close()
+
+    def _close(self) -> commands.CommandGenerator:
         self.state = self.done
         yield commands.CloseConnection(self.conn)
-        yield http_layers.ReceiveHttp(
-            http_layers.RequestProtocolError(self.stream_id, why, code=http_layers.ErrorCode.CLIENT_DISCONNECTED)
-        )
+        if self._error is not None:
+            code = http_layers.ErrorCode.CLIENT_DISCONNECTED
+            yield http_layers.ReceiveHttp(http_layers.RequestProtocolError(self.stream_id, self._error, code=code))
 
     def _drop(self) -> int:
         """Empty the buffer; how many bytes it held."""
         size = len(self.buf)
         self.buf.maybe_extract_at_most(size)
         return size
+
+
+def _transport(conn: connection.Client) -> asyncio.Transport | None:
+    """A client's socket, through the proxyserver addon's handler of the connection (mitmproxy has
+    no public way)."""
+    proxyserver = ctx.master.addons.get("proxyserver")
+    handler = proxyserver.connections.get(conn.id) if proxyserver is not None else None
+    io = handler.transports.get(conn) if handler is not None else None
+    if io is None or not isinstance(io.writer, asyncio.StreamWriter):
+        return None
+    return io.writer.transport
+
+
+def close_socket(conn: connection.Client) -> bool:
+    """Close a client's socket (after what was written to it); False if it is not found."""
+    transport = _transport(conn)
+    if transport is None:
+        return False
+    transport.close()
+    return True
+
+
+def pause_socket(conn: connection.Client) -> None:
+    transport = _transport(conn)
+    if transport is not None and not transport.is_closing() and transport.is_reading():
+        transport.pause_reading()
 
 
 def install(settings: Callable[[], Settings | None]) -> None:

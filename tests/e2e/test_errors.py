@@ -418,6 +418,13 @@ def slow_head(env: Env) -> Answer:
     return env.ask(QUIET, lambda: raw(p.port, b"POST /datalab/start?ts=1 HTTP/1.1\r\nHost: 127.0.0.1\r\nX-SIGN: "))
 
 
+def huge_head(env: Env) -> Answer:
+    """A header value past datalab_max_head (64 KiB): refused before its head ends."""
+    p = env.proxy("plain")
+    head = b"POST /datalab/start?ts=1 HTTP/1.1\r\nHost: 127.0.0.1\r\nX-SIGN: " + b"a" * 70_000
+    return env.ask(QUIET, lambda: raw(p.port, head))
+
+
 def uploads_busy(env: Env) -> Answer:
     """datalab_max_uploads (1) bodies are arriving already (a signed one, stalled): a start is
     refused at once, before its signature is spent, with 64 KiB of its 10 MB body sent."""
@@ -536,6 +543,7 @@ ROWS = [
     ("capacity-uploads_arriving", uploads_busy, 503, "CAPACITY"),
     ("upload_timeout", stalled_upload, 408, "UPLOAD_TIMEOUT"),
     ("header_timeout", slow_head, 408, "HEADER_TIMEOUT"),
+    ("head_too_large", huge_head, 431, "HEAD_TOO_LARGE"),
     ("not_ready", not_ready, 503, "NOT_READY"),
     ("instance_gone", instance_gone, 410, "INSTANCE_GONE"),
     ("instance_unreachable", instance_unreachable, 502, "INSTANCE_UNREACHABLE"),

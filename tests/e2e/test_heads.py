@@ -24,6 +24,7 @@ from e2e.proxy import Proxy
 from e2e.rawhttp import Reply
 from e2e.rawhttp import exchange
 from e2e.rawhttp import parse
+from e2e.rawhttp import start_head
 from e2e.test_tls import TestCA
 
 MIB = 1024 * 1024
@@ -154,16 +155,55 @@ def test_a_head_of_a_million_lines_is_refused_while_others_are_served(make_proxy
     assert "100 lines" in reply.body.decode(), reply.body
 
 
-def test_big_but_legitimate_heads_reach_jupyter(proxy):
-    """8 KiB of cookies and 40 more headers (a browser sends about 20): JupyterLab's API answers."""
+@pytest.fixture(scope="module")
+def session(proxy) -> Browser:
+    """A browser with a session on an instance of the shared proxy."""
     nonce = proxy.start_instance("heads.csv", b"a,b\n1,2\n")
     browser = Browser(proxy)
     browser.view(nonce)
+    return browser
+
+
+def test_big_but_legitimate_heads_reach_jupyter(session):
+    """8 KiB of cookies and 40 more headers (a browser sends about 20): JupyterLab's API answers."""
     cookies = {f"tracker{i}": "v" * 200 for i in range(40)}  # 40 cookies of 200 bytes: 8 KiB
     headers = {f"X-Extra-{i}": "x" * 20 for i in range(40)}
-    r = browser.get("/api/status", cookies=cookies, headers=headers)
+    r = session.get("/api/status", cookies=cookies, headers=headers)
     assert r.status_code == 200, r.text
     assert "started" in r.json()
+
+
+def test_a_chunk_size_line_that_never_ends_is_cut(make_proxy):
+    """A chunked body whose size line never ends (its extension goes on and on)."""
+    p = make_proxy()
+    head = b"POST /datalab/nothing HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n1;x="
+    with socket.create_connection(("127.0.0.1", p.port), timeout=WAIT) as s:
+        flooded = flood(s, head, b"e" * 65536, p.proc.pid)
+    assert flooded.sent < FLOOD, "the proxy took every byte"
+    assert flooded.growth < MEMORY_SLACK, f"the proxy grew by {flooded.growth / MIB:.0f} MiB"
+
+
+def test_a_routed_bodys_chunk_size_line_that_never_ends_is_cut(session, proxy):
+    """The same on its way to an instance (PUT /api/contents), its connection to it opening."""
+    head = (
+        "PUT /api/contents/x.txt HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n"
+        f"Content-Type: application/json\r\nCookie: {session.cookie_header()}\r\n\r\n1;x="
+    ).encode()
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=WAIT) as s:
+        flooded = flood(s, head, b"e" * 65536, proxy.proc.pid)
+    assert flooded.sent < FLOOD, "the proxy took every byte"
+    assert flooded.growth < MEMORY_SLACK, f"the proxy grew by {flooded.growth / MIB:.0f} MiB"
+
+
+def test_a_head_sent_while_a_start_runs_is_bounded(make_proxy):
+    """An upload's client that, its body sent, floods the connection while its instance boots (an
+    upload's connection is read on meanwhile, to see it hang up)."""
+    p = make_proxy()
+    body = b"a,b\n1,2\n"
+    with socket.create_connection(("127.0.0.1", p.port), timeout=WAIT) as s:
+        flooded = flood(s, start_head(p.sign_key, "flood.csv", len(body)) + body + ENDLESS, b"a" * 65536, p.proc.pid)
+    assert flooded.sent < FLOOD, "the proxy took every byte"
+    assert flooded.growth < MEMORY_SLACK, f"the proxy grew by {flooded.growth / MIB:.0f} MiB"
 
 
 def test_the_bounds_are_exact_and_count_heads_not_bodies(make_proxy):

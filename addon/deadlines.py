@@ -30,6 +30,7 @@ from mitmproxy import http
 from mitmproxy.net.http import http1
 
 import errors
+import heads
 from config import Settings
 from marks import SINK
 from upload import has_body
@@ -174,7 +175,10 @@ class OneRequestAtATime:
     fills the proxy's memory, and its backlog keeps a core busy after it has gone. So once a
     request has arrived whole, reading from its client pauses until the answer is given, as a
     server that handles one request at a time would; the client's own TCP window then holds the
-    rest. Uploads are left alone (their client is watched for hanging up while the start runs, and
+    rest. Reading resumes at an answer only while the connection's HTTP/1 layer holds less than
+    datalab_max_head of requests not yet parsed (heads.backlog), and never against asyncio's own
+    pause: mitmproxy goes on reading while a hook runs, so a resume at each answer let a pipelining
+    client put ever more into the proxy than each answer took out. Uploads are left alone (their client is watched for hanging up while the start runs, and
     their number is bounded by datalab_max_uploads), and so is HTTP/2, whose streams share the
     connection.
     """
@@ -207,6 +211,11 @@ def _reading(client: connection.Client, resume: bool) -> None:
     if transport.is_closing():
         return
     if resume and not transport.is_reading():
+        if heads.backlog(client) > heads.limits()[0] or getattr(io.reader, "_paused", False):
+            # Requests enough are queued already: the next answer looks again. Or asyncio's own flow
+            # control paused it, and resumes it once its buffer drains (resumed here, the reader
+            # would never pause it again, and its buffer would grow without bound).
+            return
         transport.resume_reading()
-    elif not resume and transport.is_reading():
-        transport.pause_reading()
+    elif not resume:
+        heads.hold_reading(transport, io.reader)

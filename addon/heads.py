@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import weakref
 from collections.abc import Callable
 
 from mitmproxy import connection
@@ -56,6 +57,8 @@ _MITMPROXY_HTTP1 = http_layers.Http1Server
 
 _DEFAULTS = Settings()
 _settings: Callable[[], Settings | None] = lambda: None
+# Each client's HTTP/1 layer, by client id: how much it holds unparsed (backlog) paces reading.
+_layers: weakref.WeakValueDictionary[str, BoundedHttp1Server] = weakref.WeakValueDictionary()
 
 
 def limits() -> tuple[int, int]:
@@ -109,6 +112,7 @@ class BoundedHttp1Server(_MITMPROXY_HTTP1):
         self._line_ends = 0  # line ends buffered since that head began
         self._dropped = 0  # bytes dropped after a refusal
         self._error: str | None = None  # why the request in flight ends, once the connection closes
+        _layers[context.client.id] = self
 
     def read_headers(self, event: events.ConnectionEvent) -> commands.CommandGenerator:
         if isinstance(event, events.DataReceived):
@@ -212,30 +216,49 @@ class BoundedHttp1Server(_MITMPROXY_HTTP1):
         return size
 
 
-def _transport(conn: connection.Client) -> asyncio.Transport | None:
-    """A client's socket, through the proxyserver addon's handler of the connection (mitmproxy has
-    no public way)."""
+def backlog(client: connection.Client) -> int:
+    """Bytes a client has sent that its HTTP/1 layer holds unparsed (pipelined requests)."""
+    layer = _layers.get(client.id)
+    return len(layer.buf) if layer is not None else 0
+
+
+def _client_io(conn: connection.Client):
+    """A client's stream reader and writer, through the proxyserver addon's handler of the
+    connection (mitmproxy has no public way)."""
     proxyserver = ctx.master.addons.get("proxyserver")
     handler = proxyserver.connections.get(conn.id) if proxyserver is not None else None
     io = handler.transports.get(conn) if handler is not None else None
     if io is None or not isinstance(io.writer, asyncio.StreamWriter):
         return None
-    return io.writer.transport
+    return io
 
 
 def close_socket(conn: connection.Client) -> bool:
     """Close a client's socket (after what was written to it); False if it is not found."""
-    transport = _transport(conn)
-    if transport is None:
+    io = _client_io(conn)
+    if io is None:
         return False
-    transport.close()
+    io.writer.transport.close()
     return True
 
 
 def pause_socket(conn: connection.Client) -> None:
-    transport = _transport(conn)
-    if transport is not None and not transport.is_closing() and transport.is_reading():
+    io = _client_io(conn)
+    if io is not None:
+        hold_reading(io.writer.transport, io.reader)
+
+
+def hold_reading(transport: asyncio.Transport, reader: asyncio.StreamReader) -> None:
+    """Stop reading a client's socket until it is resumed on purpose. asyncio's StreamReader pauses
+    and resumes the same socket for its own flow control: once it had paused it, mitmproxy's next
+    read resumed it whatever else had paused it, and a pipelining client was read at full speed.
+    So the pause becomes this one alone (the reader no longer counts it as its own)."""
+    if transport.is_closing():
+        return
+    if transport.is_reading():
         transport.pause_reading()
+    if getattr(reader, "_paused", False):
+        reader._paused = False
 
 
 def install(settings: Callable[[], Settings | None]) -> None:

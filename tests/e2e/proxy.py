@@ -65,6 +65,10 @@ class Proxy:
             # Explicit: auto would pick local processes if the engine were slow to answer (tests of
             # auto and of the process backend say so themselves).
             "datalab_backend": "docker",
+            # The suite leaves most instances it starts to the end-of-run scrub; the engine's memory
+            # at the 1g default (24 here) is fewer than one run's live instances under its prefix.
+            # Idle instances use ~100-200 MiB each, so 48 fit this machine. Tests of capacity set it.
+            "datalab_max_instances": 48,
             "datalab_redis_url": self.redis_url,
             "datalab_key_prefix": self.prefix,
             "connection_strategy": "lazy",

@@ -25,13 +25,13 @@ from dataclasses import dataclass
 from dataclasses import field
 
 from mitmproxy import connection
-from mitmproxy import ctx
 from mitmproxy import http
-from mitmproxy.net.http import http1
 
 import errors
 import heads
 from config import Settings
+from handlers import client_io
+from handlers import closing_answer
 from marks import SINK
 from upload import has_body
 
@@ -114,7 +114,7 @@ class HeaderDeadline:
             self.timeout,
         )
         plain_http1 = client.transport_protocol == "tcp" and not client.tls and client.alpn in (None, b"")
-        self.close(client, header_timeout_answer(self.timeout) if fresh and plain_http1 else None)
+        self.close(client, closing_answer(errors.header_timeout(self.timeout)) if fresh and plain_http1 else None)
 
 
 class _RequestsEnd:
@@ -134,27 +134,10 @@ class _RequestsEnd:
         self.deadline.finished(flow)
 
 
-def header_timeout_answer(seconds: int) -> bytes:
-    """The raw HTTP/1.1 answer for a request head that did not come in time."""
-    response = errors.header_timeout(seconds).response()
-    response.headers["Connection"] = "close"
-    return http1.assemble_response(response)
-
-
-def _client_io(client: connection.Client):
-    """mitmproxy's connection handler and the client's streams (no public way to reach them)."""
-    proxyserver = ctx.master.addons.get("proxyserver")
-    handler = proxyserver.connections.get(client.id) if proxyserver is not None else None
-    io = handler.transports.get(handler.client) if handler is not None else None
-    if io is None or not isinstance(io.writer, asyncio.StreamWriter):
-        return None, None
-    return handler, io
-
-
 def close_client(client: connection.Client, answer: bytes | None) -> None:
     """Close a client connection as mitmproxy's inactivity timeout does (cancel its handler), after
     writing `answer` to it; reset it if its last bytes cannot leave within ABORT_AFTER."""
-    handler, io = _client_io(client)
+    handler, io = client_io(client)
     if io is None:
         return
     transport = io.writer.transport
@@ -178,9 +161,9 @@ class OneRequestAtATime:
     rest. Reading resumes at an answer only while the connection's HTTP/1 layer holds less than
     datalab_max_head of requests not yet parsed (heads.backlog), and never against asyncio's own
     pause: mitmproxy goes on reading while a hook runs, so a resume at each answer let a pipelining
-    client put ever more into the proxy than each answer took out. Uploads are left alone (their client is watched for hanging up while the start runs, and
-    their number is bounded by datalab_max_uploads), and so is HTTP/2, whose streams share the
-    connection.
+    client put ever more into the proxy than each answer took out. Uploads are left alone (their
+    client is watched for hanging up while the start runs, and their number is bounded by
+    datalab_max_uploads), and so is HTTP/2, whose streams share the connection.
     """
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
@@ -204,7 +187,7 @@ class OneRequestAtATime:
 
 def _reading(client: connection.Client, resume: bool) -> None:
     """Pause or resume reading from a client connection (its asyncio transport)."""
-    _, io = _client_io(client)
+    _, io = client_io(client)
     if io is None:
         return
     transport = io.writer.transport

@@ -35,9 +35,7 @@ import weakref
 from collections.abc import Callable
 
 from mitmproxy import connection
-from mitmproxy import ctx
 from mitmproxy import http
-from mitmproxy.net.http import http1
 from mitmproxy.proxy import commands
 from mitmproxy.proxy import events
 from mitmproxy.proxy.layers import http as http_layers
@@ -45,6 +43,8 @@ from mitmproxy.utils import human
 
 import errors
 from config import Settings
+from handlers import client_io
+from handlers import closing_answer
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ _BUILT_ON = ("read_headers", "read_body", "wait", "done", "mark_done")  # method
 _MITMPROXY_HTTP1 = http_layers.Http1Server
 
 _DEFAULTS = Settings()
-_settings: Callable[[], Settings | None] = lambda: None
+_settings: Callable[[], Settings | None] = lambda: None  # noqa: E731 (install sets it)
 # Each client's HTTP/1 layer, by client id: how much it holds unparsed (backlog) paces reading.
 _layers: weakref.WeakValueDictionary[str, BoundedHttp1Server] = weakref.WeakValueDictionary()
 
@@ -95,12 +95,6 @@ def head_prefix(buf) -> bytes:
     if isinstance(data, bytearray):
         return bytes(memoryview(data)[:size])
     return bytes(buf)[:size]
-
-
-def head_too_large_answer(message: str) -> bytes:
-    response = errors.head_too_large(message).response()
-    response.headers["Connection"] = "close"
-    return http1.assemble_response(response)
 
 
 class BoundedHttp1Server(_MITMPROXY_HTTP1):
@@ -149,7 +143,7 @@ class BoundedHttp1Server(_MITMPROXY_HTTP1):
     def _refuse(self, message: str) -> commands.CommandGenerator:
         log.info("datalab: %s: %s: refused (431)", human.format_address(self.conn.peername), message)
         self._drop()
-        yield commands.SendData(self.conn, head_too_large_answer(message))
+        yield commands.SendData(self.conn, closing_answer(errors.head_too_large(message)))
         self.state = self._linger
         yield commands.RequestWakeup(LINGER_SECONDS)
 
@@ -222,20 +216,9 @@ def backlog(client: connection.Client) -> int:
     return len(layer.buf) if layer is not None else 0
 
 
-def _client_io(conn: connection.Client):
-    """A client's stream reader and writer, through the proxyserver addon's handler of the
-    connection (mitmproxy has no public way)."""
-    proxyserver = ctx.master.addons.get("proxyserver")
-    handler = proxyserver.connections.get(conn.id) if proxyserver is not None else None
-    io = handler.transports.get(conn) if handler is not None else None
-    if io is None or not isinstance(io.writer, asyncio.StreamWriter):
-        return None
-    return io
-
-
 def close_socket(conn: connection.Client) -> bool:
     """Close a client's socket (after what was written to it); False if it is not found."""
-    io = _client_io(conn)
+    _, io = client_io(conn)
     if io is None:
         return False
     io.writer.transport.close()
@@ -243,7 +226,7 @@ def close_socket(conn: connection.Client) -> bool:
 
 
 def pause_socket(conn: connection.Client) -> None:
-    io = _client_io(conn)
+    _, io = client_io(conn)
     if io is not None:
         hold_reading(io.writer.transport, io.reader)
 

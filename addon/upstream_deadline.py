@@ -31,10 +31,8 @@ import asyncio
 import logging
 from collections.abc import Callable
 
-from mitmproxy import ctx
 from mitmproxy import http
 from mitmproxy.connection import ConnectionState
-from mitmproxy.net.http import http1
 from mitmproxy.proxy import events
 from mitmproxy.proxy import layer
 from mitmproxy.proxy.layers.http import HttpLayer
@@ -42,6 +40,8 @@ from mitmproxy.proxy.layers.http._http1 import Http1Client
 
 import errors
 from config import Settings
+from handlers import closing_answer
+from handlers import handler_of
 from marks import ROUTED
 from marks import STATIC
 from marks import UPSTREAM_TIMEOUT
@@ -117,7 +117,7 @@ class UpstreamDeadline:
         instance's can come in between."""
         if flow.response or flow.error or not flow.live:
             return
-        handler = _handler_of(flow)
+        handler = handler_of(flow.client_conn)
         if handler is None:
             return  # the client is gone: mitmproxy ends the flow itself
         server = flow.server_conn
@@ -142,22 +142,9 @@ class UpstreamDeadline:
             return
         log.warning("datalab: %s: no answer within %d s; answering 504", where, seconds)
         flow.metadata[UPSTREAM_TIMEOUT] = True
-        await handler.server_event(events.DataReceived(server, upstream_timeout_answer(seconds)))
+        await handler.server_event(events.DataReceived(server, closing_answer(errors.upstream_timeout(seconds))))
         if server.state is not ConnectionState.CLOSED:  # never reused: the instance may answer late
             handler.close_connection(server)
-
-
-def upstream_timeout_answer(seconds: int) -> bytes:
-    """The 504, framed as an instance's HTTP/1.1 answer that closes its connection."""
-    response = errors.upstream_timeout(seconds).response()
-    response.headers["Connection"] = "close"
-    return http1.assemble_response(response)
-
-
-def _handler_of(flow: http.HTTPFlow):
-    """mitmproxy's handler of the flow's client connection (no public way to reach it)."""
-    proxyserver = ctx.master.addons.get("proxyserver")
-    return proxyserver.connections.get(flow.client_conn.id) if proxyserver is not None else None
 
 
 def _nothing_received(handler, flow: http.HTTPFlow) -> bool:

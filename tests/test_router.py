@@ -7,10 +7,10 @@ from mitmproxy.proxy.server_hooks import ServerConnectionHookData
 from mitmproxy.test import taddons
 from mitmproxy.test import tflow
 from mitmproxy.test import tutils
-from wsproto.frame_protocol import Opcode
 from test_api import recorded
 from test_api import request_flow
 from test_api import runtime_for
+from wsproto.frame_protocol import Opcode
 
 from backends import Instance
 from guards import FailClosed

@@ -230,11 +230,14 @@ def test_filling_every_writable_place_fails_with_enospc_and_the_instance_lives(m
     browser.view(nonce)
     kernel = browser.start_kernel()
     began = time.time()
-    code = FILL + """
+    code = (
+        FILL
+        + """
 kernel = os.getpid()
 print(json.dumps({place: [fill(place), fill_with_files(place)] for place in
     ("/home/datalab/work", "/tmp", "/dev/shm")}))
 """
+    )
     filled = json.loads(browser.execute(kernel, code).strip().splitlines()[-1])
     assert filled == {place: ["ENOSPC", "ENOSPC"] for place in ("/home/datalab/work", "/tmp", "/dev/shm")}
     # the same kernel, with everything full, still runs code, pandas included

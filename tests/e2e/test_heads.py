@@ -334,4 +334,3 @@ def test_http2_heads_are_bounded_too(redis_server, world, sign_key, tmp_path, ce
         assert rss(p.proc.pid) - before < MEMORY_SLACK
     finally:
         p.stop()
-

@@ -166,9 +166,12 @@ def test_where_replicas_listen_is_refused_at_once_naming_datalab_port(args, dock
         pytest.fail(f"run.sh --swarm {' '.join(args)} was not refused; it went on:\n{s.log_text()[-3000:]}")
     out = s.log_text()
     assert returncode != 0 and "DATALAB_PORT" in out and "is not for --swarm" in out, out
-    assert s.name not in subprocess.run(
-        ["docker", "stack", "ls", "--format", "{{.Name}}"], capture_output=True, text=True, check=True
-    ).stdout.split()
+    assert (
+        s.name
+        not in subprocess.run(
+            ["docker", "stack", "ls", "--format", "{{.Name}}"], capture_output=True, text=True, check=True
+        ).stdout.split()
+    )
     assert s.services(docker_client) == []
 
 

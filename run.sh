@@ -268,7 +268,9 @@ while true; do
   i=${slot_of[$pid]}
   unset "slot_of[$pid]"
   lived=$((SECONDS - started_at[$i]))
-  if [ "${restarts[$i]}" = 0 ] && [ "$lived" -lt 5 ]; then
+  # An exit of its own within 5 s of the first start is a start-up failure (bad options, port):
+  # every worker would fail alike. A death by a signal (status > 128: killed, OOM) is a crash.
+  if [ "${restarts[$i]}" = 0 ] && [ "$lived" -lt 5 ] && [ "$rc" -lt 128 ]; then
     say "worker $i exited with status $rc at start-up; stopping every worker"
     stop_workers 1
   fi

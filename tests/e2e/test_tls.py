@@ -10,6 +10,7 @@ certificate names it), curl reaches `localhost` only through `--resolve localhos
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import hashlib
 import ipaddress
@@ -181,13 +182,13 @@ def tls_browser(proxy: Proxy, ca: Path) -> Browser:
     return browser
 
 
-def h2_post(port: int, ca: Path, path: str, headers: list[tuple[str, str]], body: bytes, empty_at: int):
-    """POST over HTTP/2 with the h2 library (mitmproxy's own HTTP/2 stack): no content-length, DATA
-    frames of 16 KiB as flow control allows, and one empty DATA frame (legal) after `empty_at` bytes.
-    Connects to 127.0.0.1, verifying the certificate as `localhost`. Returns (status, body)."""
+@contextlib.contextmanager
+def h2_post_headers(port: int, ca: Path, path: str, headers: list[tuple[str, str]], timeout: float):
+    """An HTTP/2 connection to 127.0.0.1 (the certificate verified as `localhost`) that has sent a
+    POST's headers: (the TLS socket, the h2 connection, the stream id)."""
     context = ssl.create_default_context(cafile=str(ca))
     context.set_alpn_protocols(["h2"])
-    raw = socket.create_connection(("127.0.0.1", port), timeout=60)
+    raw = socket.create_connection(("127.0.0.1", port), timeout=timeout)
     with context.wrap_socket(raw, server_hostname="localhost") as sock:
         assert sock.selected_alpn_protocol() == "h2"
         conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
@@ -196,6 +197,14 @@ def h2_post(port: int, ca: Path, path: str, headers: list[tuple[str, str]], body
         request = [(":method", "POST"), (":scheme", "https"), (":authority", f"localhost:{port}"), (":path", path)]
         conn.send_headers(stream, request + headers)
         sock.sendall(conn.data_to_send())
+        yield sock, conn, stream
+
+
+def h2_post(port: int, ca: Path, path: str, headers: list[tuple[str, str]], body: bytes, empty_at: int):
+    """POST over HTTP/2 with the h2 library (mitmproxy's own HTTP/2 stack): no content-length, DATA
+    frames of 16 KiB as flow control allows, and one empty DATA frame (legal) after `empty_at` bytes.
+    Connects to 127.0.0.1, verifying the certificate as `localhost`. Returns (status, body)."""
+    with h2_post_headers(port, ca, path, headers, timeout=60) as (sock, conn, stream):
         answer: dict = {"status": None, "body": b"", "ended": None}
 
         def receive() -> None:
@@ -379,17 +388,7 @@ def test_http2_upload_with_an_empty_data_frame_arrives_whole(tls_proxy, tls):
 def h2_first_answer(port: int, ca: Path, path: str, headers: list[tuple[str, str]]) -> tuple[int, bytes]:
     """Send a POST's headers over HTTP/2 and no body: the first status that comes (1xx included),
     and the body that follows a final one (until the stream ends or is reset)."""
-    context = ssl.create_default_context(cafile=str(ca))
-    context.set_alpn_protocols(["h2"])
-    raw = socket.create_connection(("127.0.0.1", port), timeout=30)
-    with context.wrap_socket(raw, server_hostname="localhost") as sock:
-        assert sock.selected_alpn_protocol() == "h2"
-        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
-        conn.initiate_connection()
-        stream = conn.get_next_available_stream_id()
-        request = [(":method", "POST"), (":scheme", "https"), (":authority", f"localhost:{port}"), (":path", path)]
-        conn.send_headers(stream, request + headers)
-        sock.sendall(conn.data_to_send())
+    with h2_post_headers(port, ca, path, headers, timeout=30) as (sock, conn, stream):
         status, body, ended = None, b"", False
         while not ended:
             data = sock.recv(65536)

@@ -1,5 +1,6 @@
 """The /datalab/* endpoints: start (upload), stop, view (cookie + redirect, or the waiting page
-while the instance does not answer: waiting.py), static (fetch a path) and health (health.py).
+while the instance does not answer: waiting.py), static (fetch a path), work (the user's work:
+work.py, work_files.py) and health (health.py).
 
 Refusals are decided in `requestheaders`, before an upload body is read; a body is then streamed
 to the upload sink (upload.py) and never held beyond datalab_max_upload, nor waited for beyond
@@ -17,6 +18,7 @@ from collections.abc import Awaitable
 from collections.abc import Callable
 from collections.abc import Coroutine
 from dataclasses import dataclass
+from dataclasses import replace as dataclasses_replace
 
 from mitmproxy import http
 from mitmproxy.connection import ConnectionState
@@ -27,6 +29,7 @@ import hosts
 import inputs
 import signing
 import waiting
+from backends import ARCHIVE_PATH
 from backends import BackendError
 from backends import Instance
 from backends import http_status
@@ -37,11 +40,16 @@ from marks import HANDLED
 from marks import SINK
 from marks import START
 from marks import STATIC
+from marks import UNPACK
+from marks import WORK
 from runtime import Runtime
+from store import WorkRecord
 from upload import RECEIVED
 from upload import BodyCollector
 from upload import UploadSink
 from upstream import route_to_instance
+from work import LEASE_MARGIN
+from work_files import WorkFiles
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +58,7 @@ STATIC_PREFIX = PREFIX + "static/"
 CLIENT_CHECK_EVERY = 0.25  # seconds between looks at whether a waiting client is still there
 VIEW_PROBE = 1.0  # seconds a view waits for the instance before it answers with the waiting page
 STATIC_PROBE = 5.0  # seconds a static fetch waits for the instance to answer its status
+WORK_RETRY = 2  # Retry-After while a work is being saved
 
 
 def is_api_path(path: str) -> bool:
@@ -121,9 +130,10 @@ def redirect(location: str, headers: dict[str, str] | None = None) -> http.Respo
 
 
 class Api:
-    def __init__(self, runtime: Runtime, sink: UploadSink):
+    def __init__(self, runtime: Runtime, sink: UploadSink, files: WorkFiles | None = None):
         self.runtime = runtime
         self.sink = sink
+        self.files = files or WorkFiles()  # saved works are streamed from there (an addon: it must run)
         self._health: Health | None = None
 
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
@@ -144,9 +154,15 @@ class Api:
             await self._answering_errors(flow, self._start)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
-        if flow.metadata.get(STATIC) and flow.response:
+        if (flow.metadata.get(STATIC) or flow.metadata.get(WORK)) and flow.response:
             flow.response.stream = True  # big files pass through without being held in memory
             make_passive(flow.response)
+        if flow.metadata.get(WORK) and flow.response and flow.response.status_code == 200:
+            flow.response.headers["Content-Type"] = "application/gzip"
+            flow.response.headers["Content-Disposition"] = (
+                f'attachment; filename="{work_filename(flow.metadata[WORK])}"'
+            )
+            flow.response.headers["Cache-Control"] = "no-store"
 
     async def _answering_errors(self, flow: http.HTTPFlow, handler: Callable[[http.HTTPFlow], Awaitable[None]]) -> None:
         try:
@@ -174,6 +190,9 @@ class Api:
         elif endpoint == "stop" and not tail:
             self._check_method(flow, "POST")
             await self._stop(flow)
+        elif endpoint == "work" and inputs.is_token(tail):
+            self._check_method(flow, "GET", "DELETE")
+            await self._work(flow, tail)
         elif endpoint == "health" and not tail:
             self._check_method(flow, "GET", "HEAD")
             await self._report_health(flow)
@@ -189,7 +208,8 @@ class Api:
                 await self._static(flow, instance, destination, query)
         else:
             raise errors.not_found(
-                "NOT_FOUND", "no such endpoint; see /datalab/start, /datalab/view, /datalab/static, /datalab/health"
+                "NOT_FOUND",
+                "no such endpoint; see /datalab/start, /datalab/view, /datalab/static, /datalab/work, /datalab/health",
             )
 
     @staticmethod
@@ -197,11 +217,15 @@ class Api:
         if flow.request.method not in allowed:
             raise errors.method_not_allowed(", ".join(allowed))
 
-    def _check_signed(self, flow: http.HTTPFlow, subject: str, check: Callable[[str], object]) -> Signed:
-        """The `subject` query value of a request whose X-SIGN is right for it and its `ts`."""
+    def _check_signed(
+        self, flow: http.HTTPFlow, subject: str, check: Callable[[str], object], value: str | None = None
+    ) -> Signed:
+        """The `subject` query value (or the `value` of the path that names it) of a request whose
+        X-SIGN is right for it and its `ts`."""
         s = self.runtime.settings
         query = flow.request.query
-        ts, value = single_param(query, "ts"), single_param(query, subject)
+        ts = single_param(query, "ts")
+        value = single_param(query, subject) if value is None else value
         try:
             check(value)
             ts_seconds = signing.parse_timestamp(ts)
@@ -225,6 +249,7 @@ class Api:
         """Everything about an upload that the headers tell, so a refused body is never used."""
         s = self.runtime.settings
         signed = self._check_signed(flow, "filename", inputs.check_filename)
+        unpack = self._unpack_of(flow, signed.subject)
         length = flow.request.headers.get("Content-Length")
         if length is not None and (not (length.isascii() and length.isdigit()) or int(length) > s.max_upload):
             raise self._too_large()
@@ -235,7 +260,21 @@ class Api:
         await self._check_backend()
         await self._spend(signed)
         flow.metadata[START] = signed.subject
+        flow.metadata[UNPACK] = unpack
         self.sink.take(flow, limit=s.max_upload)
+
+    @staticmethod
+    def _unpack_of(flow: http.HTTPFlow, filename: str) -> str:
+        """unpack=1: the archive's kind (from the filename); absent or 0: '' (the file goes in as it is)."""
+        if "unpack" not in flow.request.query:
+            return ""
+        flag = single_param(flow.request.query, "unpack")
+        if flag not in ("0", "1"):
+            raise errors.bad_request("unpack is 1 (unpack the archive) or 0")
+        try:
+            return inputs.archive_kind(filename) if flag == "1" else ""
+        except ValueError as e:
+            raise errors.bad_request(str(e)) from e
 
     async def _check_backend(self) -> None:
         """A start the backend cannot serve (no engine, no image, no Jupyter env) is refused with what
@@ -258,8 +297,11 @@ class Api:
         if flow.response is None or flow.response.headers.get(RECEIVED) != str(collector.size):
             # The sink read another number of bytes than the client sent: never start on a cut body.
             raise errors.bad_request("the upload body did not arrive whole; send it again")
-        nonce = await while_client_waits(flow, self.runtime.instances.start(flow.metadata[START], collector.body()))
-        flow.response = errors.json_response(200, {"code": "OK", "result": {"nonce": nonce}})
+        start = self.runtime.instances.start(flow.metadata[START], collector.body(), flow.metadata.get(UNPACK, ""))
+        handed = await while_client_waits(flow, start)
+        flow.response = errors.json_response(
+            200, {"code": "OK", "result": {"nonce": handed.nonce, "work": handed.work}}
+        )
 
     async def _stop(self, flow: http.HTTPFlow) -> None:
         signed = self._check_signed(flow, "nonce", inputs.check_token)
@@ -268,7 +310,7 @@ class Api:
         instance = await self.runtime.instances.by_nonce(nonce)
         if instance is None:
             raise errors.nonce_unknown()
-        if not await self.runtime.instances.end(instance, "stopped by the frontend"):
+        if not await self.runtime.instances.end(instance, "stopped by the frontend", "stopped"):
             await self.runtime.instances.wait_stopped(instance)  # another stop or a cull is ending it
         flow.response = errors.json_response(200, {"code": "OK", "result": {}})
 
@@ -299,12 +341,13 @@ class Api:
         else:  # not mitmproxy's 502 page: a page that waits for the instance, then goes on
             flow.response = http.Response.make(200, waiting.page(location), {**waiting.headers(s.origins), **cookie})
 
-    async def _answers(self, instance: Instance, timeout: float) -> bool:
+    async def _answers(self, instance: Instance, timeout: float, ending_is_gone: bool = True) -> bool:
         """Whether the instance answers its status now. One that does not may be starting or busy;
-        if its backend says it is gone, it ends here for everyone, and this request gets 410."""
+        if its backend says it is gone, it ends here for everyone, and this request gets 410 (or,
+        without `ending_is_gone`, False)."""
         if await http_status(instance.host, instance.port, "/api/status", timeout, token=instance.token) is not None:
             return True
-        if await self.runtime.instances.end_if_gone(instance.id):
+        if await self.runtime.instances.end_if_gone(instance.id) and ending_is_gone:
             raise errors.instance_gone()
         return False
 
@@ -344,6 +387,50 @@ class Api:
         flow.request.path = inputs.safe_destination(destination, query)
         flow.metadata[STATIC] = True
 
+    async def _work(self, flow: http.HTTPFlow, work_id: str) -> None:
+        """GET: the working directory as a tar.gz (a live snapshot, or the saved archive); DELETE: forget it."""
+        signed = self._check_signed(flow, "id", inputs.check_token, value=work_id)
+        await self._spend(signed)
+        record = await self.runtime.store.work(work_id)
+        if record is None:
+            raise errors.not_found("WORK_UNKNOWN", "no work has this id (or it expired); see datalab_work_ttl")
+        if record.state == "saving" and self._save_abandoned(record):
+            raise ApiError(410, "WORK_UNSAVED", "this work's save was interrupted; it could not be saved")
+        if flow.request.method == "DELETE":
+            await self._delete_work(flow, record)
+        elif record.state == "live":
+            await self._live_work(flow, record)
+        elif record.state == "saved":
+            path = self.runtime.instances.work.path(record.id)
+            if not await asyncio.to_thread(path.is_file):
+                raise ApiError(503, "WORK_UNAVAILABLE", "the saved work is not in this proxy's work store")
+            self.files.send(flow, path)
+            flow.metadata[WORK] = record.id
+        else:
+            raise _work_refusal(record)
+
+    def _save_abandoned(self, record: WorkRecord) -> bool:
+        """A save no proxy is doing any more (its proxy died, and reconciliation found no container)."""
+        s = self.runtime.settings
+        return time.time() > record.ended_at + s.work_timeout + LEASE_MARGIN + 2 * s.cull_interval
+
+    async def _live_work(self, flow: http.HTTPFlow, record: WorkRecord) -> None:
+        """A snapshot made by the running instance, streamed through."""
+        instance = await self.runtime.instances.record(record.instance)
+        if instance is None or not await self._answers(instance, STATIC_PROBE, ending_is_gone=False):
+            raise _work_refusal(dataclasses_replace(record, state="saving"))
+        flow.request.headers.pop("Cookie", None)
+        route_to_instance(flow, instance)
+        flow.request.path = ARCHIVE_PATH
+        flow.metadata[WORK] = record.id
+
+    async def _delete_work(self, flow: http.HTTPFlow, record: WorkRecord) -> None:
+        if record.state in ("live", "saving"):
+            raise _work_refusal(record)
+        if record.state == "deleted" or not await self.runtime.instances.work.delete(record):
+            raise ApiError(410, "WORK_DELETED", "this work was deleted")
+        flow.response = errors.json_response(200, {"code": "OK", "result": {}})
+
     async def _current_health(self) -> Health:
         """Built once per set of parts: its shared, cached checks are what keep it cheap."""
         if self._health is None or self._health.instances is not self.runtime.instances:
@@ -355,3 +442,19 @@ class Api:
     async def _report_health(self, flow: http.HTTPFlow) -> None:
         status, body = await (await self._current_health()).report()
         flow.response = errors.json_response(status, body)
+
+
+def work_filename(work_id: str) -> str:
+    return f"datalab-work-{work_id[:8]}.tar.gz"
+
+
+def _work_refusal(record: WorkRecord) -> ApiError:
+    """What a work that cannot be sent (or deleted) now says, by its state."""
+    if record.state == "live":
+        return ApiError(409, "WORK_LIVE", "the instance still runs: stop it before deleting its work")
+    if record.state == "saving":
+        retry = {"Retry-After": str(WORK_RETRY)}
+        return ApiError(503, "WORK_SAVING", "the instance ended and its work is being saved; retry shortly", retry)
+    if record.state == "unsaved":
+        return ApiError(410, "WORK_UNSAVED", f"this work could not be saved: {record.why or 'no reason recorded'}")
+    return ApiError(410, "WORK_DELETED", "this work was deleted")

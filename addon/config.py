@@ -90,6 +90,11 @@ class Settings:
     idle_timeout: int = 1800
     max_age: int = 28800
     cull_interval: int = 60
+    work_dir: str = str(STATE / "work")
+    work_max: str = memory_budget.AUTO
+    work_ttl: int = 7 * 86400
+    work_timeout: int = 60
+    unpack_max_entries: int = 10000
     # The chosen backend's own options (and the others'), keyed by field name: backends/choice.py.
     backend_options: dict[str, typing.Any] = dataclasses.field(default_factory=dict)
 
@@ -217,6 +222,22 @@ _HELP: dict[str, tuple[str | None, str]] = {
     "idle_timeout": (None, "Seconds without traffic after which an instance is removed (not while a kernel is busy)."),
     "max_age": (None, "Seconds after which an instance is removed, however busy."),
     "cull_interval": (None, "Seconds between rounds of culling and reconciliation."),
+    "work_dir": (
+        "DATALAB_WORK_DIR",
+        "The work store: where an ended instance's working directory is saved as one tar.gz (created 0700; "
+        "shared by every proxy on the Redis).",
+    ),
+    "work_max": (
+        None,
+        "Largest saved work (the tar.gz), bytes with an optional k/m/g; auto: the instance's disk limit and "
+        "the archive's own overhead. A bigger one is abandoned: its work is unsaved.",
+    ),
+    "work_ttl": (None, "Seconds a saved work is kept after its instance ended (then the culler removes it)."),
+    "work_timeout": (
+        None,
+        "Seconds saving one instance's work may take; then it is abandoned (unsaved) and the end goes on.",
+    ),
+    "unpack_max_entries": (None, "Most entries in an archive a start unpacks (unpack=1)."),
 }
 
 _DEFAULTS = Settings()
@@ -288,6 +309,7 @@ def parse_settings(values: dict[str, typing.Any]) -> Settings:
     positive += ("upstream_timeout",)
     positive += ("max_head", "max_head_lines")
     positive += ("redis_timeout",)
+    positive += ("work_ttl", "work_timeout", "unpack_max_entries")
     for name in positive:
         _require(getattr(s, name) > 0, name, "must be positive")
     for name in ("route_cache_ttl", "pool_size", "start_concurrency", "max_instances"):
@@ -309,6 +331,10 @@ def parse_settings(values: dict[str, typing.Any]) -> Settings:
         bool(re.fullmatch(r"auto|[1-9][0-9]*[kmgKMG]?", s.disk_limit)), "disk_limit", "must look like 256m, 1g or auto"
     )
     _check_in_memory_fit(s)
+    _require(
+        bool(re.fullmatch(r"auto|[1-9][0-9]*[kmgKMG]?", s.work_max)), "work_max", "must look like 256m, 1g or auto"
+    )
+    _require(os.path.isabs(s.work_dir), "work_dir", "must be an absolute path")
     _require(s.sign_scheme in signing.SCHEMES, "sign_scheme", f"must be one of {', '.join(signing.SCHEMES)}")
     for origin in s.origins:
         _require(

@@ -141,21 +141,24 @@ class Culler:
             if isinstance(failure, Exception):
                 log.warning("datalab: no culling verdict for instance %s: %r", record.id, failure)
         ending = [(r, v) for r, v in zip(records, verdicts, strict=True) if isinstance(v, Verdict)]
-        ends = [inst.end(record, v.reason, decided_on=record, idle_since=v.idle_since) for record, v in ending]
+        ends = [inst.end(r, v.reason, v.cause, decided_on=r, idle_since=v.idle_since) for r, v in ending]
         recorded = {r.id for r in records}
         orphans = [f for i, f in found.items() if i not in recorded and i not in holders]
-        done = await asyncio.gather(*ends, *(self._remove_orphan(f) for f in orphans), return_exceptions=True)
+        done = await asyncio.gather(*ends, *(inst.end_orphan(f) for f in orphans), return_exceptions=True)
         for failure in (d for d in done if isinstance(d, Exception)):
             log.warning("datalab: culling could not end an instance: %s", failure)
         for cause, ended in zip([v.cause for _, v in ending] + ["orphan"] * len(orphans), done, strict=True):
             if ended is True:
                 metrics.culled(cause)
+        await self._sweep_work(now)
         return sum(1 for d in done if d is True)
 
-    async def _remove_orphan(self, found: Found) -> bool:
-        log.info("removing container %s: no instance record and no start in flight", found.handle[:12])
-        await self.instances.backend.stop(found.handle)
-        return True
+    async def _sweep_work(self, now: float) -> None:
+        """Saved works past datalab_work_ttl (or deleted) go, and so do abandoned partial saves."""
+        try:
+            await self.instances.work.sweep(now)
+        except OSError as e:
+            log.warning("datalab: could not sweep the work store: %s", e)
 
     async def _verdict(
         self, record: Instance, found: dict[str, Found], pooled: set[str], activity: dict[str, float], now: float

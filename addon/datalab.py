@@ -7,8 +7,9 @@ browser to its own instance.
 Wiring only. A request goes: Api.requestheaders (/datalab/*: api.py; uploads stream through
 upload.py and are answered in Api.response) or Router.requestheaders (everything else: router.py,
 cookie -> Redis -> instance), then FailClosed (guards.py). A start takes an instance in
-instances.py (warm pool: pool.py, boot queue: admission.py); Runtime runs the background work
-that keeps instances in order (pool.py, culler.py). Clients are bounded in time and number:
+instances.py (warm pool: pool.py, boot queue: admission.py); an end saves the user's work first
+(work.py; served back by api.py and work_files.py). Runtime runs the background work that keeps
+instances in order (pool.py, culler.py). Clients are bounded in time and number:
 request heads by deadlines.py (time) and heads.py (bytes, lines), upload bodies by upload.py,
 WebSocket messages by websocket_bound.py. Instances' answers must begin in time
 (upstream_deadline.py).
@@ -29,10 +30,12 @@ from runtime import Runtime
 from upload import UploadSink
 from upstream_deadline import UpstreamDeadline
 from websocket_bound import WebSocketBound
+from work_files import WorkFiles
 
 runtime = Runtime()  # also an addon: running() starts the pool, culling and exit events; done() stops them
 deadline = HeaderDeadline(lambda: runtime.settings)  # closes connections whose request head does not come in time
 sink = UploadSink(lambda: runtime.settings)  # also an addon: a loopback server that drains upload bodies (upload.py)
+files = WorkFiles()  # also an addon: a loopback server that streams saved works (work_files.py)
 
 addons = [
     Config(runtime.apply),
@@ -40,8 +43,9 @@ addons = [
     HeadBounds(lambda: runtime.settings),  # request heads within datalab_max_head bytes and _lines, or 431
     runtime,
     sink,
+    files,
     Metrics(lambda: runtime.store),  # before the api: GET /datalab/metrics with the token (metrics.py)
-    Api(runtime, sink),
+    Api(runtime, sink, files),
     Router(runtime, sink),
     FailClosed(runtime, sink),
     TransportSecurity(lambda: runtime.settings),

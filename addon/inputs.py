@@ -76,6 +76,18 @@ def check_filename(name: str) -> str:
     return name
 
 
+ARCHIVE_KINDS = {".zip": "zip", ".tar": "tar", ".tar.gz": "tar.gz", ".tgz": "tar.gz"}
+
+
+def archive_kind(filename: str) -> str:
+    """What a start with unpack=1 unpacks, told by the filename's ending (zip, tar or tar.gz)."""
+    lower = filename.lower()
+    for ending, kind in sorted(ARCHIVE_KINDS.items(), key=lambda e: -len(e[0])):
+        if lower.endswith(ending) and len(lower) > len(ending):
+            return kind
+    raise ValueError(f"unpack=1 takes a filename ending in {', '.join(ARCHIVE_KINDS)}")
+
+
 def is_disguise(char: str) -> bool:
     """A character that forges a line in a log or a listing (U+2028, U+2029), makes a name read
     otherwise than it is (U+202E shows 'report\u202evsc.exe' as 'reportexe.csv'; U+061C, U+200E/F,

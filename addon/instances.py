@@ -20,13 +20,20 @@ from admission import Admission
 from admission import QueueTimeout
 from backends import Backend
 from backends import BackendError
+from backends import Found
 from backends import Instance
 from backends import StartTimeout
+from backends import UnpackLimits
 from backends import UntrustedRecord
 from backends import http_status
+from backends.memory_budget import size_bytes
 from config import Settings
+from store import EndNote
 from store import Reservation
 from store import Store
+from store import WorkRecord
+from work import WorkStore
+from work import work_max_bytes
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +43,14 @@ RETRY_AT_CAPACITY = 30  # Retry-After when every slot is taken: instances end by
 RETRY_QUEUE_FULL = 5  # Retry-After when the boot queue did not move in time
 GONE = "its container is gone or stopped"
 HANDOUT_TRIES = 2  # instances a start may take if the one it took was ended while being handed out
+
+
+@dataclasses.dataclass(frozen=True)
+class Handout:
+    """What a start answers: the nonce (views, for nonce_ttl) and the work's id (outlives the instance)."""
+
+    nonce: str
+    work: str
 
 
 class NoCapacity(BackendError):
@@ -55,6 +70,11 @@ class Instances:
         self.admission = Admission(settings.boot_concurrency)
         self.pool_changed = asyncio.Event()  # set when the pool may need refilling
         self._capacity: int | None = None
+        disk = backend.common.disk_limit
+        self.work = WorkStore(
+            store, settings.work_dir, work_max_bytes(settings.work_max, disk), settings.work_ttl, settings.work_timeout
+        )
+        self.unpack_limits = UnpackLimits(settings.unpack_max_entries, size_bytes(disk))
 
     async def max_instances(self) -> int:
         """The option, or what the engine holds at the memory limit (asked once)."""
@@ -67,30 +87,41 @@ class Instances:
     # Starting
 
     @metrics.timed_start
-    async def start(self, filename: str, data: bytes | bytearray) -> str:
-        """Hand out an instance holding the upload; return the nonce bound to it."""
+    async def start(self, filename: str, data: bytes | bytearray, unpack: str = "") -> Handout:
+        """Hand out an instance holding the upload (or, with `unpack`, the archive's contents: zip, tar
+        or tar.gz); return the nonce bound to it and its work's id."""
+        work_id = inputs.new_token()
         for _ in range(HANDOUT_TRIES):
             instance = await self.claim_pooled() or await self._cold_start()
             self.pool_changed.set()
             try:
-                nonce = await self._hand_out(instance, filename, data)
+                nonce = await self._hand_out(instance, filename, data, unpack, work_id)
             except BaseException:
                 # Unbound, nobody could ever reach it: take it down now (also when the client left).
                 await asyncio.shield(self.discard(instance))
                 raise
             if nonce is not None:
                 log.info("instance %s holds %s (%s:%d)", instance.id, filename, instance.host, instance.port)
-                return nonce
+                return Handout(nonce, work_id)
             log.info("instance %s was ended while being handed out; taking another", instance.id)
             await self.discard(instance)
         raise BackendError("every instance taken for this start was ended meanwhile; retry")
 
-    async def _hand_out(self, instance: Instance, filename: str, data: bytes | bytearray) -> str | None:
-        """Put the upload in and bind a nonce; None if the instance was ended meanwhile."""
-        await self.backend.put_file(instance, filename, data)
-        instance = dataclasses.replace(instance, filename=filename, claimed=time.time())
+    async def _hand_out(
+        self, instance: Instance, filename: str, data: bytes | bytearray, unpack: str, work_id: str
+    ) -> str | None:
+        """Put the upload in and bind a nonce and the work; None if the instance was ended meanwhile."""
+        if unpack:
+            await self.backend.unpack(instance, unpack, data, self.unpack_limits)
+        else:
+            await self.backend.put_file(instance, filename, data)
+        now = time.time()
+        instance = dataclasses.replace(instance, filename=filename, claimed=now, work=work_id)
+        work = WorkRecord(work_id, instance.id, "live", now)
+        s = self.settings
+        live_ttl = s.max_age + 2 * s.cull_interval + s.work_timeout + s.work_ttl  # the end sets its own
         nonce = inputs.new_token()
-        return nonce if await self.store.bind(instance, nonce, self.settings.nonce_ttl, time.time()) else None
+        return nonce if await self.store.bind(instance, nonce, s.nonce_ttl, now, work, live_ttl) else None
 
     async def claim_pooled(self) -> Instance | None:
         """A ready pool instance, checked alive; a dead one is ended, never handed out."""
@@ -167,22 +198,56 @@ class Instances:
         session_id = inputs.new_token()
         return session_id if await self.store.add_session(session_id, instance.id, self.settings.session_ttl) else None
 
-    async def end(self, instance: Instance, reason: str, decided_on: Instance | None = None, idle_since=0.0) -> bool:
-        """Forget the instance, then stop it. Forgetting first decides, once across all proxies, who
-        ends it, and its sessions answer 410 from then on (every proxy drops its routes to it). The
-        one that ended it stops it; a stop that fails leaves a container without a record, which
-        reconciliation removes. Culling passes what it decided on (the record it read, the last
-        activity it saw), so nothing ends for a reason that stopped holding. True if this call ended it."""
-        if not await self.store.remove_instance(instance.id, decided_on, idle_since):
+    async def end(
+        self,
+        instance: Instance,
+        reason: str,
+        cause: str = "removed",
+        decided_on: Instance | None = None,
+        idle_since: float = 0.0,
+    ) -> bool:
+        """Forget the instance, save its user's work, then stop it. Forgetting first decides, once
+        across all proxies, who ends it (and saves it), and its sessions answer 410 from then on
+        (every proxy drops its routes to it); its slot stays leased while the work is saved, so a
+        proxy that dies mid-save leaves a container that reconciliation saves and removes. A stop
+        that fails leaves a container without a record, which reconciliation removes. Culling passes
+        what it decided on (the record it read, the last activity it saw), so nothing ends for a
+        reason that stopped holding. `cause` says how it ended (the ended page, the work's record).
+        True if this call ended it."""
+        now = time.time()
+        s = self.settings
+        note = EndNote(cause, s.session_ttl, self.work.lease_until(now), s.work_ttl, now) if instance.claimed else None
+        if not await self.store.remove_instance(instance.id, decided_on, idle_since, note):
             return False
         log.info("instance %s ended: %s", instance.id, reason)
         if instance.claimed:
             await asyncio.sleep(DRAIN)  # requests routed a moment ago still get their answer
+        await self._save(instance, cause)
         try:
             await self.backend.stop(instance.handle)
         except BackendError as e:
             log.warning("instance %s: container not removed yet (%s); reconciliation will", instance.id, e)
-        self.pool_changed.set()
+            return True
+        finally:
+            self.pool_changed.set()
+        await self.store.release(instance.id)  # the slot leased while its work was saved
+        return True
+
+    async def _save(self, instance: Instance, cause: str) -> None:
+        try:
+            await self.work.save(instance, cause)
+        except Exception as e:  # Redis or the store's disk: the end goes on, the record stays "saving"
+            log.warning("instance %s: saving its work failed: %s", instance.id, e)
+
+    async def end_orphan(self, found: Found) -> bool:
+        """Remove a container no record names and no lease holds (its proxy died mid-start or
+        mid-save, or its record was lost); if its end was recorded and its work is still to be
+        saved, save it first."""
+        ended = await self.store.ended(found.instance_id)
+        if ended is not None and ended.instance is not None and found.running and await self.trusted(ended.instance):
+            await self._save(ended.instance, ended.cause)
+        log.info("removing container %s: no instance record and no start in flight", found.handle[:12])
+        await self.backend.stop(found.handle)
         return True
 
     async def wait_stopped(self, instance: Instance, timeout: float = 15.0) -> None:
@@ -208,7 +273,7 @@ class Instances:
             return True
         if await self.backend.poll(instance):
             return False
-        if await self.end(instance, GONE):
+        if await self.end(instance, GONE, "gone"):
             metrics.culled("gone")  # by the proxy whose end won (every proxy may notice it)
         return True
 
@@ -219,5 +284,5 @@ class Instances:
 
     async def end_all(self, reason: str) -> int:
         for instance in (all_ := await self.all()):
-            await self.end(instance, reason)
+            await self.end(instance, reason, "removed")
         return len(all_)

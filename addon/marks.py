@@ -13,3 +13,5 @@ CUT = "datalab.cut"  # the body did not arrive within datalab_upload_timeout: an
 ROUTED = "datalab.instance"  # the instance id a proxied flow was sent to
 SESSION = "datalab.session"  # the session id of a proxied flow
 UPSTREAM_TIMEOUT = "datalab.upstream_timeout"  # its instance gave no answer in time: the 504 is ours
+UNPACK = "datalab.unpack"  # a start's archive kind to unpack ('' = the file goes in as it is)
+WORK = "datalab.work"  # the work id whose archive this flow fetches (a live snapshot or the saved file)

@@ -52,6 +52,7 @@ SCRAPE_WAIT = 5.0  # seconds a scrape waits for the instance counts from Redis
 START_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 45, 60, 90)
 CULL_REASONS = ("idle", "max_age", "gone", "unreachable", "orphan")
 START_OUTCOMES = ("ok", "CAPACITY", "START_TIMEOUT", "IMAGE_MISSING", "CLIENT_GONE")
+WORK_OUTCOMES = ("saved", "too_large", "timeout", "failed", "gone")
 
 COUNTERS = CollectorRegistry()  # this process's counts; each Metrics addon serves them with its gauges
 STARTS = Counter(
@@ -79,6 +80,13 @@ WEBSOCKET_TOO_BIG = Counter(
 CULLS = Counter(
     "datalab_culls", "Instances ended by culling and reconciliation, by reason.", ["reason"], registry=COUNTERS
 )
+WORK_SAVES = Counter(
+    "datalab_work_saves",
+    "Ended instances' work: saved, or not saved by why (too_large, timeout, failed, gone).",
+    ["outcome"],
+    registry=COUNTERS,
+)
+WORK_SAVED_BYTES = Counter("datalab_work_saved_bytes", "Bytes of work saved into the work store.", registry=COUNTERS)
 REFUSALS = Counter(
     "datalab_refusals", "JSON errors the proxy answered, by code and status.", ["code", "status"], registry=COUNTERS
 )
@@ -87,6 +95,8 @@ for _outcome in START_OUTCOMES:  # series that exist from the start, at 0, so ra
     STARTS.labels(_outcome)
 for _reason in CULL_REASONS:
     CULLS.labels(_reason)
+for _outcome in WORK_OUTCOMES:
+    WORK_SAVES.labels(_outcome)
 START_OK = STARTS.labels("ok")
 START_LATENCY = {source: START_SECONDS.labels(source) for source in ("pooled", "cold")}
 WEBSOCKET_FROM_CLIENT = WEBSOCKET_MESSAGES.labels("client")
@@ -100,6 +110,15 @@ def refused(code: str, status: int) -> None:
 
 def culled(reason: str) -> None:
     CULLS.labels(reason).inc()
+
+
+def work_saved(size: int) -> None:
+    WORK_SAVES.labels("saved").inc()
+    WORK_SAVED_BYTES.inc(size)
+
+
+def work_unsaved(outcome: str) -> None:
+    WORK_SAVES.labels(outcome).inc()
 
 
 def websocket_message(flow: http.HTTPFlow) -> None:
@@ -137,15 +156,15 @@ def start_outcome(exc: BaseException) -> str:
     return "INTERNAL"
 
 
-def timed_start[**P](func: Callable[P, Awaitable[str]]) -> Callable[P, Awaitable[str]]:
+def timed_start[**P, T](func: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
     """Count a start by outcome; time a successful one, labelled pooled or cold."""
 
     @functools.wraps(func)
-    async def counted(*args: P.args, **kwargs: P.kwargs) -> str:
+    async def counted(*args: P.args, **kwargs: P.kwargs) -> T:
         start, began = _Start(), time.monotonic()
         token = _current_start.set(start)
         try:
-            nonce = await func(*args, **kwargs)
+            handed = await func(*args, **kwargs)
         except BaseException as e:
             STARTS.labels(start_outcome(e)).inc()
             raise
@@ -153,7 +172,7 @@ def timed_start[**P](func: Callable[P, Awaitable[str]]) -> Callable[P, Awaitable
             _current_start.reset(token)
         START_OK.inc()
         START_LATENCY[start.source].observe(time.monotonic() - began)
-        return nonce
+        return handed
 
     return counted
 

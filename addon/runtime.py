@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from mitmproxy import exceptions
+
 import store
 from backends import BackendError
 from backends import choice
@@ -66,6 +68,10 @@ class Runtime:
             self._retired.append(self.store)
         self.settings = settings
         self.instances = build_instances(settings)
+        try:
+            self.instances.work.ensure_directory()
+        except OSError as e:  # at start-up, not at the first end
+            raise exceptions.OptionsError(f"datalab_work_dir: {e}") from e
         if self._running:  # options changed live (mitmweb): the background work follows the new parts
             self._restarting = asyncio.get_running_loop().create_task(self._restart())
 

@@ -12,6 +12,10 @@ built only here. Whatever several proxies might race on is one transaction or on
 <prefix>pool               -> list of ready pooled instance ids (claimed with LPOP)
 <prefix>activity           -> zset id -> last time traffic reached the instance
 <prefix>signed:<sig>       -> a used X-SIGN      (expires when its ts is no longer acceptable: replays refused)
+<prefix>work:<work>        -> WorkRecord JSON    (the user's work: live while its instance runs, then saving,
+                              saved, unsaved or deleted; expires datalab_work_ttl after the end)
+<prefix>ended:<id>         -> JSON {cause, work, instance: its last record} (how instance <id> ended: the
+                              ended page; reconciliation saves the work of a proxy that died mid-save)
 <prefix>lock:<name>        -> token of the proxy doing <name> (culling) now
 <prefix>events             -> pub/sub channel: "gone <id>" when an instance ends
 """
@@ -19,9 +23,12 @@ built only here. Whatever several proxies might race on is one transaction or on
 from __future__ import annotations
 
 import enum
+import json
 import logging
 import secrets
 from collections.abc import AsyncIterator
+from dataclasses import asdict
+from dataclasses import dataclass
 
 import redis.asyncio as redis
 from redis.asyncio.retry import Retry
@@ -67,8 +74,9 @@ end
 return id
 """
 
-# KEYS: slots, instance record, instances, activity, nonce, refs. ARGV: id, record, now, nonce TTL.
-# Records a claimed instance with its first nonce, unless it lost its slot (it was ended meanwhile).
+# KEYS: slots, instance record, instances, activity, nonce, refs, work.
+# ARGV: id, record, now, nonce TTL, work record ('' = none), work TTL.
+# Records a claimed instance with its first nonce and its work, unless it lost its slot (it was ended meanwhile).
 _BIND = """
 if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then
   return 0
@@ -79,12 +87,18 @@ redis.call('ZADD', KEYS[1], '+inf', ARGV[1])
 redis.call('ZADD', KEYS[4], ARGV[3], ARGV[1])
 redis.call('SET', KEYS[5], ARGV[1], 'EX', ARGV[4])
 redis.call('SADD', KEYS[6], KEYS[5])
+if ARGV[5] ~= '' then
+  redis.call('SET', KEYS[7], ARGV[5], 'EX', ARGV[6])
+end
 return 1
 """
 
-# KEYS: instance record, refs, instances, slots, poolboot, activity, pool, events.
-# ARGV: id, nonce key prefix, expected record ('' = any), idle since ('' = no check).
-# Nonce keys are found in refs inside the script, so a bind or view cannot slip in between.
+# KEYS: instance record, refs, instances, slots, poolboot, activity, pool, events, ended.
+# ARGV: id, nonce key prefix, expected record ('' = any), idle since ('' = no check), cause ('' = none:
+# an instance no user held), ended TTL, slot lease while its work is saved ('' = none), work key prefix,
+# work TTL, now.
+# Nonce keys are found in refs inside the script, so a bind or view cannot slip in between. The end is
+# recorded (how, and the work's state: saving) in the same step, so no reader sees one without the other.
 _REMOVE = """
 local record = redis.call('GET', KEYS[1])
 if ARGV[3] ~= '' and record ~= ARGV[3] then
@@ -103,15 +117,50 @@ for _, key in ipairs(redis.call('SMEMBERS', KEYS[2])) do
 end
 redis.call('DEL', KEYS[1], KEYS[2])
 redis.call('SREM', KEYS[3], ARGV[1])
-redis.call('ZREM', KEYS[4], ARGV[1])
+if record and ARGV[7] ~= '' then
+  redis.call('ZADD', KEYS[4], ARGV[7], ARGV[1])
+else
+  redis.call('ZREM', KEYS[4], ARGV[1])
+end
 redis.call('ZREM', KEYS[5], ARGV[1])
 redis.call('ZREM', KEYS[6], ARGV[1])
 redis.call('LREM', KEYS[7], 0, ARGV[1])
 redis.call('PUBLISH', KEYS[8], 'gone ' .. ARGV[1])
-if record then
-  return 1
+if not record then
+  return 0
 end
-return 0
+if ARGV[5] ~= '' then
+  local ok, decoded = pcall(cjson.decode, record)
+  local work = ok and type(decoded) == 'table' and decoded['work'] or ''
+  if type(work) ~= 'string' then
+    work = ''
+  end
+  redis.call('SET', KEYS[9], cjson.encode({cause = ARGV[5], work = work, instance = record}), 'EX', ARGV[6])
+  local raw = work ~= '' and redis.call('GET', ARGV[8] .. work)
+  if raw then
+    local w = cjson.decode(raw)
+    w['state'] = 'saving'
+    w['ended'] = ARGV[5]
+    w['ended_at'] = tonumber(ARGV[10])
+    redis.call('SET', ARGV[8] .. work, cjson.encode(w), 'EX', ARGV[9])
+  end
+end
+return 1
+"""
+
+# KEYS: work record. ARGV: expected state, new record, TTL. A work's state moves only from the one
+# its writer read (a save never overwrites a delete, nor a delete a save in progress).
+_MOVE_WORK = """
+local raw = redis.call('GET', KEYS[1])
+if not raw then
+  return 0
+end
+local ok, decoded = pcall(cjson.decode, raw)
+if not ok or type(decoded) ~= 'table' or decoded['state'] ~= ARGV[1] then
+  return 0
+end
+redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
+return 1
 """
 
 # KEYS: instance record, session, refs. ARGV: id, session TTL. A session only for a live instance.
@@ -139,6 +188,51 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 return 0
 """
+
+
+@dataclass(frozen=True)
+class WorkRecord:
+    """What the proxy knows of a user's work: the instance's working directory, live while it runs,
+    then saved as one tar.gz in the work store (work.py) or said to be unsaved, and why."""
+
+    id: str
+    instance: str
+    state: str  # live, saving, saved, unsaved or deleted
+    created: float
+    ended: str = ""  # how the instance ended (a cause: stopped, idle, max_age, gone, unreachable, removed)
+    ended_at: float = 0.0
+    size: int = 0
+    sha256: str = ""
+    saved_at: float = 0.0
+    why: str = ""  # unsaved: why not
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, raw: str | bytes) -> WorkRecord:
+        known = {k: v for k, v in json.loads(raw).items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+
+@dataclass(frozen=True)
+class Ended:
+    """How an instance ended, kept as long as its sessions may ask (the ended page says it)."""
+
+    cause: str
+    work: str  # its work's id ('' if it had none)
+    instance: Instance | None = None  # its record when it ended
+
+
+@dataclass(frozen=True)
+class EndNote:
+    """How a user's instance ends, recorded with the end itself (Store.remove_instance)."""
+
+    cause: str
+    ended_ttl: int  # seconds the end is remembered (as long as its sessions live)
+    lease_until: float  # its slot is held until then while its work is saved
+    work_ttl: int
+    now: float
 
 
 class Reservation(enum.IntEnum):
@@ -185,6 +279,7 @@ class Store:
         self._renew = client.register_script(_RENEW)
         self._remove = client.register_script(_REMOVE)
         self._add_session = client.register_script(_ADD_SESSION)
+        self._move_work = client.register_script(_MOVE_WORK)
 
     def key(self, kind: str, ident: str = "") -> str:
         return f"{self.prefix}{kind}:{ident}" if ident else f"{self.prefix}{kind}"
@@ -244,13 +339,17 @@ class Store:
         pipe.sadd(self.key("instances"), instance.id)
         pipe.zadd(self.key("slots"), {instance.id: FOREVER})
 
-    async def bind(self, instance: Instance, nonce: str, nonce_ttl: int, now: float) -> bool:
-        """Record the claimed instance (with its upload) and its first nonce, in one step, only if it
-        still holds its slot: False when it was ended meanwhile (culled, found gone, lease run out),
-        so an ended instance is never written back."""
+    async def bind(
+        self, instance: Instance, nonce: str, nonce_ttl: int, now: float, work: WorkRecord | None = None, work_ttl=0
+    ) -> bool:
+        """Record the claimed instance (with its upload), its first nonce and its work, in one step,
+        only if it still holds its slot: False when it was ended meanwhile (culled, found gone, lease
+        run out), so an ended instance is never written back. The live work record lives `work_ttl`
+        at most (the instance's longest life and the saved work's): an end sets its own."""
         keys = [self.key("slots"), self.key("instance", instance.id), self.key("instances"), self.key("activity")]
-        keys += [self.key("nonce", nonce), self.key("refs", instance.id)]
-        return bool(await self._bind_script(keys=keys, args=[instance.id, instance.to_json(), now, nonce_ttl]))
+        keys += [self.key("nonce", nonce), self.key("refs", instance.id), self.key("work", work.id if work else "-")]
+        args = [instance.id, instance.to_json(), now, nonce_ttl, work.to_json() if work else "", work_ttl]
+        return bool(await self._bind_script(keys=keys, args=args))
 
     async def instance(self, instance_id: str) -> Instance | None:
         raw = await self.redis.get(self.key("instance", instance_id))
@@ -296,19 +395,64 @@ class Store:
         refs = await self.redis.smembers(self.key("refs", instance_id))
         return bool(refs) and await self.redis.exists(*refs) > 0
 
-    async def remove_instance(self, instance_id: str, expect: Instance | None = None, idle_since: float = 0.0) -> bool:
-        """End the instance in Redis, in one step: its record, slot and nonces go; its sessions stay
+    async def remove_instance(
+        self,
+        instance_id: str,
+        expect: Instance | None = None,
+        idle_since: float = 0.0,
+        end: EndNote | None = None,
+    ) -> bool:
+        """End the instance in Redis, in one step: its record and nonces go; its sessions stay
         until they expire (they then answer 410 INSTANCE_GONE). Every proxy is told to drop routes.
 
         With `expect`, only if the record is still that one (culling decided on it: a pooled
         instance claimed and bound since is left alone); with `idle_since`, only if no activity
-        newer than that was recorded since. True if this call removed the record, so several
-        proxies never both report one end."""
+        newer than that was recorded since. With `end` (a user's instance), how it ended is recorded
+        and its work is marked saving, and its slot stays taken as a lease until `end.lease_until`
+        (its container lives on while its work is saved; reconciliation leaves it alone until then);
+        without, the slot goes. True if this call removed the record, so several proxies never both
+        report (nor save) one end."""
         keys = [self.key(k, instance_id) for k in ("instance", "refs")]
         keys += [self.key(k) for k in ("instances", "slots", "poolboot", "activity", "pool", "events")]
+        keys += [self.key("ended", instance_id)]
         guard = [expect.to_json() if expect else "", idle_since or ""]
-        args = [instance_id, self.key("nonce") + ":", *guard]
+        how = [end.cause, end.ended_ttl, end.lease_until, end.work_ttl, end.now] if end else ["", 0, "", 0, 0]
+        args = [instance_id, self.key("nonce") + ":", *guard, *how[:3], self.key("work") + ":", *how[3:]]
         return bool(await self._remove(keys=keys, args=args))
+
+    async def ended(self, instance_id: str) -> Ended | None:
+        raw = await self.redis.get(self.key("ended", instance_id))
+        if raw is None:
+            return None
+        try:
+            value = json.loads(raw)
+            record = Instance.from_json(value["instance"]) if value.get("instance") else None
+            return Ended(str(value["cause"]), str(value.get("work") or ""), record)
+        except (ValueError, KeyError, TypeError):
+            return None
+
+    # The user's work
+
+    async def work(self, work_id: str) -> WorkRecord | None:
+        raw = await self.redis.get(self.key("work", work_id))
+        return WorkRecord.from_json(raw) if raw is not None else None
+
+    async def move_work(self, state: str, record: WorkRecord, ttl: int) -> bool:
+        """Write the work's new record only if its state is still `state` (one script: a save that
+        was abandoned never overwrites a delete, a delete never one in progress)."""
+        return bool(await self._move_work(keys=[self.key("work", record.id)], args=[state, record.to_json(), ttl]))
+
+    async def works_known(self, work_ids: list[str]) -> set[str]:
+        """Of these work ids, those whose record still lives and is not deleted (the store keeps their files)."""
+        raws = await self.redis.mget([self.key("work", w) for w in work_ids]) if work_ids else []
+        known = set()
+        for work_id, raw in zip(work_ids, raws, strict=True):
+            try:
+                if raw is not None and WorkRecord.from_json(raw).state != "deleted":
+                    known.add(work_id)
+            except (ValueError, TypeError):
+                continue
+        return known
 
     # Activity
 

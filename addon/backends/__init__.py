@@ -15,6 +15,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import base64
+import contextlib
 import json
 import os
 import secrets
@@ -50,6 +51,7 @@ class Instance:
     created: float  # when it booted
     token: str = ""  # the instance's secret; the proxy adds it (AUTH_HEADER) to every request it forwards
     claimed: float = 0.0  # when it was handed to a user (0 while pooled): its age counts from here
+    work: str = ""  # the id of its user's work (store.WorkRecord), from the start that claimed it
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -138,6 +140,26 @@ class StartTimeout(BackendError):
     code = "START_TIMEOUT"
 
 
+class ArchiveRefused(BackendError):
+    """An upload to unpack that the instance refused (its extension checks archives: hostile input)."""
+
+    status = 400
+    code = "BAD_ARCHIVE"
+
+
+class ArchiveTooLarge(ArchiveRefused):
+    status = 413
+    code = "ARCHIVE_TOO_LARGE"
+
+
+@dataclass(frozen=True)
+class UnpackLimits:
+    """What one archive may hold once unpacked: entries, and bytes (the working directory's size)."""
+
+    max_entries: int
+    max_bytes: int
+
+
 class Backend(abc.ABC):
     """Runs Jupyter instances. Every method may block only in threads, never on the event loop."""
 
@@ -181,6 +203,12 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     async def put_file(self, instance: Instance, filename: str, data: bytes | bytearray) -> None:
         """Place `data` as `filename` in the running instance's working directory."""
+
+    async def unpack(self, instance: Instance, kind: str, data: bytes | bytearray, limits: UnpackLimits) -> None:
+        """Unpack an archive (`kind`: zip, tar or tar.gz) into the working directory; ArchiveRefused
+        when it holds what no working directory may (the image's extension checks it, inside the
+        instance: hostile input is handled where it can harm nothing but a fresh instance)."""
+        await unpack_via_jupyter(instance, kind, data, limits, timeout=max(30.0, self.common.start_timeout))
 
     @abc.abstractmethod
     async def poll(self, instance: Instance) -> bool:
@@ -254,10 +282,7 @@ async def put_via_contents(instance: Instance, filename: str, data: bytes | byte
     """Place a file in the instance's working directory through Jupyter's contents API, in chunks
     (Jupyter decodes each request whole): works on any engine and any file system the instance
     has, a read-only root and size-limited mounts included. The file is the notebook user's."""
-    # The proxy is not a browser, but Jupyter's XSRF check applies to it too: it sends a matching
-    # cookie and header of its own (any value will do; version 2 is Tornado's format).
-    xsrf = "2|00000000|" + secrets.token_hex(16) + "|" + str(int(time.time()))
-    headers = [("Content-Type", "application/json"), ("Cookie", f"_xsrf={xsrf}"), ("X-XSRFToken", xsrf)]
+    headers = [("Content-Type", "application/json"), *_xsrf_pair()]
     path = "/api/contents/" + quote(filename, safe="")
     pieces = [data[i : i + CONTENTS_CHUNK] for i in range(0, len(data), CONTENTS_CHUNK)] or [b""]
     for number, piece in enumerate(pieces, start=1):
@@ -309,3 +334,65 @@ async def wait_ready(
             raise StartTimeout(f"the instance did not answer {path} within {timeout:g} s")
         await asyncio.sleep(delay)
         delay = min(delay * 2, 0.25)
+
+
+# The image's extension (image/datalab_work.py): the working directory as one tar.gz, and archives unpacked.
+ARCHIVE_PATH = "/api/datalab/work"
+UNPACK_PATH = "/api/datalab/unpack"
+HEAD_MAX = 64 * 1024  # bytes of an answer's head the proxy reads from an instance
+
+
+def _xsrf_pair() -> list[tuple[str, str]]:
+    """Jupyter's XSRF check applies to the proxy's own writes too: a matching cookie and header of
+    its own (any value will do; version 2 is Tornado's format)."""
+    xsrf = "2|00000000|" + secrets.token_hex(16) + "|" + str(int(time.time()))
+    return [("Cookie", f"_xsrf={xsrf}"), ("X-XSRFToken", xsrf)]
+
+
+async def unpack_via_jupyter(
+    instance: Instance, kind: str, data: bytes | bytearray, limits: UnpackLimits, timeout: float
+) -> None:
+    """Have the instance unpack the archive into its working directory, within `limits`."""
+    query = f"?format={quote(kind)}&max_entries={limits.max_entries}&max_bytes={limits.max_bytes}"
+    headers = [("Content-Type", "application/octet-stream"), *_xsrf_pair()]
+    answer = await http_request(
+        instance.host, instance.port, "POST", UNPACK_PATH + query, timeout, instance.token, headers, bytes(data)
+    )
+    if answer is not None and answer[0] in (200, 201):
+        return
+    if answer is not None and answer[0] in (400, 413):
+        raise (ArchiveTooLarge if answer[0] == 413 else ArchiveRefused)(_refusal_message(answer[1]))
+    detail = f"POST {UNPACK_PATH}: " + (f"{answer[0]} {answer[1][:200]!r}" if answer else "no answer")
+    raise BackendError("the instance did not take the archive", detail)
+
+
+def _refusal_message(body: bytes) -> str:
+    """The extension's sentence (it names the entry at fault), shortened and printable only."""
+    try:
+        message = str(json.loads(body).get("message") or "")
+    except (ValueError, AttributeError):
+        message = ""
+    message = "".join(c for c in message if c.isprintable())[:300]
+    return f"the archive was refused: {message}" if message else "the archive was refused"
+
+
+@contextlib.asynccontextmanager
+async def http_stream(instance: Instance, path: str, timeout: float) -> AsyncIterator[tuple[int, asyncio.StreamReader]]:
+    """One HTTP/1.0 GET to the instance whose answer's body is read as it comes (the caller reads
+    `reader` to its end: an HTTP/1.0 answer ends with its connection). `timeout` bounds the connection
+    and the head; the caller bounds the body. Raises OSError or TimeoutError when nothing answers."""
+    async with asyncio.timeout(timeout):
+        reader, writer = await asyncio.open_connection(instance.host, instance.port, limit=HEAD_MAX)
+    try:
+        lines = [f"GET {path} HTTP/1.0", f"Host: {instance.host}:{instance.port}", f"{AUTH_HEADER}: {instance.token}"]
+        writer.write(("\r\n".join(lines) + "\r\n\r\n").encode())
+        async with asyncio.timeout(timeout):
+            await writer.drain()
+            head = await reader.readuntil(b"\r\n\r\n")
+        parts = head.split(b"\r\n", 1)[0].split()
+        status = int(parts[1]) if len(parts) >= 2 and parts[1].isdigit() else 0
+        yield status, reader
+    except (asyncio.IncompleteReadError, asyncio.LimitOverrunError) as e:
+        raise OSError(f"the instance's answer has no HTTP head: {e}") from e
+    finally:
+        writer.close()

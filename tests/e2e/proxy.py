@@ -134,10 +134,12 @@ class Proxy:
             self.url(f"/datalab/stop?{query}"), headers={"X-SIGN": sign}, timeout=60, verify=self.verify
         )
 
-    def upload(self, filename: str, data: bytes, ts: str | None = None, sign: str | None = None) -> requests.Response:
+    def upload(
+        self, filename: str, data: bytes, ts: str | None = None, sign: str | None = None, unpack: bool = False
+    ) -> requests.Response:
         ts = str(int(time.time() * 1000)) if ts is None else ts
         sign = signing.signature(self.sign_key, ts, filename, self.scheme) if sign is None else sign
-        query = urlencode({"ts": ts, "filename": filename})
+        query = urlencode({"ts": ts, "filename": filename, **({"unpack": "1"} if unpack else {})})
         return requests.post(
             self.url(f"/datalab/start?{query}"),
             data=data,
@@ -147,11 +149,23 @@ class Proxy:
         )
 
     def start_instance(self, filename: str, data: bytes) -> str:
-        r = self.upload(filename, data)
+        return self.start_with_work(filename, data)[0]
+
+    def start_with_work(self, filename: str, data: bytes, unpack: bool = False) -> tuple[str, str]:
+        """Start an instance; its nonce and its work's id."""
+        r = self.upload(filename, data, unpack=unpack)
         assert r.status_code == 200, r.text
         body = r.json()
         assert body["code"] == "OK"
-        return body["result"]["nonce"]
+        return body["result"]["nonce"], body["result"]["work"]
+
+    def work(self, work_id: str, method: str = "GET", ts: str | None = None, sign: str | None = None, **kw):
+        """The frontend's server fetching (or deleting) a user's work, signed like a stop."""
+        ts = str(int(time.time() * 1000)) if ts is None else ts
+        sign = signing.signature(self.sign_key, ts, work_id, self.scheme) if sign is None else sign
+        return requests.request(
+            method, self.url(f"/datalab/work/{work_id}?ts={ts}"), headers={"X-SIGN": sign}, timeout=120, **kw
+        )
 
 
 class Browser:

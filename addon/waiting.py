@@ -7,14 +7,14 @@ sets the session cookie like the redirect would, then asks the instance through 
 The page is self-contained and fixed: its script and style are constants allowed by their hashes
 in a strict Content-Security-Policy, and the one variable part, the destination, is an HTML
 attribute value read by the script (never JavaScript source), escaped here whatever it holds.
-Pure functions, no I/O.
+Its look and headers are those of every page of the proxy's own (pages.py). Pure functions, no I/O.
 """
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import html
+
+import pages
 
 SCRIPT = """
 "use strict";
@@ -75,11 +75,7 @@ SCRIPT = """
 })();
 """
 
-STYLE = """
-body { font: 16px/1.5 system-ui, sans-serif; color: #222; background: #fafafa; margin: 0; }
-main { max-width: 36em; margin: 15vh auto; padding: 0 1em; }
-h1 { font-size: 1.4em; font-weight: 600; }
-"""
+STYLE = pages.STYLE
 
 PAGE = """<!doctype html>
 <html lang="en">
@@ -104,18 +100,9 @@ answers.</p>
 """
 
 
-def _sha256(source: str) -> str:
-    return "'sha256-" + base64.b64encode(hashlib.sha256(source.encode()).digest()).decode() + "'"
-
-
 def content_security_policy(framing_origins: frozenset[str] = frozenset()) -> str:
-    """Only the page's own script and style run, it fetches only from its own origin, and it is
-    framed only where the instance's pages may be (the frontend's origins: see router.py)."""
-    ancestors = " ".join(["'self'", *sorted(framing_origins)])
-    return (
-        f"default-src 'none'; script-src {_sha256(SCRIPT)}; style-src {_sha256(STYLE)}; connect-src 'self'; "
-        f"base-uri 'none'; form-action 'none'; frame-ancestors {ancestors}"
-    )
+    """Its own script and style, and fetches (of /api/status) from its own origin only."""
+    return pages.content_security_policy(framing_origins, STYLE, script=SCRIPT, connect="'self'")
 
 
 def check_destination(destination: str) -> str:
@@ -135,10 +122,4 @@ def page(destination: str) -> bytes:
 
 def headers(framing_origins: frozenset[str] = frozenset()) -> dict[str, str]:
     """Never cached (it carries a fresh session), and its links do not carry the view URL along."""
-    return {
-        "Content-Type": "text/html; charset=utf-8",
-        "Cache-Control": "no-store",
-        "Referrer-Policy": "no-referrer",
-        "X-Content-Type-Options": "nosniff",
-        "Content-Security-Policy": content_security_policy(framing_origins),
-    }
+    return pages.headers(content_security_policy(framing_origins))

@@ -14,6 +14,10 @@ the page then shows in an iframe. The four steps of any frontend:
    browser's session cookie on the proxy's host and redirects into the instance.
 4. Run the proxy with `--set datalab_allowed_origins=<this page's origin>`: browsers show an
    instance in an iframe of another origin only when the proxy's answers list it (frame-ancestors).
+5. Offer the work: the start's answer also holds a work id; `GET <proxy>/datalab/work/<id>?ts=`,
+   signed over (ts, id) on the server, answers the working directory as a .tar.gz (a snapshot
+   while the instance runs, the saved archive after it ended). This server streams it on to the
+   browser at `GET /work/<id>`, never holding it whole.
 
 Environment: DATALAB_SIGN_KEY (else .state/sign_key, as run.sh keeps it), DATALAB_SIGN_SCHEME
 (sha256 or hmac-sha256, as the proxy's), DATALAB_DEMO_PORT, DATALAB_URL (the proxy as the browser
@@ -23,6 +27,7 @@ reaches it). Standard library only, plus the proxy's own addon/signing.py.
 from __future__ import annotations
 
 import argparse
+import http.client
 import ipaddress
 import json
 import os
@@ -31,6 +36,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler
 from http.server import ThreadingHTTPServer
@@ -38,9 +44,16 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "addon"))
+import inputs  # noqa: E402  (the proxy's own shape of an id)
 import signing  # noqa: E402  (the proxy's own signature rules, so both sides agree by construction)
 
 MAX_BODY = 1 << 30  # what this demo accepts from a browser; the proxy enforces its datalab_max_upload
+CHUNK = 1 << 16  # a download passes through this server in pieces this size, however large it is
+WORK_HEADERS = ("Content-Type", "Content-Length", "Content-Disposition", "Retry-After")  # passed on as they are
+# A download is data, never a page of this origin (the origin that may have starts signed): even
+# if something rendered it, it runs nothing and loads nothing. allow-same-origin lets this page
+# read a refusal shown in its download frame.
+WORK_POLICY = "default-src 'none'; frame-ancestors 'self'; sandbox allow-same-origin"
 
 
 def destination_for(filename: str) -> str:
@@ -86,6 +99,61 @@ def foreign(host: str, origin: str | None, hosts: frozenset[str]) -> str | None:
     return None
 
 
+def foreign_download(host: str, origin: str | None, fetch_site: str | None, hosts: frozenset[str]) -> str | None:
+    """Why a download is not this page's (or a person's who typed its URL), if it is not. Another
+    site's page could not read the file (no CORS here), but could still make this server sign
+    requests to the proxy and push files into its user's downloads; browsers say who asks in
+    Sec-Fetch-Site (and in Origin for a script's request); clients that are not browsers send neither."""
+    refusal = foreign(host, origin, hosts)
+    if refusal is None and fetch_site is not None and fetch_site not in ("same-origin", "none"):
+        refusal = f"only this demo's own page may download here, not a {fetch_site} page"
+    return refusal
+
+
+class NoRedirect(urllib.request.HTTPRedirectHandler):
+    """A redirect is passed on as the proxy's answer, never followed: urllib would send the
+    signature along to wherever it points."""
+
+    def redirect_request(self, *args, **kwargs) -> None:
+        return None
+
+
+def open_work(proxy: str, key: str, scheme: str, work_id: str) -> http.client.HTTPResponse | urllib.error.HTTPError:
+    """Sign and call GET /datalab/work/<id>: the proxy's answer, its body not read yet. A refusal
+    (an HTTPError) is an answer like the archive: its status, headers and JSON body are passed on."""
+    ts = str(int(time.time() * 1000))  # milliseconds, as for a start: each signature is used once
+    request = urllib.request.Request(
+        f"{proxy}/datalab/work/{work_id}?{urllib.parse.urlencode({'ts': ts})}",
+        headers={"X-SIGN": signing.signature(key, ts, work_id, scheme)},
+    )
+    try:
+        return urllib.request.build_opener(NoRedirect).open(request, timeout=180)
+    except urllib.error.HTTPError as e:
+        return e
+
+
+def passed_on(status: int, content_type: str) -> bool:
+    """Whether a work answer is one the demo passes on: the archive, or the proxy's JSON refusal.
+    Anything else (a page, a redirect) is not the proxy's, and never becomes an answer of this origin."""
+    media_type = content_type.partition(";")[0].strip().lower()
+    return (200 <= status < 300 and media_type == "application/gzip") or (
+        status >= 400 and media_type == "application/json"
+    )
+
+
+def relay(read: Callable[[int], bytes], write: Callable[[bytes], object], chunked: bool) -> int:
+    """Copy a body piece by piece, each written before the next is read, so no more than CHUNK of
+    it is ever held here; framed as HTTP/1.1 chunks if `chunked`. The bytes copied. An error
+    stops the copy before the final chunk, so a cut download never looks complete."""
+    total = 0
+    while piece := read(CHUNK):
+        write(b"%x\r\n%s\r\n" % (len(piece), piece) if chunked else piece)
+        total += len(piece)
+    if chunked:
+        write(b"0\r\n\r\n")
+    return total
+
+
 def start(proxy: str, key: str, scheme: str, filename: str, data: bytes) -> tuple[int, dict]:
     """Sign and call POST /datalab/start: (HTTP status, the proxy's JSON answer)."""
     ts = str(int(time.time() * 1000))  # milliseconds: each signature is used once (403 REPLAYED)
@@ -128,17 +196,63 @@ def phrase(status: int) -> str:
 
 class Demo(BaseHTTPRequestHandler):
     """GET / is the page; POST /upload?filename=NAME (body: the file) signs, starts and answers
-    {"code": "OK", "result": {"nonce", "view", "steps"}} or the proxy's error JSON. It signs for its
-    own page only (403 BAD_ORIGIN otherwise: see foreign())."""
+    {"code": "OK", "result": {"nonce", "view", "work"}, "steps"} or the proxy's error JSON; GET
+    /work/<id> is the work of a start, as the proxy answers it. It signs for its own page only
+    (403 BAD_ORIGIN otherwise: see foreign() and foreign_download())."""
 
     server_version = "datalab-demo"
     proxy = key = scheme = ""  # set by main()
     hosts: frozenset[str] = frozenset()
 
     def do_GET(self) -> None:
-        if urllib.parse.urlsplit(self.path).path != "/":
+        path = urllib.parse.urlsplit(self.path).path
+        if path.startswith("/work/"):
+            return self._download(path.removeprefix("/work/"))
+        if path != "/":
             return self._json(404, {"code": "NOT_FOUND", "message": "the demo page is /"})
         self._send(200, "text/html; charset=utf-8", PAGE.encode())
+
+    def _download(self, work_id: str) -> None:
+        """GET /work/<id>: the proxy's answer to a signed GET /datalab/work/<id>, streamed on."""
+        h = self.headers
+        refusal = foreign_download(h.get("Host", ""), h.get("Origin"), h.get("Sec-Fetch-Site"), self.hosts)
+        if refusal:
+            return self._json(403, {"code": "BAD_ORIGIN", "message": refusal})
+        if not inputs.is_token(work_id):
+            return self._json(400, {"code": "BAD_REQUEST", "message": "a work id is 22 to 128 URL-safe characters"})
+        try:
+            answer = open_work(self.proxy, self.key, self.scheme, work_id)
+        except OSError as e:
+            return self._json(502, {"code": "PROXY_UNREACHABLE", "message": f"the proxy at {self.proxy}: {e}"})
+        with answer:
+            if not passed_on(answer.status, answer.headers.get("Content-Type", "")):
+                message = f"the proxy answered {answer.status} without an archive or a JSON refusal"
+                return self._json(502, {"code": "PROXY_ERROR", "message": message})
+            self._pass_on(answer)
+
+    def _pass_on(self, answer: http.client.HTTPResponse | urllib.error.HTTPError) -> None:
+        """The answer's status and headers, then its body as it comes. Without a length, the body
+        goes in chunks (HTTP/1.1) so that the browser can tell a cut download from a whole one."""
+        length = answer.headers.get("Content-Length")
+        chunked = not (length and length.isascii() and length.isdigit()) and self.request_version == "HTTP/1.1"
+        if chunked:
+            self.protocol_version = "HTTP/1.1"  # this answer's framing only: the connection closes after it
+        self.send_response(answer.status)
+        for name in WORK_HEADERS:
+            value = answer.headers.get(name)
+            if value is not None and (name != "Content-Length" or not chunked):
+                self.send_header(name, value)
+        if chunked:
+            self.send_header("Transfer-Encoding", "chunked")
+        self.send_header("Cache-Control", "no-store")
+        self.send_header("X-Content-Type-Options", "nosniff")
+        self.send_header("Content-Security-Policy", WORK_POLICY)
+        self.send_header("Connection", "close")
+        self.end_headers()
+        try:
+            relay(answer.read, self.wfile.write, chunked)
+        except (OSError, http.client.HTTPException) as e:  # the proxy or the browser went away
+            self.log_message("download of %s cut: %r", self.path, e)
 
     def do_POST(self) -> None:
         refusal = foreign(self.headers.get("Host", ""), self.headers.get("Origin"), self.hosts)
@@ -165,6 +279,9 @@ class Demo(BaseHTTPRequestHandler):
         if nonce:
             view = f"{self.proxy}/datalab/view/{nonce}/{destination_for(names[0])}"
             body = {"code": "OK", "result": {"nonce": nonce, "view": view}}
+            work = result.get("work")
+            if isinstance(work, str) and inputs.is_token(work):
+                body["result"]["work"] = work
         self._json(status, body | {"steps": steps})
 
     def _json(self, status: int, body: dict) -> None:
@@ -179,7 +296,10 @@ class Demo(BaseHTTPRequestHandler):
         self.wfile.write(payload)
 
 
-# The page: a file picker, the steps as they happen, the proxy's error if any, and the iframe.
+# The page: a file picker, the steps as they happen, the proxy's error if any, the link to the work
+# of the last start, and the iframe. The link opens in a hidden frame: an archive becomes a download
+# there (no load event), a refusal is shown in it and read from it into the error line (its JSON,
+# same origin). The page never holds the archive itself.
 PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>datalab demo</title>
 <style>
@@ -189,6 +309,7 @@ PAGE = """<!doctype html>
   #steps { margin: 6px 0 0; padding-left: 20px; font-size: 13px; color: #444; }
   #error { display: none; margin: 6px 0 0; padding: 6px 10px; background: #fde8e8; color: #8a1c1c; }
   iframe { flex: 1; border: 0; width: 100%; }
+  #download { display: none; margin: 6px 0 0; }
 </style></head>
 <body>
 <header>
@@ -196,9 +317,11 @@ PAGE = """<!doctype html>
   <form id="form"><input type="file" id="file" accept=".csv,.ipynb,text/csv">
     <button type="submit" id="open">Open in Jupyter</button></form>
   <ol id="steps"></ol>
+  <p id="download"><a id="download-link" target="download-frame">Download my work (.tar.gz)</a></p>
   <p id="error"><b id="error-code"></b>: <span id="error-message"></span></p>
 </header>
 <iframe id="lab" title="Jupyter"></iframe>
+<iframe name="download-frame" id="download-frame" title="download" hidden></iframe>
 <script>
 const $ = (id) => document.getElementById(id);
 function step(text) { const li = document.createElement("li"); li.textContent = text; $("steps").append(li); }
@@ -207,11 +330,23 @@ function fail(body) {
   $("error-message").textContent = body.message || "";
   $("error").style.display = "block";
 }
+$("download-link").addEventListener("click", () => { $("error").style.display = "none"; });
+$("download-frame").addEventListener("load", () => {
+  let body;
+  try {  // a refusal: the proxy's {"code", "message"} (Chromium shows JSON in a <pre>)
+    const page = $("download-frame").contentDocument;
+    body = JSON.parse((page.querySelector("pre") || page.body).textContent);
+  } catch (e) {
+    return;  // not a refusal (about:blank): nothing to show
+  }
+  if (body && typeof body === "object") fail(body);
+});
 $("form").addEventListener("submit", async (event) => {
   event.preventDefault();
   const file = $("file").files[0];
   if (!file) return;
   $("steps").replaceChildren(); $("error").style.display = "none"; $("lab").removeAttribute("src");
+  $("download").style.display = "none"; delete document.body.dataset.work;
   step(`uploading ${file.name} (${file.size} bytes) to the demo server`);
   let response, body;
   try {
@@ -227,6 +362,11 @@ $("form").addEventListener("submit", async (event) => {
   $("lab").onload = () => step("opened");
   $("lab").src = body.result.view;
   document.body.dataset.nonce = body.result.nonce;
+  if (body.result.work) {  // kept until the next start: the work outlives its instance
+    document.body.dataset.work = body.result.work;
+    $("download-link").href = "/work/" + encodeURIComponent(body.result.work);
+    $("download").style.display = "block";
+  }
 });
 </script>
 </body></html>

@@ -2,33 +2,45 @@
 
 Its proxy is a closed loopback port: every request here is refused before the demo would sign
 anything, or reaches the proxy and gets PROXY_UNREACHABLE (502), which proves the demo signed.
+Downloads of the work meet a loopback stand-in for the proxy's GET /datalab/work/<id> that checks
+signatures and records what reached it (the real proxy's are in the end-to-end tests).
 """
 
 from __future__ import annotations
 
+import hashlib
+import http.client
 import http.server
+import importlib.util
 import json
 import os
 import socket
 import subprocess
 import sys
 import threading
+import time
+import urllib.parse
 from pathlib import Path
 
 import pytest
 
+import signing
 from helpers import free_port
 from helpers import wait_for_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run_demo(proxy: str, workdir: Path) -> tuple[subprocess.Popen, int]:
+KEY = "demo-test-key"
+
+
+def run_demo(proxy: str, workdir: Path, scheme: str = "sha256") -> tuple[subprocess.Popen, int]:
     """The demo on a free loopback port, as run.sh --demo starts it, pointed at `proxy`."""
     port = free_port()
     log = (workdir / f"demo-{port}.log").open("w")
     args = [sys.executable, str(ROOT / "scripts" / "demo.py"), "--port", str(port), "--proxy", proxy]
-    proc = subprocess.Popen(args, env={**os.environ, "DATALAB_SIGN_KEY": "demo-test-key"}, stdout=log, stderr=log)
+    env = {**os.environ, "DATALAB_SIGN_KEY": KEY, "DATALAB_SIGN_SCHEME": scheme}
+    proc = subprocess.Popen(args, env=env, stdout=log, stderr=log)
     try:
         wait_for_port(port, proc=proc)
     except BaseException:
@@ -153,3 +165,329 @@ def test_an_answer_that_is_not_the_proxys_is_reported(not_the_proxy, tmp_path, w
     finally:
         stop(proc)
     assert (got, body.get("code")) == (status, code)
+
+
+# The work: GET /work/<id> on the demo, GET /datalab/work/<id> on the proxy.
+
+spec = importlib.util.spec_from_file_location("demo", ROOT / "scripts" / "demo.py")
+demo_module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(demo_module)
+
+PIECE = os.urandom(1 << 20)
+BIG = 50  # MiB
+WORK = {  # id -> what the stand-in does
+    "small" + "s" * 20: "small",
+    "big" + "b" * 20: "big",
+    "chunked" + "c" * 20: "chunked",
+    "cut" + "x" * 20: "cut",
+    "cutlength" + "x" * 20: "cutlength",
+    "html" + "h" * 20: "html",
+    "moved" + "m" * 20: "moved",
+}
+REFUSALS = {
+    "unknown" + "u" * 20: (404, {"code": "WORK_UNKNOWN", "message": "no such work"}, {}),
+    "gone" + "g" * 20: (410, {"code": "WORK_GONE", "message": "the work was not saved"}, {}),
+    "saving" + "v" * 20: (503, {"code": "WORK_SAVING", "message": "being saved"}, {"Retry-After": "5"}),
+}
+DISPOSITION = 'attachment; filename="work.tar.gz"'
+
+
+class WorkProxy(http.server.BaseHTTPRequestHandler):
+    """The proxy's /datalab/work/<id> as the demo meets it: 403 BAD_SIGNATURE unless X-SIGN is the
+    key's over (ts, id) in either scheme, then what WORK or REFUSALS say. Records every request."""
+
+    protocol_version = "HTTP/1.1"
+    seen: list[tuple[str, str]] = []  # (path with query, X-SIGN)
+
+    def do_GET(self) -> None:
+        self.seen.append((self.path, self.headers.get("X-SIGN", "")))
+        url = urllib.parse.urlsplit(self.path)
+        work_id = url.path.removeprefix("/datalab/work/")
+        ts = urllib.parse.parse_qs(url.query).get("ts", [""])[0]
+        given = self.headers.get("X-SIGN", "")
+        if not any(signing.signature_ok(KEY, ts, work_id, given, scheme) for scheme in signing.SCHEMES):
+            return self._json(403, {"code": "BAD_SIGNATURE", "message": "X-SIGN is not the key's"}, {})
+        if work_id in REFUSALS:
+            return self._json(*REFUSALS[work_id])
+        getattr(self, "_" + WORK[work_id])()
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["Content-Length"]))
+        work = "w" * 32 if "good" in self.path else "not a token!"
+        self._json(200, {"code": "OK", "result": {"nonce": "n" * 32, "work": work}}, {})
+
+    def _json(self, status: int, body: dict, extra: dict) -> None:
+        self._head(status, {"Content-Type": "application/json", **extra}, json.dumps(body).encode())
+
+    def _head(self, status: int, headers: dict, body: bytes | None = None) -> None:
+        self.send_response(status)
+        for name, value in headers.items():
+            self.send_header(name, value)
+        if body is not None:
+            self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if body is not None:
+            self.wfile.write(body)
+
+    def _archive(self, pieces: int, length: bool) -> None:
+        headers = {"Content-Type": "application/gzip", "Content-Disposition": DISPOSITION}
+        self._head(
+            200,
+            headers | ({"Content-Length": str(pieces * len(PIECE))} if length else {"Transfer-Encoding": "chunked"}),
+        )
+        for _ in range(pieces):
+            self.wfile.write(PIECE if length else b"%x\r\n%s\r\n" % (len(PIECE), PIECE))
+        if not length:
+            self.wfile.write(b"0\r\n\r\n")
+
+    def _small(self) -> None:
+        self._archive(1, length=True)
+
+    def _big(self) -> None:
+        self._archive(BIG, length=True)
+
+    def _chunked(self) -> None:
+        self._archive(BIG, length=False)
+
+    def _cut(self) -> None:  # a live snapshot whose making failed half way: no final chunk
+        self._head(200, {"Content-Type": "application/gzip", "Transfer-Encoding": "chunked"})
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(PIECE), PIECE))
+        self.close_connection = True
+
+    def _cutlength(self) -> None:
+        self._head(200, {"Content-Type": "application/gzip", "Content-Length": str(2 * len(PIECE))})
+        self.wfile.write(PIECE)
+        self.close_connection = True
+
+    def _html(self) -> None:
+        self._head(200, {"Content-Type": "text/html"}, b"<script>alert(1)</script>")
+
+    def _moved(self) -> None:
+        self._head(302, {"Location": "/elsewhere", "Content-Type": "application/json"}, b"{}")  # JSON, yet no refusal
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def work_proxy():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), WorkProxy)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(scope="module")
+def work_demo(work_proxy, tmp_path_factory):
+    """A demo in front of the stand-in: (its process, its port)."""
+    proc, port = run_demo(work_proxy, tmp_path_factory.mktemp("work"))
+    yield proc, port
+    stop(proc)
+
+
+def download(port: int, path: str, headers: dict | None = None) -> http.client.HTTPResponse:
+    """GET `path` on the demo; the answer, its body not read yet."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    connection.request("GET", path, headers={"Host": f"127.0.0.1:{port}", **(headers or {})})
+    return connection.getresponse()
+
+
+def drain(answer: http.client.HTTPResponse) -> tuple[int, str]:
+    """Read the body in pieces, as a browser saves it: its length and SHA-256, never whole here."""
+    digest, total = hashlib.sha256(), 0
+    while piece := answer.read(1 << 20):
+        digest.update(piece)
+        total += len(piece)
+    return total, digest.hexdigest()
+
+
+def peak_memory(proc: subprocess.Popen) -> int:
+    """The process's peak resident memory so far, in bytes (VmHWM)."""
+    for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM")
+
+
+@pytest.mark.parametrize("scheme", ["sha256", "hmac-sha256"])
+def test_a_download_is_signed_over_a_fresh_ts_and_the_id(work_proxy, tmp_path, scheme):
+    proc, port = run_demo(work_proxy, tmp_path, scheme)
+    work_id = "small" + "s" * 20
+    try:
+        before = len(WorkProxy.seen)
+        answer = download(port, f"/work/{work_id}")
+        assert answer.status == 200 and answer.read() == PIECE
+    finally:
+        stop(proc)
+    ((path, given),) = WorkProxy.seen[before:]
+    url = urllib.parse.urlsplit(path)
+    (ts,) = urllib.parse.parse_qs(url.query)["ts"]
+    assert url.path == f"/datalab/work/{work_id}" and len(ts) == 13 and abs(int(ts) / 1000 - time.time()) < 60
+    assert given == signing.signature(KEY, ts, work_id, scheme)
+
+
+@pytest.mark.parametrize(
+    ("work_id", "framing"), [("big" + "b" * 20, "Content-Length"), ("chunked" + "c" * 20, "chunked")]
+)
+def test_a_large_archive_streams_through_without_the_demo_holding_it(work_demo, work_id, framing):
+    """50 MiB pass with their headers, whole and in order, while the demo's peak memory grows by
+    far less than that: it holds one piece at a time."""
+    proc, port = work_demo
+    download(port, "/work/" + "small" + "s" * 20).read()  # the code paths warmed up
+    baseline = peak_memory(proc)
+    answer = download(port, f"/work/{work_id}", {"Sec-Fetch-Site": "same-origin"})
+    assert answer.status == 200
+    assert answer.getheader("Content-Type") == "application/gzip"
+    assert answer.getheader("Content-Disposition") == DISPOSITION
+    if framing == "Content-Length":
+        assert answer.getheader("Content-Length") == str(BIG * len(PIECE))
+    else:  # a length the proxy did not know stays unknown, and a cut body would be seen as cut
+        assert answer.getheader("Content-Length") is None and answer.getheader("Transfer-Encoding") == "chunked"
+    assert answer.getheader("X-Content-Type-Options") == "nosniff" and "sandbox" in answer.getheader(
+        "Content-Security-Policy"
+    )
+    expected = hashlib.sha256()
+    for _ in range(BIG):
+        expected.update(PIECE)
+    assert drain(answer) == (BIG * len(PIECE), expected.hexdigest())
+    assert peak_memory(proc) - baseline < 16 << 20
+
+
+@pytest.mark.parametrize("work_id", ["cut" + "x" * 20, "cutlength" + "x" * 20])
+def test_a_download_cut_at_the_proxy_is_cut_at_the_browser(work_demo, work_id):
+    """Never a shorter file that looks whole: no final chunk, or fewer bytes than the length."""
+    _, port = work_demo
+    answer = download(port, f"/work/{work_id}")
+    assert answer.status == 200
+    length = answer.getheader("Content-Length")
+    if length is None:
+        with pytest.raises(http.client.IncompleteRead):
+            drain(answer)
+    else:  # http.client, unlike a browser, does not complain: count
+        assert drain(answer)[0] < int(length)
+
+
+@pytest.mark.parametrize("work_id", sorted(REFUSALS))
+def test_a_refusal_of_the_proxy_is_passed_on_as_is(work_demo, work_id):
+    _, port = work_demo
+    status, body, extra = REFUSALS[work_id]
+    answer = download(port, f"/work/{work_id}")
+    assert answer.status == status and answer.getheader("Content-Type") == "application/json"
+    assert json.loads(answer.read()) == body
+    assert answer.getheader("Retry-After") == extra.get("Retry-After")
+
+
+@pytest.mark.parametrize(
+    ("work_id", "reached"),
+    [("html" + "h" * 20, "/datalab/work/html"), ("moved" + "m" * 20, "/datalab/work/moved")],
+)
+def test_an_answer_that_is_neither_archive_nor_refusal_is_a_502(work_demo, work_id, reached):
+    """Never a page of the demo's origin (the one that may have starts signed), and a redirect
+    is not followed with the signature."""
+    _, port = work_demo
+    before = len(WorkProxy.seen)
+    answer = download(port, f"/work/{work_id}")
+    assert (answer.status, json.loads(answer.read())["code"]) == (502, "PROXY_ERROR")
+    assert [path.startswith(reached) for path, _ in WorkProxy.seen[before:]] == [True]
+
+
+def test_a_download_with_an_unreachable_proxy_says_so(demo):
+    answer = download(demo, "/work/" + "w" * 32)
+    assert (answer.status, json.loads(answer.read())["code"]) == (502, "PROXY_UNREACHABLE")
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/work/",
+        "/work/short",
+        "/work/" + "a" * 21,
+        "/work/" + "a" * 129,
+        "/work/" + "a" * 30 + "/x",
+        "/work/" + "a" * 30 + "%2F..",
+        "/work/../../datalab/work/" + "a" * 30,
+        "/work/" + "a" * 30 + ".tar.gz",
+        "/work/" + "a" * 30 + "%0a",
+        "/work/" + "a" * 30 + "%00",
+    ],
+)
+def test_a_bad_id_is_refused_without_asking_the_proxy(work_demo, path):
+    _, port = work_demo
+    before = len(WorkProxy.seen)
+    answer = download(port, path)
+    assert (answer.status, json.loads(answer.read())["code"]) == (400, "BAD_REQUEST")
+    assert WorkProxy.seen[before:] == []
+
+
+@pytest.mark.parametrize(
+    ("headers", "status"),
+    [
+        ({}, 200),  # not a browser
+        ({"Sec-Fetch-Site": "same-origin", "Sec-Fetch-Mode": "navigate", "Sec-Fetch-Dest": "iframe"}, 200),  # its link
+        ({"Sec-Fetch-Site": "none"}, 200),  # a person typed the URL
+        ({"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "navigate"}, 403),  # another site's link or frame
+        ({"Sec-Fetch-Site": "same-site"}, 403),  # the proxy's origin is another origin too
+        ({"Origin": "http://evil.example", "Sec-Fetch-Site": "cross-site"}, 403),
+        ({"Origin": "http://evil.example"}, 403),
+        ({"Host": "rebound.example:{port}"}, 403),  # DNS rebinding
+    ],
+)
+def test_only_its_own_page_gets_downloads_signed(work_demo, headers, status):
+    """A download is all another site could cause, and not even that: its requests are refused
+    before anything is signed."""
+    _, port = work_demo
+    before = len(WorkProxy.seen)
+    answer = download(port, "/work/" + "small" + "s" * 20, {k: v.format(port=port) for k, v in headers.items()})
+    answer.read()
+    assert answer.status == status
+    assert len(WorkProxy.seen) - before == (status == 200)
+
+
+@pytest.mark.parametrize(("filename", "work"), [("good.csv", "w" * 32), ("bad.csv", None)])
+def test_a_start_answers_its_work_id_if_it_is_a_token(work_demo, filename, work):
+    _, port = work_demo
+    head = b"POST /upload?filename=%s HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nContent-Length: 2\r\nConnection: close\r\n" % (
+        filename.encode(),
+        port,
+    )
+    status, body = ask(port, head, b"ab")
+    assert status == 200 and body["result"].get("work") == work and body["result"]["nonce"] == "n" * 32
+
+
+class Reader:
+    """A body of `pieces` pieces that records each read, and the writes between reads."""
+
+    def __init__(self, pieces: int, fail_after: int | None = None):
+        self.left, self.fail_after, self.events = pieces, fail_after, []
+
+    def read(self, size: int) -> bytes:
+        self.events.append(("read", size))
+        if self.fail_after is not None and len([e for e in self.events if e[0] == "read"]) > self.fail_after:
+            raise http.client.IncompleteRead(b"")
+        if not self.left:
+            return b""
+        self.left -= 1
+        return b"x" * size
+
+    def write(self, data: bytes) -> None:
+        self.events.append(("write", data))
+
+
+def test_relay_writes_each_piece_before_reading_the_next():
+    body = Reader(3)
+    assert demo_module.relay(body.read, body.write, chunked=False) == 3 * demo_module.CHUNK
+    piece = b"x" * demo_module.CHUNK
+    assert body.events == [("read", demo_module.CHUNK), ("write", piece)] * 3 + [("read", demo_module.CHUNK)]
+
+
+def test_relay_frames_chunks_and_ends_them_only_when_the_body_ended():
+    body = Reader(2)
+    demo_module.relay(body.read, body.write, chunked=True)
+    writes = [data for kind, data in body.events if kind == "write"]
+    assert writes == [b"%x\r\n" % demo_module.CHUNK + b"x" * demo_module.CHUNK + b"\r\n"] * 2 + [b"0\r\n\r\n"]
+    cut = Reader(5, fail_after=2)
+    with pytest.raises(http.client.IncompleteRead):
+        demo_module.relay(cut.read, cut.write, chunked=True)
+    assert [data for kind, data in cut.events if kind == "write"][-1] != b"0\r\n\r\n"

@@ -54,8 +54,16 @@ def nonce_unknown() -> ApiError:
     return not_found("NONCE_UNKNOWN", "this nonce is unknown, expired or its instance ended; start a new instance")
 
 
-def instance_gone() -> ApiError:
-    return ApiError(410, "INSTANCE_GONE", "the instance of this session has ended; start a new one")
+class InstanceGone(ApiError):
+    """410 for a session whose instance ended; `instance_id` names it (a navigation gets the ended page)."""
+
+    def __init__(self, instance_id: str = ""):
+        super().__init__(410, "INSTANCE_GONE", "the instance of this session has ended; start a new one")
+        self.instance_id = instance_id
+
+
+def instance_gone(instance_id: str = "") -> InstanceGone:
+    return InstanceGone(instance_id)
 
 
 def method_not_allowed(allowed: str) -> ApiError:

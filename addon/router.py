@@ -15,6 +15,7 @@ import time
 from mitmproxy import http
 from redis.exceptions import RedisError
 
+import ended
 import errors
 import hosts
 import inputs
@@ -22,6 +23,7 @@ import metrics
 from backends import BackendError
 from backends import Instance
 from errors import ApiError
+from errors import InstanceGone
 from marks import HANDLED
 from marks import ROUTED
 from marks import SESSION
@@ -91,6 +93,8 @@ class Router:
             return
         try:
             instance = await self._instance_for(flow)
+        except InstanceGone as e:
+            flow.response = await self._gone_answer(flow, e)
         except ApiError as e:
             flow.response = e.response()
         except BackendError as e:
@@ -218,8 +222,23 @@ class Router:
             raise ApiError(403, "NO_SESSION", "this datalab session is unknown or expired; open the instance again")
         instance = await self.runtime.instances.record(instance_id)
         if instance is None:
-            raise errors.instance_gone()
+            raise errors.instance_gone(instance_id)
         return instance
+
+    async def _gone_answer(self, flow: http.HTTPFlow, gone: InstanceGone) -> http.Response:
+        """A person navigating into an ended instance is told, in a page, why it ended and what became
+        of the work; API and WebSocket requests keep the JSON 410."""
+        request = flow.request
+        if not gone.instance_id or not ended.is_navigation(request.method, request.headers, request.path):
+            return gone.response()
+        try:
+            how = await self.runtime.store.ended(gone.instance_id)
+            work = await self.runtime.store.work(how.work) if how and how.work else None
+        except RedisError:
+            return gone.response()
+        page = ended.page(how.cause if how else "", work.state if work else "")
+        metrics.refused(gone.code, gone.status)
+        return http.Response.make(410, page, ended.headers(self.runtime.settings.origins))
 
     async def _follow_removals(self) -> None:
         """Drop cached routes of removed instances; reconnect with backoff when Redis goes away."""

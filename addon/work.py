@@ -139,10 +139,10 @@ class WorkStore:
         await asyncio.to_thread(self.ensure_directory)
         file = await asyncio.to_thread(_create, part)
         try:
-            async with http_stream(instance, ARCHIVE_PATH, timeout=self.timeout) as (status, reader):
+            async with http_stream(instance, ARCHIVE_PATH, timeout=self.timeout) as (status, body):
                 if status != 200:
                     raise BackendError("the instance did not hand over its working directory", f"HTTP {status}")
-                while chunk := await reader.read(CHUNK):
+                async for chunk in body.chunks(CHUNK):
                     size += len(chunk)
                     if size > self.max_bytes:
                         raise WorkTooLarge()

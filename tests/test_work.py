@@ -29,10 +29,11 @@ WORK = "W" * 32
 
 
 class FakeArchive:
-    """Answers GET /api/datalab/work with `body` in pieces, pausing `delay` between them."""
+    """Answers GET /api/datalab/work with `body` in chunks, pausing `delay` between them (`cut`: the
+    connection closes before the last chunk, as when the instance's archiving fails midway)."""
 
-    def __init__(self, body: bytes = b"", status: int = 200, delay: float = 0.0):
-        self.body, self.status, self.delay = body, status, delay
+    def __init__(self, body: bytes = b"", status: int = 200, delay: float = 0.0, cut: bool = False):
+        self.body, self.status, self.delay, self.cut = body, status, delay, cut
         self.server: asyncio.Server | None = None
         self.port = 0
 
@@ -47,11 +48,14 @@ class FakeArchive:
     async def _serve(self, reader, writer) -> None:
         try:
             await reader.readuntil(b"\r\n\r\n")
-            writer.write(f"HTTP/1.0 {self.status} X\r\nContent-Type: application/gzip\r\n\r\n".encode())
+            writer.write(f"HTTP/1.1 {self.status} X\r\nTransfer-Encoding: chunked\r\n\r\n".encode())
             for i in range(0, len(self.body), 65536):
-                writer.write(self.body[i : i + 65536])
+                piece = self.body[i : i + 65536]
+                writer.write(b"%x\r\n%s\r\n" % (len(piece), piece))
                 await writer.drain()
                 await asyncio.sleep(self.delay)
+            if not self.cut:
+                writer.write(b"0\r\n\r\n")
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
         finally:
@@ -110,6 +114,7 @@ async def test_a_save_streams_the_archive_into_place_with_its_size_and_digest(re
         (FakeArchive(b"x" * (2 << 20)), 1 << 20, 10, "too_large", "larger than datalab_work_max"),
         (FakeArchive(b"x" * (1 << 20), delay=0.5), 10 << 20, 1, "timeout", "took longer than 1 s"),
         (FakeArchive(b"{}", status=404), 10 << 20, 10, "failed", "did not hand over"),
+        (FakeArchive(b"x" * (1 << 20), cut=True), 10 << 20, 10, "failed", "did not hand over"),
     ],
 )
 async def test_a_save_past_its_bounds_or_refused_is_abandoned_and_says_why(

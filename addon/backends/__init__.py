@@ -377,22 +377,55 @@ def _refusal_message(body: bytes) -> str:
 
 
 @contextlib.asynccontextmanager
-async def http_stream(instance: Instance, path: str, timeout: float) -> AsyncIterator[tuple[int, asyncio.StreamReader]]:
-    """One HTTP/1.0 GET to the instance whose answer's body is read as it comes (the caller reads
-    `reader` to its end: an HTTP/1.0 answer ends with its connection). `timeout` bounds the connection
-    and the head; the caller bounds the body. Raises OSError or TimeoutError when nothing answers."""
+async def http_stream(instance: Instance, path: str, timeout: float) -> AsyncIterator[tuple[int, Body]]:
+    """One HTTP/1.1 GET to the instance whose answer's body is read as it comes (`Body.chunks`).
+    The body must be framed (chunked, or a Content-Length): one cut short raises, so a half archive
+    is never taken for a whole one. `timeout` bounds the connection and the head; the caller bounds
+    the body. Raises OSError or TimeoutError when nothing (or no HTTP) answers."""
     async with asyncio.timeout(timeout):
         reader, writer = await asyncio.open_connection(instance.host, instance.port, limit=HEAD_MAX)
     try:
-        lines = [f"GET {path} HTTP/1.0", f"Host: {instance.host}:{instance.port}", f"{AUTH_HEADER}: {instance.token}"]
+        lines = [f"GET {path} HTTP/1.1", f"Host: {instance.host}:{instance.port}", "Connection: close"]
+        lines += [f"{AUTH_HEADER}: {instance.token}"]
         writer.write(("\r\n".join(lines) + "\r\n\r\n").encode())
         async with asyncio.timeout(timeout):
             await writer.drain()
             head = await reader.readuntil(b"\r\n\r\n")
-        parts = head.split(b"\r\n", 1)[0].split()
+        status_line, *fields = head.decode("latin-1").split("\r\n")
+        parts = status_line.split()
         status = int(parts[1]) if len(parts) >= 2 and parts[1].isdigit() else 0
-        yield status, reader
-    except (asyncio.IncompleteReadError, asyncio.LimitOverrunError) as e:
-        raise OSError(f"the instance's answer has no HTTP head: {e}") from e
+        headers = {k.strip().lower(): v.strip() for k, _, v in (f.partition(":") for f in fields if f)}
+        yield status, Body(reader, headers)
+    except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as e:
+        raise OSError(f"the instance's answer is not whole HTTP: {e}") from e
     finally:
         writer.close()
+
+
+class Body:
+    """An answer's body, read as its framing says: chunked, or Content-Length bytes."""
+
+    def __init__(self, reader: asyncio.StreamReader, headers: dict[str, str]):
+        self.reader = reader
+        self.headers = headers
+
+    async def chunks(self, size: int = 1 << 18) -> AsyncIterator[bytes]:
+        if self.headers.get("transfer-encoding", "").lower() == "chunked":
+            while length := int((await self.reader.readuntil(b"\r\n")).split(b";")[0].strip(), 16):
+                while length > 0:
+                    piece = await self.reader.read(min(length, size))
+                    if not piece:
+                        raise asyncio.IncompleteReadError(b"", length)
+                    length -= len(piece)
+                    yield piece
+                await self.reader.readexactly(2)
+            return
+        if "content-length" not in self.headers:
+            raise ValueError("an answer with no framing: its end cannot be told from a cut")
+        left = int(self.headers["content-length"])
+        while left > 0:
+            piece = await self.reader.read(min(left, size))
+            if not piece:
+                raise asyncio.IncompleteReadError(b"", left)
+            left -= len(piece)
+            yield piece

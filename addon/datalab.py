@@ -47,7 +47,7 @@ addons = [
     Metrics(lambda: runtime.store),  # before the api: GET /datalab/metrics with the token (metrics.py)
     Api(runtime, sink, files),
     Router(runtime, sink),
-    FailClosed(runtime, sink),
+    FailClosed(runtime, sink, files),
     TransportSecurity(lambda: runtime.settings),
     TrimWebSockets(),
     UpstreamDeadline(lambda: runtime.settings),  # an instance's answer begins within datalab_upstream_timeout, or 504

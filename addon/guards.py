@@ -26,9 +26,11 @@ from marks import HANDLED
 from marks import ROUTED
 from marks import SINK
 from marks import STATIC
+from marks import WORK
 from runtime import Runtime
 from upload import SINK_HOST
 from upload import UploadSink
+from work_files import WorkFiles
 
 log = logging.getLogger(__name__)
 
@@ -43,16 +45,19 @@ def _refuse(flow: http.HTTPFlow, phase: str) -> None:
 
 
 class FailClosed:
-    def __init__(self, runtime: Runtime, sink: UploadSink):
+    def __init__(self, runtime: Runtime, sink: UploadSink, files: WorkFiles | None = None):
         self.runtime = runtime
         self.sink = sink
+        self.files = files
 
     async def server_connect(self, data: ServerConnectionHookData) -> None:
-        """Open a connection only to the upload sink or an instance's address; never fail open."""
+        """Open a connection only to the upload sink, the work file server or an instance's address;
+        never fail open."""
         address = data.server.address
+        ours = {(SINK_HOST, self.sink.port)} | ({(self.files.HOST, self.files.port)} if self.files else set())
         try:
             allowed = address is not None and (
-                (address[0], address[1]) == (SINK_HOST, self.sink.port) or await self._instance_address(*address)
+                (address[0], address[1]) in ours or await self._instance_address(*address)
             )
         except Exception as e:  # whatever went wrong, the answer is no
             log.error("datalab: could not check the upstream %s: %s", address, e)
@@ -75,7 +80,7 @@ class FailClosed:
     def request(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live:
             return
-        if not (flow.metadata.get(ROUTED) or flow.metadata.get(STATIC) or flow.metadata.get(SINK)):
+        if not any(flow.metadata.get(mark) for mark in (ROUTED, STATIC, SINK, WORK)):
             _refuse(flow, "request")
 
 

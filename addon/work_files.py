@@ -34,6 +34,8 @@ HEAD_WAIT = 10.0  # seconds for the proxy's own request head
 class WorkFiles:
     """Also an addon: listens from `running` to `done`."""
 
+    HOST = HOST
+
     def __init__(self) -> None:
         self._server: asyncio.Server | None = None
         self._key = secrets.token_urlsafe(32)

@@ -195,12 +195,12 @@ def test_hostile_archives_are_refused_with_json_and_leave_nothing(make_proxy, wo
 def test_a_proxy_killed_mid_save_never_serves_half_an_archive(make_proxy, world, tmp_path):
     prefix = world.sub("killed")
     store = tmp_path / "work"
-    options = {"datalab_work_dir": str(store), "datalab_work_timeout": 5}
+    options = {"datalab_work_dir": str(store), "datalab_work_timeout": 8}
     doomed = make_proxy(prefix=prefix, **options)
     nonce, work = doomed.start_with_work("big.csv", b"1\n")
     page = Browser(doomed)
     page.view(nonce)
-    page.execute(page.start_kernel(), "import os; open('big.bin', 'wb').write(os.urandom(150 << 20))")
+    page.execute(page.start_kernel(), "import os; open('big.bin', 'wb').write(os.urandom(100 << 20))")
     threading.Thread(target=lambda: _quietly(doomed.stop_instance, nonce), daemon=True).start()
     wait_until(lambda: any(n.name.endswith(".part") for n in store.glob(".*")), "a save under way", 30, 0.02)
     os.kill(doomed.proc.pid, signal.SIGKILL)
@@ -216,9 +216,10 @@ def test_a_proxy_killed_mid_save_never_serves_half_an_archive(make_proxy, world,
     wait_until(lambda: not world.containers(prefix), "the instance ended", 30)
     record = work_record(world, prefix, work)
     saved = heir.work(work)
+    print("after reconciliation:", record["state"], record["why"])
     if record["state"] == "saved":
         assert hashlib.sha256(saved.content).hexdigest() == record["sha256"]
-        assert len(members(saved.content)["big.bin"]) == 150 << 20
+        assert len(members(saved.content)["big.bin"]) == 100 << 20
     else:  # too slow for the bound here: said so, never a half archive
         assert (saved.status_code, saved.json()["code"]) == (410, "WORK_UNSAVED")
 

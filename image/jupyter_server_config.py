@@ -10,6 +10,7 @@
 # The proxy keeps the public Host header, so remote access is allowed.
 import hmac
 import os
+import sys
 
 from jupyter_server.auth.identity import IdentityProvider
 from jupyter_server.auth.identity import User
@@ -55,3 +56,11 @@ c.ServerApp.allow_origin = ""
 c.ServerApp.allow_origin_pat = ""
 c.ServerApp.allow_credentials = False
 c.KernelManager.autorestart = True
+
+# datalab's own API (datalab_work.py: the working directory as one archive, archives unpacked into
+# it), beside this file: /etc/jupyter in the image, image/ in the repository (the process backend).
+# traitlets runs a config file with __file__ set. Appended: nothing installed is shadowed.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+if _HERE not in sys.path:
+    sys.path.append(_HERE)
+c.ServerApp.jpserver_extensions.update({"datalab_work": True})  # merged with notebook's own

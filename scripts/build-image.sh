@@ -12,7 +12,9 @@
 # ~/.cache/datalab). The base rootfs is keyed by what goes into it (this script's rootfs recipe,
 # image/requirements.txt); the extra requirements are a second tarball made from the base one and keyed
 # by it and the extra file's content, so changing them only reinstalls them. The Jupyter configuration
-# is added at import time, so changing it only re-imports (seconds), it does not debootstrap again.
+# (image/*.py: the settings and datalab's server extension, with the proxy's filename rule,
+# addon/inputs.py) is added at import time, so changing it only re-imports (seconds), it does not
+# debootstrap again.
 # Needs root (debootstrap, chroot), debootstrap and a running Docker engine.
 set -euo pipefail
 
@@ -41,9 +43,10 @@ cache=${DATALAB_CACHE:-$HOME/.cache/datalab}
 
 docker info >/dev/null 2>&1 || die "no Docker engine answers (start dockerd first; run.sh does this for you)"
 # The build key covers everything that goes into the image: an image built from other inputs is rebuilt.
-# The base rootfs recipe is the part of this script above the "extra" marker below; the extra step's is
-# the part between the "extra" and "import" markers.
-rootfs_key=$(sed '/^# --- extra ---$/,$d' "$0" | cat - "$here/image/requirements.txt" \
+# The base rootfs recipe is the part of this script between the "rootfs" and "extra" markers below (so
+# the lines above, these keys among them, can change without a debootstrap); the extra step's is the
+# part between the "extra" and "import" markers.
+rootfs_key=$(sed -n '/^# --- rootfs ---$/,/^# --- extra ---$/p' "$0" | cat - "$here/image/requirements.txt" \
       | { cat; echo "$suite $mirror"; } | sha256sum | cut -c1-16)
 tarball="$cache/rootfs-$rootfs_key.tar"
 if [ -n "$extra" ]; then
@@ -51,7 +54,7 @@ if [ -n "$extra" ]; then
   extra_tarball="$cache/rootfs-$rootfs_key-extra-$extra_key.tar"
   rootfs_key="$rootfs_key-extra-$extra_key"
 fi
-key=$(cat "$0" "$here/image/jupyter_server_config.py" | { cat; echo "$rootfs_key"; } | sha256sum | cut -c1-16)
+key=$(cat "$0" "$here"/image/*.py "$here/addon/inputs.py" | { cat; echo "$rootfs_key"; } | sha256sum | cut -c1-16)
 comment="datalab notebook image ($key)"
 if [ "$force" = 0 ] && [ "$(docker image inspect -f '{{.Comment}}' "$image" 2>/dev/null)" = "$comment" ]; then
   step "image $image is up to date ($key); nothing to do (--force rebuilds)"
@@ -61,6 +64,7 @@ fi
 command -v debootstrap >/dev/null || die "debootstrap is missing: apt-get install debootstrap"
 mkdir -p "$cache/debs"
 
+# --- rootfs ---
 # A rootfs tree under construction in $root: removed on exit, never while anything is mounted in it.
 new_root() {
   root=$(mktemp -d /var/tmp/datalab-rootfs.XXXXXX)
@@ -138,7 +142,12 @@ fi
 # variables below keep Jupyter's and IPython's own state in /tmp.
 layer=$(mktemp -d /var/tmp/datalab-config.XXXXXX)
 trap 'rm -rf "$layer"' EXIT
-install -D -m 0644 "$here/image/jupyter_server_config.py" "$layer/tree/etc/jupyter/jupyter_server_config.py"
+# The settings, and beside them datalab's server extension (datalab_work.py, datalab_archive.py) and
+# the proxy's filename rule it loads (as datalab_inputs.py), all on the key above.
+for file in "$here"/image/*.py; do
+  install -D -m 0644 "$file" "$layer/tree/etc/jupyter/${file##*/}"
+done
+install -D -m 0644 "$here/addon/inputs.py" "$layer/tree/etc/jupyter/datalab_inputs.py"
 # The copy holds no set-uid or set-gid file (su, passwd, mount...): a Swarm service on API 1.41
 # cannot ask for no-new-privileges, and such a program would run as uid 0 there. Done on the copy,
 # so the cached rootfs (and its key) stay as they are.

@@ -8,8 +8,9 @@ Starts its own proxy with ./run.sh (instances of 2g, so the working directory ho
           instance, which it saves before removing the container, against a stop with an empty
           working directory in the same run (medians of --rounds, interleaved);
   stream: the proxy's peak resident memory while a --stream-mib MiB work streams to the frontend, as
-          a live snapshot (from the instance, through the proxy) and as the saved archive (from the
-          work store, through the proxy), against its resident memory just before each.
+          a live snapshot (from the instance, through the proxy), into the work store (the stop that
+          saves it) and as the saved archive (from the work store, through the proxy), against its
+          resident memory just before each.
 Work is written into the instance through Jupyter's contents API, through the proxy, in 4 MiB chunks.
 """
 
@@ -131,7 +132,11 @@ def main() -> None:
             f"live snapshot of {args.stream_mib} MiB ({size / MIB:6.1f} MiB gz) streamed: proxy RSS {before:6.1f} MiB "
             f"-> peak {peak:6.1f} MiB (+{peak - before:5.1f} MiB; target <= +50)"
         )
-        stop(base, key, nonce)
+        before, peak, took = peak_rss_while(pids, lambda: timed_stop(base, key, nonce))
+        print(
+            f"stop saving {args.stream_mib} MiB of work took {took:6.2f} s: proxy RSS {before:6.1f} MiB "
+            f"-> peak {peak:6.1f} MiB (+{peak - before:5.1f} MiB)"
+        )
         before, peak, (size, _) = peak_rss_while(pids, lambda: fetch_work(base, key, work))
         print(
             f"saved archive of {args.stream_mib} MiB ({size / MIB:6.1f} MiB gz) streamed: proxy RSS {before:6.1f} MiB "

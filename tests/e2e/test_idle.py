@@ -12,7 +12,6 @@ import json
 import re
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import requests
 from selenium.webdriver.common.action_chains import ActionChains
@@ -61,7 +60,9 @@ class Tab:
 
     def kernel_ready(self) -> bool:
         """The notebook's kernel runs, its channel is open, and it is idle."""
-        kernels = self.get("/api/kernels").json()
+        answer = self.get("/api/kernels")
+        assert answer.status_code == 200, answer.text
+        kernels = answer.json()
         return any(k["connections"] > 0 and k["execution_state"] == "idle" for k in kernels)
 
     def polls_since_cleared(self) -> list[str]:
@@ -115,9 +116,8 @@ def test_an_open_tab_alone_is_idle_and_a_cell_run_is_not(make_proxy, world, chro
     prefix = world.sub("idle")
     p = make_proxy(prefix=prefix, datalab_idle_timeout=IDLE, datalab_cull_interval=INTERVAL)
     notebook = json.dumps(NOTEBOOK).encode()
-    with ThreadPoolExecutor(2) as starts:
-        busy_nonce, idle_nonce = starts.map(lambda name: p.start_instance(name, notebook), ["busy.ipynb", "idle.ipynb"])
-    busy_id, idle_id = (instance_of(world, prefix, n).id for n in (busy_nonce, idle_nonce))
+    busy_nonce = p.start_instance("busy.ipynb", notebook)
+    busy_id = instance_of(world, prefix, busy_nonce).id
 
     other = start_chromium(tmp_path / "chromium")
     stop, runs, failures = threading.Event(), [], []
@@ -134,8 +134,11 @@ def test_an_open_tab_alone_is_idle_and_a_cell_run_is_not(make_proxy, world, chro
         runs.append(time.time())
         keeper.start()
 
-        # The idle tab: opened, then left alone once its kernel is connected and the page's own
-        # start-up writes are over (the person's last act).
+        # The idle tab: opened at once (an instance nobody opens idles from its start), then left
+        # alone once its kernel is connected and the page's own start-up writes are over (the
+        # person's last act).
+        idle_nonce = p.start_instance("idle.ipynb", notebook)
+        idle_id = instance_of(world, prefix, idle_nonce).id
         idle = Tab(chromium, p, idle_nonce, "idle.ipynb")
         wait(chromium).until(lambda _: idle.kernel_ready())
         left = settled(world, prefix, idle_id)

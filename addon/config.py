@@ -219,7 +219,11 @@ _HELP: dict[str, tuple[str | None, str]] = {
         None,
         "Live and pooled instances across all proxies on the Redis; 0: what the engine's memory holds.",
     ),
-    "idle_timeout": (None, "Seconds without traffic after which an instance is removed (not while a kernel is busy)."),
+    "idle_timeout": (
+        None,
+        "Seconds without a person's activity (a page loaded, a file opened or saved, code run, a terminal "
+        "used; not an open tab's own polling) after which an instance is removed (not while a kernel is busy).",
+    ),
     "max_age": (None, "Seconds after which an instance is removed, however busy."),
     "cull_interval": (None, "Seconds between rounds of culling and reconciliation."),
     "work_dir": (

@@ -1,8 +1,11 @@
 """Culling and reconciliation: instances end when idle, too old, unreachable or gone, and nothing
 runs that Redis does not know.
 
-`Activity` is fed by the router on every forwarded request and WebSocket message (a dict write)
-and written to Redis in one batch every few seconds, never once per request. `Culler.round` runs
+`Activity` is fed by the router on every forwarded request that is a person's doing (activity.py;
+a dict write) and written to Redis in one batch every few seconds, never once per request. Code
+run and terminals typed in pass as WebSocket frames, which the proxy does not read: an instance
+that looks idle from here is asked what its Jupyter recorded of its kernels and terminals
+(backends.jupyter_activity), and the later of the two times is its last activity. `Culler.round` runs
 at start-up and every datalab_cull_interval seconds under a Redis lock, so with several proxies
 on one Redis each instance is ended by one of them, once (and counted once: datalab_culls_total).
 """
@@ -17,7 +20,7 @@ from dataclasses import dataclass
 import metrics
 from backends import Found
 from backends import Instance
-from backends import kernels_busy
+from backends import jupyter_activity
 from instances import GONE
 from instances import Instances
 
@@ -173,7 +176,11 @@ class Culler:
         if record.id in pooled:
             return None
         last = activity.get(record.id, record.claimed or record.created)
-        if now - last > s.idle_timeout and not await kernels_busy(record):
+        if now - last <= min(s.idle_timeout, s.start_timeout):
+            return None  # in use by the proxy's own record: Jupyter need not be asked
+        busy, reported = await jupyter_activity(record)
+        last = max(last, min(reported or 0.0, now))  # (the instance's clock, or its user, may run ahead)
+        if now - last > s.idle_timeout and not busy:
             return Verdict("idle", f"idle for more than datalab_idle_timeout ({s.idle_timeout} s)", idle_since=last)
         if now - last > s.start_timeout and not await self.instances.store.reachable(record.id):
             return Verdict("unreachable", "no nonce or session can reach it any more", idle_since=last)

@@ -4,6 +4,7 @@ Routes are cached in memory for route_cache_ttl seconds, keyed by session id, so
 does not cost a Redis round trip per request. A session's binding never changes, and an instance's
 address never changes while it lives; when an instance is removed, every proxy hears it on the
 store's pub/sub channel and drops its routes at once (the TTL only bounds a missed message).
+Only a person's requests are the instance's activity (activity.py), not a tab's own polls.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import time
 from mitmproxy import http
 from redis.exceptions import RedisError
 
+import activity
 import ended
 import errors
 import hosts
@@ -109,13 +111,15 @@ class Router:
         # with no deadline. (Answers are held up to stream_large_bodies: config.MITMPROXY_DEFAULTS.)
         flow.request.stream = True
         flow.metadata[ROUTED] = instance.id
-        self.runtime.activity.touch(instance.id)
+        request = flow.request
+        if activity.counts(request.method, request.path.partition("?")[0], request.query, request.headers):
+            self.runtime.activity.touch(instance.id)
         metrics.PROXIED.inc()
 
     def websocket_message(self, flow: http.HTTPFlow) -> None:
-        """A kernel's messages are activity too: a notebook in use sends little else."""
+        """Counted only: frames are no activity here. Running code and typing in a terminal are,
+        and Jupyter records them per kernel and terminal (the culler reads that: culler.py)."""
         if ROUTED in flow.metadata:
-            self.runtime.activity.touch(flow.metadata[ROUTED])
             metrics.websocket_message(flow)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:

@@ -10,7 +10,7 @@ built only here. Whatever several proxies might race on is one transaction or on
                               recorded instance holds +inf; an expired lease frees itself.
 <prefix>poolboot           -> zset id -> lease expiry: pool instances booting
 <prefix>pool               -> list of ready pooled instance ids (claimed with LPOP)
-<prefix>activity           -> zset id -> last time traffic reached the instance
+<prefix>activity           -> zset id -> last time a person's request reached the instance
 <prefix>signed:<sig>       -> a used X-SIGN      (expires when its ts is no longer acceptable: replays refused)
 <prefix>work:<work>        -> WorkRecord JSON    (the user's work: live while its instance runs, then saving,
                               saved, unsaved or deleted; expires datalab_work_ttl after the end)

@@ -84,6 +84,37 @@ async def test_http2_bodies_without_a_length_are_framed_for_jupyter(redis_url):
     await rt.done()
 
 
+async def test_only_a_persons_requests_are_activity(redis_url):
+    """A tab's own polls are routed but do not keep the instance (activity.py has the whole table);
+    nor do WebSocket frames, which are only counted (Jupyter records code run and terminals used)."""
+    rt = runtime_for(redis_url=redis_url)
+    await recorded(rt.store, INSTANCE, "N" * 32)
+    await rt.store.add_session(SESSION, INSTANCE.id, 60)
+    cookie = {"Cookie": f"datalab_session={SESSION}"}
+    fetch = {**cookie, "Sec-Fetch-Mode": "cors"}
+    for method, path, headers in (
+        ("GET", "/api/kernels?1733572000000", fetch),
+        ("GET", "/api/contents?content=1&hash=0&1733572000000", fetch),
+        ("GET", "/api/events/subscribe", {**cookie, "Upgrade": "websocket"}),
+    ):
+        flow = await routed(request_flow(method, path, headers), rt)
+        assert flow.metadata[ROUTED] == INSTANCE.id and rt.activity.take() == {}, path
+    ws = tflow.twebsocketflow()
+    ws.metadata[ROUTED] = INSTANCE.id
+    Router(rt, UploadSink()).websocket_message(ws)
+    assert rt.activity.take() == {}
+    for method, path, headers in (
+        ("GET", "/lab/tree/a.ipynb", {**cookie, "Sec-Fetch-Mode": "navigate"}),
+        ("GET", "/api/contents/a.ipynb?type=notebook&content=1&hash=1", fetch),
+        ("PUT", "/api/contents/a.ipynb", fetch),
+        ("GET", "/api/kernels/k/channels?session_id=s", {**cookie, "Upgrade": "websocket"}),
+    ):
+        before = time.time()
+        await routed(request_flow(method, path, headers), rt)
+        assert rt.activity.take()[INSTANCE.id] >= before, path
+    await rt.done()
+
+
 async def test_unknown_session_and_removed_instance(redis_url):
     rt = runtime_for(redis_url=redis_url, route_cache_ttl=0)
     flow = await routed(request_flow("GET", "/", {"Cookie": f"datalab_session={SESSION}"}), rt)

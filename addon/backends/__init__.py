@@ -27,6 +27,8 @@ from dataclasses import asdict
 from dataclasses import dataclass
 from dataclasses import field
 from dataclasses import replace
+from datetime import UTC
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 from typing import ClassVar
@@ -38,6 +40,10 @@ ROOT = Path(__file__).resolve().parents[2]  # the repository
 STATE = Path(os.path.abspath(os.environ.get("DATALAB_STATE") or ROOT / ".state"))  # (as scripts/setup.sh's)
 MAX_ANSWER = 1 << 20  # bytes of an instance's answer to the proxy's own requests (status, kernels, contents)
 CONTENTS_CHUNK = 4 << 20  # bytes per contents-API request (Jupyter holds each whole, base64 and all)
+# Jupyter's lists of kernels and terminals, read without counting as API activity for Jupyter itself.
+JUPYTER_KERNELS = "/api/kernels?no_track_activity=1"
+JUPYTER_TERMINALS = "/api/terminals?no_track_activity=1"
+MAX_STAMP = 64  # characters of a time in those lists
 
 
 @dataclass(frozen=True)
@@ -308,15 +314,43 @@ async def http_status(host: str, port: int, path: str, timeout: float, token: st
     return answer[0] if answer else None
 
 
-async def kernels_busy(instance: Instance, timeout: float = 2.0) -> bool:
-    """Whether any Jupyter kernel of the instance is executing code now (such an instance is not idle)."""
-    answer = await http_get(instance.host, instance.port, "/api/kernels", timeout, instance.token)
+async def jupyter_activity(instance: Instance, timeout: float = 2.0) -> tuple[bool, float | None]:
+    """What the instance's Jupyter records of its user's work: whether a kernel executes code now,
+    and when a kernel or terminal was last used (epoch seconds). A kernel's time moves on its
+    output to a request that is not the frontend's own (kernel_info, comm_info...), a terminal's
+    on input and output; reading the lists moves neither. An instance runs its user's code: a
+    failed or odd answer is no information (False, None), never an error."""
+    kernels, terminals = await asyncio.gather(
+        http_get(instance.host, instance.port, JUPYTER_KERNELS, timeout, instance.token),
+        http_get(instance.host, instance.port, JUPYTER_TERMINALS, timeout, instance.token),
+    )
+    kernel_models, terminal_models = jupyter_models(kernels), jupyter_models(terminals)
+    busy = any(m.get("execution_state") == "busy" for m in kernel_models)
+    times = [t for m in kernel_models + terminal_models if (t := utc_epoch(m.get("last_activity"))) is not None]
+    return busy, max(times, default=None)
+
+
+def jupyter_models(answer: tuple[int, bytes] | None) -> list[dict]:
+    """The objects of a Jupyter list answer (/api/kernels, /api/terminals); none for anything else."""
     if answer is None or answer[0] != 200:
-        return False
+        return []
     try:
-        return any(k.get("execution_state") == "busy" for k in json.loads(answer[1]))
-    except Exception:  # whatever the instance answered (it runs its user's code): not busy
-        return False
+        models = json.loads(answer[1])
+    except Exception:  # not JSON, or nested too deep (RecursionError)
+        return []
+    return [m for m in models if isinstance(m, dict)] if isinstance(models, list) else []
+
+
+def utc_epoch(stamp: Any) -> float | None:
+    """Epoch seconds of Jupyter's ISO 8601 times (UTC, with Z or +00:00; one without a zone is
+    taken as UTC, as Jupyter writes them); None for anything else."""
+    if not isinstance(stamp, str) or len(stamp) > MAX_STAMP:
+        return None
+    try:
+        moment = datetime.fromisoformat(stamp)
+        return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
+    except (ValueError, OverflowError):  # not a time; or one at the calendar's edge
+        return None
 
 
 async def wait_ready(

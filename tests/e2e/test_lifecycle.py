@@ -5,16 +5,13 @@ Each test has its own key prefix, so the pools and capacities of different tests
 from __future__ import annotations
 
 import contextlib
-import json
 import socket
 import threading
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlencode
 
 import requests
-import websockets.sync.client
 
 import signing
 from backends import Instance
@@ -24,6 +21,7 @@ from backends.docker_engine import LABEL_PREFIX
 from backends.docker_engine import MANAGED_BY
 from e2e.conftest import IMAGE
 from e2e.proxy import Browser
+from e2e.proxy import run_code
 
 CSV = b"x,y\n1,2\n"
 
@@ -170,19 +168,13 @@ def test_a_burst_is_queued_then_refused_cleanly(make_proxy, world):
     assert world.redis.zcard(prefix + "slots") == len(granted)  # refused starts gave their slots back
 
 
-def keep_kernel_channel_busy(proxy, browser: Browser, kernel: str, seconds: float) -> None:
-    """Only WebSocket messages, no HTTP request, for `seconds`: kernel_info requests and their replies."""
-    url = f"ws://127.0.0.1:{proxy.port}/api/kernels/{kernel}/channels?session_id={uuid.uuid4().hex}"
-    with websockets.sync.client.connect(
-        url, additional_headers={"Cookie": browser.cookie_header()}, origin=proxy.base, open_timeout=30
-    ) as ws:
+def keep_running_code(browser: Browser, kernel: str, seconds: float) -> None:
+    """Only code run over one kernel channel for `seconds`, no HTTP request: WebSocket frames the
+    proxy does not count, which Jupyter records as the kernel's activity."""
+    with browser.kernel_channels(kernel) as ws:
         end = time.monotonic() + seconds
         while time.monotonic() < end:
-            header = {"msg_id": uuid.uuid4().hex, "username": "e2e", "session": "s", "version": "5.3"}
-            request = {"header": {**header, "msg_type": "kernel_info_request"}, "parent_header": {}}
-            ws.send(json.dumps({**request, "metadata": {}, "content": {}, "channel": "shell", "buffers": []}))
-            while json.loads(ws.recv(timeout=30))["header"]["msg_type"] != "kernel_info_reply":
-                pass
+            run_code(ws, "pass")
             time.sleep(1)
 
 
@@ -194,7 +186,7 @@ def test_idle_instances_are_culled_but_not_while_in_use(make_proxy, world):
 
     # Busy for twice the idle timeout without any traffic: not idle.
     assert browser.execute(kernel, "import time; time.sleep(9); print('done')", timeout=60) == "done\n"
-    keep_kernel_channel_busy(p, browser, kernel, seconds=8)  # WebSocket messages alone count as activity
+    keep_running_code(browser, kernel, seconds=8)  # code run alone counts: the kernel's own record
     for _ in range(7):  # and so do static fetches alone
         assert requests.get(p.url(f"/datalab/static/{nonce}/files/c.csv"), timeout=30).content == CSV
         time.sleep(1)

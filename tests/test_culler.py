@@ -1,0 +1,117 @@
+"""An idle verdict rests on the later of the proxy's record (a person's requests) and what the
+instance's Jupyter records of its kernels and terminals (code run, a terminal used), with a real
+Redis and a stand-in Jupyter; what the instance says is a number at most, never a failed round."""
+
+import asyncio
+import json
+import time
+from datetime import UTC
+from datetime import datetime
+
+import pytest
+from test_api import runtime_for
+
+from backends import Found
+from backends import Instance
+from culler import Culler
+
+IDLE = 60  # datalab_idle_timeout of these tests
+NONCE = "N" * 32
+
+
+def iso(epoch: float, zone: str = "Z") -> str:
+    """A time as Jupyter writes it (jupyter_server/_tz.py isoformat: +00:00 written as Z)."""
+    return datetime.fromtimestamp(epoch, UTC).isoformat().replace("+00:00", zone)
+
+
+@pytest.fixture
+async def jupyter():
+    """A stand-in Jupyter: /api/kernels and /api/terminals answer what a test sets; it logs what it is asked."""
+    state = {"kernels": [], "terminals": [], "asked": [], "answer": None}
+
+    async def serve(reader, writer):
+        head = await reader.readuntil(b"\r\n\r\n")
+        path = head.split(b" ", 2)[1].decode()
+        state["asked"].append(path)
+        name = path.partition("?")[0].removeprefix("/api/")
+        body = json.dumps(state.get(name, [])).encode()
+        writer.write(state["answer"] or b"HTTP/1.0 200 OK\r\n\r\n" + body)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    state["port"] = server.sockets[0].getsockname()[1]
+    yield state
+    server.close()
+    await server.wait_closed()
+
+
+@pytest.fixture
+async def world(redis_url, jupyter):
+    """A runtime on a real Redis whose one instance (claimed, bound to a nonce) is the stand-in,
+    last used by the proxy's record two idle timeouts ago; the engine runs it and stops it on demand."""
+    rt = runtime_for(redis_url=redis_url, idle_timeout=IDLE)
+    store = rt.store
+    now = time.time()
+    instance = Instance(
+        "i" * 32, "docker", "c1", "127.0.0.1", jupyter["port"], "a.csv", now - 3 * IDLE, "t", now - 3 * IDLE
+    )
+    await store.reserve(instance.id, now, 60, max_instances=10)
+    assert await store.bind(instance, NONCE, 600, now - 2 * IDLE)
+    stopped: list[str] = []
+
+    async def inventory():
+        return [] if stopped else [Found(instance.id, instance.handle, True)]
+
+    async def stop(handle: str) -> None:
+        stopped.append(handle)
+
+    rt.instances.backend.inventory = inventory
+    rt.instances.backend.stop = stop
+    yield rt, instance, stopped
+    await store.close()
+
+
+async def cull(rt) -> int:
+    return await Culler(rt.instances, rt.activity).round()
+
+
+async def test_an_instance_no_one_used_ends(world, jupyter):
+    rt, instance, stopped = world
+    jupyter["kernels"] = [{"id": "k", "last_activity": iso(time.time() - 2 * IDLE), "execution_state": "idle"}]
+    jupyter["terminals"] = [{"name": "1", "last_activity": iso(time.time() - 3 * IDLE, "+00:00")}]
+    assert await cull(rt) == 1
+    assert stopped == [instance.handle] and await rt.store.instance(instance.id) is None
+    assert [p.partition("?")[0] for p in sorted(jupyter["asked"])] == ["/api/kernels", "/api/terminals"]
+    assert all("no_track_activity=1" in p for p in jupyter["asked"])  # Jupyter's own idleness is left alone
+
+
+@pytest.mark.parametrize(
+    "kernels, terminals",
+    [
+        ([{"last_activity": iso(time.time() - 5), "execution_state": "idle"}], []),  # code ran 5 s ago
+        ([{"last_activity": iso(time.time() - 9 * IDLE), "execution_state": "busy"}], []),  # running long
+        ([], [{"name": "1", "last_activity": iso(time.time() - 5, "+00:00")}]),  # a terminal in use
+        ([], [{"name": "1", "last_activity": iso(time.time() + 86400)}]),  # ahead: taken as now
+    ],
+)
+async def test_an_instance_whose_kernel_or_terminal_is_in_use_stays(world, jupyter, kernels, terminals):
+    rt, instance, stopped = world
+    jupyter["kernels"], jupyter["terminals"] = kernels, terminals
+    assert await cull(rt) == 0
+    assert stopped == [] and await rt.store.instance(instance.id) == instance
+
+
+@pytest.mark.parametrize("answer", [b"HTTP/1.0 500 Oops\r\n\r\n", b"HTTP/1.0 200 OK\r\n\r\n" + b"[" * 100_000, b"\0"])
+async def test_an_instance_that_says_nothing_useful_is_judged_on_the_proxys_record(world, jupyter, answer):
+    rt, instance, stopped = world
+    jupyter["answer"] = answer
+    assert await cull(rt) == 1
+    assert stopped == [instance.handle]
+
+
+async def test_recent_requests_of_a_person_spare_asking_jupyter(world, jupyter):
+    rt, instance, stopped = world
+    rt.activity.touch(instance.id)  # as the router does for a person's request
+    assert await cull(rt) == 0
+    assert jupyter["asked"] == [] and stopped == []

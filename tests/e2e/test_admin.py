@@ -4,6 +4,7 @@ the real image recorded as an instance through the product's own store."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -86,5 +87,6 @@ def test_remove_takes_an_id_that_starts_with_a_dash(redis_server, docker_client,
     assert (removed.returncode, removed.stdout.strip()) == (0, f"removed {instance_id}"), removed.stderr
     assert world.containers(prefix) == []
     left = [k.decode() for k in world.keys(prefix)]
-    assert [k for k in left if instance_id in k or nonce in k] == [], left
+    assert [k for k in left if instance_id in k or nonce in k] == [f"{prefix}ended:{instance_id}"], left
+    assert json.loads(world.redis.get(f"{prefix}ended:{instance_id}"))["cause"] == "removed"  # the ended page's
     assert admin(redis_server.url, prefix, "list").stdout == ""

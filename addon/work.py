@@ -41,6 +41,7 @@ SUFFIX = ".tar.gz"
 PART = ".part"
 CHUNK = 256 * 1024
 LEASE_MARGIN = 15.0  # seconds an ending instance's slot outlives its save: the drain and the container's removal
+FIRST_BYTES = 10.0  # seconds a live instance takes to begin its archive (a frozen one must not hold its end longer)
 GONE = "gone"  # the cause of an end whose container was already gone: nothing to save
 
 
@@ -139,7 +140,7 @@ class WorkStore:
         await asyncio.to_thread(self.ensure_directory)
         file = await asyncio.to_thread(_create, part)
         try:
-            async with http_stream(instance, ARCHIVE_PATH, timeout=self.timeout) as (status, body):
+            async with http_stream(instance, ARCHIVE_PATH, timeout=min(FIRST_BYTES, self.timeout)) as (status, body):
                 if status != 200:
                     raise BackendError("the instance did not hand over its working directory", f"HTTP {status}")
                 async for chunk in body.chunks(CHUNK):

@@ -281,10 +281,11 @@ def test_faults_give_5xx_and_the_proxy_recovers(make_proxy, world, tmp_path):
 
 
 def only_sessions_left(world, prefix: str) -> bool:
-    """After every instance ended, only sessions remain (answering 410 until they expire), and the
-    used signatures (refusing replays until their ts is stale)."""
+    """After every instance ended, only sessions remain (answering 410 until they expire), the
+    used signatures (refusing replays until their ts is stale), and how each instance ended with
+    its user's work (the ended page, GET /datalab/work: until datalab_session_ttl and _work_ttl)."""
     keys = [k.decode() for k in world.keys(prefix)]
-    expiring = (prefix + "session:", prefix + "signed:")
+    expiring = (prefix + "session:", prefix + "signed:", prefix + "ended:", prefix + "work:")
     return all(k.startswith(expiring) and world.redis.ttl(k) > 0 for k in keys)
 
 

@@ -88,16 +88,25 @@ async def test_an_instance_no_one_used_ends(world, jupyter):
 
 @pytest.mark.parametrize(
     "kernels, terminals",
-    [
-        ([{"last_activity": iso(time.time() - 5), "execution_state": "idle"}], []),  # code ran 5 s ago
-        ([{"last_activity": iso(time.time() - 9 * IDLE), "execution_state": "busy"}], []),  # running long
-        ([], [{"name": "1", "last_activity": iso(time.time() - 5, "+00:00")}]),  # a terminal in use
-        ([], [{"name": "1", "last_activity": iso(time.time() + 86400)}]),  # ahead: taken as now
+    [  # times as ages in seconds, made into Jupyter's times when the test runs (not when it is collected)
+        ([{"last_activity": 5, "execution_state": "idle"}], []),  # code ran 5 s ago
+        ([{"last_activity": 9 * IDLE, "execution_state": "busy"}], []),  # running long
+        ([], [{"name": "1", "last_activity": 5, "zone": "+00:00"}]),  # a terminal in use
+        ([], [{"name": "1", "last_activity": -86400}]),  # ahead: taken as now
     ],
 )
 async def test_an_instance_whose_kernel_or_terminal_is_in_use_stays(world, jupyter, kernels, terminals):
     rt, instance, stopped = world
-    jupyter["kernels"], jupyter["terminals"] = kernels, terminals
+
+    def dated(entries: list[dict]) -> list[dict]:
+        now = time.time()
+        return [
+            {k: v for k, v in e.items() if k != "zone"}
+            | {"last_activity": iso(now - e["last_activity"], e.get("zone", "Z"))}
+            for e in entries
+        ]
+
+    jupyter["kernels"], jupyter["terminals"] = dated(kernels), dated(terminals)
     assert await cull(rt) == 0
     assert stopped == [] and await rt.store.instance(instance.id) == instance
 

@@ -69,7 +69,7 @@ def instance(port: int, ident: str = "i") -> Instance:
 async def ending(redis_url: str, inst: Instance, cause: str = "stopped") -> Store:
     """The instance bound with its live work, then ended: the work is 'saving', as an end leaves it."""
     store = Store(connect(redis_url), "unit:")
-    await store.reserve(inst.id, NOW, 60, 10)
+    await store.reserve(inst.id, time.time(), 60, 10)
     assert await store.bind(inst, "N" * 32, 60, NOW, WorkRecord(WORK, inst.id, "live", NOW), 600)
     note = EndNote(cause, 600, time.time() + 60, 600, time.time())
     assert await store.remove_instance(inst.id, end=note)

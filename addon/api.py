@@ -29,7 +29,6 @@ import hosts
 import inputs
 import signing
 import waiting
-from backends import ARCHIVE_PATH
 from backends import BackendError
 from backends import Instance
 from backends import http_status
@@ -48,7 +47,6 @@ from upload import RECEIVED
 from upload import BodyCollector
 from upload import UploadSink
 from upstream import route_to_instance
-from work import LEASE_MARGIN
 from work_files import WorkFiles
 
 log = logging.getLogger(__name__)
@@ -395,6 +393,9 @@ class Api:
         if record is None:
             raise errors.not_found("WORK_UNKNOWN", "no work has this id (or it expired); see datalab_work_ttl")
         if record.state == "saving" and self._save_abandoned(record):
+            if flow.request.method == "DELETE" and await self.runtime.instances.work.delete(record):
+                flow.response = errors.json_response(200, {"code": "OK", "result": {}})
+                return
             raise ApiError(410, "WORK_UNSAVED", "this work's save was interrupted; it could not be saved")
         if flow.request.method == "DELETE":
             await self._delete_work(flow, record)
@@ -404,24 +405,24 @@ class Api:
             path = self.runtime.instances.work.path(record.id)
             if not await asyncio.to_thread(path.is_file):
                 raise ApiError(503, "WORK_UNAVAILABLE", "the saved work is not in this proxy's work store")
-            self.files.send(flow, path)
+            self.files.send_saved(flow, path)
             flow.metadata[WORK] = record.id
         else:
             raise _work_refusal(record)
 
     def _save_abandoned(self, record: WorkRecord) -> bool:
-        """A save no proxy is doing any more (its proxy died, and reconciliation found no container)."""
-        s = self.runtime.settings
-        return time.time() > record.ended_at + s.work_timeout + LEASE_MARGIN + 2 * s.cull_interval
+        """A save no proxy is doing any more, nor the culler's sweep can find whole (work.py)."""
+        settled = self.runtime.instances.work.settled_after + 3 * self.runtime.settings.cull_interval
+        return time.time() > record.ended_at + settled
 
     async def _live_work(self, flow: http.HTTPFlow, record: WorkRecord) -> None:
-        """A snapshot made by the running instance, streamed through."""
+        """A snapshot made by the running instance, relayed by work_files.py under the save's rules."""
         instance = await self.runtime.instances.record(record.instance)
-        if instance is None or not await self._answers(instance, STATIC_PROBE, ending_is_gone=False):
+        if instance is None:  # ending this moment: its record says saving in a moment
             raise _work_refusal(dataclasses_replace(record, state="saving"))
-        flow.request.headers.pop("Cookie", None)
-        route_to_instance(flow, instance)
-        flow.request.path = ARCHIVE_PATH
+        if not await self._answers(instance, STATIC_PROBE, ending_is_gone=False):
+            raise ApiError(502, "INSTANCE_UNREACHABLE", "the instance does not answer; retry shortly")
+        self.files.send_live(flow, instance, self.runtime.instances.work.max_bytes)
         flow.metadata[WORK] = record.id
 
     async def _delete_work(self, flow: http.HTTPFlow, record: WorkRecord) -> None:

@@ -93,7 +93,7 @@ class Settings:
     work_dir: str = str(STATE / "work")
     work_max: str = memory_budget.AUTO
     work_ttl: int = 7 * 86400
-    work_timeout: int = 60
+    work_timeout: int = 45
     unpack_max_entries: int = 10000
     # The chosen backend's own options (and the others'), keyed by field name: backends/choice.py.
     backend_options: dict[str, typing.Any] = dataclasses.field(default_factory=dict)

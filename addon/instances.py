@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 import time
 
 import inputs
@@ -25,6 +26,7 @@ from backends import Instance
 from backends import StartTimeout
 from backends import UnpackLimits
 from backends import UntrustedRecord
+from backends import family_name
 from backends import http_status
 from backends.memory_budget import size_bytes
 from config import Settings
@@ -71,8 +73,9 @@ class Instances:
         self.pool_changed = asyncio.Event()  # set when the pool may need refilling
         self._capacity: int | None = None
         disk = backend.common.disk_limit
+        directory = os.path.join(settings.work_dir, family_name(settings.key_prefix))
         self.work = WorkStore(
-            store, settings.work_dir, work_max_bytes(settings.work_max, disk), settings.work_ttl, settings.work_timeout
+            store, directory, work_max_bytes(settings.work_max, disk), settings.work_ttl, settings.work_timeout
         )
         self.unpack_limits = UnpackLimits(settings.unpack_max_entries, size_bytes(disk))
 

@@ -52,7 +52,7 @@ SCRAPE_WAIT = 5.0  # seconds a scrape waits for the instance counts from Redis
 START_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 45, 60, 90)
 CULL_REASONS = ("idle", "max_age", "gone", "unreachable", "orphan")
 START_OUTCOMES = ("ok", "CAPACITY", "START_TIMEOUT", "IMAGE_MISSING", "CLIENT_GONE")
-WORK_OUTCOMES = ("saved", "too_large", "timeout", "failed", "gone")
+WORK_OUTCOMES = ("saved", "too_large", "timeout", "failed", "gone", "store")
 
 COUNTERS = CollectorRegistry()  # this process's counts; each Metrics addon serves them with its gauges
 STARTS = Counter(
@@ -82,7 +82,7 @@ CULLS = Counter(
 )
 WORK_SAVES = Counter(
     "datalab_work_saves",
-    "Ended instances' work: saved, or not saved by why (too_large, timeout, failed, gone).",
+    "Ended instances' work: saved, or not saved by why (too_large, timeout, failed, gone, store).",
     ["outcome"],
     registry=COUNTERS,
 )

@@ -442,17 +442,17 @@ class Store:
         was abandoned never overwrites a delete, a delete never one in progress)."""
         return bool(await self._move_work(keys=[self.key("work", record.id)], args=[state, record.to_json(), ttl]))
 
-    async def works_known(self, work_ids: list[str]) -> set[str]:
-        """Of these work ids, those whose record still lives and is not deleted (the store keeps their files)."""
+    async def works(self, work_ids: list[str]) -> dict[str, WorkRecord]:
+        """The records of these works that still live (one round trip: the sweep reads them each round)."""
         raws = await self.redis.mget([self.key("work", w) for w in work_ids]) if work_ids else []
-        known = set()
+        found = {}
         for work_id, raw in zip(work_ids, raws, strict=True):
             try:
-                if raw is not None and WorkRecord.from_json(raw).state != "deleted":
-                    known.add(work_id)
+                if raw is not None:
+                    found[work_id] = WorkRecord.from_json(raw)
             except (ValueError, TypeError):
                 continue
-        return known
+        return found
 
     # Activity
 

@@ -3,8 +3,9 @@ instance is removed, whatever ends it, and kept datalab_work_ttl for the fronten
 serves it: the live snapshot from the instance, the saved archive through work_files.py).
 
 The instance makes the archive itself (the image's extension, image/datalab_work.py: the CPU falls on
-the instance) and the proxy streams it to `<work_dir>/.<id>.<random>.part`, then renames it to
-`<work_dir>/<id>.tar.gz`: a half-written archive is never served (only final names are, and only
+the instance) and the proxy streams it to `<work_dir>/<family>/.<id>.<random>.part`, then renames it to
+`<work_dir>/<family>/<id>.tar.gz` (a directory per key prefix: families sharing a store never remove
+each other's works): a half-written archive is never served (only final names are, and only
 while the record says saved), and a proxy killed mid-save leaves a .part that the culler's rounds
 remove, while its instance, whose slot stays leased, is saved and ended by reconciliation.
 
@@ -58,6 +59,10 @@ class WorkTooLarge(Exception):
     pass
 
 
+class StoreFailed(Exception):
+    """The work store could not take the archive (its disk full, say): the instance is not to blame."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Written:
     size: int
@@ -74,18 +79,26 @@ class WorkStore:
         self.ttl = ttl
         self.timeout = timeout
 
+    @property
+    def settled_after(self) -> float:
+        """Seconds after an end past which no save of its work can still run: its own, the lease
+        after it, a reconciliation's save again (its proxy died), with two minutes to spare."""
+        return 2 * (self.timeout + LEASE_MARGIN) + 120
+
     def lease_until(self, now: float) -> float:
         """Until when an ending instance keeps its slot: its save, then its removal."""
         return now + self.timeout + LEASE_MARGIN
 
     def ensure_directory(self) -> None:
-        """Created 0700 (it holds every user's results); one that is a link or another's is refused."""
-        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        info = self.directory.lstat()
-        if self.directory.is_symlink() or info.st_uid != os.getuid():
-            raise OSError(f"the work store {self.directory} is a link or another user's; refusing it")
-        if info.st_mode & 0o077:
-            self.directory.chmod(0o700)
+        """The store and this family's directory in it, created 0700 (they hold every user's results);
+        one that is a link or another user's is refused."""
+        for directory in (self.directory.parent, self.directory):
+            directory.mkdir(mode=0o700, exist_ok=True)
+            info = directory.lstat()
+            if directory.is_symlink() or info.st_uid != os.getuid():
+                raise OSError(f"the work store {directory} is a link or another user's; refusing it")
+            if info.st_mode & 0o077:
+                directory.chmod(0o700)
 
     def path(self, work_id: str) -> Path:
         if not inputs.is_token(work_id):
@@ -109,6 +122,9 @@ class WorkStore:
                 written = await self._write(instance)
         except WorkTooLarge:
             return await self._unsaved(record, "too_large", f"it is larger than datalab_work_max ({self.max_bytes} B)")
+        except StoreFailed as e:
+            log.error("instance %s: the work store could not take its work: %s", instance.id, e)
+            return await self._unsaved(record, "store", "the work store could not take it")
         except TimeoutError:
             return await self._unsaved(record, "timeout", f"saving took longer than {self.timeout:g} s")
         except (OSError, BackendError) as e:
@@ -118,8 +134,10 @@ class WorkStore:
             record, state="saved", size=written.size, sha256=written.sha256, saved_at=time.time()
         )
         if not await self.store.move_work("saving", saved, self.ttl):
-            await asyncio.to_thread(self.path(record.id).unlink, missing_ok=True)  # deleted meanwhile
-            return None
+            now = await self.store.work(record.id)
+            if now is None or now.state == "deleted":  # deleted meanwhile: its file goes too
+                await asyncio.to_thread(self.path(record.id).unlink, missing_ok=True)
+            return now
         metrics.work_saved(written.size)
         log.info("instance %s: work %s saved (%d bytes)", instance.id, record.id[:8], written.size)
         return saved
@@ -137,8 +155,8 @@ class WorkStore:
         part = self.directory / f".{instance.work}.{secrets.token_hex(4)}{PART}"
         digest = hashlib.sha256()
         size = 0
-        await asyncio.to_thread(self.ensure_directory)
-        file = await asyncio.to_thread(_create, part)
+        await _in_store(self.ensure_directory)
+        file = await _in_store(_create, part)
         try:
             async with http_stream(instance, ARCHIVE_PATH, timeout=min(FIRST_BYTES, self.timeout)) as (status, body):
                 if status != 200:
@@ -148,8 +166,8 @@ class WorkStore:
                     if size > self.max_bytes:
                         raise WorkTooLarge()
                     digest.update(chunk)
-                    await asyncio.to_thread(file.write, chunk)
-            await asyncio.to_thread(_finish, file, part, final)
+                    await _in_store(file.write, chunk)
+            await _in_store(_finish, file, part, final)
         except BaseException:
             await asyncio.shield(asyncio.to_thread(_discard, file, part))
             raise
@@ -169,18 +187,48 @@ class WorkStore:
 
     async def sweep(self, now: float) -> int:
         """Remove saved works whose record expired or was deleted, and .part files no save writes any
-        more (their proxy died). Returns how many files went."""
+        more (their proxy died); mark saved a whole archive whose record still says saving long after
+        its save ended (Redis was away when it was renamed into place). Returns how many files went."""
         names = await asyncio.to_thread(_listing, self.directory)
         finals = [n.removesuffix(SUFFIX) for n in names if n.endswith(SUFFIX) and inputs.is_token(n[: -len(SUFFIX)])]
-        known = await self.store.works_known(finals)
-        doomed = [self.directory / f"{w}{SUFFIX}" for w in finals if w not in known]
+        records = await self.store.works(finals)
+        doomed = [self.path(w) for w in finals if w not in records or records[w].state == "deleted"]
         stale = now - self.timeout - LEASE_MARGIN - 60
         doomed += [self.directory / n for n in names if n.endswith(PART) and _mtime(self.directory / n) < stale]
         for path in doomed:
             await asyncio.to_thread(path.unlink, missing_ok=True)
         if doomed:
             log.info("datalab: removed %d expired or abandoned work files", len(doomed))
+        for record in records.values():
+            if record.state == "saving" and record.ended_at < now - self.settled_after:
+                await self._mark_saved(record)
         return len(doomed)
+
+    async def _mark_saved(self, record: WorkRecord) -> None:
+        """A final name is only ever a whole archive (renamed once written and flushed)."""
+        written = await asyncio.to_thread(_measure, self.path(record.id))
+        saved = dataclasses.replace(
+            record, state="saved", size=written.size, sha256=written.sha256, saved_at=time.time()
+        )
+        if await self.store.move_work("saving", saved, self.ttl):
+            log.info("work %s: its archive was whole in the store; marked saved", record.id[:8])
+
+
+async def _in_store(fn, *args):
+    """A step on the work store's disk: its failure is the store's, not the instance's."""
+    try:
+        return await asyncio.to_thread(fn, *args)
+    except OSError as e:
+        raise StoreFailed(str(e)) from e
+
+
+def _measure(path: Path) -> Written:
+    digest, size = hashlib.sha256(), 0
+    with open(path, "rb") as file:
+        while chunk := file.read(1 << 20):
+            size += len(chunk)
+            digest.update(chunk)
+    return Written(size, digest.hexdigest())
 
 
 def _create(part: Path):
@@ -202,8 +250,12 @@ def _finish(file, part: Path, final: Path) -> None:
 
 
 def _discard(file, part: Path) -> None:
-    file.close()
-    part.unlink(missing_ok=True)
+    try:
+        file.close()  # (a full disk fails this too: its buffer cannot be written)
+    except OSError:
+        pass
+    finally:
+        part.unlink(missing_ok=True)
 
 
 def _listing(directory: Path) -> list[str]:

@@ -15,7 +15,9 @@ from pathlib import Path
 import pytest
 
 import metrics
+import work
 from backends import Instance
+from backends import family_name
 from store import EndNote
 from store import Store
 from store import WorkRecord
@@ -150,7 +152,7 @@ async def test_a_work_deleted_while_it_is_saved_stays_deleted_and_its_file_goes(
         await asyncio.sleep(0.2)
         record = await store.work(WORK)
         assert await store.move_work("saving", replace(record, state="deleted"), 600)
-        assert await saving is None
+        assert (await saving).state == "deleted"
     assert (await store.work(WORK)).state == "deleted" and list(tmp_path.iterdir()) == []
     await store.close()
 
@@ -180,6 +182,52 @@ async def test_the_sweep_removes_expired_deleted_and_abandoned_files_only(redis_
     os.utime(old, (NOW - 3600, NOW - 3600))
     assert await works.sweep(time.time()) == 3
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([f"{kept}.tar.gz", fresh.name])
+    await store.close()
+
+
+async def test_families_sharing_a_store_never_sweep_each_others_works(redis_url, tmp_path):
+    """Two key prefixes, one datalab_work_dir: each family has its own directory in it (instances.py)."""
+    ours, theirs = Store(connect(redis_url), "unit:"), Store(connect(redis_url), "other:")
+    mine = WorkStore(ours, str(tmp_path / family_name("unit:")), 1 << 20, 600, 10)
+    other = WorkStore(theirs, str(tmp_path / family_name("other:")), 1 << 20, 600, 10)
+    for works, store in ((mine, ours), (other, theirs)):
+        works.ensure_directory()
+        await store.redis.set(store.key("work", WORK), WorkRecord(WORK, "i", "saved", NOW).to_json())
+        works.path(WORK).write_bytes(b"archive")
+    await ours.redis.delete(ours.key("work", WORK))  # ours expired: only ours goes
+    assert await mine.sweep(time.time()) == 1 and await other.sweep(time.time()) == 0
+    assert not mine.path(WORK).exists() and other.path(WORK).read_bytes() == b"archive"
+    await ours.close()
+    await theirs.close()
+
+
+async def test_a_full_work_store_is_the_stores_fault_and_leaves_no_part(redis_url, tmp_path, monkeypatch):
+    """Writes into /dev/full fail as a full disk does (ENOSPC), closing the file included."""
+
+    def full(part: Path):
+        part.touch()
+        return open("/dev/full", "wb")
+
+    monkeypatch.setattr(work, "_create", full)
+    async with FakeArchive(os.urandom(1 << 20)) as fake:
+        store = await ending(redis_url, instance(fake.port))
+        before = saves("store")
+        record = await WorkStore(store, str(tmp_path), 10 << 20, 600, 10).save(instance(fake.port), "stopped")
+    assert (record.state, record.why) == ("unsaved", "the work store could not take it")
+    assert saves("store") == before + 1 and list(tmp_path.iterdir()) == []
+    await store.close()
+
+
+async def test_the_sweep_marks_saved_a_whole_archive_its_record_missed(redis_url, tmp_path):
+    """Redis away when the archive was renamed into place: the record says saving long after."""
+    store = Store(connect(redis_url), "unit:")
+    works = WorkStore(store, str(tmp_path), 1 << 20, 600, 10)
+    ended = time.time() - works.settled_after - 1
+    await store.redis.set(store.key("work", WORK), WorkRecord(WORK, "i", "saving", NOW, "stopped", ended).to_json())
+    works.path(WORK).write_bytes(b"whole")
+    assert await works.sweep(time.time()) == 0
+    record = await store.work(WORK)
+    assert (record.state, record.size, record.sha256) == ("saved", 5, hashlib.sha256(b"whole").hexdigest())
     await store.close()
 
 

@@ -16,6 +16,7 @@ import abc
 import asyncio
 import base64
 import contextlib
+import hashlib
 import json
 import os
 import secrets
@@ -77,6 +78,12 @@ class Found:
     instance_id: str
     handle: str
     running: bool
+
+
+def family_name(prefix: str) -> str:
+    """A directory name for one proxy family's files (its key prefix, made a safe name): families
+    sharing a directory never see, nor remove, each other's."""
+    return hashlib.sha256(prefix.encode()).hexdigest()[:16]
 
 
 def option(default: Any, help: str, env: str | None = None) -> Any:

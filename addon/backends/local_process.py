@@ -47,7 +47,6 @@ import socket
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from hashlib import sha256
 from pathlib import Path
 
 from backends import AUTH_ENV
@@ -60,6 +59,7 @@ from backends import Found
 from backends import ImageMissing
 from backends import Instance
 from backends import StartTimeout
+from backends import family_name
 from backends import option
 from backends import option_error
 from backends import put_via_contents
@@ -124,7 +124,7 @@ class ProcessBackend(Backend):
     def __init__(self, common: Common, opts: ProcessOptions):
         super().__init__(common, opts)
         # This proxy family's instances (a directory per key prefix, named so any prefix is a safe name).
-        self.family = Path(opts.process_dir) / sha256(common.label_prefix.encode()).hexdigest()[:16]
+        self.family = Path(opts.process_dir) / family_name(common.label_prefix)
         self._children: dict[str, asyncio.subprocess.Process] = {}  # started here: reaped here
         self._exited: asyncio.Queue[str] = asyncio.Queue()
         self._reapers: set[asyncio.Task] = set()

@@ -18,7 +18,9 @@ import time
 import zipfile
 
 import pytest
+import requests
 
+from e2e.hostile_jupyter import CODE
 from e2e.proxy import Browser
 
 RESULT = "print(open('result.txt', 'w').write('answer=42'))"
@@ -202,11 +204,11 @@ def test_a_proxy_killed_mid_save_never_serves_half_an_archive(make_proxy, world,
     page.view(nonce)
     page.execute(page.start_kernel(), "import os; open('big.bin', 'wb').write(os.urandom(100 << 20))")
     threading.Thread(target=lambda: _quietly(doomed.stop_instance, nonce), daemon=True).start()
-    wait_until(lambda: any(n.name.endswith(".part") for n in store.glob(".*")), "a save under way", 30, 0.02)
+    wait_until(lambda: any(n.name.endswith(".part") for n in store.rglob(".*")), "a save under way", 30, 0.02)
     os.kill(doomed.proc.pid, signal.SIGKILL)
     doomed.proc.wait()
     doomed.proc = None
-    assert not (store / f"{work}.tar.gz").exists()
+    assert not list(store.rglob(f"{work}.tar.gz"))
     assert work_record(world, prefix, work)["state"] == "saving"
 
     heir = make_proxy(prefix=prefix, datalab_cull_interval=2, **options)
@@ -229,3 +231,41 @@ def _quietly(call, *args) -> None:
         call(*args)
     except Exception:  # the proxy is killed under it
         pass
+
+
+def test_a_notebook_answering_for_its_jupyter_reaches_the_frontend_with_nothing_but_bytes(make_proxy, world):
+    """The notebook user takes over their own Jupyter's port (process backend: hostile_jupyter.py) and
+    answers the work's requests as they like: the frontend's server gets a JSON 502 for anything but a
+    framed 200, the proxy's own headers only (no redirect to follow, no encoding to inflate), and a
+    live snapshot cut at datalab_work_max; the save at the end is bounded the same way."""
+    prefix = world.sub("hostile-jupyter")
+    p = make_proxy(prefix=prefix, datalab_backend="process", datalab_work_max="8m", datalab_work_timeout=15)
+    nonce, work = p.start_with_work("h.csv", b"1\n")
+    page = Browser(p)
+    page.view(nonce)
+    out = page.execute(page.start_kernel(), CODE.replace("CANARY", "9"))
+    assert out.strip() == "stolen 1", out
+    time.sleep(3)  # the server is stopped; the kernel answers its port
+
+    def answer(mode: str, **kw):
+        switched = requests.get(page.url(f"/hostile/{mode}"), headers={"Cookie": page.cookie_header()}, timeout=30)
+        assert switched.text == f"mode {mode}", switched.text
+        return p.work(work, allow_redirects=False, **kw)
+
+    for mode in ("redirect", "notfound", "hugehead"):
+        r = answer(mode)
+        assert (r.status_code, r.json()["code"]) == (502, "INSTANCE_UNREACHABLE"), mode
+        assert "Location" not in r.headers
+    r = answer("gzipenc")
+    assert r.status_code == 200 and "Content-Encoding" not in r.headers
+    assert len(r.content) < 1 << 20  # its bytes as they are: the gzip of 200 MiB is not inflated for anyone
+    r = answer("endless", stream=True)
+    got = 0
+    with pytest.raises(requests.exceptions.ChunkedEncodingError):  # cut: the frontend sees it unfinished
+        for chunk in r.iter_content(1 << 20):
+            got += len(chunk)
+    assert got <= (8 << 20) + (1 << 18)
+
+    assert p.stop_instance(nonce).status_code == 200
+    record = work_record(world, prefix, work)
+    assert record["state"] == "unsaved" and "larger than datalab_work_max" in record["why"]

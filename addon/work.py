@@ -17,12 +17,14 @@ abandoned, logged and counted, its record says unsaved and why, and the end goes
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import hashlib
 import logging
 import os
 import secrets
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import inputs
@@ -57,6 +59,22 @@ def work_max_bytes(option: str, disk_limit: str) -> int:
 
 class WorkTooLarge(Exception):
     pass
+
+
+async def archive_chunks(instance: Instance, max_bytes: int, timeout: float) -> AsyncIterator[bytes]:
+    """The running instance's archive as it comes, under the rules a save and a live snapshot share:
+    a framed 200 (else BackendError or OSError), its first bytes within FIRST_BYTES, at most
+    `max_bytes` (else WorkTooLarge). Iterate it inside contextlib.aclosing: the connection then
+    closes as soon as the reader stops."""
+    async with http_stream(instance, ARCHIVE_PATH, timeout=min(FIRST_BYTES, timeout)) as (status, body):
+        if status != 200:
+            raise BackendError("the instance did not hand over its working directory", f"HTTP {status}")
+        size = 0
+        async for chunk in body.chunks(CHUNK):
+            size += len(chunk)
+            if size > max_bytes:
+                raise WorkTooLarge()
+            yield chunk
 
 
 class StoreFailed(Exception):
@@ -158,13 +176,9 @@ class WorkStore:
         await _in_store(self.ensure_directory)
         file = await _in_store(_create, part)
         try:
-            async with http_stream(instance, ARCHIVE_PATH, timeout=min(FIRST_BYTES, self.timeout)) as (status, body):
-                if status != 200:
-                    raise BackendError("the instance did not hand over its working directory", f"HTTP {status}")
-                async for chunk in body.chunks(CHUNK):
+            async with contextlib.aclosing(archive_chunks(instance, self.max_bytes, self.timeout)) as chunks:
+                async for chunk in chunks:
                     size += len(chunk)
-                    if size > self.max_bytes:
-                        raise WorkTooLarge()
                     digest.update(chunk)
                     await _in_store(file.write, chunk)
             await _in_store(_finish, file, part, final)

@@ -17,6 +17,7 @@ the host's loopback), names a work by its id alone, and opens no link.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import logging
@@ -27,11 +28,12 @@ from pathlib import Path
 from mitmproxy import http
 
 import inputs
-from backends import ARCHIVE_PATH
+from backends import BackendError
 from backends import Instance
-from backends import http_stream
 from upstream import reroute
 from work import FIRST_BYTES
+from work import WorkTooLarge
+from work import archive_chunks
 
 log = logging.getLogger(__name__)
 
@@ -142,27 +144,22 @@ async def _relay(headers: dict[str, str], writer: asyncio.StreamWriter) -> None:
     """The instance's archive, passed on chunked within its bounds; a refusal if it does not begin one."""
     host, port, token = headers["x-datalab-host"], int(headers["x-datalab-port"]), headers.get("x-datalab-token", "")
     instance = Instance("", "", "", host, port, "", 0.0, token)
-    limit, size, begun = int(headers["x-datalab-max"]), 0, False
+    begun = False
     try:
-        async with http_stream(instance, ARCHIVE_PATH, timeout=FIRST_BYTES) as (status, body):
-            if status != 200:
-                raise OSError(f"the instance answered {status}")
-            async for chunk in body.chunks(CHUNK):
+        async with contextlib.aclosing(archive_chunks(instance, int(headers["x-datalab-max"]), FIRST_BYTES)) as chunks:
+            async for chunk in chunks:
                 if not begun:
                     writer.write(_head(200, "Content-Type: application/gzip\r\nTransfer-Encoding: chunked\r\n"))
                     begun = True
-                size += len(chunk)
-                if size > limit:
-                    log.warning("datalab: a live snapshot passed datalab_work_max (%d B); cut", limit)
-                    return  # closed without the last chunk: the frontend sees it unfinished
                 writer.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
                 await writer.drain()
         if not begun:
             writer.write(_head(200, "Content-Type: application/gzip\r\nTransfer-Encoding: chunked\r\n"))
         writer.write(b"0\r\n\r\n")
         await writer.drain()
-    except (OSError, TimeoutError) as e:
-        log.info("datalab: a live snapshot failed: %s", e)
+    except (OSError, TimeoutError, BackendError, WorkTooLarge) as e:
+        # Begun: closed without the last chunk, so the frontend sees it unfinished; else a refusal.
+        log.info("datalab: a live snapshot failed: %s", e if not isinstance(e, WorkTooLarge) else "over work_max")
         if not begun:
             writer.write(_head(502, f"Content-Type: application/json\r\nContent-Length: {len(UNREACHABLE)}\r\n"))
             writer.write(UNREACHABLE)

@@ -230,7 +230,7 @@ metrics_port 1
 # Several workers: each listens on the port with SO_REUSEPORT (addon/listener.py) and boots its
 # share of the CPUs' instances at once; later --set arguments (yours) override these.
 cmd+=(--set server=false --set datalab_reuse_port=true
-  --set "datalab_start_concurrency=$(( ($(nproc) + workers - 1) / workers ))" "$@")
+  --set "datalab_boots_at_once=$(( ($(nproc) + workers - 1) / workers ))" "$@")
 # Connections waiting in an exiting worker's accept queue go to the others (Linux >= 5.14), not reset.
 if [ -w /proc/sys/net/ipv4/tcp_migrate_req ] && [ "$(cat /proc/sys/net/ipv4/tcp_migrate_req)" = 0 ]; then
   echo 1 > /proc/sys/net/ipv4/tcp_migrate_req && say "set net.ipv4.tcp_migrate_req=1"

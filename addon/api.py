@@ -4,7 +4,7 @@ work.py, work_files.py) and health (health.py).
 
 Refusals are decided in `requestheaders`, before an upload body is read; a body is then streamed
 to the upload sink (upload.py) and never held beyond datalab_max_upload, nor waited for beyond
-datalab_upload_timeout; beyond datalab_max_uploads bodies at once, or while health's backend check
+datalab_upload_timeout; beyond datalab_uploads_at_once bodies at once, or while health's backend check
 fails, a start is refused before its signature is spent. Every error is an
 ApiError, turned into JSON here; anything unexpected is a 500, never a request sent upstream.
 """
@@ -254,7 +254,7 @@ class Api:
         if self.sink.port is None:
             raise ApiError(503, "NOT_READY", "the proxy is still starting; retry in a moment")
         if self.sink.full:  # before the signature is spent: the frontend may send this one again
-            raise errors.uploads_busy(s.max_uploads)
+            raise errors.uploads_busy(s.uploads_at_once)
         await self._check_backend()
         await self._spend(signed)
         flow.metadata[START] = signed.subject

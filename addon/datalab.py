@@ -44,7 +44,7 @@ addons = [
     runtime,
     sink,
     files,
-    Metrics(lambda: runtime.store),  # before the api: GET /datalab/metrics with the token (metrics.py)
+    Metrics(runtime),  # before the api: GET /datalab/metrics with the token (metrics.py)
     Api(runtime, sink, files),
     Router(runtime, sink),
     FailClosed(runtime, sink, files),
@@ -53,6 +53,6 @@ addons = [
     UpstreamDeadline(lambda: runtime.settings),  # an instance's answer begins within datalab_upstream_timeout, or 504
     WebSocketBound(lambda: runtime.settings),  # a WebSocket message is held up to datalab_max_ws_message
     OneRequestAtATime(),  # after the others: a flow is claimed (upload or not) before reading pauses
-    SharedPort(),  # run.sh --workers: several processes on one port
+    SharedPort(runtime),  # run.sh --workers: several processes on one port
     deadline.after,  # last: a request is over once every other addon is done with it
 ]

@@ -163,7 +163,7 @@ class OneRequestAtATime:
     pause: mitmproxy goes on reading while a hook runs, so a resume at each answer let a pipelining
     client put ever more into the proxy than each answer took out. Uploads are left alone (their
     client is watched for hanging up while the start runs, and their number is bounded by
-    datalab_max_uploads), and so is HTTP/2, whose streams share the connection.
+    datalab_uploads_at_once), and so is HTTP/2, whose streams share the connection.
     """
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:

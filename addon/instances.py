@@ -69,7 +69,7 @@ class Instances:
         self.store = store
         self.backend = backend
         self.settings = settings
-        self.admission = Admission(settings.boot_concurrency)
+        self.admission = Admission(settings.boot_slots)
         self.pool_changed = asyncio.Event()  # set when the pool may need refilling
         self._capacity: int | None = None
         disk = backend.common.disk_limit

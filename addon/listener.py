@@ -17,29 +17,28 @@ from mitmproxy import ctx
 from mitmproxy import exceptions
 from mitmproxy.proxy.mode_servers import AsyncioServerInstance
 
+from runtime import Runtime
+
 log = logging.getLogger(__name__)
 
 BACKLOG = 1024  # connections the kernel queues per process while its loop is busy (asyncio's default: 100)
 
 
 class SharedPort:
-    def load(self, loader) -> None:
-        loader.add_option(
-            "datalab_reuse_port",
-            bool,
-            False,
-            "Listen with SO_REUSEPORT, so several proxy processes share the port (run.sh --workers N); "
-            "needs --set server=false, which this turns on once the listener can be shared.",
-        )
+    """datalab_reuse_port (declared in config.py, handed over in the runtime's Settings)."""
+
+    def __init__(self, runtime: Runtime):
+        self.runtime = runtime
 
     def configure(self, updated: set[str]) -> None:
-        if "datalab_reuse_port" in updated and ctx.options.datalab_reuse_port and ctx.options.server:
+        s = self.runtime.settings
+        if "datalab_reuse_port" in updated and s is not None and s.reuse_port and ctx.options.server:
             raise exceptions.OptionsError(
                 "datalab_reuse_port needs --set server=false: the proxy must not listen before it can share its port"
             )
 
     def running(self) -> None:
-        if not ctx.options.datalab_reuse_port:
+        if self.runtime.settings is None or not self.runtime.settings.reuse_port:
             return
         servers = ctx.master.addons.get("proxyserver").servers
         servers.changed.connect(self._share)  # called with new servers created, before they start

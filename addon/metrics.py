@@ -17,16 +17,14 @@ import functools
 import hmac
 import ipaddress
 import logging
-import os
 import threading
 import time
 from collections.abc import Awaitable
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from wsgiref.simple_server import WSGIServer
 
-from mitmproxy import ctx
-from mitmproxy import exceptions
 from mitmproxy import http
 from prometheus_client import CONTENT_TYPE_LATEST
 from prometheus_client import CollectorRegistry
@@ -38,15 +36,17 @@ from prometheus_client import start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from redis.exceptions import RedisError
 
+import config
 from backends import BackendError
 from marks import HANDLED
 from store import Store
 
+if TYPE_CHECKING:
+    from runtime import Runtime
+
 log = logging.getLogger(__name__)
 
-PATH = "/datalab/metrics"
-TOKEN_ENV = "DATALAB_METRICS_TOKEN"
-MIN_TOKEN = 16  # characters: the token guards the proxy's public port
+PATH = config.METRICS_PATH
 SCRAPE_WAIT = 5.0  # seconds a scrape waits for the instance counts from Redis
 # From a pooled hand-out (copy the upload in, bind: ~0.05 s) to a cold boot at the start and queue timeouts.
 START_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 45, 60, 90)
@@ -197,8 +197,8 @@ class InstanceGauges:
     """datalab_instances{state}: live (claimed by users) and pooled (ready, unclaimed), read from
     Redis when scraped. collect() runs in a scraping thread and asks the proxy's event loop."""
 
-    def __init__(self, store: Callable[[], Store | None]):
-        self.store = store
+    def __init__(self, runtime: Runtime):
+        self.runtime = runtime
         self.loop: asyncio.AbstractEventLoop | None = None
 
     def collect(self):
@@ -211,7 +211,7 @@ class InstanceGauges:
         yield family
 
     def _counts(self) -> dict[str, int] | None:
-        store, loop = self.store(), self.loop
+        store, loop = self.runtime.store, self.loop
         if store is None or loop is None or loop.is_closed():
             return None
         future = asyncio.run_coroutine_threadsafe(count_instances(store), loop)
@@ -229,18 +229,6 @@ async def count_instances(store: Store) -> dict[str, int]:
     return {"live": len(recorded) - len(pooled), "pooled": len(pooled)}
 
 
-def check_host(host: str) -> None:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError as e:
-        raise ValueError(f"datalab_metrics_host must be an IP address (127.0.0.1, ::1), not {host!r}") from e
-
-
-def check_token(token: str) -> None:
-    if token and (len(token) < MIN_TOKEN or not all("!" <= c <= "~" for c in token)):
-        raise ValueError(f"datalab_metrics_token must be at least {MIN_TOKEN} printable ASCII characters, no spaces")
-
-
 def bearer_ok(authorization: str, token: str) -> bool:
     """Whether the Authorization header carries the token (compared in constant time)."""
     scheme, _, given = authorization.partition(" ")
@@ -249,8 +237,11 @@ def bearer_ok(authorization: str, token: str) -> bool:
 
 
 class Metrics:
-    def __init__(self, store: Callable[[], Store | None]):
-        self.gauges = InstanceGauges(store)
+    """The exporter: its options (datalab_metrics_*) come in the runtime's Settings."""
+
+    def __init__(self, runtime: Runtime):
+        self.runtime = runtime
+        self.gauges = InstanceGauges(runtime)
         self.registry = CollectorRegistry()
         for collector in (COUNTERS, self.gauges, ProcessCollector(registry=None)):
             self.registry.register(collector)
@@ -260,31 +251,13 @@ class Metrics:
         self._restarting: asyncio.Task | None = None
         self._running = False
 
-    def load(self, loader) -> None:
-        loader.add_option(
-            "datalab_metrics_port", int, 0, "Serve Prometheus metrics at /metrics on this port (0: not served)."
-        )
-        loader.add_option(
-            "datalab_metrics_host", str, "127.0.0.1", "Address of the metrics port; keep it away from the public."
-        )
-        loader.add_option(
-            "datalab_metrics_token",
-            str,
-            os.environ.get(TOKEN_ENV, ""),
-            f"Also answer GET {PATH} on the proxy's port to 'Authorization: Bearer <token>' "
-            f"(empty: not served there). Default: ${TOKEN_ENV}.",
-        )
-
     def configure(self, updated: set[str]) -> None:
-        try:
-            if not 0 <= ctx.options.datalab_metrics_port <= 65535:
-                raise ValueError("datalab_metrics_port must be a port number (0: off)")
-            check_host(ctx.options.datalab_metrics_host)
-            check_token(ctx.options.datalab_metrics_token)
-        except ValueError as e:
-            raise exceptions.OptionsError(str(e)) from e
-        self.token = ctx.options.datalab_metrics_token
-        address = (ctx.options.datalab_metrics_host, ctx.options.datalab_metrics_port)
+        """Follow datalab_metrics_* (declared and checked in config.py, handed over in Settings)."""
+        s = self.runtime.settings
+        if s is None:
+            return
+        self.token = s.metrics_token
+        address = (s.metrics_host, s.metrics_port)
         moved, self._address = address != self._address, address
         if self._running and moved:
             self._restarting = asyncio.get_running_loop().create_task(self._restart())

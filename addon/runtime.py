@@ -109,7 +109,7 @@ class Runtime:
                 await instances.max_instances(),
                 source,
                 s.pool_size,
-                s.boot_concurrency,
+                s.boot_slots,
             )
         except BackendError as e:
             # A warning, not an error: mitmdump exits on an error logged at start-up, and the proxy

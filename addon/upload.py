@@ -17,7 +17,7 @@ many and however slow, never hold the places that signed starts need.
 Bounded: a start's body must arrive within datalab_upload_timeout of its headers, or the sink stops
 reading, answers 408 UPLOAD_TIMEOUT and closes; mitmproxy passes that answer on and then closes the
 client connection, so a stalled or slow client holds none of its three descriptors (client, proxy
--> sink, sink) beyond the deadline. At most datalab_max_uploads starts' bodies arrive at once:
+-> sink, sink) beyond the deadline. At most datalab_uploads_at_once starts' bodies arrive at once:
 beyond that a start is refused 503 CAPACITY (at once, as any refusal) before its signature is spent.
 """
 
@@ -116,7 +116,7 @@ class UploadSink:
 
     @property
     def full(self) -> bool:
-        return len(self._arriving) >= self.settings.max_uploads
+        return len(self._arriving) >= self.settings.uploads_at_once
 
     async def running(self) -> None:
         self._server = await asyncio.start_server(self._serve, SINK_HOST, 0)

@@ -84,7 +84,7 @@ def refused_flow(content: bytes = b"x" * 100):
 
 
 async def test_bodies_arriving_are_counted_until_their_answer_error_or_client_leaves(sink):
-    sink._settings = lambda: settings(max_uploads=2)
+    sink._settings = lambda: settings(uploads_at_once=2)
     first, second = start_flow(), start_flow()
     sink.take(first, limit=10)
     sink.take(second, limit=10)
@@ -119,7 +119,7 @@ def sink_answered(sink: UploadSink, flow, body_ended: bool) -> None:
 async def test_a_refusal_is_given_at_once_and_holds_no_place(sink):
     """However few bodies are arriving, a refused one goes to the sink unread: refused (unsigned)
     clients hold none of the places signed starts need."""
-    sink._settings = lambda: settings(max_uploads=1)
+    sink._settings = lambda: settings(uploads_at_once=1)
     flows = [refused_flow() for _ in range(3)]
     for flow in flows:
         sink.refuse(flow)
@@ -141,10 +141,10 @@ async def test_a_refusal_goes_out_with_no_100_continue_first(sink, content):
 
 
 async def test_beyond_the_bound_a_start_is_refused_before_its_signature_is_spent(sink):
-    sink._settings = lambda: settings(max_uploads=1)
+    sink._settings = lambda: settings(uploads_at_once=1)
     sink.take(start_flow(), limit=10)
     # Redis is not there (runtime_for's default URL): spending the signature would be a 503 REDIS_UNAVAILABLE
-    flow = await through_api(start_flow(content=b"a,b\n"), sink, runtime_for(max_uploads=1))
+    flow = await through_api(start_flow(content=b"a,b\n"), sink, runtime_for(uploads_at_once=1))
     body = json.loads(flow.response.content)
     assert (flow.response.status_code, body["code"]) == (503, "CAPACITY")
     assert flow.response.headers["Retry-After"] == "5"

@@ -34,14 +34,14 @@ def test_defaults_with_a_key_are_valid():
         {"key_prefix": ""},
         {"route_cache_ttl": -1},
         {"pool_size": -1},
-        {"start_concurrency": -2},
+        {"boots_at_once": -2},
         {"max_instances": -1},
         {"queue_timeout": 0},
         {"idle_timeout": 0},
         {"max_age": -5},
         {"cull_interval": 0},
         {"upload_timeout": 0},
-        {"max_uploads": 0},
+        {"uploads_at_once": 0},
         {"header_timeout": -1},
         {"upstream_timeout": 0},
         {"max_head": 0},
@@ -61,7 +61,7 @@ def test_bad_settings_say_which_option(changes):
 
 def test_client_bounds_defaults():
     s = parse_settings(good())
-    assert (s.upload_timeout, s.max_uploads, s.header_timeout) == (300, 64, 60)
+    assert (s.upload_timeout, s.uploads_at_once, s.header_timeout) == (300, 64, 60)
     assert s.upstream_timeout == 120  # above Jupyter's own 60 s wait for a kernel's kernel_info reply
     assert (s.max_head, s.max_head_lines) == (65536, 100)  # tornado's head limit (Jupyter's); Apache's line count
 
@@ -70,8 +70,8 @@ def test_lifecycle_defaults():
     s = parse_settings(good())
     assert (s.pool_size, s.queue_timeout, s.idle_timeout, s.max_age, s.cull_interval) == (2, 30, 1800, 28800, 60)
     assert s.max_instances == 0  # what the engine's memory holds, asked at start-up
-    assert s.boot_concurrency >= 1  # one per CPU
-    assert parse_settings(good(start_concurrency=3)).boot_concurrency == 3
+    assert s.boot_slots >= 1  # one per CPU
+    assert parse_settings(good(boots_at_once=3)).boot_slots == 3
 
 
 def test_options_are_declared_and_validated_at_configure():

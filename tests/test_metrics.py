@@ -4,7 +4,9 @@ instances are counted, and its own port (a real server, a real Redis)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+import types
 
 import pytest
 import requests
@@ -20,6 +22,8 @@ import metrics
 import store
 from backends import ImageMissing
 from backends import Instance
+from config import Config
+from config import Settings
 from errors import ApiError
 from helpers import free_port
 from instances import NoCapacity
@@ -43,6 +47,27 @@ def counted(name: str, **labels: str) -> float:
     return samples(generate_latest(metrics.COUNTERS)).get((name, tuple(sorted(labels.items()))), 0.0)
 
 
+class Parts:
+    """Stands where the Runtime is: the Settings that Config hands over, and a store."""
+
+    def __init__(self) -> None:
+        self.settings = Settings()
+        self.store = None
+
+    def apply(self, settings: Settings) -> None:
+        self.settings = settings
+
+
+@contextlib.contextmanager
+def exporter(**options):
+    """The Metrics addon, its options set through Config (where they are declared and checked)."""
+    parts = Parts()
+    addon = Metrics(parts)
+    with taddons.context(Config(parts.apply), addon) as tctx:
+        tctx.configure(addon, datalab_sign_key="k", **options)
+        yield addon, tctx
+
+
 def get_flow(path: str = metrics.PATH, method: str = "GET", authorization: str | None = None):
     req = tutils.treq(method=method.encode(), path=path.encode(), content=b"")
     req.headers.clear()
@@ -64,8 +89,7 @@ def get_flow(path: str = metrics.PATH, method: str = "GET", authorization: str |
     ],
 )
 def test_bad_options_fail_at_start_up(option, value):
-    addon = Metrics(lambda: None)
-    with taddons.context(addon) as tctx:
+    with exporter() as (addon, tctx):
         with pytest.raises(exceptions.OptionsError):
             tctx.configure(addon, **{option: value})
 
@@ -75,9 +99,7 @@ def test_bad_options_fail_at_start_up(option, value):
     [{}, {"datalab_metrics_port": 9464, "datalab_metrics_host": "::1"}, {"datalab_metrics_token": TOKEN}],
 )
 def test_good_options_are_taken(changes):
-    addon = Metrics(lambda: None)
-    with taddons.context(addon) as tctx:
-        tctx.configure(addon, **changes)
+    with exporter(**changes) as (addon, tctx):
         assert addon.token == changes.get("datalab_metrics_token", "")
 
 
@@ -100,9 +122,7 @@ def test_bearer_check(authorization, ok):
 
 
 async def test_the_token_holder_gets_the_metrics_and_the_flow_is_never_routed():
-    addon = Metrics(lambda: None)
-    with taddons.context(addon) as tctx:
-        tctx.configure(addon, datalab_metrics_token=TOKEN)
+    with exporter(datalab_metrics_token=TOKEN) as (addon, tctx):
         flow = get_flow(path=metrics.PATH + "?x=1", authorization=f"Bearer {TOKEN}")
         await addon.requestheaders(flow)
     assert flow.response.status_code == 200
@@ -125,9 +145,7 @@ async def test_the_token_holder_gets_the_metrics_and_the_flow_is_never_routed():
 async def test_anyone_else_goes_on_to_the_api_untouched(token, flow):
     """The api then answers its 404 NOT_FOUND, the same as for any unknown /datalab/ path: nothing
     tells whether metrics are served here."""
-    addon = Metrics(lambda: None)
-    with taddons.context(addon) as tctx:
-        tctx.configure(addon, datalab_metrics_token=token)
+    with exporter(datalab_metrics_token=token) as (addon, tctx):
         await addon.requestheaders(flow)
     assert flow.response is None and HANDLED not in flow.metadata
 
@@ -201,7 +219,7 @@ async def test_the_instance_gauges_say_what_redis_holds(redis_url):
         for n in (1, 2):
             await s.add_to_pool(instance(n))
         assert await s.claim_pooled(time.time()) is not None
-        gauges = metrics.InstanceGauges(lambda: s)
+        gauges = metrics.InstanceGauges(types.SimpleNamespace(store=s))
         gauges.loop = asyncio.get_running_loop()
         registry = CollectorRegistry()
         registry.register(gauges)
@@ -215,7 +233,7 @@ async def test_the_instance_gauges_say_what_redis_holds(redis_url):
 async def test_without_redis_the_gauges_are_absent_not_wrong():
     s = store.Store(store.connect("redis://127.0.0.1:1/0"), "unit:")
     try:
-        gauges = metrics.InstanceGauges(lambda: s)
+        gauges = metrics.InstanceGauges(types.SimpleNamespace(store=s))
         gauges.loop = asyncio.get_running_loop()
         registry = CollectorRegistry()
         registry.register(gauges)
@@ -225,10 +243,8 @@ async def test_without_redis_the_gauges_are_absent_not_wrong():
 
 
 async def test_the_metrics_port_serves_on_loopback_until_done():
-    addon = Metrics(lambda: None)
     port = free_port()
-    with taddons.context(addon) as tctx:
-        tctx.configure(addon, datalab_metrics_port=port)
+    with exporter(datalab_metrics_port=port) as (addon, tctx):
         addon.running()
         try:
             r = await asyncio.to_thread(requests.get, f"http://127.0.0.1:{port}/metrics", timeout=10)

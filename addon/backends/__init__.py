@@ -26,7 +26,6 @@ from collections.abc import Awaitable
 from collections.abc import Callable
 from dataclasses import asdict
 from dataclasses import dataclass
-from dataclasses import field
 from dataclasses import replace
 from datetime import UTC
 from datetime import datetime
@@ -84,16 +83,6 @@ def family_name(prefix: str) -> str:
     """A directory name for one proxy family's files (its key prefix, made a safe name): families
     sharing a directory never see, nor remove, each other's."""
     return hashlib.sha256(prefix.encode()).hexdigest()[:16]
-
-
-def option(default: Any, help: str, env: str | None = None) -> Any:
-    """A backend option's dataclass field: `datalab_<name>`, its help, the variable for its default."""
-    return field(default=default, metadata={"help": help, "env": env})
-
-
-def option_error(name: str, message: str) -> ValueError:
-    """How an Options dataclass refuses a value (in __post_init__): the option's name, then why."""
-    return ValueError(f"datalab_{name} {message}")
 
 
 @dataclass(frozen=True)

@@ -36,8 +36,6 @@ from backends import EngineUnavailable
 from backends import Found
 from backends import ImageMissing
 from backends import Instance
-from backends import option
-from backends import option_error
 from backends import put_via_contents
 from backends import wait_ready
 from backends.docker_network import LABEL_MANAGED
@@ -50,6 +48,9 @@ from backends.memory_budget import INODES
 from backends.memory_budget import SHM_SIZE
 from backends.memory_budget import disk_limit_for
 from backends.memory_budget import mib
+from options import check_options
+from options import holds
+from options import option
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +96,7 @@ class DockerOptions:
         "datalab-notebook:latest",
         "Local Docker image of the Jupyter instance; never pulled (scripts/build-image.sh).",
         "DATALAB_IMAGE",
+        check=holds(bool, "must name a local image"),
     )
     docker_url: str = option("", "Docker engine URL; empty means the local default socket.", "DOCKER_HOST")
     instance_egress: bool = option(
@@ -102,8 +104,7 @@ class DockerOptions:
     )
 
     def __post_init__(self) -> None:
-        if not self.image:
-            raise option_error("image", "must name a local image")
+        check_options(self)
 
 
 class DockerBackend(Backend):

@@ -60,10 +60,11 @@ from backends import ImageMissing
 from backends import Instance
 from backends import StartTimeout
 from backends import family_name
-from backends import option
-from backends import option_error
 from backends import put_via_contents
 from backends import wait_ready
+from options import absolute_path
+from options import check_options
+from options import option
 
 JUPYTER_CONFIG = ROOT / "image" / "jupyter_server_config.py"  # the image's own settings
 HOST = "127.0.0.1"
@@ -86,29 +87,37 @@ class ProcessOptions:
         "Process backend: the Python environment with Jupyter (and the data stack) that instances run "
         "(scripts/setup.sh ensure_jupyter_env makes it).",
         "DATALAB_JUPYTER_ENV",
+        check=absolute_path,
     )
     process_dir: str = option(
-        str(STATE / "instances"), "Process backend: where instances' directories live.", "DATALAB_PROCESS_DIR"
+        str(STATE / "instances"),
+        "Process backend: where instances' directories live.",
+        "DATALAB_PROCESS_DIR",
+        check=absolute_path,
     )
     process_ports: str = option(
         "7100-7999",
         "Process backend: the loopback ports instances listen on, FIRST-LAST (the proxy routes to no other).",
+        check=lambda v: port_range_problem(v),
     )
 
     def __post_init__(self) -> None:
-        if not re.fullmatch(r"[0-9]{1,5}-[0-9]{1,5}", self.process_ports):
-            raise option_error("process_ports", "must look like 7100-7999")
-        first, last = self.ports
-        if not 1024 <= first <= last <= 65535:
-            raise option_error("process_ports", "must be a range within 1024-65535, first <= last")
-        for name in ("jupyter_env", "process_dir"):
-            if not os.path.isabs(getattr(self, name)):
-                raise option_error(name, "must be an absolute path")
+        check_options(self)
 
     @property
     def ports(self) -> tuple[int, int]:
         first, _, last = self.process_ports.partition("-")
         return int(first), int(last)
+
+
+def port_range_problem(text: str) -> str | None:
+    """What is wrong with datalab_process_ports, or None."""
+    if not re.fullmatch(r"[0-9]{1,5}-[0-9]{1,5}", text):
+        return "must look like 7100-7999"
+    first, _, last = text.partition("-")
+    if not 1024 <= int(first) <= int(last) <= 65535:
+        return "must be a range within 1024-65535, first <= last"
+    return None
 
 
 def size_bytes(text: str) -> int:

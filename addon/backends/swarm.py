@@ -40,8 +40,6 @@ from backends import Found
 from backends import ImageMissing
 from backends import Instance
 from backends import StartTimeout
-from backends import option
-from backends import option_error
 from backends import wait_ready
 from backends.docker_engine import JUPYTER_PORT
 from backends.docker_engine import LABEL_INSTANCE
@@ -58,6 +56,8 @@ from backends.docker_network import MANAGED_BY
 from backends.docker_network import InstanceNetwork
 from backends.docker_network import refuse_unconfined
 from backends.docker_network import subnet_and_gateway
+from options import holds
+from options import option
 
 log = logging.getLogger(__name__)
 
@@ -74,15 +74,11 @@ class SwarmOptions(DockerOptions):
         "Swarm backend: the internal, attachable overlay network of instances (created when missing); "
         "the proxy's own container must join it.",
         "DATALAB_SWARM_NETWORK",
+        check=holds(bool, "must name an overlay network"),
     )
     swarm_constraint: str = option(
         "", "Swarm backend: a placement constraint for instances, e.g. node.role==worker; empty: any node."
     )
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not self.swarm_network:
-            raise option_error("swarm_network", "must name an overlay network")
 
 
 def in_memory(target: str, name: str, options: str, labels: dict[str, str]) -> Mount:

@@ -1,6 +1,6 @@
 """Bounded clients, end to end on real mitmdump processes with Redis and Docker: request heads and
 upload bodies have deadlines (datalab_header_timeout, datalab_upload_timeout), the bodies arriving
-at once are bounded (datalab_max_uploads), and 1,000 aborted, refused and stalled uploads leave the
+at once are bounded (datalab_uploads_at_once), and 1,000 aborted, refused and stalled uploads leave the
 proxy with the file descriptors it had. The clients are raw sockets (rawhttp.py), as no HTTP
 library stalls on purpose.
 """
@@ -114,7 +114,7 @@ def test_descriptors_do_not_grow_over_1000_aborted_refused_and_stalled_uploads(m
         prefix=prefix,
         datalab_upload_timeout=TIMEOUT,
         datalab_header_timeout=TIMEOUT,
-        datalab_max_uploads=1000,  # every upload takes its own path here; the bound is the next test's
+        datalab_uploads_at_once=1000,  # every upload takes its own path here; the bound is the next test's
     )
     pid = p.proc.pid
     held: list[asyncio.StreamWriter] = []
@@ -172,11 +172,11 @@ def reply_of(s: socket.socket) -> Reply:
 
 
 def test_uploads_arriving_at_once_are_bounded(make_proxy, world):
-    """Beyond datalab_max_uploads, a start is refused at once (before its signature is spent) and a
+    """Beyond datalab_uploads_at_once, a start is refused at once (before its signature is spent) and a
     refusal is given at once, neither body read nor kept, and the connection closes. A body in
     flight is not cut by the head's deadline, only by its own."""
     prefix = world.sub("narrow")
-    p = make_proxy(prefix=prefix, datalab_max_uploads=3, datalab_header_timeout=1, datalab_upload_timeout=5)
+    p = make_proxy(prefix=prefix, datalab_uploads_at_once=3, datalab_header_timeout=1, datalab_upload_timeout=5)
     held = [hold_upload(p.port, p.sign_key, f"held-{i}.csv", timeout=WAIT) for i in range(3)]
 
     ts = str(int(time.time() * 1000))

@@ -60,10 +60,10 @@ PROXIES: dict[str, tuple[str, dict, str | None]] = {
     "no_engine": (QUIET, {"datalab_backend": "docker", "datalab_docker_url": "unix://{workdir}/no-engine.sock"}, None),
     "no_redis": (QUIET, {}, "redis://127.0.0.1:1/0"),
     "subdomain": (QUIET, {"datalab_routing": "subdomain", "datalab_public_host": "localhost:{port}"}, None),
-    "busy": (LIVE, {"datalab_start_concurrency": 3}, None),  # boots the rows' instances
+    "busy": (LIVE, {"datalab_boots_at_once": 3}, None),  # boots the rows' instances
     "full": (LIVE, {"datalab_max_instances": 1}, None),  # shares busy's capacity: full once one instance lives
     "hasty": (QUIET, {"datalab_upload_timeout": 2, "datalab_header_timeout": 2}, None),
-    "narrow": (QUIET, {"datalab_max_uploads": 1}, None),
+    "narrow": (QUIET, {"datalab_uploads_at_once": 1}, None),
     "impatient": (LIVE, {"datalab_upstream_timeout": 2}, None),  # routes to busy's instances
 }
 # Seconds after a proxy answers by which it is surely past mitmproxy's start-up, during which an error
@@ -426,7 +426,7 @@ def huge_head(env: Env) -> Answer:
 
 
 def uploads_busy(env: Env) -> Answer:
-    """datalab_max_uploads (1) bodies are arriving already (a signed one, stalled): a start is
+    """datalab_uploads_at_once (1) bodies are arriving already (a signed one, stalled): a start is
     refused at once, before its signature is spent, with 64 KiB of its 10 MB body sent."""
     p = env.proxy("narrow")
     held = rawhttp.hold_upload(p.port, p.sign_key, "held.csv")

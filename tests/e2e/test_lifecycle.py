@@ -146,7 +146,7 @@ def test_a_burst_is_queued_then_refused_cleanly(make_proxy, world):
     prefix = world.sub("burst")
     p = make_proxy(
         prefix=prefix,
-        datalab_start_concurrency=1,
+        datalab_boots_at_once=1,
         datalab_queue_timeout=4,
         datalab_max_instances=6,
         datalab_cull_interval=1,  # reconciliation runs during the burst and must not touch starts in flight

@@ -1,6 +1,6 @@
 """Refusals the request head decides, end to end on real mitmdump processes: they are answered at
 once, before any body (no 100 Continue first), and they hold none of the places among the arriving
-bodies (datalab_max_uploads) that signed starts need. The clients are raw sockets (rawhttp.py), as
+bodies (datalab_uploads_at_once) that signed starts need. The clients are raw sockets (rawhttp.py), as
 no HTTP library holds a body back on purpose.
 """
 
@@ -17,7 +17,7 @@ from e2e.rawhttp import parse
 from e2e.rawhttp import read_reply
 from e2e.rawhttp import start_head
 
-PLACES = 8  # datalab_max_uploads of these tests' proxy
+PLACES = 8  # datalab_uploads_at_once of these tests' proxy
 WAIT = 10.0  # seconds a client waits for its answer before it counts as none
 CSV = b"x,y\n1,2\n"
 ROUTED_POST = (
@@ -50,9 +50,9 @@ async def hostile_then_signed(p) -> tuple[list[Reply | None], requests.Response]
 
 
 def test_refused_bodies_hold_no_place_a_signed_start_needs(make_proxy, world):
-    """Before: each refused body took a place among datalab_max_uploads until it ended or
+    """Before: each refused body took a place among datalab_uploads_at_once until it ended or
     datalab_upload_timeout (300 s) passed, so anyone, unsigned, made every start answer 503 CAPACITY."""
-    p = make_proxy(prefix=world.sub("refusals"), datalab_max_uploads=PLACES)
+    p = make_proxy(prefix=world.sub("refusals"), datalab_uploads_at_once=PLACES)
     replies, r = asyncio.run(hostile_then_signed(p))
     assert r.status_code == 200 and r.json()["code"] == "OK", r.text
     assert p.stop_instance(r.json()["result"]["nonce"]).status_code == 200

@@ -55,7 +55,7 @@ class HeaderDeadline:
 
     def __init__(
         self,
-        settings: Callable[[], Settings | None],
+        settings: Callable[[], Settings],
         close: Callable[[connection.Client, bytes | None], None] | None = None,
     ):
         self.settings = settings
@@ -65,8 +65,7 @@ class HeaderDeadline:
 
     @property
     def timeout(self) -> int:
-        s = self.settings()
-        return s.header_timeout if s is not None else Settings.header_timeout
+        return self.settings().header_timeout
 
     def client_connected(self, client: connection.Client) -> None:
         watch = self._watched[client.id] = Watch(client)

@@ -106,7 +106,7 @@ class TransportSecurity:
     network attacker then cannot lead the browser to a plain-HTTP page of the proxy's hosts (which
     would be a same-host origin for Jupyter, and could plant cookies)."""
 
-    def __init__(self, settings: Callable[[], Settings | None]):
+    def __init__(self, settings: Callable[[], Settings]):
         self.settings = settings
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
@@ -117,7 +117,7 @@ class TransportSecurity:
 
     def _mark(self, flow: http.HTTPFlow) -> None:
         s = self.settings()
-        if s is None or not s.cookie_secure or not flow.response or not flow.client_conn.tls_established:
+        if not s.cookie_secure or not flow.response or not flow.client_conn.tls_established:
             return
         value = f"max-age={HSTS_SECONDS}"
         if s.routing == "subdomain":

@@ -55,15 +55,14 @@ _HEAD_END = re.compile(rb"\n\r?\n")  # the blank line that ends a head, as h11's
 _BUILT_ON = ("read_headers", "read_body", "wait", "done", "mark_done")  # methods; and its buf, stream_id, state
 _MITMPROXY_HTTP1 = http_layers.Http1Server
 
-_DEFAULTS = Settings()
-_settings: Callable[[], Settings | None] = lambda: None  # noqa: E731 (install sets it)
+_settings: Callable[[], Settings] = Settings  # the defaults until install() is given the live ones
 # Each client's HTTP/1 layer, by client id: how much it holds unparsed (backlog) paces reading.
 _layers: weakref.WeakValueDictionary[str, BoundedHttp1Server] = weakref.WeakValueDictionary()
 
 
 def limits() -> tuple[int, int]:
     """(bytes, lines) a request head may have."""
-    s = _settings() or _DEFAULTS
+    s = _settings()
     return s.max_head, s.max_head_lines
 
 
@@ -244,7 +243,7 @@ def hold_reading(transport: asyncio.Transport, reader: asyncio.StreamReader) -> 
         reader._paused = False
 
 
-def install(settings: Callable[[], Settings | None]) -> None:
+def install(settings: Callable[[], Settings]) -> None:
     """Make mitmproxy's HTTP layer create BoundedHttp1Server for clients (idempotent)."""
     global _settings
     _settings = settings
@@ -258,7 +257,7 @@ def install(settings: Callable[[], Settings | None]) -> None:
 class HeadBounds:
     """Installs the HTTP/1 bound at load; bounds HTTP/2 (and HTTP/3) heads once decoded."""
 
-    def __init__(self, settings: Callable[[], Settings | None]):
+    def __init__(self, settings: Callable[[], Settings]):
         self.settings = settings
 
     def load(self, loader) -> None:

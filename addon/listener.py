@@ -32,13 +32,13 @@ class SharedPort:
 
     def configure(self, updated: set[str]) -> None:
         s = self.runtime.settings
-        if "datalab_reuse_port" in updated and s is not None and s.reuse_port and ctx.options.server:
+        if "datalab_reuse_port" in updated and s.reuse_port and ctx.options.server:
             raise exceptions.OptionsError(
                 "datalab_reuse_port needs --set server=false: the proxy must not listen before it can share its port"
             )
 
     def running(self) -> None:
-        if self.runtime.settings is None or not self.runtime.settings.reuse_port:
+        if not self.runtime.settings.reuse_port:
             return
         servers = ctx.master.addons.get("proxyserver").servers
         servers.changed.connect(self._share)  # called with new servers created, before they start

@@ -254,8 +254,6 @@ class Metrics:
     def configure(self, updated: set[str]) -> None:
         """Follow datalab_metrics_* (declared and checked in config.py, handed over in Settings)."""
         s = self.runtime.settings
-        if s is None:
-            return
         self.token = s.metrics_token
         address = (s.metrics_host, s.metrics_port)
         moved, self._address = address != self._address, address

@@ -79,8 +79,7 @@ class Router:
         self._checking: dict[str, asyncio.Task] = {}  # instances being checked after a failed connection
 
     def configure(self, updated: set[str]) -> None:
-        if self.runtime.settings is not None:
-            self.cache = RouteCache(ttl=self.runtime.settings.route_cache_ttl)
+        self.cache = RouteCache(ttl=self.runtime.settings.route_cache_ttl)
 
     def running(self) -> None:
         self._listener = asyncio.create_task(self._follow_removals())

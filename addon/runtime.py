@@ -42,10 +42,11 @@ async def remove_all_instances(redis_url: str, prefix: str) -> int:
 
 
 class Runtime:
-    """Holds what the hooks need; `ready` is False until valid options arrived."""
+    """Holds what the hooks need. `settings` is always a Settings (the defaults until valid options
+    arrive); `ready` says whether valid options were applied (the parts then exist)."""
 
     def __init__(self) -> None:
-        self.settings: Settings | None = None
+        self.settings = Settings()
         self.instances: Instances | None = None
         self.activity = Activity()
         self._retired: list[store.Store] = []

@@ -99,15 +99,15 @@ class UploadSink:
     answer or error.
     """
 
-    def __init__(self, settings: Callable[[], Settings | None] | None = None) -> None:
-        self._settings = settings or (lambda: None)
+    def __init__(self, settings: Callable[[], Settings] = Settings) -> None:
+        self._settings = settings
         self._server: asyncio.Server | None = None
         self.port: int | None = None
         self._arriving: dict[str, str] = {}  # flow id -> its client connection's id
 
     @property
     def settings(self) -> Settings:
-        return self._settings() or _DEFAULTS
+        return self._settings()
 
     @property
     def arriving(self) -> int:
@@ -242,9 +242,6 @@ class UploadSink:
             log.debug("upload sink: %s", e)
         finally:
             writer.close()
-
-
-_DEFAULTS = Settings()
 
 
 def closing(flow: http.HTTPFlow, response: http.Response) -> http.Response:

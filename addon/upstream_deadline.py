@@ -53,7 +53,7 @@ MAX_LAYERS = 16  # a layer stack is a handful deep; the walk to the HTTP layer s
 
 
 class UpstreamDeadline:
-    def __init__(self, settings: Callable[[], Settings | None]):
+    def __init__(self, settings: Callable[[], Settings]):
         self.settings = settings
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._unsent: set[str] = set()  # flows whose deadline came before their connection opened
@@ -61,8 +61,7 @@ class UpstreamDeadline:
 
     @property
     def timeout(self) -> int:
-        s = self.settings()
-        return s.upstream_timeout if s is not None else Settings.upstream_timeout
+        return self.settings().upstream_timeout
 
     def request(self, flow: http.HTTPFlow) -> None:
         """The request has arrived whole and goes to its instance now: the deadline starts."""

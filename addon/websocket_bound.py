@@ -59,7 +59,7 @@ _PATCHED = "_datalab_bounded"  # marks the installed events()
 _SIZE = "_datalab_message_size"  # a WebsocketConnection's MessageSize
 _CUT = "_datalab_cut"  # set on a WebsocketConnection whose sender passed the bound
 
-_settings: Callable[[], Settings | None] = lambda: None  # noqa: E731  set by WebSocketBound
+_settings: Callable[[], Settings] = Settings  # the defaults until WebSocketBound gives the live ones
 
 
 class MessageSize:
@@ -81,8 +81,7 @@ class MessageSize:
 
 
 def _limit() -> int:
-    s = _settings()
-    return (s or Settings()).max_ws_message
+    return _settings().max_ws_message
 
 
 def _bounded_events(ws: wslayer.WebsocketConnection) -> Iterator[Event]:
@@ -179,7 +178,7 @@ def install() -> None:
 class WebSocketBound:
     """Installs the bound, gives it the live settings, and logs and counts the WebSockets it closes."""
 
-    def __init__(self, settings: Callable[[], Settings | None]):
+    def __init__(self, settings: Callable[[], Settings]):
         global _settings
         _settings = settings
         install()

@@ -33,14 +33,14 @@ from websocket_bound import WebSocketBound
 from work_files import WorkFiles
 
 runtime = Runtime()  # also an addon: running() starts the pool, culling and exit events; done() stops them
-deadline = HeaderDeadline(lambda: runtime.settings)  # closes connections whose request head does not come in time
-sink = UploadSink(lambda: runtime.settings)  # also an addon: a loopback server that drains upload bodies (upload.py)
+deadline = HeaderDeadline(runtime)  # closes connections whose request head does not come in time
+sink = UploadSink(runtime)  # also an addon: a loopback server that drains upload bodies (upload.py)
 files = WorkFiles()  # also an addon: a loopback server that streams saved works (work_files.py)
 
 addons = [
     Config(runtime.apply),
     deadline,
-    HeadBounds(lambda: runtime.settings),  # request heads within datalab_max_head bytes and _lines, or 431
+    HeadBounds(runtime),  # request heads within datalab_max_head bytes and _lines, or 431
     runtime,
     sink,
     files,
@@ -48,10 +48,10 @@ addons = [
     Api(runtime, sink, files),
     Router(runtime, sink),
     FailClosed(runtime, sink, files),
-    TransportSecurity(lambda: runtime.settings),
+    TransportSecurity(runtime),
     TrimWebSockets(),
-    UpstreamDeadline(lambda: runtime.settings),  # an instance's answer begins within datalab_upstream_timeout, or 504
-    WebSocketBound(lambda: runtime.settings),  # a WebSocket message is held up to datalab_max_ws_message
+    UpstreamDeadline(runtime),  # an instance's answer begins within datalab_upstream_timeout, or 504
+    WebSocketBound(runtime),  # a WebSocket message is held up to datalab_max_ws_message
     OneRequestAtATime(),  # after the others: a flow is claimed (upload or not) before reading pauses
     SharedPort(runtime),  # run.sh --workers: several processes on one port
     deadline.after,  # last: a request is over once every other addon is done with it

@@ -29,10 +29,10 @@ from mitmproxy import http
 
 import errors
 import heads
-from config import Settings
 from handlers import client_io
 from handlers import closing_answer
 from marks import SINK
+from runtime import Runtime
 from upload import has_body
 
 log = logging.getLogger(__name__)
@@ -55,17 +55,17 @@ class HeaderDeadline:
 
     def __init__(
         self,
-        settings: Callable[[], Settings],
+        runtime: Runtime,
         close: Callable[[connection.Client, bytes | None], None] | None = None,
     ):
-        self.settings = settings
+        self.runtime = runtime
         self.close = close or close_client
         self._watched: dict[str, Watch] = {}
         self.after = _RequestsEnd(self)
 
     @property
     def timeout(self) -> int:
-        return self.settings().header_timeout
+        return self.runtime.settings.header_timeout
 
     def client_connected(self, client: connection.Client) -> None:
         watch = self._watched[client.id] = Watch(client)

@@ -15,12 +15,10 @@ number and bytes (a message's own size is websocket_bound.py's).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 
 from mitmproxy import http
 from mitmproxy.proxy.server_hooks import ServerConnectionHookData
 
-from config import Settings
 from errors import ApiError
 from marks import HANDLED
 from marks import ROUTED
@@ -106,8 +104,8 @@ class TransportSecurity:
     network attacker then cannot lead the browser to a plain-HTTP page of the proxy's hosts (which
     would be a same-host origin for Jupyter, and could plant cookies)."""
 
-    def __init__(self, settings: Callable[[], Settings]):
-        self.settings = settings
+    def __init__(self, runtime: Runtime):
+        self.runtime = runtime
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         self._mark(flow)
@@ -116,7 +114,7 @@ class TransportSecurity:
         self._mark(flow)  # answers the addons gave themselves pass only through this hook
 
     def _mark(self, flow: http.HTTPFlow) -> None:
-        s = self.settings()
+        s = self.runtime.settings
         if not s.cookie_secure or not flow.response or not flow.client_conn.tls_established:
             return
         value = f"max-age={HSTS_SECONDS}"

@@ -32,7 +32,6 @@ import asyncio
 import logging
 import re
 import weakref
-from collections.abc import Callable
 
 from mitmproxy import connection
 from mitmproxy import http
@@ -42,9 +41,9 @@ from mitmproxy.proxy.layers import http as http_layers
 from mitmproxy.utils import human
 
 import errors
-from config import Settings
 from handlers import client_io
 from handlers import closing_answer
+from runtime import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -55,14 +54,14 @@ _HEAD_END = re.compile(rb"\n\r?\n")  # the blank line that ends a head, as h11's
 _BUILT_ON = ("read_headers", "read_body", "wait", "done", "mark_done")  # methods; and its buf, stream_id, state
 _MITMPROXY_HTTP1 = http_layers.Http1Server
 
-_settings: Callable[[], Settings] = Settings  # the defaults until install() is given the live ones
+_runtime = Runtime()  # the proxy's once install() is given it (until then: the default settings)
 # Each client's HTTP/1 layer, by client id: how much it holds unparsed (backlog) paces reading.
 _layers: weakref.WeakValueDictionary[str, BoundedHttp1Server] = weakref.WeakValueDictionary()
 
 
 def limits() -> tuple[int, int]:
     """(bytes, lines) a request head may have."""
-    s = _settings()
+    s = _runtime.settings
     return s.max_head, s.max_head_lines
 
 
@@ -243,10 +242,10 @@ def hold_reading(transport: asyncio.Transport, reader: asyncio.StreamReader) -> 
         reader._paused = False
 
 
-def install(settings: Callable[[], Settings]) -> None:
+def install(runtime: Runtime) -> None:
     """Make mitmproxy's HTTP layer create BoundedHttp1Server for clients (idempotent)."""
-    global _settings
-    _settings = settings
+    global _runtime
+    _runtime = runtime
     missing = [name for name in _BUILT_ON if not hasattr(_MITMPROXY_HTTP1, name)]
     if missing:
         raise RuntimeError(f"mitmproxy's Http1Server has no {', '.join(missing)}: heads.py needs updating")
@@ -257,11 +256,11 @@ def install(settings: Callable[[], Settings]) -> None:
 class HeadBounds:
     """Installs the HTTP/1 bound at load; bounds HTTP/2 (and HTTP/3) heads once decoded."""
 
-    def __init__(self, settings: Callable[[], Settings]):
-        self.settings = settings
+    def __init__(self, runtime: Runtime):
+        self.runtime = runtime
 
     def load(self, loader) -> None:
-        install(self.settings)
+        install(self.runtime)
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.request.http_version.startswith("HTTP/1"):

@@ -27,7 +27,6 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Callable
 
 import h11
 from mitmproxy import connection
@@ -38,6 +37,7 @@ from config import Settings
 from marks import CUT
 from marks import DEFERRED
 from marks import SINK
+from runtime import Runtime
 from upstream import frame_for_http1
 from upstream import reroute
 
@@ -99,15 +99,15 @@ class UploadSink:
     answer or error.
     """
 
-    def __init__(self, settings: Callable[[], Settings] = Settings) -> None:
-        self._settings = settings
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
         self._server: asyncio.Server | None = None
         self.port: int | None = None
         self._arriving: dict[str, str] = {}  # flow id -> its client connection's id
 
     @property
     def settings(self) -> Settings:
-        return self._settings()
+        return self.runtime.settings
 
     @property
     def arriving(self) -> int:

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
 
 from mitmproxy import http
 from mitmproxy.connection import ConnectionState
@@ -39,12 +38,12 @@ from mitmproxy.proxy.layers.http import HttpLayer
 from mitmproxy.proxy.layers.http._http1 import Http1Client
 
 import errors
-from config import Settings
 from handlers import closing_answer
 from handlers import handler_of
 from marks import ROUTED
 from marks import STATIC
 from marks import UPSTREAM_TIMEOUT
+from runtime import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -53,15 +52,15 @@ MAX_LAYERS = 16  # a layer stack is a handful deep; the walk to the HTTP layer s
 
 
 class UpstreamDeadline:
-    def __init__(self, settings: Callable[[], Settings]):
-        self.settings = settings
+    def __init__(self, runtime: Runtime):
+        self.runtime = runtime
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._unsent: set[str] = set()  # flows whose deadline came before their connection opened
         self._answering: set[asyncio.Task] = set()
 
     @property
     def timeout(self) -> int:
-        return self.settings().upstream_timeout
+        return self.runtime.settings.upstream_timeout
 
     def request(self, flow: http.HTTPFlow) -> None:
         """The request has arrived whole and goes to its instance now: the deadline starts."""

@@ -29,7 +29,6 @@ tests/e2e/test_websocket_bound.py runs against every entry, so it fails if the b
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from collections.abc import Iterator
 
 import wsproto
@@ -45,8 +44,8 @@ from wsproto.events import Event
 from wsproto.events import Message
 
 import metrics
-from config import Settings
 from marks import ROUTED
+from runtime import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +58,7 @@ _PATCHED = "_datalab_bounded"  # marks the installed events()
 _SIZE = "_datalab_message_size"  # a WebsocketConnection's MessageSize
 _CUT = "_datalab_cut"  # set on a WebsocketConnection whose sender passed the bound
 
-_settings: Callable[[], Settings] = Settings  # the defaults until WebSocketBound gives the live ones
+_runtime = Runtime()  # the proxy's once WebSocketBound is given it (until then: the default settings)
 
 
 class MessageSize:
@@ -81,7 +80,7 @@ class MessageSize:
 
 
 def _limit() -> int:
-    return _settings().max_ws_message
+    return _runtime.settings.max_ws_message
 
 
 def _bounded_events(ws: wslayer.WebsocketConnection) -> Iterator[Event]:
@@ -176,11 +175,12 @@ def install() -> None:
 
 
 class WebSocketBound:
-    """Installs the bound, gives it the live settings, and logs and counts the WebSockets it closes."""
+    """Installs the bound, gives it the runtime (whose settings it reads), and logs and counts the
+    WebSockets it closes."""
 
-    def __init__(self, settings: Callable[[], Settings]):
-        global _settings
-        _settings = settings
+    def __init__(self, runtime: Runtime):
+        global _runtime
+        _runtime = runtime
         install()
 
     def websocket_end(self, flow: http.HTTPFlow) -> None:

@@ -2,6 +2,7 @@ import pytest
 import redis
 
 from helpers import RedisServer
+from runtime import Runtime
 from upload import UploadSink
 
 
@@ -22,7 +23,7 @@ def redis_url(redis_server):
 @pytest.fixture
 async def sink():
     """A listening upload sink (the loopback server refused and uploaded bodies drain into)."""
-    s = UploadSink()
+    s = UploadSink(Runtime())
     await s.running()
     yield s
     await s.done()

@@ -22,11 +22,19 @@ from marks import CUT
 from marks import DEFERRED
 from marks import SINK
 from marks import START
+from runtime import Runtime
 from upload import DEADLINE
 from upload import RECEIVED
 from upload import UNREAD
 from upload import VERDICT
 from upload import UploadSink
+
+
+def holding(s: Settings) -> Runtime:
+    """A runtime (not ready: no parts) holding these settings, as the addons read them."""
+    rt = Runtime()
+    rt.settings = s
+    return rt
 
 
 def settings(**changes) -> Settings:
@@ -58,7 +66,7 @@ async def test_the_sink_cuts_a_body_that_does_not_arrive_by_its_deadline(sink):
 
 
 async def test_no_deadline_is_later_than_the_sinks_own():
-    sink = UploadSink(lambda: settings(upload_timeout=1))
+    sink = UploadSink(holding(settings(upload_timeout=1)))
     await sink.running()
     try:
         answer, _ = await to_sink(sink, sink_head(100, deadline=time.time() + 3600), b"x")
@@ -84,7 +92,7 @@ def refused_flow(content: bytes = b"x" * 100):
 
 
 async def test_bodies_arriving_are_counted_until_their_answer_error_or_client_leaves(sink):
-    sink._settings = lambda: settings(uploads_at_once=2)
+    sink.runtime.settings = settings(uploads_at_once=2)
     first, second = start_flow(), start_flow()
     sink.take(first, limit=10)
     sink.take(second, limit=10)
@@ -119,7 +127,7 @@ def sink_answered(sink: UploadSink, flow, body_ended: bool) -> None:
 async def test_a_refusal_is_given_at_once_and_holds_no_place(sink):
     """However few bodies are arriving, a refused one goes to the sink unread: refused (unsigned)
     clients hold none of the places signed starts need."""
-    sink._settings = lambda: settings(uploads_at_once=1)
+    sink.runtime.settings = settings(uploads_at_once=1)
     flows = [refused_flow() for _ in range(3)]
     for flow in flows:
         sink.refuse(flow)
@@ -141,7 +149,7 @@ async def test_a_refusal_goes_out_with_no_100_continue_first(sink, content):
 
 
 async def test_beyond_the_bound_a_start_is_refused_before_its_signature_is_spent(sink):
-    sink._settings = lambda: settings(uploads_at_once=1)
+    sink.runtime.settings = settings(uploads_at_once=1)
     sink.take(start_flow(), limit=10)
     # Redis is not there (runtime_for's default URL): spending the signature would be a 503 REDIS_UNAVAILABLE
     flow = await through_api(start_flow(content=b"a,b\n"), sink, runtime_for(uploads_at_once=1))
@@ -195,7 +203,7 @@ def plain_client():
 
 def deadline_for(timeout: float = 0.05) -> tuple[HeaderDeadline, Closes]:
     closes = Closes()
-    return HeaderDeadline(lambda: settings(header_timeout=timeout), closes), closes
+    return HeaderDeadline(holding(settings(header_timeout=timeout)), closes), closes
 
 
 async def test_a_connection_without_a_request_head_is_answered_and_closed():

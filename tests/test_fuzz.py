@@ -487,7 +487,7 @@ cookie_header = st.lists(
 
 
 async def through_router(flow: http.HTTPFlow, rt) -> http.HTTPFlow:
-    router = Router(rt, UploadSink())
+    router = Router(rt, UploadSink(rt))
     with taddons.context(router) as tctx:
         tctx.configure(router)
         await router.requestheaders(flow)

@@ -26,7 +26,7 @@ SESSION = "S" * 32
 
 
 async def routed(flow, rt, sink=None):
-    router = Router(rt, sink or UploadSink())
+    router = Router(rt, sink or UploadSink(rt))
     with taddons.context(router) as tctx:
         tctx.configure(router)
         await router.requestheaders(flow)
@@ -101,7 +101,7 @@ async def test_only_a_persons_requests_are_activity(redis_url):
         assert flow.metadata[ROUTED] == INSTANCE.id and rt.activity.take() == {}, path
     ws = tflow.twebsocketflow()
     ws.metadata[ROUTED] = INSTANCE.id
-    Router(rt, UploadSink()).websocket_message(ws)
+    Router(rt, UploadSink(rt)).websocket_message(ws)
     assert rt.activity.take() == {}
     for method, path, headers in (
         ("GET", "/lab/tree/a.ipynb", {**cookie, "Sec-Fetch-Mode": "navigate"}),
@@ -148,7 +148,8 @@ def test_route_cache_expires_and_drops_by_instance():
 
 
 def test_fail_closed_refuses_unclaimed_flows():
-    guard = FailClosed(runtime_for(), UploadSink())
+    rt = runtime_for()
+    guard = FailClosed(rt, UploadSink(rt))
     with taddons.context(guard):
         flow = request_flow("GET", "/anything")
         guard.requestheaders(flow)
@@ -163,9 +164,9 @@ def test_fail_closed_refuses_unclaimed_flows():
 async def test_connections_open_only_to_instances_and_the_upload_sink():
     """Whatever an addon did to a flow (a bug, an exception that skipped the other hooks), the
     connection itself goes nowhere else: not to the dead default target, not to another port."""
-    sink = UploadSink()
-    sink.port = 4000
     rt = runtime_for()  # its backend vouches for 127.0.0.1 (a stand-in for the instance network)
+    sink = UploadSink(rt)
+    sink.port = 4000
     guard = FailClosed(rt, sink)
 
     async def refused(host: str, port: int) -> bool:
@@ -214,7 +215,8 @@ def test_websocket_history_keeps_big_messages_only_while_they_are_the_newest():
 
 
 def test_an_instance_cannot_set_the_session_cookie():
-    router = Router(runtime_for(), UploadSink())
+    rt = runtime_for()
+    router = Router(rt, UploadSink(rt))
     flow = tflow.tflow(resp=True)
     flow.metadata[ROUTED] = INSTANCE.id
     flow.response.headers.set_all("Set-Cookie", ["_xsrf=1; Path=/", "datalab_session=stolen; Path=/"])
@@ -237,7 +239,8 @@ async def test_a_refused_request_with_a_body_is_drained_before_its_answer(redis_
 
 
 def test_an_instance_cannot_set_the_session_cookie_with_blanks_or_the_host_prefix():
-    router = Router(runtime_for(cookie_secure=True), UploadSink())
+    rt = runtime_for(cookie_secure=True)
+    router = Router(rt, UploadSink(rt))
     flow = tflow.tflow(resp=True)
     flow.metadata[ROUTED] = INSTANCE.id
     flow.response.headers.set_all(

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable
 from collections.abc import Callable
 from collections.abc import Coroutine
 from dataclasses import dataclass
@@ -22,13 +21,13 @@ from dataclasses import replace as dataclasses_replace
 
 from mitmproxy import http
 from mitmproxy.connection import ConnectionState
-from redis.exceptions import RedisError
 
 import errors
 import hosts
 import inputs
 import signing
 import waiting
+from answers import answering_errors
 from backends import BackendError
 from backends import Instance
 from backends import http_status
@@ -91,6 +90,17 @@ def make_passive(response: http.Response) -> None:
     response.headers.pop("Set-Cookie", None)
 
 
+def _passive(flow: http.HTTPFlow) -> None:
+    """Whatever a /datalab/static request is answered here (a refusal too) is passive."""
+    if flow.response is not None and flow.request.path.startswith(STATIC_PREFIX):
+        make_passive(flow.response)
+
+
+def _where(flow: http.HTTPFlow) -> str:
+    """The request, as a backend fault's log line names it."""
+    return f"{flow.request.method} {flow.request.path.partition('?')[0]}"
+
+
 def single_param(query: http.MultiDictView, name: str) -> str:
     values = query.get_all(name)
     if len(values) != 1:
@@ -138,10 +148,7 @@ class Api:
         if flow.response or flow.error or not flow.live or not is_api_path(flow.request.path.partition("?")[0]):
             return
         flow.metadata[HANDLED] = True
-        await self._answering_errors(flow, self._dispatch)
-        if flow.response is not None and flow.request.path.startswith(STATIC_PREFIX):
-            make_passive(flow.response)
-        self.sink.refuse(flow)
+        await answering_errors(flow, self._dispatch, _where(flow), drain=self.sink, unexpected=True, finish=_passive)
 
     async def done(self) -> None:
         if self._health is not None:
@@ -149,7 +156,7 @@ class Api:
 
     async def response(self, flow: http.HTTPFlow) -> None:
         if START in flow.metadata and flow.metadata.get(SINK) and not flow.metadata.get(CUT):
-            await self._answering_errors(flow, self._start)
+            await answering_errors(flow, self._start, _where(flow), unexpected=True)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         if (flow.metadata.get(STATIC) or flow.metadata.get(WORK)) and flow.response:
@@ -162,23 +169,9 @@ class Api:
             )
             flow.response.headers["Cache-Control"] = "no-store"
 
-    async def _answering_errors(self, flow: http.HTTPFlow, handler: Callable[[http.HTTPFlow], Awaitable[None]]) -> None:
-        try:
-            if not self.runtime.ready:
-                raise ApiError(503, "NOT_CONFIGURED", "the proxy has no valid datalab_* options yet")
-            await handler(flow)
-        except ApiError as e:
-            flow.response = e.response()
-        except BackendError as e:
-            where = f"{flow.request.method} {flow.request.path.partition('?')[0]}"
-            flow.response = errors.backend_failure(e, where).response()
-        except RedisError as e:
-            flow.response = errors.redis_unavailable(e).response()
-        except Exception:
-            log.exception("datalab: unexpected failure on %s", inputs.shown(flow.request.path))
-            flow.response = ApiError(500, "INTERNAL", "the proxy failed unexpectedly; see its log").response()
-
     async def _dispatch(self, flow: http.HTTPFlow) -> None:
+        if not self.runtime.ready:
+            raise errors.not_configured()
         path, _, query = flow.request.path.partition("?")
         _, _, rest = path.partition(PREFIX)
         endpoint, _, tail = rest.partition("/")
@@ -287,6 +280,8 @@ class Api:
         return ApiError(413, "UPLOAD_TOO_LARGE", f"the upload is over {self.runtime.settings.max_upload} bytes")
 
     async def _start(self, flow: http.HTTPFlow) -> None:
+        if not self.runtime.ready:
+            raise errors.not_configured()
         collector = flow.request.stream
         if not isinstance(collector, BodyCollector):
             raise ApiError(500, "INTERNAL", "the upload body was not collected")

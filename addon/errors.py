@@ -42,6 +42,10 @@ def json_response(status: int, body: dict, headers: dict[str, str] | None = None
     )
 
 
+def not_configured() -> ApiError:
+    return ApiError(503, "NOT_CONFIGURED", "the proxy has no valid datalab_* options yet")
+
+
 def bad_request(message: str) -> ApiError:
     return ApiError(400, "BAD_REQUEST", message)
 

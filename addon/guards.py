@@ -19,6 +19,7 @@ import logging
 from mitmproxy import http
 from mitmproxy.proxy.server_hooks import ServerConnectionHookData
 
+import answers
 from errors import ApiError
 from marks import HANDLED
 from marks import ROUTED
@@ -37,9 +38,9 @@ WEBSOCKET_BYTES_KEPT = 1024 * 1024  # of the messages before the newest
 HSTS_SECONDS = 31_536_000  # a year
 
 
-def _refuse(flow: http.HTTPFlow, phase: str) -> None:
+def _not_routed(flow: http.HTTPFlow, phase: str) -> ApiError:
     log.error("datalab: %s %s was not routed in %s; refusing it", flow.request.method, flow.request.path, phase)
-    flow.response = ApiError(500, "NOT_ROUTED", "the proxy could not route this request; see its log").response()
+    return ApiError(500, "NOT_ROUTED", "the proxy could not route this request; see its log")
 
 
 class FailClosed:
@@ -72,14 +73,13 @@ class FailClosed:
         if flow.response or flow.error or not flow.live:
             return
         if not (flow.metadata.get(HANDLED) or flow.metadata.get(ROUTED) or flow.metadata.get(SINK)):
-            _refuse(flow, "requestheaders")
-            self.sink.refuse(flow)
+            answers.refuse(flow, self.sink, _not_routed(flow, "requestheaders"))
 
     def request(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live:
             return
         if not any(flow.metadata.get(mark) for mark in (ROUTED, STATIC, SINK, WORK)):
-            _refuse(flow, "request")
+            flow.response = _not_routed(flow, "request").response()  # the body was read: nothing to drain
 
 
 class TrimWebSockets:

@@ -22,7 +22,7 @@ import errors
 import hosts
 import inputs
 import metrics
-from backends import BackendError
+from answers import answering_errors
 from backends import Instance
 from errors import ApiError
 from errors import InstanceGone
@@ -92,18 +92,14 @@ class Router:
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live or flow.metadata.get(HANDLED):
             return
+        where = f"routing {flow.request.path.partition('?')[0]}"
+        await answering_errors(flow, self._route, where, drain=self.sink)
+
+    async def _route(self, flow: http.HTTPFlow) -> None:
         try:
             instance = await self._instance_for(flow)
         except InstanceGone as e:
             flow.response = await self._gone_answer(flow, e)
-        except ApiError as e:
-            flow.response = e.response()
-        except BackendError as e:
-            flow.response = errors.backend_failure(e, f"routing {flow.request.path.partition('?')[0]}").response()
-        except RedisError as e:
-            flow.response = errors.redis_unavailable(e).response()
-        if flow.response is not None:
-            self.sink.refuse(flow)
             return
         route_to_instance(flow, instance)
         # A client's body is never held: held bodies would let slow clients pile them up in memory,
@@ -159,7 +155,7 @@ class Router:
 
     async def _instance_for(self, flow: http.HTTPFlow) -> Instance:
         if not self.runtime.ready:
-            raise ApiError(503, "NOT_CONFIGURED", "the proxy has no valid datalab_* options yet")
+            raise errors.not_configured()
         s = self.runtime.settings
         self._check_origin(flow)
         label = self._host_label(flow)

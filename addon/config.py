@@ -70,6 +70,26 @@ def parse_origins(text: str) -> frozenset[str]:
     return frozenset(o.strip().lower().rstrip("/") for o in text.split(",") if o.strip())
 
 
+def _positive_number(text: str) -> bool:
+    try:
+        return float(text) > 0
+    except ValueError:
+        return False
+
+
+def _origins_problem(text: str) -> str | None:
+    bad = [origin for origin in parse_origins(text) if not _ORIGIN_RE.match(origin)]
+    return f"has {bad[0]!r}, not an origin like https://host[:port]" if bad else None
+
+
+def _ip_address_problem(host: str) -> str | None:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return f"must be an IP address (127.0.0.1, ::1), not {host!r}"
+    return None
+
+
 # The Redis run.sh starts (scripts/setup.sh ensure_redis): a Unix socket in a directory only its user
 # may enter, which no instance can reach or pose as (a loopback port, process instances could).
 LOCAL_REDIS_URL = "unix://" + quote(f"{STATE}/redis/local/redis.sock")
@@ -134,7 +154,7 @@ class Settings:
     allowed_origins: str = option(
         "",
         "Comma-separated origins (https://app.example.com) besides the request's own that may open WebSockets.",
-        check=lambda v: _origins_problem(v),
+        check=_origins_problem,
     )
     routing: str = option(
         "cookie",
@@ -203,7 +223,7 @@ class Settings:
     cpus: str = option(
         "1.0",
         "CPU limit of each instance, in CPUs (not enforced by the process backend).",
-        check=holds(lambda v: _positive_number(v), "must be a positive number of CPUs, e.g. 0.5 or 2"),
+        check=holds(_positive_number, "must be a positive number of CPUs, e.g. 0.5 or 2"),
     )
     pids_limit: int = option(
         256, "Process-count limit of each instance (the process backend: only when run as root).", check=positive
@@ -270,7 +290,7 @@ class Settings:
     metrics_host: str = option(
         "127.0.0.1",
         "Address of the metrics port; keep it away from the public.",
-        check=lambda v: _ip_address_problem(v),
+        check=_ip_address_problem,
     )
     metrics_token: str = option(
         "",
@@ -390,26 +410,6 @@ def _check_redis_url(url: str) -> None:
         "must be a redis://, rediss://, unix:// or redis+sentinel://host:port[,host:port...]/service[/db] URL",
     )
     parse_url(url)
-
-
-def _positive_number(text: str) -> bool:
-    try:
-        return float(text) > 0
-    except ValueError:
-        return False
-
-
-def _origins_problem(text: str) -> str | None:
-    bad = [origin for origin in parse_origins(text) if not _ORIGIN_RE.match(origin)]
-    return f"has {bad[0]!r}, not an origin like https://host[:port]" if bad else None
-
-
-def _ip_address_problem(host: str) -> str | None:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return f"must be an IP address (127.0.0.1, ::1), not {host!r}"
-    return None
 
 
 def _require(ok: bool, field: str, message: str) -> None:

@@ -17,7 +17,7 @@ import logging
 import time
 from dataclasses import dataclass
 
-import metrics
+import counters
 from backends import Found
 from backends import Instance
 from backends import jupyter_activity
@@ -152,7 +152,7 @@ class Culler:
             log.warning("datalab: culling could not end an instance: %s", failure)
         for cause, ended in zip([v.cause for _, v in ending] + ["orphan"] * len(orphans), done, strict=True):
             if ended is True:
-                metrics.culled(cause)
+                counters.culled(cause)
         await self._sweep_work(now)
         return sum(1 for d in done if d is True)
 

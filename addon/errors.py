@@ -8,7 +8,7 @@ import logging
 
 from mitmproxy import http
 
-import metrics
+import counters
 from backends import BackendError
 
 log = logging.getLogger(__name__)
@@ -26,7 +26,7 @@ class ApiError(Exception):
 
     def response(self) -> http.Response:
         """The answer to a client (counted once per answer made)."""
-        metrics.refused(self.code, self.status)
+        counters.refused(self.code, self.status)
         return json_response(self.status, self.body(), self.headers)
 
     def body(self) -> dict[str, str]:

@@ -15,8 +15,8 @@ import logging
 import os
 import time
 
+import counters
 import inputs
-import metrics
 from admission import Admission
 from admission import QueueTimeout
 from backends import Backend
@@ -89,7 +89,7 @@ class Instances:
 
     # Starting
 
-    @metrics.timed_start
+    @counters.timed_start
     async def start(self, filename: str, data: bytes | bytearray, unpack: str = "") -> Handout:
         """Hand out an instance holding the upload (or, with `unpack`, the archive's contents: zip, tar
         or tar.gz); return the nonce bound to it and its work's id."""
@@ -158,7 +158,7 @@ class Instances:
             await asyncio.shield(self.store.release(instance_id))
             raise
 
-    @metrics.cold_boot
+    @counters.cold_boot
     async def boot(self, instance_id: str) -> Instance:
         """Boot an empty instance with a fresh token; the start timeout counts from here."""
         timeout = self.settings.start_timeout
@@ -277,7 +277,7 @@ class Instances:
         if await self.backend.poll(instance):
             return False
         if await self.end(instance, GONE, "gone"):
-            metrics.culled("gone")  # by the proxy whose end won (every proxy may notice it)
+            counters.culled("gone")  # by the proxy whose end won (every proxy may notice it)
         return True
 
     async def all(self) -> list[Instance]:

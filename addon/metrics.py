@@ -1,8 +1,7 @@
-"""Prometheus metrics for operators: what the proxy did (starts, routed traffic, culls, refusals) and
-how many instances there are, served where the public cannot reach them.
+"""The Prometheus exporter for operators: what the proxy did (counters.py: starts, routed traffic,
+culls, refusals) and how many instances there are, served where the public cannot reach them.
 
-The counters are module-level, so the hot paths count with one `inc()` on a child bound once (no
-label lookup per request). The instance gauges are read from Redis at scrape time: several proxies
+The instance gauges are read from Redis at scrape time: several proxies
 share one Redis, so every proxy reports the same numbers (aggregate them with max(), not sum()).
 `Metrics` serves them on datalab_metrics_host:datalab_metrics_port (prometheus_client's server, in
 a thread) and, with datalab_metrics_token, at GET /datalab/metrics with that bearer token on the
@@ -12,185 +11,30 @@ proxy's own port; anyone else is answered as for any unknown /datalab/ path.
 from __future__ import annotations
 
 import asyncio
-import contextvars
-import functools
 import hmac
 import ipaddress
 import logging
 import threading
-import time
-from collections.abc import Awaitable
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
 from wsgiref.simple_server import WSGIServer
 
 from mitmproxy import http
 from prometheus_client import CONTENT_TYPE_LATEST
 from prometheus_client import CollectorRegistry
-from prometheus_client import Counter
-from prometheus_client import Histogram
 from prometheus_client import ProcessCollector
 from prometheus_client import generate_latest
 from prometheus_client import start_http_server
 from prometheus_client.core import GaugeMetricFamily
-from redis.exceptions import RedisError
 
 import config
-from backends import BackendError
+import counters
 from marks import HANDLED
+from runtime import Runtime
 from store import Store
-
-if TYPE_CHECKING:
-    from runtime import Runtime
 
 log = logging.getLogger(__name__)
 
 PATH = config.METRICS_PATH
 SCRAPE_WAIT = 5.0  # seconds a scrape waits for the instance counts from Redis
-# From a pooled hand-out (copy the upload in, bind: ~0.05 s) to a cold boot at the start and queue timeouts.
-START_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 45, 60, 90)
-CULL_REASONS = ("idle", "max_age", "gone", "unreachable", "orphan")
-START_OUTCOMES = ("ok", "CAPACITY", "START_TIMEOUT", "IMAGE_MISSING", "CLIENT_GONE")
-WORK_OUTCOMES = ("saved", "too_large", "timeout", "failed", "gone", "store")
-
-COUNTERS = CollectorRegistry()  # this process's counts; each Metrics addon serves them with its gauges
-STARTS = Counter(
-    "datalab_starts", "Starts (/datalab/start) by outcome: ok or the error code.", ["outcome"], registry=COUNTERS
-)
-START_SECONDS = Histogram(
-    "datalab_start_seconds",
-    "Seconds from a start being taken on to its nonce, by where its instance came from (pooled, cold).",
-    ["source"],
-    buckets=START_BUCKETS,
-    registry=COUNTERS,
-)
-PROXIED = Counter(
-    "datalab_proxied_requests", "Requests routed to an instance (WebSocket handshakes too).", registry=COUNTERS
-)
-WEBSOCKET_MESSAGES = Counter(
-    "datalab_websocket_messages", "WebSocket messages through routed flows, by sender.", ["sender"], registry=COUNTERS
-)
-WEBSOCKET_TOO_BIG = Counter(
-    "datalab_websocket_too_big",
-    "WebSockets closed with 1009 for a message over datalab_max_ws_message, by sender.",
-    ["sender"],
-    registry=COUNTERS,
-)
-CULLS = Counter(
-    "datalab_culls", "Instances ended by culling and reconciliation, by reason.", ["reason"], registry=COUNTERS
-)
-WORK_SAVES = Counter(
-    "datalab_work_saves",
-    "Ended instances' work: saved, or not saved by why (too_large, timeout, failed, gone, store).",
-    ["outcome"],
-    registry=COUNTERS,
-)
-WORK_SAVED_BYTES = Counter("datalab_work_saved_bytes", "Bytes of work saved into the work store.", registry=COUNTERS)
-REFUSALS = Counter(
-    "datalab_refusals", "JSON errors the proxy answered, by code and status.", ["code", "status"], registry=COUNTERS
-)
-
-for _outcome in START_OUTCOMES:  # series that exist from the start, at 0, so rate() sees their first rise
-    STARTS.labels(_outcome)
-for _reason in CULL_REASONS:
-    CULLS.labels(_reason)
-for _outcome in WORK_OUTCOMES:
-    WORK_SAVES.labels(_outcome)
-START_OK = STARTS.labels("ok")
-START_LATENCY = {source: START_SECONDS.labels(source) for source in ("pooled", "cold")}
-WEBSOCKET_FROM_CLIENT = WEBSOCKET_MESSAGES.labels("client")
-WEBSOCKET_FROM_INSTANCE = WEBSOCKET_MESSAGES.labels("instance")
-TOO_BIG_FROM = {True: WEBSOCKET_TOO_BIG.labels("client"), False: WEBSOCKET_TOO_BIG.labels("instance")}
-
-
-def refused(code: str, status: int) -> None:
-    REFUSALS.labels(code, str(status)).inc()
-
-
-def culled(reason: str) -> None:
-    CULLS.labels(reason).inc()
-
-
-def work_saved(size: int) -> None:
-    WORK_SAVES.labels("saved").inc()
-    WORK_SAVED_BYTES.inc(size)
-
-
-def work_unsaved(outcome: str) -> None:
-    WORK_SAVES.labels(outcome).inc()
-
-
-def websocket_message(flow: http.HTTPFlow) -> None:
-    """Count the message a routed WebSocket just carried, by who sent it."""
-    if flow.websocket and flow.websocket.messages and flow.websocket.messages[-1].from_client:
-        WEBSOCKET_FROM_CLIENT.inc()
-    else:
-        WEBSOCKET_FROM_INSTANCE.inc()
-
-
-def websocket_too_big(from_client: bool) -> None:
-    TOO_BIG_FROM[from_client].inc()
-
-
-# Starts: Instances.start is wrapped in timed_start, Instances.boot in cold_boot; a boot inside a
-# start marks that start cold (a pool boot runs in its own task, outside any start).
-
-
-@dataclass
-class _Start:
-    source: str = "pooled"
-
-
-_current_start: contextvars.ContextVar[_Start | None] = contextvars.ContextVar("datalab_start", default=None)
-
-
-def start_outcome(exc: BaseException) -> str:
-    """The outcome label of a failed start: the code its client is answered with."""
-    if isinstance(exc, asyncio.CancelledError):
-        return "CLIENT_GONE"  # the api cancels a start whose client hung up
-    if isinstance(exc, BackendError):
-        return exc.code
-    if isinstance(exc, RedisError):
-        return "REDIS_UNAVAILABLE"
-    return "INTERNAL"
-
-
-def timed_start[**P, T](func: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
-    """Count a start by outcome; time a successful one, labelled pooled or cold."""
-
-    @functools.wraps(func)
-    async def counted(*args: P.args, **kwargs: P.kwargs) -> T:
-        start, began = _Start(), time.monotonic()
-        token = _current_start.set(start)
-        try:
-            handed = await func(*args, **kwargs)
-        except BaseException as e:
-            STARTS.labels(start_outcome(e)).inc()
-            raise
-        finally:
-            _current_start.reset(token)
-        START_OK.inc()
-        START_LATENCY[start.source].observe(time.monotonic() - began)
-        return handed
-
-    return counted
-
-
-def cold_boot[**P, T](func: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
-    """Mark the start this boot serves (if any) as cold."""
-
-    @functools.wraps(func)
-    async def booting(*args: P.args, **kwargs: P.kwargs) -> T:
-        start = _current_start.get()
-        if start is not None:
-            start.source = "cold"
-        return await func(*args, **kwargs)
-
-    return booting
-
-
-# Serving
 
 
 class InstanceGauges:
@@ -243,7 +87,7 @@ class Metrics:
         self.runtime = runtime
         self.gauges = InstanceGauges(runtime)
         self.registry = CollectorRegistry()
-        for collector in (COUNTERS, self.gauges, ProcessCollector(registry=None)):
+        for collector in (counters.COUNTERS, self.gauges, ProcessCollector(registry=None)):
             self.registry.register(collector)
         self.token = ""
         self._address: tuple[str, int] = ("127.0.0.1", 0)

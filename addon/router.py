@@ -17,11 +17,11 @@ from mitmproxy import http
 from redis.exceptions import RedisError
 
 import activity
+import counters
 import ended
 import errors
 import hosts
 import inputs
-import metrics
 from answers import answering_errors
 from backends import Instance
 from errors import ApiError
@@ -109,13 +109,13 @@ class Router:
         request = flow.request
         if activity.counts(request.method, request.path.partition("?")[0], request.query, request.headers):
             self.runtime.activity.touch(instance.id)
-        metrics.PROXIED.inc()
+        counters.PROXIED.inc()
 
     def websocket_message(self, flow: http.HTTPFlow) -> None:
         """Counted only: frames are no activity here. Running code and typing in a terminal are,
         and Jupyter records them per kernel and terminal (the culler reads that: culler.py)."""
         if ROUTED in flow.metadata:
-            metrics.websocket_message(flow)
+            counters.websocket_message(flow)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         """The frontend's origins may frame an instance's answer; it must not
@@ -236,7 +236,7 @@ class Router:
         except RedisError:
             return gone.response()
         page = ended.page(how.cause if how else "", work.state if work else "")
-        metrics.refused(gone.code, gone.status)
+        counters.refused(gone.code, gone.status)
         return http.Response.make(410, page, ended.headers(self.runtime.settings.origins))
 
     async def _follow_removals(self) -> None:

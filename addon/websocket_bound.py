@@ -43,7 +43,7 @@ from wsproto.events import CloseConnection
 from wsproto.events import Event
 from wsproto.events import Message
 
-import metrics
+import counters
 from marks import ROUTED
 from runtime import Runtime
 
@@ -193,4 +193,4 @@ class WebSocketBound:
             flow.metadata.get(ROUTED),
             ws.close_reason.removeprefix("datalab: "),
         )
-        metrics.websocket_too_big(ws.closed_by_client)  # the layer counts the close as the sender's
+        counters.websocket_too_big(ws.closed_by_client)  # the layer counts the close as the sender's

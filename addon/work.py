@@ -27,8 +27,8 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import counters
 import inputs
-import metrics
 from backends import ARCHIVE_PATH
 from backends import BackendError
 from backends import Instance
@@ -156,13 +156,13 @@ class WorkStore:
             if now is None or now.state == "deleted":  # deleted meanwhile: its file goes too
                 await asyncio.to_thread(self.path(record.id).unlink, missing_ok=True)
             return now
-        metrics.work_saved(written.size)
+        counters.work_saved(written.size)
         log.info("instance %s: work %s saved (%d bytes)", instance.id, record.id[:8], written.size)
         return saved
 
     async def _unsaved(self, record: WorkRecord, outcome: str, why: str) -> WorkRecord:
         log.warning("work %s of instance %s not saved: %s", record.id[:8], record.instance, why)
-        metrics.work_unsaved(outcome)
+        counters.work_unsaved(outcome)
         unsaved = dataclasses.replace(record, state="unsaved", why=why)
         await self.store.move_work("saving", unsaved, self.ttl)
         return unsaved

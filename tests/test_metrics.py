@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+import counters
 import metrics
 import store
 from backends import ImageMissing
@@ -44,7 +45,7 @@ def samples(text: str | bytes) -> dict[tuple[str, tuple], float]:
 
 
 def counted(name: str, **labels: str) -> float:
-    return samples(generate_latest(metrics.COUNTERS)).get((name, tuple(sorted(labels.items()))), 0.0)
+    return samples(generate_latest(counters.COUNTERS)).get((name, tuple(sorted(labels.items()))), 0.0)
 
 
 class Parts:
@@ -165,7 +166,7 @@ class Starts:
         self.cold = cold
         self.fault = fault
 
-    @metrics.timed_start
+    @counters.timed_start
     async def start(self) -> str:
         if self.cold:
             await self.boot()
@@ -173,7 +174,7 @@ class Starts:
             raise self.fault
         return "nonce"
 
-    @metrics.cold_boot
+    @counters.cold_boot
     async def boot(self) -> None:
         await asyncio.sleep(0)
 
@@ -204,7 +205,7 @@ async def test_starts_are_counted_by_outcome_and_timed_by_source(starts, outcome
 
 async def test_a_pool_boot_outside_any_start_marks_nothing():
     await Starts(cold=True).boot()  # as the pool filler's task does; no start to mark
-    assert metrics._current_start.get() is None
+    assert counters._current_start.get() is None
 
 
 def instance(n: int) -> Instance:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-import metrics
+import counters
 import work
 from backends import Instance
 from backends import family_name
@@ -79,7 +79,7 @@ async def ending(redis_url: str, inst: Instance, cause: str = "stopped") -> Stor
 
 
 def saves(outcome: str) -> float:
-    return metrics.WORK_SAVES.labels(outcome)._value.get()
+    return counters.WORK_SAVES.labels(outcome)._value.get()
 
 
 async def test_an_end_records_how_and_marks_the_work_saving_and_keeps_the_slot_leased(redis_url):

@@ -80,6 +80,16 @@ _ID = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 
 
+def port_range_problem(text: str) -> str | None:
+    """What is wrong with datalab_process_ports, or None."""
+    if not re.fullmatch(r"[0-9]{1,5}-[0-9]{1,5}", text):
+        return "must look like 7100-7999"
+    first, _, last = text.partition("-")
+    if not 1024 <= int(first) <= int(last) <= 65535:
+        return "must be a range within 1024-65535, first <= last"
+    return None
+
+
 @dataclass(frozen=True)
 class ProcessOptions:
     jupyter_env: str = option(
@@ -98,7 +108,7 @@ class ProcessOptions:
     process_ports: str = option(
         "7100-7999",
         "Process backend: the loopback ports instances listen on, FIRST-LAST (the proxy routes to no other).",
-        check=lambda v: port_range_problem(v),
+        check=port_range_problem,
     )
 
     def __post_init__(self) -> None:
@@ -108,16 +118,6 @@ class ProcessOptions:
     def ports(self) -> tuple[int, int]:
         first, _, last = self.process_ports.partition("-")
         return int(first), int(last)
-
-
-def port_range_problem(text: str) -> str | None:
-    """What is wrong with datalab_process_ports, or None."""
-    if not re.fullmatch(r"[0-9]{1,5}-[0-9]{1,5}", text):
-        return "must look like 7100-7999"
-    first, _, last = text.partition("-")
-    if not 1024 <= int(first) <= int(last) <= 65535:
-        return "must be a range within 1024-65535, first <= last"
-    return None
 
 
 def size_bytes(text: str) -> int:

@@ -21,7 +21,7 @@ import counters
 from backends import Found
 from backends import Instance
 from backends import jupyter_activity
-from instances import GONE
+from instances import CONTAINER_GONE
 from instances import Instances
 
 log = logging.getLogger(__name__)
@@ -170,7 +170,7 @@ class Culler:
         s = self.instances.settings
         f = found.get(record.id)
         if f is None or not f.running:
-            return Verdict("gone", GONE)
+            return Verdict("gone", CONTAINER_GONE)
         if record.age(now) > s.max_age:
             return Verdict("max_age", f"older than datalab_max_age ({s.max_age} s)")
         if record.id in pooled:

@@ -34,6 +34,7 @@ from store import EndNote
 from store import Reservation
 from store import Store
 from store import WorkRecord
+from work import CAUSE_GONE
 from work import WorkStore
 from work import work_max_bytes
 
@@ -43,7 +44,7 @@ LEASE_MARGIN = 10.0  # seconds a capacity lease outlives the longest a start may
 DRAIN = 0.5  # seconds between forgetting a user's instance (new requests: 410) and stopping it
 RETRY_AT_CAPACITY = 30  # Retry-After when every slot is taken: instances end by culling or stop
 RETRY_QUEUE_FULL = 5  # Retry-After when the boot queue did not move in time
-GONE = "its container is gone or stopped"
+CONTAINER_GONE = "its container is gone or stopped"  # the end reason when the backend lost it
 HANDOUT_TRIES = 2  # instances a start may take if the one it took was ended while being handed out
 
 
@@ -276,7 +277,7 @@ class Instances:
             return True
         if await self.backend.poll(instance):
             return False
-        if await self.end(instance, GONE, "gone"):
+        if await self.end(instance, CONTAINER_GONE, CAUSE_GONE):
             counters.culled("gone")  # by the proxy whose end won (every proxy may notice it)
         return True
 

@@ -42,7 +42,7 @@ from backends import Instance
 
 log = logging.getLogger(__name__)
 
-GONE = "gone"  # the event for an ended instance (also spelled in the _REMOVE script)
+ENDED_EVENT = "gone"  # the event kind for an ended instance (also spelled in the _REMOVE script)
 FOREVER = "+inf"
 
 # KEYS: slots, pool, poolboot. ARGV: id, now, lease expiry, max instances, pool size (-1: not a pool boot).
@@ -487,7 +487,7 @@ class Store:
                 if message.get("type") != "message":
                     continue
                 kind, _, ident = message["data"].decode().partition(" ")
-                if kind == GONE and ident:
+                if kind == ENDED_EVENT and ident:
                     yield ident
 
     async def close(self) -> None:

@@ -45,7 +45,7 @@ PART = ".part"
 CHUNK = 256 * 1024
 LEASE_MARGIN = 15.0  # seconds an ending instance's slot outlives its save: the drain and the container's removal
 FIRST_BYTES = 10.0  # seconds a live instance takes to begin its archive (a frozen one must not hold its end longer)
-GONE = "gone"  # the cause of an end whose container was already gone: nothing to save
+CAUSE_GONE = "gone"  # the cause of an end whose container was already gone: nothing to save
 
 
 def work_max_bytes(option: str, disk_limit: str) -> int:
@@ -133,7 +133,7 @@ class WorkStore:
         record = await self.store.work(instance.work)
         if record is None or record.state != "saving":
             return record
-        if cause == GONE:
+        if cause == CAUSE_GONE:
             return await self._unsaved(record, "gone", "its container was gone before its work could be saved")
         try:
             async with asyncio.timeout(self.timeout):

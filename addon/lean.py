@@ -101,6 +101,8 @@ class LeanMaster(master.Master):
 
         with addonmanager.safecall():  # a bad option is logged: errorcheck then ends the start-up
             self.addons.add(*datalab.addons)
+            for addon in datalab.addons:  # as mitmproxy configures a -s script once loaded: every option
+                self.addons.invoke_addon_sync(addon, hooks.ConfigureHook(set(self.options.keys())))
         await super().run()
 
 

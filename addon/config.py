@@ -22,10 +22,10 @@ from redis.asyncio.connection import parse_url
 
 import sentinel
 import signing
-from backends import STATE
 from backends import Common
 from backends import choice
 from backends import memory_budget
+from paths import STATE
 
 log = logging.getLogger(__name__)
 

@@ -26,10 +26,10 @@ from backends import Instance
 from backends import StartTimeout
 from backends import UnpackLimits
 from backends import UntrustedRecord
-from backends import family_name
 from backends import http_status
 from backends.memory_budget import size_bytes
 from config import Settings
+from paths import family_name
 from store import EndNote
 from store import Reservation
 from store import Store

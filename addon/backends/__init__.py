@@ -16,9 +16,7 @@ import abc
 import asyncio
 import base64
 import contextlib
-import hashlib
 import json
-import os
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -30,15 +28,12 @@ from dataclasses import field
 from dataclasses import replace
 from datetime import UTC
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 from typing import ClassVar
 from urllib.parse import quote
 
 from backends.memory_budget import AUTO
 
-ROOT = Path(__file__).resolve().parents[2]  # the repository
-STATE = Path(os.path.abspath(os.environ.get("DATALAB_STATE") or ROOT / ".state"))  # (as scripts/setup.sh's)
 MAX_ANSWER = 1 << 20  # bytes of an instance's answer to the proxy's own requests (status, kernels, contents)
 CONTENTS_CHUNK = 4 << 20  # bytes per contents-API request (Jupyter holds each whole, base64 and all)
 # Jupyter's lists of kernels and terminals, read without counting as API activity for Jupyter itself.
@@ -78,12 +73,6 @@ class Found:
     instance_id: str
     handle: str
     running: bool
-
-
-def family_name(prefix: str) -> str:
-    """A directory name for one proxy family's files (its key prefix, made a safe name): families
-    sharing a directory never see, nor remove, each other's."""
-    return hashlib.sha256(prefix.encode()).hexdigest()[:16]
 
 
 def option(default: Any, help: str, env: str | None = None) -> Any:

@@ -50,8 +50,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from backends import AUTH_ENV
-from backends import ROOT
-from backends import STATE
 from backends import Backend
 from backends import BackendError
 from backends import Common
@@ -59,11 +57,13 @@ from backends import Found
 from backends import ImageMissing
 from backends import Instance
 from backends import StartTimeout
-from backends import family_name
 from backends import option
 from backends import option_error
 from backends import put_via_contents
 from backends import wait_ready
+from paths import ROOT
+from paths import STATE
+from paths import family_name
 
 JUPYTER_CONFIG = ROOT / "image" / "jupyter_server_config.py"  # the image's own settings
 HOST = "127.0.0.1"

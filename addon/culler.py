@@ -5,7 +5,7 @@ runs that Redis does not know.
 a dict write) and written to Redis in one batch every few seconds, never once per request. Code
 run and terminals typed in pass as WebSocket frames, which the proxy does not read: an instance
 that looks idle from here is asked what its Jupyter recorded of its kernels and terminals
-(backends.jupyter_activity), and the later of the two times is its last activity. `Culler.round` runs
+(backends.jupyter.jupyter_activity), and the later of the two times is its last activity. `Culler.round` runs
 at start-up and every datalab_cull_interval seconds under a Redis lock, so with several proxies
 on one Redis each instance is ended by one of them, once (and counted once: datalab_culls_total).
 """
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import metrics
 from backends import Found
 from backends import Instance
-from backends import jupyter_activity
+from backends.jupyter import jupyter_activity
 from instances import GONE
 from instances import Instances
 

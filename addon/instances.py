@@ -26,7 +26,7 @@ from backends import Instance
 from backends import StartTimeout
 from backends import UnpackLimits
 from backends import UntrustedRecord
-from backends import http_status
+from backends.instance_http import http_status
 from backends.memory_budget import size_bytes
 from config import Settings
 from paths import family_name

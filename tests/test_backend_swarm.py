@@ -57,7 +57,8 @@ def managed(engine, backend: SwarmBackend) -> list:
 # In the helper container, on the overlay: start an instance, upload to it, read the upload back.
 INSIDE = textwrap.dedent("""
     import asyncio, base64, json, os, sys
-    from backends import AUTH_HEADER, Common, http_get
+    from backends import AUTH_HEADER, Common
+    from backends.instance_http import http_get
     from backends.swarm import SwarmBackend, SwarmOptions
 
     async def main():

@@ -36,16 +36,18 @@ from backends import EngineUnavailable
 from backends import Found
 from backends import ImageMissing
 from backends import Instance
+from backends import UnpackLimits
 from backends import option
 from backends import option_error
-from backends import put_via_contents
-from backends import wait_ready
 from backends.docker_network import LABEL_MANAGED
 from backends.docker_network import MANAGED_BY
 from backends.docker_network import InstanceNetwork
 from backends.docker_network import close_host_to
 from backends.docker_network import ensure_network
 from backends.docker_network import network_name
+from backends.jupyter import put_via_contents
+from backends.jupyter import unpack_via_jupyter
+from backends.jupyter import wait_ready
 from backends.memory_budget import INODES
 from backends.memory_budget import SHM_SIZE
 from backends.memory_budget import disk_limit_for
@@ -211,6 +213,9 @@ class DockerBackend(Backend):
 
     async def put_file(self, instance: Instance, filename: str, data: bytes | bytearray) -> None:
         await put_via_contents(instance, filename, data, timeout=max(30.0, self.common.start_timeout))
+
+    async def unpack(self, instance: Instance, kind: str, data: bytes | bytearray, limits: UnpackLimits) -> None:
+        await unpack_via_jupyter(instance, kind, data, limits, timeout=max(30.0, self.common.start_timeout))
 
     async def could_have_given(self, host: str, port: int) -> bool:
         """Jupyter's port at a container's address on the instance network, nothing else (not the

@@ -57,10 +57,12 @@ from backends import Found
 from backends import ImageMissing
 from backends import Instance
 from backends import StartTimeout
+from backends import UnpackLimits
 from backends import option
 from backends import option_error
-from backends import put_via_contents
-from backends import wait_ready
+from backends.jupyter import put_via_contents
+from backends.jupyter import unpack_via_jupyter
+from backends.jupyter import wait_ready
 from paths import ROOT
 from paths import STATE
 from paths import family_name
@@ -285,6 +287,9 @@ class ProcessBackend(Backend):
 
     async def put_file(self, instance: Instance, filename: str, data: bytes | bytearray) -> None:
         await put_via_contents(instance, filename, data, timeout=max(30.0, self.common.start_timeout))
+
+    async def unpack(self, instance: Instance, kind: str, data: bytes | bytearray, limits: UnpackLimits) -> None:
+        await unpack_via_jupyter(instance, kind, data, limits, timeout=max(30.0, self.common.start_timeout))
 
     async def poll(self, instance: Instance) -> bool:
         return await asyncio.to_thread(self._running, instance.handle)

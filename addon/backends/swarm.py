@@ -42,7 +42,6 @@ from backends import Instance
 from backends import StartTimeout
 from backends import option
 from backends import option_error
-from backends import wait_ready
 from backends.docker_engine import JUPYTER_PORT
 from backends.docker_engine import LABEL_INSTANCE
 from backends.docker_engine import LABEL_PREFIX
@@ -58,6 +57,7 @@ from backends.docker_network import MANAGED_BY
 from backends.docker_network import InstanceNetwork
 from backends.docker_network import refuse_unconfined
 from backends.docker_network import subnet_and_gateway
+from backends.jupyter import wait_ready
 
 log = logging.getLogger(__name__)
 

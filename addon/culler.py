@@ -18,8 +18,8 @@ import time
 from dataclasses import dataclass
 
 import metrics
-from backends import Found
 from backends import Instance
+from backends import InventoryEntry
 from backends.jupyter import jupyter_activity
 from instances import GONE
 from instances import Instances
@@ -164,7 +164,12 @@ class Culler:
             log.warning("datalab: could not sweep the work store: %s", e)
 
     async def _verdict(
-        self, record: Instance, found: dict[str, Found], pooled: set[str], activity: dict[str, float], now: float
+        self,
+        record: Instance,
+        found: dict[str, InventoryEntry],
+        pooled: set[str],
+        activity: dict[str, float],
+        now: float,
     ) -> Verdict | None:
         """Why the instance should end, if it should, and on which last activity an idleness verdict rests."""
         s = self.instances.settings

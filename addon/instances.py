@@ -21,8 +21,8 @@ from admission import Admission
 from admission import QueueTimeout
 from backends import Backend
 from backends import BackendError
-from backends import Found
 from backends import Instance
+from backends import InventoryEntry
 from backends import StartTimeout
 from backends import UnpackLimits
 from backends import UntrustedRecord
@@ -72,7 +72,7 @@ class Instances:
         self.admission = Admission(settings.boot_concurrency)
         self.pool_changed = asyncio.Event()  # set when the pool may need refilling
         self._capacity: int | None = None
-        disk = backend.common.disk_limit
+        disk = backend.limits.disk_limit
         directory = os.path.join(settings.work_dir, family_name(settings.key_prefix))
         self.work = WorkStore(
             store, directory, work_max_bytes(settings.work_max, disk), settings.work_ttl, settings.work_timeout
@@ -242,7 +242,7 @@ class Instances:
         except Exception as e:  # Redis or the store's disk: the end goes on, the record stays "saving"
             log.warning("instance %s: saving its work failed: %s", instance.id, e)
 
-    async def end_orphan(self, found: Found) -> bool:
+    async def end_orphan(self, found: InventoryEntry) -> bool:
         """Remove a container no record names and no lease holds (its proxy died mid-start or
         mid-save, or its record was lost); if its end was recorded and its work is still to be
         saved, save it first."""

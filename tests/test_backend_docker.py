@@ -12,10 +12,10 @@ import pytest
 import requests
 
 from backends import AUTH_HEADER
-from backends import Common
 from backends import EngineUnavailable
-from backends import Found
 from backends import ImageMissing
+from backends import InventoryEntry
+from backends import Limits
 from backends import StartTimeout
 from backends.docker_engine import LABEL_PREFIX
 from backends.docker_engine import DockerBackend
@@ -38,14 +38,14 @@ def engine():
 
 
 def make(**changes) -> DockerBackend:
-    """A backend of a prefix of its own; `changes` may be Common's fields or DockerOptions'."""
+    """A backend of a prefix of its own; `changes` may be Limits' fields or DockerOptions'."""
     own = {k: changes.pop(k) for k in list(changes) if k in {f.name for f in dataclasses.fields(DockerOptions)}}
-    common = Common(**{"label_prefix": f"unit-{secrets.token_hex(4)}:", **changes})
-    return DockerBackend(common, DockerOptions(**{"image": IMAGE, **own}))
+    limits = Limits(**{"label_prefix": f"unit-{secrets.token_hex(4)}:", **changes})
+    return DockerBackend(limits, DockerOptions(**{"image": IMAGE, **own}))
 
 
 def managed(engine, backend: DockerBackend) -> list:
-    return engine.containers.list(all=True, filters={"label": f"{LABEL_PREFIX}={backend.common.label_prefix}"})
+    return engine.containers.list(all=True, filters={"label": f"{LABEL_PREFIX}={backend.limits.label_prefix}"})
 
 
 async def test_missing_image_is_never_pulled(engine):
@@ -82,7 +82,7 @@ async def test_start_put_file_poll_inventory_stop(engine):
             answer = await asyncio.to_thread(requests.get, url, headers={AUTH_HEADER: "t0ken"}, timeout=30)
             assert answer.status_code == 200, answer.text[:200]
             assert base64.b64decode(answer.json()["content"]) == data
-        assert await backend.inventory() == [Found(instance.id, instance.handle, True)]
+        assert await backend.inventory() == [InventoryEntry(instance.id, instance.handle, True)]
         (container,) = managed(engine, backend)
         host_config = container.attrs["HostConfig"]
         assert host_config["Memory"] == 1024**3 and host_config["PidsLimit"] == 256
@@ -147,7 +147,7 @@ def test_limits_whose_in_memory_mounts_crowd_out_jupyter_are_refused_at_start_up
 
 def test_disk_limit_auto_is_what_fits():
     def disk(cls, **changes):
-        return cls(Settings(sign_key="k", **changes).common, cls.Options()).common.disk_limit
+        return cls(Settings(sign_key="k", **changes).limits, cls.Options()).limits.disk_limit
 
     assert disk(DockerBackend) == disk(SwarmBackend) == "288m"
     assert disk(DockerBackend, mem_limit="512m") == "32m"

@@ -20,10 +20,10 @@ import requests
 
 from backends import AUTH_HEADER
 from backends import BackendError
-from backends import Common
-from backends import Found
 from backends import ImageMissing
 from backends import Instance
+from backends import InventoryEntry
+from backends import Limits
 from backends import StartTimeout
 from backends.local_process import GENERATION
 from backends.local_process import UID_BASE
@@ -45,8 +45,8 @@ def make(places: Path, **changes) -> ProcessBackend:
     env = ProcessOptions().jupyter_env
     if not (Path(env) / "bin" / "jupyter-notebook").exists() and "jupyter_env" not in own:
         pytest.fail(f"no Jupyter environment at {env}; scripts/test.sh makes it (ensure_jupyter_env)")
-    common = Common(**{"label_prefix": f"unit-{secrets.token_hex(4)}:", **changes})
-    return ProcessBackend(common, ProcessOptions(**{"process_dir": str(places), **own}))
+    limits = Limits(**{"label_prefix": f"unit-{secrets.token_hex(4)}:", **changes})
+    return ProcessBackend(limits, ProcessOptions(**{"process_dir": str(places), **own}))
 
 
 def as_user(uid: int, *command: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
@@ -100,7 +100,7 @@ async def test_start_put_file_poll_inventory_stop(places):
         # Nobody but the proxy (which holds the secret) is served.
         status = f"http://127.0.0.1:{instance.port}/api/status"
         assert (await asyncio.to_thread(requests.get, status, timeout=10)).status_code == 403
-        assert await backend.inventory() == [Found(instance.id, instance.handle, True)]
+        assert await backend.inventory() == [InventoryEntry(instance.id, instance.handle, True)]
         assert await backend.poll(instance) is True
 
         pid = server_pid(backend, instance)
@@ -235,7 +235,7 @@ async def test_an_exited_instance_is_reported(places):
         os.kill(server_pid(backend, instance), 9)
         assert await asyncio.wait_for(anext(exits), 10) == instance.id
         assert await backend.poll(instance) is False
-        assert await backend.inventory() == [Found(instance.id, instance.handle, False)]
+        assert await backend.inventory() == [InventoryEntry(instance.id, instance.handle, False)]
     finally:
         await backend.stop(instance.handle)
     assert await backend.inventory() == []

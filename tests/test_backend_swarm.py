@@ -18,10 +18,10 @@ import docker
 import pytest
 
 from backends import BackendError
-from backends import Common
-from backends import Found
 from backends import ImageMissing
 from backends import Instance
+from backends import InventoryEntry
+from backends import Limits
 from backends import StartTimeout
 from backends.choice import choose
 from backends.docker_engine import LABEL_PREFIX
@@ -44,25 +44,25 @@ def engine():
 
 
 def make(**changes) -> SwarmBackend:
-    """A backend of a prefix of its own; `changes` may be Common's fields or SwarmOptions'."""
+    """A backend of a prefix of its own; `changes` may be Limits' fields or SwarmOptions'."""
     own = {k: changes.pop(k) for k in list(changes) if k in SwarmOptions.__dataclass_fields__}
-    common = Common(**{"label_prefix": f"unit-{secrets.token_hex(4)}:", **changes})
-    return SwarmBackend(common, SwarmOptions(**{"image": IMAGE, **own}))
+    limits = Limits(**{"label_prefix": f"unit-{secrets.token_hex(4)}:", **changes})
+    return SwarmBackend(limits, SwarmOptions(**{"image": IMAGE, **own}))
 
 
 def managed(engine, backend: SwarmBackend) -> list:
-    return engine.services.list(filters={"label": f"{LABEL_PREFIX}={backend.common.label_prefix}"})
+    return engine.services.list(filters={"label": f"{LABEL_PREFIX}={backend.limits.label_prefix}"})
 
 
 # In the helper container, on the overlay: start an instance, upload to it, read the upload back.
 INSIDE = textwrap.dedent("""
     import asyncio, base64, json, os, sys
-    from backends import AUTH_HEADER, Common
+    from backends import AUTH_HEADER, Limits
     from backends.instance_http import http_get
     from backends.swarm import SwarmBackend, SwarmOptions
 
     async def main():
-        backend = SwarmBackend(Common(os.environ["PREFIX"]), SwarmOptions(image=os.environ["IMAGE"]))
+        backend = SwarmBackend(Limits(os.environ["PREFIX"]), SwarmOptions(image=os.environ["IMAGE"]))
         instance = await backend.start(os.environ["INSTANCE"], "t0ken")
         big = os.urandom(9 * 1024 * 1024 + 5)  # three contents-API chunks
         for name, data in (("a.csv", b"1,2\\n"), ("blob.bin", big)):
@@ -85,7 +85,7 @@ def start_inside(engine, backend: SwarmBackend, instance_id: str) -> dict:
     mounts = {ROOT / "addon": "/addon", SITE: "/site", Path("/var/run/docker.sock"): "/var/run/docker.sock"}
     command = ["docker", "run", "--rm", "--user", "0", "--network", backend.opts.swarm_network]
     command += [arg for source, target in mounts.items() for arg in ("-v", f"{source}:{target}")]
-    command += ["-e", "PYTHONPATH=/addon:/site", "-e", f"PREFIX={backend.common.label_prefix}", "-e", f"IMAGE={IMAGE}"]
+    command += ["-e", "PYTHONPATH=/addon:/site", "-e", f"PREFIX={backend.limits.label_prefix}", "-e", f"IMAGE={IMAGE}"]
     command += ["-e", f"INSTANCE={instance_id}", "--entrypoint", "python3", IMAGE, "-c", INSIDE]
     for _ in range(5):
         done = subprocess.run(command, capture_output=True, text=True, timeout=300)
@@ -108,7 +108,7 @@ async def test_start_put_file_poll_inventory_stop(engine):
     try:
         assert answer["wrong_token"] == 403 and instance.backend == "swarm"
         assert await backend.poll(instance) is True
-        assert await backend.inventory() == [Found(instance.id, instance.handle, True)]
+        assert await backend.inventory() == [InventoryEntry(instance.id, instance.handle, True)]
         (service,) = managed(engine, backend)
         template = service.attrs["Spec"]["TaskTemplate"]
         spec, limits = template["ContainerSpec"], template["Resources"]["Limits"]
@@ -144,13 +144,13 @@ async def test_start_put_file_poll_inventory_stop(engine):
         await backend.stop(instance.handle)
     assert await backend.poll(instance) is False
     assert managed(engine, backend) == [] and await backend.inventory() == []
-    assert len(engine.volumes.list(filters={"label": f"{LABEL_PREFIX}={backend.common.label_prefix}"})) == 3
+    assert len(engine.volumes.list(filters={"label": f"{LABEL_PREFIX}={backend.limits.label_prefix}"})) == 3
     for _ in range(150):  # the task's container goes a moment after its service (bounded wait, no timing asserted)
         if not engine.containers.list(all=True, filters={"id": container.id}):
             break
         await asyncio.sleep(0.2)
     await backend.stop(instance.handle)  # idempotent, and removes the in-memory volumes the task held
-    assert engine.volumes.list(filters={"label": f"{LABEL_PREFIX}={backend.common.label_prefix}"}) == []
+    assert engine.volumes.list(filters={"label": f"{LABEL_PREFIX}={backend.limits.label_prefix}"}) == []
 
 
 async def test_missing_image_fails_at_once_and_leaves_no_service(engine):
@@ -172,7 +172,7 @@ async def test_a_task_that_fails_fails_the_start_at_once(engine):
         await backend.start("i" * 32, "t0ken")
     assert not isinstance(raised.value, StartTimeout) and "failed" in raised.value.detail
     assert managed(engine, backend) == []
-    ours = {"label": f"{LABEL_PREFIX}={backend.common.label_prefix}"}
+    ours = {"label": f"{LABEL_PREFIX}={backend.limits.label_prefix}"}
     for _ in range(150):  # the task's container goes a moment after its service (bounded wait, no timing asserted)
         if not engine.containers.list(all=True, filters=ours):
             break

@@ -11,8 +11,8 @@ from datetime import datetime
 import pytest
 from test_api import runtime_for
 
-from backends import Found
 from backends import Instance
+from backends import InventoryEntry
 from culler import Culler
 
 IDLE = 60  # datalab_idle_timeout of these tests
@@ -61,7 +61,7 @@ async def world(redis_url, jupyter):
     stopped: list[str] = []
 
     async def inventory():
-        return [] if stopped else [Found(instance.id, instance.handle, True)]
+        return [] if stopped else [InventoryEntry(instance.id, instance.handle, True)]
 
     async def stop(handle: str) -> None:
         stopped.append(handle)

@@ -3,7 +3,7 @@
 A backend writes one class with `check`, `capacity`, `start`, `put_file`, `poll`, `inventory` and
 `stop`, and registers it in backends/choice.py. Its own settings are a frozen dataclass (`Options`)
 whose fields become `datalab_<field>` options (help and environment variable in `option()`); what
-every backend gets is `Common` (the limits, honoured as far as the platform allows). A started
+every backend gets is `Limits` (the limits, honoured as far as the platform allows). A started
 instance holds no upload yet, so the same instance can wait in the warm pool or serve a cold start;
 the upload goes in with `put_file` once a user claims it. What a started instance is (its address
 and the backend's own handle) is an `Instance`, a small JSON record kept in Redis, so a restarted
@@ -51,8 +51,9 @@ class Instance:
 
 
 @dataclass(frozen=True)
-class Found:
-    """An instance the engine runs for this proxy family, as the engine sees it (reconciliation)."""
+class InventoryEntry:
+    """One line of `Backend.inventory()`: an instance the engine holds for this proxy family, as
+    the engine sees it (reconciliation holds it against the records in Redis)."""
 
     instance_id: str
     handle: str
@@ -70,10 +71,11 @@ def option_error(name: str, message: str) -> ValueError:
 
 
 @dataclass(frozen=True)
-class Common:
-    """What every backend is given: whose instances they are, and the limits each instance gets
-    (as far as the backend's platform can enforce them; its README row says which). A disk limit
-    of auto is made a size by the backend (Backend.auto_disk_limit)."""
+class Limits:
+    """Whose instances a backend runs (`label_prefix`: the proxy family's key prefix, which marks
+    them), and the limits each instance gets, as far as the backend's platform can enforce them
+    (its README row says which). A disk limit of auto is made a size by the backend
+    (Backend.auto_disk_limit)."""
 
     label_prefix: str
     mem_limit: str = "1g"
@@ -158,10 +160,10 @@ class Backend(abc.ABC):
         """Whether this backend can run here, and the reason in words (datalab_backend=auto says it).
         Called once when options are applied, before serving: quick, and bounded in time."""
 
-    def __init__(self, common: Common, options: Any):
-        if common.disk_limit == AUTO:
-            common = replace(common, disk_limit=self.auto_disk_limit(common.mem_limit))
-        self.common = common
+    def __init__(self, limits: Limits, options: Any):
+        if limits.disk_limit == AUTO:
+            limits = replace(limits, disk_limit=self.auto_disk_limit(limits.mem_limit))
+        self.limits = limits
         self.opts = options
 
     @classmethod
@@ -201,7 +203,7 @@ class Backend(abc.ABC):
         """True while the instance runs; False once it has exited or is gone."""
 
     @abc.abstractmethod
-    async def inventory(self) -> list[Found]:
+    async def inventory(self) -> list[InventoryEntry]:
         """Every instance the engine holds under this proxy family's prefix, running or not."""
 
     async def exits(self) -> AsyncIterator[str]:

@@ -31,11 +31,11 @@ from backends import AUTH_ENV
 from backends import AUTO
 from backends import Backend
 from backends import BackendError
-from backends import Common
 from backends import EngineUnavailable
-from backends import Found
 from backends import ImageMissing
 from backends import Instance
+from backends import InventoryEntry
+from backends import Limits
 from backends import UnpackLimits
 from backends import option
 from backends import option_error
@@ -112,8 +112,8 @@ class DockerBackend(Backend):
     name = "docker"
     Options = DockerOptions
 
-    def __init__(self, common: Common, opts: DockerOptions):
-        super().__init__(common, opts)
+    def __init__(self, limits: Limits, opts: DockerOptions):
+        super().__init__(limits, opts)
         self._client: docker.DockerClient | None = None
         self._network: InstanceNetwork | None = None
         self._network_lock = asyncio.Lock()
@@ -191,7 +191,7 @@ class DockerBackend(Backend):
     async def capacity(self) -> int:
         client = await self.client()
         info = await self._call(client.info)
-        return max(1, int(info.get("MemTotal", 0)) // docker.utils.parse_bytes(self.common.mem_limit))
+        return max(1, int(info.get("MemTotal", 0)) // docker.utils.parse_bytes(self.limits.mem_limit))
 
     async def start(self, instance_id: str, token: str) -> Instance:
         client = await self.client()
@@ -205,17 +205,17 @@ class DockerBackend(Backend):
             await self._call(container.start)
             host = await self._address(container, net)
             instance = Instance(instance_id, self.name, container.id, host, JUPYTER_PORT, "", time.time(), token)
-            await wait_ready(instance, self.common.start_timeout, lambda: self.poll(instance))
+            await wait_ready(instance, self.limits.start_timeout, lambda: self.poll(instance))
             return instance
         except BaseException:
             await asyncio.shield(self._remove_quietly(container.id))
             raise
 
     async def put_file(self, instance: Instance, filename: str, data: bytes | bytearray) -> None:
-        await put_via_contents(instance, filename, data, timeout=max(30.0, self.common.start_timeout))
+        await put_via_contents(instance, filename, data, timeout=max(30.0, self.limits.start_timeout))
 
     async def unpack(self, instance: Instance, kind: str, data: bytes | bytearray, limits: UnpackLimits) -> None:
-        await unpack_via_jupyter(instance, kind, data, limits, timeout=max(30.0, self.common.start_timeout))
+        await unpack_via_jupyter(instance, kind, data, limits, timeout=max(30.0, self.limits.start_timeout))
 
     async def could_have_given(self, host: str, port: int) -> bool:
         """Jupyter's port at a container's address on the instance network, nothing else (not the
@@ -231,18 +231,18 @@ class DockerBackend(Backend):
             name=f"datalab-{secrets.token_hex(8)}",
             detach=True,
             environment={AUTH_ENV: token},
-            labels={LABEL_MANAGED: MANAGED_BY, LABEL_PREFIX: self.common.label_prefix, LABEL_INSTANCE: instance_id},
+            labels={LABEL_MANAGED: MANAGED_BY, LABEL_PREFIX: self.limits.label_prefix, LABEL_INSTANCE: instance_id},
             network=net.name,
             dns=NAMESERVERS,
             mounts=[no_resolver()],
             read_only=True,
             # The only writable places, in memory (so the host's disk is never touched): their pages
             # count against the memory limit, which they fit in with room for Jupyter to spare.
-            tmpfs=in_memory_mounts(self.common.disk_limit),
-            mem_limit=self.common.mem_limit,
-            memswap_limit=self.common.mem_limit,  # no swap: tmpfs pages never reach the host's disk
-            nano_cpus=int(self.common.cpus * 1e9),
-            pids_limit=self.common.pids_limit,
+            tmpfs=in_memory_mounts(self.limits.disk_limit),
+            mem_limit=self.limits.mem_limit,
+            memswap_limit=self.limits.mem_limit,  # no swap: tmpfs pages never reach the host's disk
+            nano_cpus=int(self.limits.cpus * 1e9),
+            pids_limit=self.limits.pids_limit,
             cap_drop=["ALL"],
             security_opt=["no-new-privileges"],
         )
@@ -266,12 +266,15 @@ class DockerBackend(Backend):
     @property
     def _ours(self) -> str:
         """The label filter for this proxy family's containers."""
-        return f"{LABEL_PREFIX}={self.common.label_prefix}"
+        return f"{LABEL_PREFIX}={self.limits.label_prefix}"
 
-    async def inventory(self) -> list[Found]:
+    async def inventory(self) -> list[InventoryEntry]:
         client = await self.client()
         found = await self._call(client.containers.list, all=True, sparse=True, filters={"label": self._ours})
-        return [Found(c.attrs["Labels"].get(LABEL_INSTANCE, ""), c.id, c.attrs.get("State") in ALIVE) for c in found]
+        return [
+            InventoryEntry(c.attrs["Labels"].get(LABEL_INSTANCE, ""), c.id, c.attrs.get("State") in ALIVE)
+            for c in found
+        ]
 
     async def exits(self) -> AsyncIterator[str]:
         client = await self.client()
@@ -312,7 +315,7 @@ class DockerBackend(Backend):
         client = await self.client()
         try:
             container = await self._call(client.containers.get, container_id)
-            if container.labels.get(LABEL_PREFIX) != self.common.label_prefix:
+            if container.labels.get(LABEL_PREFIX) != self.limits.label_prefix:
                 # a handle from a record not ours (Redis is not trusted blindly): never remove it
                 log.error("datalab: refusing to remove container %s: not one of ours", container_id[:12])
                 return

@@ -35,10 +35,10 @@ from docker.types import RestartPolicy
 
 from backends import AUTH_ENV
 from backends import BackendError
-from backends import Common
-from backends import Found
 from backends import ImageMissing
 from backends import Instance
+from backends import InventoryEntry
+from backends import Limits
 from backends import StartTimeout
 from backends import option
 from backends import option_error
@@ -160,8 +160,8 @@ class SwarmBackend(DockerBackend):
     name = "swarm"
     Options = SwarmOptions
 
-    def __init__(self, common: Common, opts: SwarmOptions):
-        super().__init__(common, opts)
+    def __init__(self, limits: Limits, opts: SwarmOptions):
+        super().__init__(limits, opts)
         self._network_id = ""
         self._leftover: set[str] = set()  # volumes of removed services, in use when last tried
         self._swept = False
@@ -230,7 +230,7 @@ class SwarmBackend(DockerBackend):
             for n in nodes
             if n.attrs["Status"]["State"] == "ready" and n.attrs["Spec"]["Availability"] == "active"
         )
-        return max(1, memory // docker.utils.parse_bytes(self.common.mem_limit))
+        return max(1, memory // docker.utils.parse_bytes(self.limits.mem_limit))
 
     async def start(self, instance_id: str, token: str) -> Instance:
         client = await self.client()
@@ -240,7 +240,7 @@ class SwarmBackend(DockerBackend):
         try:
             host = await self._running_address(service, image)
             instance = Instance(instance_id, self.name, service.id, host, JUPYTER_PORT, "", time.time(), token)
-            await wait_ready(instance, self.common.start_timeout, lambda: self._still_starting(service, image))
+            await wait_ready(instance, self.limits.start_timeout, lambda: self._still_starting(service, image))
             return instance
         except BaseException:
             await asyncio.shield(self._remove_quietly(service.id))
@@ -257,7 +257,7 @@ class SwarmBackend(DockerBackend):
     async def _running_address(self, service: Any, image: str) -> str:
         """Wait for the service's task to run and return its overlay address; a task that will
         never run fails at once with its reason, not at the start timeout."""
-        deadline = time.monotonic() + self.common.start_timeout
+        deadline = time.monotonic() + self.limits.start_timeout
         delay = 0.05
         while True:
             for task in await self._call(service.tasks):
@@ -269,17 +269,17 @@ class SwarmBackend(DockerBackend):
                         raise BackendError("the instance got no address on its network", f"service {service.id}")
                     return host
             if time.monotonic() + delay > deadline:
-                raise StartTimeout(f"the instance's task was not running within {self.common.start_timeout:g} s")
+                raise StartTimeout(f"the instance's task was not running within {self.limits.start_timeout:g} s")
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.25)
 
     def _service_args(self, instance_id: str, token: str, image: str, net: InstanceNetwork) -> dict[str, Any]:
         resources = Resources(
-            cpu_limit=int(self.common.cpus * 1e9), mem_limit=docker.utils.parse_bytes(self.common.mem_limit)
+            cpu_limit=int(self.limits.cpus * 1e9), mem_limit=docker.utils.parse_bytes(self.limits.mem_limit)
         )
-        resources["Limits"]["Pids"] = self.common.pids_limit  # API 1.41; the SDK has no argument for it
-        labels = {LABEL_MANAGED: MANAGED_BY, LABEL_PREFIX: self.common.label_prefix, LABEL_INSTANCE: instance_id}
-        owner = {LABEL_MANAGED: MANAGED_BY, LABEL_PREFIX: self.common.label_prefix}
+        resources["Limits"]["Pids"] = self.limits.pids_limit  # API 1.41; the SDK has no argument for it
+        labels = {LABEL_MANAGED: MANAGED_BY, LABEL_PREFIX: self.limits.label_prefix, LABEL_INSTANCE: instance_id}
+        owner = {LABEL_MANAGED: MANAGED_BY, LABEL_PREFIX: self.limits.label_prefix}
         name = f"datalab-{secrets.token_hex(8)}"  # says nothing of the instance id (DNS answers with it)
         volumes = volume_names(name)
         return dict(
@@ -298,7 +298,7 @@ class SwarmBackend(DockerBackend):
                 no_resolver(),
                 *(
                     in_memory(target, volumes[target], options, owner)
-                    for target, options in in_memory_mounts(self.common.disk_limit).items()
+                    for target, options in in_memory_mounts(self.limits.disk_limit).items()
                 ),
             ],
             resources=resources,
@@ -319,12 +319,12 @@ class SwarmBackend(DockerBackend):
             return False
         return any((t.get("Status") or {}).get("State") == "running" for t in tasks)
 
-    async def inventory(self) -> list[Found]:
+    async def inventory(self) -> list[InventoryEntry]:
         client = await self.client()
         self._leftover = await self._remove_volumes(self._leftover)  # each reconciliation round, too
         found = await self._call(client.services.list, filters={"label": self._ours}, status=True)
         return [
-            Found(
+            InventoryEntry(
                 s.attrs["Spec"].get("Labels", {}).get(LABEL_INSTANCE, ""),
                 s.id,
                 (s.attrs.get("ServiceStatus") or {}).get("RunningTasks", 0) > 0,
@@ -341,7 +341,7 @@ class SwarmBackend(DockerBackend):
         client = await self.client()
         try:
             service = await self._call(client.services.get, service_id)
-            if (service.attrs["Spec"].get("Labels") or {}).get(LABEL_PREFIX) != self.common.label_prefix:
+            if (service.attrs["Spec"].get("Labels") or {}).get(LABEL_PREFIX) != self.limits.label_prefix:
                 log.error("datalab: refusing to remove service %s: not one of ours", service_id[:12])
                 return
             await self._call(service.remove)

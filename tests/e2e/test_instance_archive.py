@@ -26,8 +26,8 @@ import requests
 
 from backends import AUTH_HEADER
 from backends import Backend
-from backends import Common
 from backends import Instance
+from backends import Limits
 from backends.docker_engine import DockerBackend
 from backends.docker_engine import DockerOptions
 from backends.local_process import ProcessBackend
@@ -121,11 +121,11 @@ def places() -> Iterator[Path]:
 
 
 def start_box(kind: str, places: Path, docker_client=None, **limits) -> Box:
-    common = Common(label_prefix=f"archive-{secrets.token_hex(4)}:", **limits)
+    given = Limits(label_prefix=f"archive-{secrets.token_hex(4)}:", **limits)
     if kind == "docker":
-        backend = DockerBackend(common, DockerOptions(image=IMAGE))
+        backend = DockerBackend(given, DockerOptions(image=IMAGE))
     else:
-        backend = ProcessBackend(common, ProcessOptions(process_dir=str(places)))
+        backend = ProcessBackend(given, ProcessOptions(process_dir=str(places)))
     loop = asyncio.new_event_loop()
     instance = loop.run_until_complete(backend.start(secrets.token_urlsafe(16), TOKEN))
     if kind == "docker":

@@ -104,11 +104,11 @@ from benchlib import upload
 from benchlib import wait_port
 
 from backends import Instance  # noqa: E402  (the addon's modules are on the path through benchlib)
-from backends.docker_engine import JUPYTER_PORT  # noqa: E402
-from backends.docker_engine import LABEL_INSTANCE  # noqa: E402
-from backends.docker_engine import LABEL_PREFIX  # noqa: E402
-from backends.docker_network import LABEL_MANAGED  # noqa: E402
-from backends.docker_network import MANAGED_BY  # noqa: E402
+from backends.container_spec import JUPYTER_PORT  # noqa: E402
+from backends.container_spec import LABEL_INSTANCE  # noqa: E402
+from backends.container_spec import LABEL_MANAGED  # noqa: E402
+from backends.container_spec import LABEL_PREFIX  # noqa: E402
+from backends.container_spec import MANAGED_BY  # noqa: E402
 
 IMAGE = os.environ.get("DATALAB_IMAGE", "datalab-notebook:latest")
 CHP_DIR = Path.home() / ".cache" / "datalab" / "chp"

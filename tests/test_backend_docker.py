@@ -17,7 +17,7 @@ from backends import ImageMissing
 from backends import InventoryEntry
 from backends import Limits
 from backends import StartTimeout
-from backends.docker_engine import LABEL_PREFIX
+from backends.container_spec import LABEL_PREFIX
 from backends.docker_engine import DockerBackend
 from backends.docker_engine import DockerOptions
 from backends.docker_network import InstanceNetwork

@@ -24,7 +24,7 @@ from backends import InventoryEntry
 from backends import Limits
 from backends import StartTimeout
 from backends.choice import choose
-from backends.docker_engine import LABEL_PREFIX
+from backends.container_spec import LABEL_PREFIX
 from backends.swarm import SwarmBackend
 from backends.swarm import SwarmOptions
 from backends.swarm import ensure_overlay

@@ -25,11 +25,10 @@ import docker
 import docker.errors
 
 from backends import BackendError
+from backends.container_spec import LABEL_MANAGED
+from backends.container_spec import MANAGED_BY
 
 log = logging.getLogger(__name__)
-
-LABEL_MANAGED = "datalab.managed-by"
-MANAGED_BY = "datalab-proxy"
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ from requests.structures import CaseInsensitiveDict
 import inputs
 import signing
 from backends import Instance
-from backends.docker_engine import LABEL_PREFIX
+from backends.container_spec import LABEL_PREFIX
 from e2e import rawhttp
 from e2e.proxy import ROOT
 from e2e.proxy import Browser

@@ -19,7 +19,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.remote.webdriver import WebDriver
 
-from backends.docker_engine import LABEL_INSTANCE
+from backends.container_spec import LABEL_INSTANCE
 from e2e.browser import screenshot
 from e2e.browser import start_chromium
 from e2e.test_browser import type_and_run

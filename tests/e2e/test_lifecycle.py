@@ -15,10 +15,10 @@ import requests
 
 import signing
 from backends import Instance
-from backends.docker_engine import LABEL_INSTANCE
-from backends.docker_engine import LABEL_MANAGED
-from backends.docker_engine import LABEL_PREFIX
-from backends.docker_engine import MANAGED_BY
+from backends.container_spec import LABEL_INSTANCE
+from backends.container_spec import LABEL_MANAGED
+from backends.container_spec import LABEL_PREFIX
+from backends.container_spec import MANAGED_BY
 from e2e.conftest import IMAGE
 from e2e.proxy import Browser
 from e2e.proxy import run_code

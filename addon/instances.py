@@ -55,9 +55,8 @@ class Handout:
     work: str
 
 
-class NoCapacity(BackendError):
-    status = 503
-    code = "CAPACITY"
+class NoCapacity(BackendError, status=503, code="CAPACITY"):
+    """No instance can start now: every slot is taken (a retry after `retry_after` seconds may find one)."""
 
     def __init__(self, message: str, retry_after: int):
         super().__init__(message)

@@ -96,6 +96,12 @@ class BackendError(Exception):
     code = "START_FAILED"
     retry_after: int | None = None  # seconds, sent as Retry-After where a retry may succeed
 
+    def __init_subclass__(cls, status: int | None = None, code: str | None = None, **kwargs: Any):
+        """A kind of fault says its status and code in its class line (class X(BackendError, status=..., code=...))."""
+        super().__init_subclass__(**kwargs)
+        cls.status = status or cls.status
+        cls.code = code or cls.code
+
     def __init__(self, message: str, detail: str = ""):
         super().__init__(message)
         self.detail = detail
@@ -108,36 +114,28 @@ class BackendError(Exception):
         return str(self.args[0])
 
 
-class EngineUnavailable(BackendError):
-    status = 503
-    code = "ENGINE_UNAVAILABLE"
+class EngineUnavailable(BackendError, status=503, code="ENGINE_UNAVAILABLE"):
+    """The engine cannot be reached now; a retry may find it."""
 
 
-class ImageMissing(BackendError):
-    status = 503
-    code = "IMAGE_MISSING"
+class ImageMissing(BackendError, status=503, code="IMAGE_MISSING"):
+    """The instance image is not where the engine looks, and is never pulled: the operator builds it."""
 
 
-class UntrustedRecord(BackendError):
-    status = 502
-    code = "BAD_ROUTE"
+class UntrustedRecord(BackendError, status=502, code="BAD_ROUTE"):
+    """A record in Redis names an address this backend gives no instance: it is not followed."""
 
 
-class StartTimeout(BackendError):
-    status = 504
-    code = "START_TIMEOUT"
+class StartTimeout(BackendError, status=504, code="START_TIMEOUT"):
+    """The instance did not answer within datalab_start_timeout."""
 
 
-class ArchiveRefused(BackendError):
+class ArchiveRefused(BackendError, status=400, code="BAD_ARCHIVE"):
     """An upload to unpack that the instance refused (its extension checks archives: hostile input)."""
 
-    status = 400
-    code = "BAD_ARCHIVE"
 
-
-class ArchiveTooLarge(ArchiveRefused):
-    status = 413
-    code = "ARCHIVE_TOO_LARGE"
+class ArchiveTooLarge(ArchiveRefused, status=413, code="ARCHIVE_TOO_LARGE"):
+    """An archive that unpacks to more entries or bytes than the working directory may hold."""
 
 
 @dataclass(frozen=True)

@@ -91,20 +91,20 @@ class Body:
     async def chunks(self, size: int = 1 << 18) -> AsyncIterator[bytes]:
         if self.headers.get("transfer-encoding", "").lower() == "chunked":
             while length := int((await self.reader.readuntil(b"\r\n")).split(b";")[0].strip(), 16):
-                while length > 0:
-                    piece = await self.reader.read(min(length, size))
-                    if not piece:
-                        raise asyncio.IncompleteReadError(b"", length)
-                    length -= len(piece)
+                async for piece in self._exactly(length, size):
                     yield piece
                 await self.reader.readexactly(2)
             return
         if "content-length" not in self.headers:
             raise ValueError("an answer with no framing: its end cannot be told from a cut")
-        left = int(self.headers["content-length"])
-        while left > 0:
-            piece = await self.reader.read(min(left, size))
+        async for piece in self._exactly(int(self.headers["content-length"]), size):
+            yield piece
+
+    async def _exactly(self, length: int, size: int) -> AsyncIterator[bytes]:
+        """`length` bytes, in pieces of at most `size`; IncompleteReadError when they stop short."""
+        while length > 0:
+            piece = await self.reader.read(min(length, size))
             if not piece:
-                raise asyncio.IncompleteReadError(b"", left)
-            left -= len(piece)
+                raise asyncio.IncompleteReadError(b"", length)
+            length -= len(piece)
             yield piece

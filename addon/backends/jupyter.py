@@ -24,8 +24,8 @@ from backends import ArchiveRefused
 from backends import ArchiveTooLarge
 from backends import BackendError
 from backends import Instance
-from backends import StartTimeout
 from backends import UnpackLimits
+from backends.backoff import until_ready
 from backends.instance_http import Body
 from backends.instance_http import http_get
 from backends.instance_http import http_request
@@ -107,17 +107,15 @@ async def wait_ready(
     instance: Instance, timeout: float, alive: Callable[[], Awaitable[bool]], path: str = "/api/status"
 ) -> None:
     """Wait until Jupyter answers 200 at `path`; fail fast when the instance dies, StartTimeout after `timeout`."""
-    deadline = time.monotonic() + timeout
-    delay = 0.05
-    while True:
+
+    async def answered() -> bool | None:
         if await http_status(instance.host, instance.port, path, timeout=2.0, token=instance.token) == 200:
-            return
+            return True
         if not await alive():
             raise BackendError("the instance exited while starting; see the engine's logs for it")
-        if time.monotonic() + delay > deadline:
-            raise StartTimeout(f"the instance did not answer {path} within {timeout:g} s")
-        await asyncio.sleep(delay)
-        delay = min(delay * 2, 0.25)
+        return None
+
+    await until_ready(answered, timeout, f"the instance did not answer {path} within {timeout:g} s")
 
 
 # The image's extension (image/datalab_work.py): the working directory as one tar.gz, and archives unpacked.

@@ -18,9 +18,7 @@ overrides with services for containers.
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,17 +39,16 @@ from backends import ImageMissing
 from backends import Instance
 from backends import InventoryEntry
 from backends import Limits
-from backends import StartTimeout
 from backends import option
 from backends import option_error
+from backends.backoff import until_ready
 from backends.container_spec import LABEL_INSTANCE
-from backends.container_spec import LABEL_MANAGED
-from backends.container_spec import MANAGED_BY
 from backends.container_spec import WORK_DIR
 from backends.container_spec import ContainerSpec
 from backends.docker_engine import DockerBackend
 from backends.docker_engine import DockerOptions
 from backends.docker_network import InstanceNetwork
+from backends.docker_network import made_or_found
 from backends.docker_network import refuse_unconfined
 from backends.docker_network import subnet_and_gateway
 
@@ -124,29 +121,17 @@ def task_address(task: dict[str, Any], network_id: str) -> str | None:
 def ensure_overlay(client: docker.DockerClient, name: str) -> tuple[str, InstanceNetwork]:
     """The overlay's id and addresses, created (labelled, internal, attachable) when missing; one of
     that name that is not ours, not internal or not attachable is refused. Blocking: call it in a thread."""
-    try:
-        net = client.networks.get(name)
-    except docker.errors.NotFound:
-        try:
-            client.networks.create(
-                name, driver="overlay", internal=True, attachable=True, labels={LABEL_MANAGED: MANAGED_BY}
-            )
-        except docker.errors.APIError as e:
-            if e.status_code != 409:  # 409: another proxy created it meanwhile
-                raise
-        net = client.networks.get(name)
+    net = made_or_found(client, name, driver="overlay", internal=True, attachable=True)
     attrs = net.attrs
-    problems = [
-        why
-        for why, bad in (
-            ("it was not made by the proxy", (attrs.get("Labels") or {}).get(LABEL_MANAGED) != MANAGED_BY),
-            ("it is not an overlay", attrs.get("Driver") != "overlay"),
-            ("it is not internal", attrs.get("Internal") is not True),
-            ("the proxy cannot join it (not attachable)", attrs.get("Attachable") is not True),
-        )
-        if bad
-    ]
-    refuse_unconfined(name, problems)
+    refuse_unconfined(
+        name,
+        attrs,
+        {
+            "it is not an overlay": attrs.get("Driver") != "overlay",
+            "it is not internal": attrs.get("Internal") is not True,
+            "the proxy cannot join it (not attachable)": attrs.get("Attachable") is not True,
+        },
+    )
     return net.id, InstanceNetwork(name, "", *subnet_and_gateway(name, attrs), False)
 
 
@@ -259,9 +244,8 @@ class SwarmBackend(DockerBackend):
     async def _run(self, service: Service, spec: ContainerSpec, net: InstanceNetwork) -> str:
         """Wait for the service's task to run and return its overlay address; a task that will
         never run fails at once with its reason, not at the start timeout."""
-        deadline = time.monotonic() + self.limits.start_timeout
-        delay = 0.05
-        while True:
+
+        async def address() -> str | None:
             for task in await self._call(service.tasks):
                 if failure := task_failure(task, spec.image):
                     raise failure
@@ -270,10 +254,10 @@ class SwarmBackend(DockerBackend):
                     if not host or not net.holds_instance(host):
                         raise BackendError("the instance got no address on its network", f"service {service.id}")
                     return host
-            if time.monotonic() + delay > deadline:
-                raise StartTimeout(f"the instance's task was not running within {self.limits.start_timeout:g} s")
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 0.25)
+            return None
+
+        timeout = self.limits.start_timeout
+        return await until_ready(address, timeout, f"the instance's task was not running within {timeout:g} s")
 
     async def _starting(self, service: Service, spec: ContainerSpec, instance: Instance) -> bool:
         """While Jupyter is not answering yet: True if the task runs, its own reason if it ended."""

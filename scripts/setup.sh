@@ -5,7 +5,7 @@
 say() { printf '[datalab] %s\n' "$*" >&2; }
 die() { printf '[datalab] error: %s\n' "$*" >&2; exit 1; }
 
-# Absolute (as the proxy's backends.STATE), and fit for a unix:// URL (which ends at ? or #, and decodes %).
+# Absolute (as the proxy's paths.STATE), and fit for a unix:// URL (which ends at ? or #, and decodes %).
 STATE=$(realpath -m -s -- "${DATALAB_STATE:-$ROOT/.state}")
 case "$STATE" in *[?#%]*) die "DATALAB_STATE=$STATE: a path without ?, # or % please (it goes into a URL)";; esac
 VENV=${DATALAB_VENV:-$ROOT/.venv}

@@ -1,13 +1,20 @@
-"""The backend interface: how an instance is started, filled, polled and stopped, whatever runs it.
+"""The backend contract: how an instance is started, filled, polled and stopped, whatever runs it.
 
-A backend writes one class with `check`, `capacity`, `start`, `put_file`, `poll`, `inventory` and
-`stop`, and registers it in backends/choice.py. Its own settings are a frozen dataclass (`Options`)
-whose fields become `datalab_<field>` options (help and environment variable in `option()`); what
-every backend gets is `Limits` (the limits, honoured as far as the platform allows). A started
-instance holds no upload yet, so the same instance can wait in the warm pool or serve a cold start;
-the upload goes in with `put_file` once a user claims it. What a started instance is (its address
-and the backend's own handle) is an `Instance`, a small JSON record kept in Redis, so a restarted
-proxy, or another proxy process, reaches the same instance.
+A backend writes one class, a `Backend` (check, capacity, start, put_file, unpack, poll, inventory,
+stop, could_have_given), and lists it in backends/choice.py. Its own settings are a frozen
+dataclass (`Options`) whose fields become `datalab_<field>` options (help and environment variable
+in `option()`); what every backend gets is `Limits`: whose instances they are, and the limits each
+gets, honoured as far as the platform allows. A started instance holds no upload yet, so the same
+instance can wait in the warm pool or serve a cold start; the upload goes in with `put_file` once a
+user claims it. What a started instance is (its address and the backend's own handle) is an
+`Instance`, a small JSON record kept in Redis, so a restarted proxy, or another proxy process,
+reaches the same instance; what the engine itself holds is what `inventory()` lists
+(`InventoryEntry`). Faults are `BackendError`s, each kind with its HTTP status and code.
+
+Beside the contract: every instance is a Jupyter server, reached through backends/jupyter.py
+(readiness, uploads, unpacking, activity, the work archive) over backends/instance_http.py (the
+proxy's bounded HTTP client); what a container instance is (labels, limits, mounts, hardening) is
+backends/container_spec.py, which the Docker and Swarm backends both hand to their engine.
 """
 
 from __future__ import annotations

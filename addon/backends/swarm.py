@@ -109,6 +109,10 @@ def task_failure(task: dict[str, Any], image: str) -> BackendError | None:
     return None
 
 
+def task_running(task: dict[str, Any]) -> bool:
+    return (task.get("Status") or {}).get("State") == "running"
+
+
 def task_address(task: dict[str, Any], network_id: str) -> str | None:
     """The task's address on the instance overlay ("10.0.1.5/24" in the task's attachments)."""
     for attachment in task.get("NetworksAttachments") or []:
@@ -249,7 +253,7 @@ class SwarmBackend(DockerBackend):
             for task in await self._call(service.tasks):
                 if failure := task_failure(task, spec.image):
                     raise failure
-                if (task.get("Status") or {}).get("State") == "running":
+                if task_running(task):
                     host = task_address(task, self._network_id)
                     if not host or not net.holds_instance(host):
                         raise BackendError("the instance got no address on its network", f"service {service.id}")
@@ -265,7 +269,7 @@ class SwarmBackend(DockerBackend):
         for task in tasks:
             if failure := task_failure(task, spec.image):
                 raise failure
-        return any((t.get("Status") or {}).get("State") == "running" for t in tasks)
+        return any(task_running(t) for t in tasks)
 
     async def _get(self, handle: str) -> Service:
         client = await self.client()
@@ -273,7 +277,7 @@ class SwarmBackend(DockerBackend):
 
     async def _alive(self, service: Service) -> bool:
         tasks = await self._call(service.tasks)
-        return any((t.get("Status") or {}).get("State") == "running" for t in tasks)
+        return any(task_running(t) for t in tasks)
 
     def _labels(self, service: Service) -> dict[str, str]:
         return service.attrs["Spec"].get("Labels") or {}

@@ -165,7 +165,7 @@ redis_dir() {
 }
 
 # Start a redis-server for $1 unless one answers there already: a unix:// URL of a socket in $STATE,
-# or a redis:// URL on this machine (a port: README says what process instances can do to it).
+# or a redis:// URL on this machine (a port: docs/operations.md "Backends" says what process instances can do to it).
 ensure_redis() {
   local url=$1 dir where
   local -a at listen

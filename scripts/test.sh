@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The test command (README, .ci/run): installs and starts everything the tests need, then runs pytest.
+# The test command (README "Test it", .ci/run): installs and starts everything the tests need, then runs pytest.
 # The tests start their own redis-server and mitmdump processes and real containers.
 #
 #   scripts/test.sh [pytest arguments ...]

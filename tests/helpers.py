@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import io
 import random
 import shutil
 import signal
 import socket
 import subprocess
 import time
+import warnings
+import zipfile
 from pathlib import Path
 
 
@@ -87,3 +90,23 @@ class RedisServer:
     def thaw(self) -> None:
         if self.proc is not None:
             self.proc.send_signal(signal.SIGCONT)
+
+
+# Archives for the archive API's tests (tests/test_archive.py, tests/e2e/test_instance_archive.py).
+
+
+def zip_of(*entries: tuple[str | zipfile.ZipInfo, bytes], method: int = zipfile.ZIP_DEFLATED) -> bytes:
+    """A zip of these entries, as given (duplicate names too)."""
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", method) as zf, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (a duplicate name, made on purpose)
+        for name, data in entries:
+            zf.writestr(name, data)
+    return out.getvalue()
+
+
+def zip_info(name: str, mode: int) -> zipfile.ZipInfo:
+    """A zip entry whose Unix mode (type and permissions) is `mode`."""
+    info = zipfile.ZipInfo(name)
+    info.external_attr = mode << 16
+    return info

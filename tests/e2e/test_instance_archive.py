@@ -15,7 +15,6 @@ import tarfile
 import tempfile
 import threading
 import time
-import warnings
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -33,6 +32,8 @@ from backends.docker_engine import DockerOptions
 from backends.local_process import ProcessBackend
 from backends.local_process import ProcessOptions
 from e2e.conftest import IMAGE
+from helpers import zip_info
+from helpers import zip_of
 
 TOKEN = "archive-" + secrets.token_hex(8)
 WORK_IN_IMAGE = "/home/datalab/work"
@@ -94,21 +95,6 @@ def members(answer: requests.Response) -> dict[str, bytes | None]:
     assert answer.status_code == 200 and answer.headers["Content-Type"] == "application/gzip"
     with tarfile.open(fileobj=io.BytesIO(answer.content), mode="r:gz") as tar:
         return {m.name: tar.extractfile(m).read() if m.isreg() else None for m in tar}
-
-
-def zip_of(*entries: tuple[str | zipfile.ZipInfo, bytes]) -> bytes:
-    out = io.BytesIO()
-    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as zf, warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # (a duplicate name, made on purpose)
-        for name, data in entries:
-            zf.writestr(name, data)
-    return out.getvalue()
-
-
-def zip_info(name: str, mode: int) -> zipfile.ZipInfo:
-    info = zipfile.ZipInfo(name)
-    info.external_attr = mode << 16
-    return info
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,10 @@
 import pytest
 import redis
 
+from fake_backend import FakeBackend
+from fake_backend import instances_on
 from helpers import RedisServer
+from instances import Instances
 from upload import UploadSink
 
 
@@ -26,3 +29,19 @@ async def sink():
     await s.running()
     yield s
     await s.done()
+
+
+@pytest.fixture
+async def make_instances(redis_url, tmp_path):
+    """Instance services (instances.py) on the real Redis over a given fake backend, as proxies of one
+    family; their clients and the backends' stand-in Jupyters are closed after the test."""
+    made: list[Instances] = []
+
+    def make(backend: FakeBackend, **changes) -> Instances:
+        made.append(instances_on(redis_url, backend, str(tmp_path / "work"), **changes))
+        return made[-1]
+
+    yield make
+    for instances in made:
+        await instances.store.close()
+        await instances.backend.close()

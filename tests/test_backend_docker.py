@@ -27,7 +27,7 @@ from backends.swarm import SwarmBackend
 from config import Settings
 from config import parse_settings
 from e2e.conftest import IMAGE
-from e2e.test_confinement import host_address
+from helpers import host_address
 
 
 @pytest.fixture

@@ -197,6 +197,7 @@ def test_an_overlay_not_ours_is_refused(engine):
         engine.networks.get(name).remove()
 
 
+@pytest.mark.engine  # check() asks the engine
 async def test_swarm_is_chosen_by_name_only_and_refuses_egress():
     assert choose("swarm", {})[0] is SwarmBackend
     assert choose("auto", {"instance_egress": True})[0] is not SwarmBackend

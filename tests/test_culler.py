@@ -12,7 +12,6 @@ from datetime import UTC
 from datetime import datetime
 
 import pytest
-from test_api import runtime_for
 
 import metrics
 from backends import EngineUnavailable
@@ -22,6 +21,7 @@ from culler import Activity
 from culler import Culler
 from fake_backend import FailingBackend
 from fake_backend import FakeBackend
+from helpers import runtime_for
 
 IDLE = 60  # datalab_idle_timeout of these tests
 NONCE = "N" * 32

@@ -22,17 +22,9 @@ from backends.docker_engine import MANAGED_BY
 from e2e.conftest import IMAGE
 from e2e.proxy import Browser
 from e2e.proxy import run_code
+from helpers import wait_until
 
 CSV = b"x,y\n1,2\n"
-
-
-def wait_until(check, what: str, timeout: float = 90.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := check():
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
 
 
 def error_of(r: requests.Response) -> str:

@@ -20,8 +20,8 @@ from e2e.test_lifecycle import error_of
 from e2e.test_lifecycle import instance_of
 from e2e.test_lifecycle import quietly
 from e2e.test_lifecycle import records
-from e2e.test_lifecycle import wait_until
 from helpers import free_port
+from helpers import wait_until
 
 CSV = b"city,population\nReykjavik,139875\nNuuk,19872\n"
 ROOT = Path(__file__).resolve().parents[2]

@@ -16,6 +16,7 @@ import pytest
 import requests
 
 from backends import Instance
+from e2e.helpers import record
 from e2e.proxy import Browser
 from helpers import host_address
 
@@ -60,12 +61,6 @@ def host_service():
     service = HostService()
     yield service
     service.close()
-
-
-def record(world, nonce: str, prefix: str | None = None) -> Instance:
-    prefix = prefix or world.prefix
-    instance_id = world.redis.get(f"{prefix}nonce:{nonce}").decode()
-    return Instance.from_json(world.redis.get(f"{prefix}instance:{instance_id}"))
 
 
 def run(browser: Browser, code: str) -> dict:

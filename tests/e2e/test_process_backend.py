@@ -15,11 +15,11 @@ import pytest
 import requests
 
 from backends.local_process import UID_BASE
+from e2e.helpers import error_of
+from e2e.helpers import instance_of
+from e2e.helpers import quietly
+from e2e.helpers import records
 from e2e.proxy import Browser
-from e2e.test_lifecycle import error_of
-from e2e.test_lifecycle import instance_of
-from e2e.test_lifecycle import quietly
-from e2e.test_lifecycle import records
 from helpers import free_port
 from helpers import wait_until
 

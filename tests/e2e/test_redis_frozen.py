@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import requests
 
+from e2e.helpers import opened
 from e2e.proxy import Browser
-from e2e.test_lifecycle import opened
 from helpers import RedisServer
 from helpers import wait_until
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import redis as redis_sync
 
-from e2e.proxy import Browser
+from e2e.helpers import opened
 from helpers import SentinelGroup
 from helpers import wait_until
 
@@ -27,13 +27,6 @@ def sentinels(tmp_path_factory):
         pytest.fail(str(e))
     yield group
     group.stop()
-
-
-def opened(proxy, filename: str) -> tuple[str, Browser]:
-    nonce = proxy.start_instance(filename, CSV)
-    browser = Browser(proxy)
-    browser.view(nonce)
-    return nonce, browser
 
 
 def events_subscribers(client: redis_sync.Redis, prefix: str) -> int:

@@ -9,6 +9,8 @@ is and what it uses, unless it says its own:
     unit     the rest: needs only redis-server (scripts/test.sh --quick runs these alone)
 """
 
+import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -54,6 +56,15 @@ def redis_url(redis_server):
     """A real Redis, emptied after each test that uses it directly."""
     yield redis_server.url
     redis.Redis.from_url(redis_server.url).flushdb()
+
+
+@pytest.fixture(scope="module")
+def places():
+    """A directory for process instances that their own users may pass through (pytest's tmp_path is 0700)."""
+    root = Path(tempfile.mkdtemp(prefix="datalab-process-"))
+    root.chmod(0o711)
+    yield root
+    subprocess.run(["rm", "-rf", str(root)], check=False)
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import secrets
 import shutil
 import signal
 import socket
@@ -15,6 +16,7 @@ import time
 from pathlib import Path
 from urllib.parse import urlencode
 
+import pytest
 import redis as redis_sync
 from mitmproxy.test import taddons
 from mitmproxy.test import tflow
@@ -22,7 +24,11 @@ from mitmproxy.test import tutils
 
 import signing
 from api import Api
+from backends import Backend
+from backends import Common
 from backends import Instance
+from backends.local_process import ProcessBackend
+from backends.local_process import ProcessOptions
 from config import Settings
 from fake_backend import FakeBackend
 from instances import Instances
@@ -195,6 +201,23 @@ def host_address(interface: str) -> str:
     shown = subprocess.run(["ip", "-j", "-4", "addr", "show", "dev", interface], capture_output=True, check=True)
     (address,) = [a["local"] for a in json.loads(shown.stdout)[0]["addr_info"]]
     return address
+
+
+def backend_of[B: Backend](cls: type[B], **changes) -> B:
+    """A backend of a label prefix of its own (its instances are its alone); `changes` may be Common's
+    fields or the backend's Options'."""
+    own = {k: changes.pop(k) for k in list(changes) if k in cls.Options.__dataclass_fields__}
+    common = Common(**{"label_prefix": f"unit-{secrets.token_hex(4)}:", **changes})
+    return cls(common, cls.Options(**own))
+
+
+def process_backend(places: Path, **changes) -> ProcessBackend:
+    """A process backend of a prefix of its own keeping its instances in `places`; fails the test when
+    the Jupyter environment is missing (scripts/test.sh makes it)."""
+    env = ProcessOptions().jupyter_env
+    if not (Path(env) / "bin" / "jupyter-notebook").exists() and "jupyter_env" not in changes:
+        pytest.fail(f"no Jupyter environment at {env}; scripts/test.sh makes it (ensure_jupyter_env)")
+    return backend_of(ProcessBackend, **{"process_dir": str(places), **changes})
 
 
 # The addon's unit tests: a runtime, instances as a start leaves them, flows through the api.

@@ -160,7 +160,9 @@ async def test_an_end_saves_the_work_then_stops_the_instance(make_instances, red
     inst = make_instances(FakeBackend())
     instance, nonce, work = await started(inst)
     session = await inst.open_session(instance)
+    jupyter = inst.backend.jupyter(instance)
     assert await inst.end(instance, "stopped by its user", "stopped") is True
+    assert jupyter.asked == ["/api/datalab/work"]  # the archive, asked of the running instance
     saved = await inst.store.work(work)
     assert (saved.state, saved.ended) == ("saved", "stopped")  # its Jupyter still answered: saved before the stop
     assert archived(inst.work.path(work)) == {"a.csv": DATA}

@@ -77,10 +77,10 @@ async def test_background_work_only_takes_a_slot_nobody_waits_for():
 # Races between proxies of one family: capacity is counted in Redis, boot slots in each process.
 
 
-async def settled(tasks: list[asyncio.Task], count: int) -> None:
-    """Wait until `count` of the tasks are done (bounded)."""
+async def settled(tasks: list[asyncio.Task], count: int, backend: SlowBackend, booting: int) -> None:
+    """Wait until `count` of the tasks are done and `booting` boots wait at the backend's gate (bounded)."""
     async with asyncio.timeout(10):
-        while sum(t.done() for t in tasks) < count:
+        while sum(t.done() for t in tasks) < count or backend.booting < booting:
             await asyncio.sleep(0.01)
 
 
@@ -94,8 +94,8 @@ async def test_forty_starts_on_two_proxies_get_exactly_the_capacity(make_instanc
     backend = SlowBackend(gate=gate)
     proxies = [make_instances(backend, max_instances=capacity, start_concurrency=40) for _ in range(2)]
     tasks = [asyncio.create_task(proxies[i % 2].start(f"{i}.csv", b"1\n")) for i in range(40)]
-    await settled(tasks, 40 - capacity)  # the refused answer at once, while the granted boot
-    assert backend.booting == capacity
+    await settled(tasks, 40 - capacity, backend, capacity)  # the refused answer at once, the granted boot
+    assert backend.booting == capacity and sum(t.done() for t in tasks) == 40 - capacity
     gate.set()
     granted, refused = outcomes(await asyncio.gather(*tasks, return_exceptions=True))
     assert len(granted) == capacity and len(refused) == 40 - capacity
@@ -112,8 +112,8 @@ async def test_starts_past_the_boot_slots_wait_their_turn_then_give_up(make_inst
     backend = SlowBackend(gate=gate)
     proxies = [make_instances(backend, start_concurrency=1, queue_timeout=1) for _ in range(2)]
     tasks = [asyncio.create_task(proxies[i % 2].start(f"{i}.csv", b"1\n")) for i in range(6)]
-    await settled(tasks, 4)  # one boot per proxy; the other four waited their queue timeout
-    assert backend.booting == 2
+    await settled(tasks, 4, backend, 2)  # one boot per proxy; the other four waited their queue timeout
+    assert backend.booting == 2 and sum(t.done() for t in tasks) == 4
     assert len(await proxies[0].store.slot_holders(time.time())) == 2  # the waiters' slots went back
     gate.set()
     granted, refused = outcomes(await asyncio.gather(*tasks, return_exceptions=True))

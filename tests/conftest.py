@@ -4,8 +4,8 @@ is and what it uses, unless it says its own:
 
     browser  uses Chromium (the `chromium` fixture)
     e2e      under tests/e2e: real mitmdump processes, containers, images
-    engine   runs real instances outside e2e: a Docker engine, Swarm or Jupyter processes (the
-             backend fixtures below), or is marked so itself
+    engine   runs real instances outside e2e: a Docker engine, Swarm or Jupyter processes (uses
+             the `engine`, `docker_client` or `places` fixture), or is marked so itself
     unit     the rest: needs only redis-server (scripts/test.sh --quick runs these alone)
 """
 
@@ -33,7 +33,7 @@ def tier(item: pytest.Item) -> str:
     fixtures = set(getattr(item, "fixturenames", ()))
     if "chromium" in fixtures:
         return "browser"
-    if E2E in Path(item.fspath).parents:
+    if E2E in item.path.parents:
         return "e2e"
     return "engine" if fixtures & ENGINE_FIXTURES else "unit"
 

@@ -81,7 +81,7 @@ def option_error(name: str, message: str) -> ValueError:
 class Limits:
     """Whose instances a backend runs (`label_prefix`: the proxy family's key prefix, which marks
     them), and the limits each instance gets, as far as the backend's platform can enforce them
-    (its README row says which). A disk limit of auto is made a size by the backend
+    (its row in docs/operations.md "Backends" says which). A disk limit of auto is made a size by the backend
     (Backend.auto_disk_limit)."""
 
     label_prefix: str

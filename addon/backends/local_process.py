@@ -29,7 +29,7 @@ What confines an instance here is what the OS offers without containers:
   provider, image/jupyter_server_config.py, the same configuration as in the image).
 It is not the Docker backend's confinement: instances share the host's network (they reach the
 host's services and the internet) and file system (as far as file modes let them), and datalab_cpus
-is not enforced. Without root all instances share the proxy's user. README "Backends" says so.
+is not enforced. Without root all instances share the proxy's user. docs/operations.md "Backends" says so.
 """
 
 from __future__ import annotations

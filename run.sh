@@ -9,7 +9,7 @@
 #   --swarm                 the proxy (DATALAB_REPLICAS replicas, default 2, datalab_backend=swarm) and Redis
 #                           as a stack on this machine's swarm (initialised when none), port DATALAB_PORT
 #                           published; follows the proxy's logs, removes the stack on SIGINT/SIGTERM
-#                           (deploy/swarm.sh says more; README "Swarm")
+#                           (deploy/swarm.sh says more; docs/operations.md "Swarm")
 #   --web                   run mitmweb (flow inspector on http://127.0.0.1:8081) instead of mitmdump
 #   --lean                  production: the same addons in a lean mitmproxy master (addon/lean.py: no
 #                           flow printing, no scripts; takes --mode, --listen-*, --certs, --set, -q, -v),
@@ -30,13 +30,13 @@
 #   DATALAB_IMAGE           Jupyter image (default datalab-notebook:latest; built here when missing)
 #   DATALAB_METRICS_PORT    serve Prometheus metrics on 127.0.0.1 at this port; worker i of --workers N
 #                           at this port + i - 1 (each process counts its own). Unset: no metrics port
-#                           (README "Metrics"). When set, it decides over --set datalab_metrics_port.
+#                           (docs/operations.md "Metrics"). When set, it decides over --set datalab_metrics_port.
 #   DATALAB_DEMO_PORT       --demo: the demo page's port (default 8090)
 #   DATALAB_URL             --demo: the proxy's URL as the browser reaches it (default http://127.0.0.1:$DATALAB_PORT)
 #   DATALAB_TLS_CERT        TLS: PEM certificate chain, the server's own certificate first, then its
 #                           intermediates (as a CA issues a "fullchain.pem")
 #   DATALAB_TLS_KEY         TLS: the PEM private key of that certificate, unencrypted
-# Any other datalab_* option: pass --set datalab_NAME=VALUE (see README). Those above with an option
+# Any other datalab_* option: pass --set datalab_NAME=VALUE (docs/operations.md "Options"). Those above with an option
 # (datalab_backend, datalab_image, datalab_jupyter_env, datalab_redis_url, datalab_sign_key) may come as
 # --set as well: --set wins, and what run.sh prepares (the Jupyter env, the image, Redis) follows it.
 #
@@ -172,7 +172,7 @@ export DATALAB_REDIS_URL=${DATALAB_REDIS_URL:-$LOCAL_REDIS_URL}
 ensure_redis "$DATALAB_REDIS_URL"
 case "$BACKEND_LIKELY $DATALAB_REDIS_URL" in
   docker*|*" unix://"*) ;;
-  *) say "warning: process-backend instances share this machine's network: they reach this Redis as the proxy does (and pose as it from a port of this machine while it is down). Use the default, a Unix socket, or a Redis elsewhere that requires a password (README \"Backends\")" ;;
+  *) say "warning: process-backend instances share this machine's network: they reach this Redis as the proxy does (and pose as it from a port of this machine while it is down). Use the default, a Unix socket, or a Redis elsewhere that requires a password (docs/operations.md \"Backends\")" ;;
 esac
 
 ensure_sign_key

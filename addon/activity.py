@@ -5,7 +5,7 @@ counting every request would keep an abandoned tab's instance for ever. What a t
 is reads of lists and states; what a person does is load a page, open, save, create, rename or
 delete something, start or stop a kernel, export, download, or open a kernel's or a terminal's
 WebSocket. Running code and typing in a terminal pass as WebSocket frames, not requests: Jupyter
-records those itself, per kernel and terminal (the culler reads that record: backends.jupyter_activity).
+records those itself, per kernel and terminal (the culler reads that record: backends.jupyter.jupyter_activity).
 
 This is no defence: a user who wants to keep an instance can run code, and datalab_max_age bounds
 that. A wrong guess only moves when an instance ends.

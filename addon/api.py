@@ -30,7 +30,7 @@ import waiting
 from answers import answering_errors
 from backends import BackendError
 from backends import Instance
-from backends import http_status
+from backends.instance_http import http_status
 from errors import ApiError
 from health import Health
 from marks import CUT

@@ -27,8 +27,7 @@ from redis.asyncio.connection import parse_url
 import options
 import sentinel
 import signing
-from backends import STATE
-from backends import Common
+from backends import Limits
 from backends import choice
 from backends import memory_budget
 from options import absolute_path
@@ -39,6 +38,7 @@ from options import option
 from options import option_error
 from options import option_name
 from options import positive
+from paths import STATE
 
 log = logging.getLogger(__name__)
 
@@ -311,10 +311,10 @@ class Settings:
     backend_options: dict[str, typing.Any] = dataclasses.field(default_factory=dict)
 
     @functools.cached_property
-    def common(self) -> Common:
+    def limits(self) -> Limits:
         """What every backend gets: whose instances, and their limits (a disk limit of auto is made a
         size by the backend: what fits beside Jupyter in a container's memory limit)."""
-        return Common(
+        return Limits(
             label_prefix=self.key_prefix,
             mem_limit=self.mem_limit,
             cpus=float(self.cpus),

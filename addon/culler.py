@@ -5,7 +5,7 @@ runs that Redis does not know.
 a dict write) and written to Redis in one batch every few seconds, never once per request. Code
 run and terminals typed in pass as WebSocket frames, which the proxy does not read: an instance
 that looks idle from here is asked what its Jupyter recorded of its kernels and terminals
-(backends.jupyter_activity), and the later of the two times is its last activity. `Culler.round` runs
+(backends.jupyter.jupyter_activity), and the later of the two times is its last activity. `Culler.round` runs
 at start-up and every datalab_cull_interval seconds under a Redis lock, so with several proxies
 on one Redis each instance is ended by one of them, once (and counted once: datalab_culls_total).
 """
@@ -18,9 +18,9 @@ import time
 from dataclasses import dataclass
 
 import counters
-from backends import Found
 from backends import Instance
-from backends import jupyter_activity
+from backends import InventoryEntry
+from backends.jupyter import jupyter_activity
 from instances import CONTAINER_GONE
 from instances import Instances
 
@@ -164,7 +164,12 @@ class Culler:
             log.warning("datalab: could not sweep the work store: %s", e)
 
     async def _verdict(
-        self, record: Instance, found: dict[str, Found], pooled: set[str], activity: dict[str, float], now: float
+        self,
+        record: Instance,
+        found: dict[str, InventoryEntry],
+        pooled: set[str],
+        activity: dict[str, float],
+        now: float,
     ) -> Verdict | None:
         """Why the instance should end, if it should, and on which last activity an idleness verdict rests."""
         s = self.instances.settings

@@ -37,23 +37,11 @@ WORK = {
 NEXT = "To go on, open your file again from the site that opened this notebook."
 MAX_SHOWN_CAUSE = 64  # a reason code for support, not a place for prose
 
-PAGE = """<!doctype html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<meta name="referrer" content="no-referrer">
-<title>Notebook ended</title>
-<style>{style}</style>
-</head>
-<body>
-<main>
+BODY = """<main>
 <h1>This notebook has ended</h1>
 <p id="why">{why}</p>
 {work}<p>{next}</p>
 {code}</main>
-</body>
-</html>
 """
 
 NAVIGATION_DESTS = frozenset({"document", "iframe", "frame"})
@@ -132,13 +120,13 @@ def page(cause: str, work_state: str) -> bytes:
     "" when unknown, when the page says nothing of it)."""
     work = WORK.get(work_state)
     code = shown_cause(cause)
-    return PAGE.format(
-        style=STYLE,
+    body = BODY.format(
         why=html.escape(WHY.get(cause, WHY_UNKNOWN)),
         work=f'<p id="work">{html.escape(work)}</p>\n' if work else "",
         next=html.escape(NEXT),
         code=f'<p class="note">Reason: <code>{html.escape(code)}</code></p>\n' if code else "",
-    ).encode()
+    )
+    return pages.document("Notebook ended", STYLE, body)
 
 
 def content_security_policy(framing_origins: frozenset[str] = frozenset()) -> str:

@@ -21,15 +21,15 @@ from admission import Admission
 from admission import QueueTimeout
 from backends import Backend
 from backends import BackendError
-from backends import Found
 from backends import Instance
+from backends import InventoryEntry
 from backends import StartTimeout
 from backends import UnpackLimits
 from backends import UntrustedRecord
-from backends import family_name
-from backends import http_status
+from backends.instance_http import http_status
 from backends.memory_budget import size_bytes
 from config import Settings
+from paths import family_name
 from store import EndNote
 from store import Reservation
 from store import Store
@@ -56,9 +56,8 @@ class Handout:
     work: str
 
 
-class NoCapacity(BackendError):
-    status = 503
-    code = "CAPACITY"
+class NoCapacity(BackendError, status=503, code="CAPACITY"):
+    """No instance can start now: every slot is taken (a retry after `retry_after` seconds may find one)."""
 
     def __init__(self, message: str, retry_after: int):
         super().__init__(message)
@@ -73,7 +72,7 @@ class Instances:
         self.admission = Admission(settings.boot_slots)
         self.pool_changed = asyncio.Event()  # set when the pool may need refilling
         self._capacity: int | None = None
-        disk = backend.common.disk_limit
+        disk = backend.limits.disk_limit
         directory = os.path.join(settings.work_dir, family_name(settings.key_prefix))
         self.work = WorkStore(
             store, directory, work_max_bytes(settings.work_max, disk), settings.work_ttl, settings.work_timeout
@@ -243,7 +242,7 @@ class Instances:
         except Exception as e:  # Redis or the store's disk: the end goes on, the record stays "saving"
             log.warning("instance %s: saving its work failed: %s", instance.id, e)
 
-    async def end_orphan(self, found: Found) -> bool:
+    async def end_orphan(self, found: InventoryEntry) -> bool:
         """Remove a container no record names and no lease holds (its proxy died mid-start or
         mid-save, or its record was lost); if its end was recorded and its work is still to be
         saved, save it first."""

@@ -1,4 +1,4 @@
-"""What the proxy's own HTML pages (waiting.py, ended.py) share: their look and their headers.
+"""What the proxy's own HTML pages (waiting.py, ended.py) share: their document, look and headers.
 
 Each page is self-contained and fixed: its style (and script, if any) are constants allowed by
 their hashes in a strict Content-Security-Policy, so nothing a page carries as data can run or load
@@ -16,6 +16,26 @@ body { font: 16px/1.5 system-ui, sans-serif; color: #222; background: #fafafa; m
 main { max-width: 36em; margin: 15vh auto; padding: 0 1em; }
 h1 { font-size: 1.4em; font-weight: 600; }
 """
+
+DOCUMENT = """<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="referrer" content="no-referrer">
+<title>{title}</title>
+{head}<style>{style}</style>
+</head>
+<body{attributes}>
+{body}</body>
+</html>
+"""
+
+
+def document(title: str, style: str, body: str, head: str = "", attributes: str = "") -> bytes:
+    """A page: `body` (and `head`'s extra elements, the body element's `attributes`) as the caller
+    made them, every variable part in them already escaped; `title` is a constant."""
+    return DOCUMENT.format(title=title, head=head, style=style, attributes=attributes, body=body).encode()
 
 
 def source_hash(source: str) -> str:

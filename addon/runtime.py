@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 def build_instances(s: Settings) -> Instances:
     """The instance service for these settings: also what scripts and tests use to act as the proxy would."""
     client = store.Store(store.connect(s.redis_url, s.redis_timeout), s.key_prefix)
-    return Instances(client, choice.build(s.backend, s.backend_options, s.common), s)
+    return Instances(client, choice.build(s.backend, s.backend_options, s.limits), s)
 
 
 async def remove_all_instances(redis_url: str, prefix: str) -> int:

@@ -7,7 +7,7 @@ sets the session cookie like the redirect would, then asks the instance through 
 The page is self-contained and fixed: its script and style are constants allowed by their hashes
 in a strict Content-Security-Policy, and the one variable part, the destination, is an HTML
 attribute value read by the script (never JavaScript source), escaped here whatever it holds.
-Its look and headers are those of every page of the proxy's own (pages.py). Pure functions, no I/O.
+Its document, look and headers are those of every page of the proxy's own (pages.py). Pure functions, no I/O.
 """
 
 from __future__ import annotations
@@ -77,26 +77,14 @@ SCRIPT = """
 
 STYLE = pages.STYLE
 
-PAGE = """<!doctype html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<meta name="referrer" content="no-referrer">
-<title>Waiting for your notebook</title>
-<noscript><meta http-equiv="refresh" content="5"></noscript>
-<style>{style}</style>
-</head>
-<body data-destination="{destination}">
-<main>
+HEAD = '<noscript><meta http-equiv="refresh" content="5"></noscript>\n'
+BODY = """<main>
 <h1>Waiting for your notebook</h1>
 <p id="status" role="status" aria-live="polite">It is starting or busy. This page continues by itself as soon as it
 answers.</p>
 <p><a href="{destination}">Open it now</a></p>
 </main>
 <script>{script}</script>
-</body>
-</html>
 """
 
 
@@ -117,7 +105,8 @@ def check_destination(destination: str) -> str:
 def page(destination: str) -> bytes:
     """The page for `destination`; it goes there once the instance answers."""
     attribute = html.escape(check_destination(destination), quote=True)
-    return PAGE.format(style=STYLE, script=SCRIPT, destination=attribute).encode()
+    body = BODY.format(script=SCRIPT, destination=attribute)
+    return pages.document("Waiting for your notebook", STYLE, body, HEAD, f' data-destination="{attribute}"')
 
 
 def headers(framing_origins: frozenset[str] = frozenset()) -> dict[str, str]:

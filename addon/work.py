@@ -29,10 +29,9 @@ from pathlib import Path
 
 import counters
 import inputs
-from backends import ARCHIVE_PATH
 from backends import BackendError
 from backends import Instance
-from backends import http_stream
+from backends.jupyter import work_archive
 from backends.memory_budget import AUTO
 from backends.memory_budget import size_bytes
 from store import Store
@@ -66,7 +65,7 @@ async def archive_chunks(instance: Instance, max_bytes: int, timeout: float) -> 
     a framed 200 (else BackendError or OSError), its first bytes within FIRST_BYTES, at most
     `max_bytes` (else WorkTooLarge). Iterate it inside contextlib.aclosing: the connection then
     closes as soon as the reader stops."""
-    async with http_stream(instance, ARCHIVE_PATH, timeout=min(FIRST_BYTES, timeout)) as (status, body):
+    async with work_archive(instance, timeout=min(FIRST_BYTES, timeout)) as (status, body):
         if status != 200:
             raise BackendError("the instance did not hand over its working directory", f"HTTP {status}")
         size = 0

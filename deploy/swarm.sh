@@ -30,7 +30,7 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 for arg in "$@"; do
   case "$arg" in
     --web|--lean|--workers|--demo|--tls-check)
-      die "$arg is not for --swarm: the stack runs mitmdump replicas (DATALAB_REPLICAS), see README \"Swarm\"" ;;
+      die "$arg is not for --swarm: the stack runs mitmdump replicas (DATALAB_REPLICAS), see docs/operations.md \"Swarm\"" ;;
   esac
 done
 [ -z "${DATALAB_TLS_CERT:-}${DATALAB_TLS_KEY:-}" ] || die "--swarm does not serve TLS itself: put a TLS-terminating load balancer before the published port"

@@ -9,8 +9,8 @@
 #
 # Idempotent: exits at once when the image exists and was built from these inputs (unless --force);
 # the rootfs tarballs and the downloaded .debs are cached under $DATALAB_CACHE (default
-# ~/.cache/datalab). The base rootfs is keyed by what goes into it (this script's rootfs recipe,
-# image/requirements.txt); the extra requirements are a second tarball made from the base one and keyed
+# ~/.cache/datalab). The base rootfs is keyed by what goes into it (this script's rootfs recipe and the
+# steps it takes from rootfs.sh, image/requirements.txt); the extra requirements are a second tarball made from the base one and keyed
 # by it and the extra file's content, so changing them only reinstalls them. The Jupyter configuration
 # (image/*.py: the settings and datalab's server extension, with the proxy's filename rule,
 # addon/inputs.py) is added at import time, so changing it only re-imports (seconds), it does not
@@ -19,9 +19,10 @@
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")/.." && pwd)
-step() { printf '[build-image] %s\n' "$*" >&2; }
-die() { printf '[build-image] error: %s\n' "$*" >&2; exit 1; }
+build=build-image
 force=0
+# shellcheck source=rootfs.sh
+. "$here/scripts/rootfs.sh"
 extra=${DATALAB_EXTRA_REQUIREMENTS:-}
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -44,9 +45,10 @@ cache=${DATALAB_CACHE:-$HOME/.cache/datalab}
 docker info >/dev/null 2>&1 || die "no Docker engine answers (start dockerd first; run.sh does this for you)"
 # The build key covers everything that goes into the image: an image built from other inputs is rebuilt.
 # The base rootfs recipe is the part of this script between the "rootfs" and "extra" markers below (so
-# the lines above, these keys among them, can change without a debootstrap); the extra step's is the
-# part between the "extra" and "import" markers.
-rootfs_key=$(sed -n '/^# --- rootfs ---$/,/^# --- extra ---$/p' "$0" | cat - "$here/image/requirements.txt" \
+# the lines above, these keys among them, can change without a debootstrap) and the steps it takes from
+# rootfs.sh; the extra step's is the part between the "extra" and "import" markers.
+rootfs_key=$(sed -n '/^# --- rootfs ---$/,/^# --- extra ---$/p' "$0" \
+      | cat - "$here/scripts/rootfs.sh" "$here/image/requirements.txt" \
       | { cat; echo "$suite $mirror"; } | sha256sum | cut -c1-16)
 tarball="$cache/rootfs-$rootfs_key.tar"
 if [ -n "$extra" ]; then
@@ -56,55 +58,12 @@ if [ -n "$extra" ]; then
 fi
 key=$(cat "$0" "$here"/image/*.py "$here/addon/inputs.py" | { cat; echo "$rootfs_key"; } | sha256sum | cut -c1-16)
 comment="datalab notebook image ($key)"
-if [ "$force" = 0 ] && [ "$(docker image inspect -f '{{.Comment}}' "$image" 2>/dev/null)" = "$comment" ]; then
-  step "image $image is up to date ($key); nothing to do (--force rebuilds)"
-  exit 0
-fi
-[ "$(id -u)" = 0 ] || die "must run as root (debootstrap and chroot need it)"
-command -v debootstrap >/dev/null || die "debootstrap is missing: apt-get install debootstrap"
-mkdir -p "$cache/debs"
+exit_if_current "$image" "$comment" "$key"
 
 # --- rootfs ---
-# A rootfs tree under construction in $root: removed on exit, never while anything is mounted in it.
-new_root() {
-  root=$(mktemp -d /var/tmp/datalab-rootfs.XXXXXX)
-  trap cleanup EXIT
-}
-cleanup() {
-  for m in dev/pts dev proc; do mountpoint -q "$root/$m" && umount -l "$root/$m"; done
-  if ! grep -q " $root/" /proc/mounts; then rm -rf "$root"; fi
-}
-# Runs shell code in the chroot with what pip needs: /proc, /dev, the host's resolver, and the host's
-# CA bundle (it may hold a local proxy's CA). Leaves none of them behind in the tree.
-in_chroot() {
-  mount -t proc proc "$root/proc"
-  mount --bind /dev "$root/dev"
-  mount --bind /dev/pts "$root/dev/pts"
-  cp /etc/resolv.conf "$root/etc/resolv.conf"
-  cp /etc/ssl/certs/ca-certificates.crt "$root/etc/ssl/certs/host-ca-certificates.crt"
-  chroot "$root" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root \
-    PIP_CERT=/etc/ssl/certs/host-ca-certificates.crt PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    PIP_DEFAULT_TIMEOUT=180 PIP_NO_CACHE_DIR=1 \
-    sh -ec "$1" >&2
-  rm -f "$root/etc/ssl/certs/host-ca-certificates.crt"
-  : > "$root/etc/resolv.conf"
-  for m in dev/pts dev proc; do umount -l "$root/$m"; done
-}
-# Packs the tree into $1 (atomically: a tarball in the cache is always whole), then removes the tree.
-pack_root() {
-  step "packing the rootfs ..."
-  tar -C "$root" --numeric-owner -cf "$1.part" .
-  mv "$1.part" "$1"
-  cleanup
-  trap - EXIT
-}
-
+# (new_root, bootstrap, in_chroot and pack_root: rootfs.sh)
 if [ ! -f "$tarball" ]; then
-  new_root
-  step "debootstrap $suite (minbase) into $root ... (a few minutes)"
-  debootstrap --variant=minbase --cache-dir="$cache/debs" \
-    --include=python3,python3-venv,ca-certificates,tini \
-    "$suite" "$root" "$mirror" >&2
+  bootstrap datalab-rootfs "$suite" "$mirror" "$cache/debs" python3,python3-venv,ca-certificates,tini
 
   step "installing Jupyter and the data stack (second step, from PyPI) ..."
   cp "$here/image/requirements.txt" "$root/tmp/requirements.txt"
@@ -123,7 +82,7 @@ fi
 # The operator's extra requirements, installed in the same venv on a copy of the base rootfs.
 if [ -n "$extra" ]; then
   if [ ! -f "$extra_tarball" ]; then
-    new_root
+    new_root datalab-rootfs
     step "installing the extra requirements $extra (third step, from PyPI) ..."
     tar -C "$root" --numeric-owner -xpf "$tarball"
     cp "$extra" "$root/tmp/extra-requirements.txt"

@@ -11,14 +11,16 @@
 # Debian trixie, not bookworm: mitmproxy 12 needs Python >= 3.12 (trixie has 3.13). Idempotent: exits at
 # once when the image exists and was built from these inputs (unless --force). The rootfs tarball and
 # the .debs are cached under $DATALAB_CACHE (default ~/.cache/datalab), keyed by this script's rootfs
-# recipe and the runtime requirements; the addon is added on top, so changing it only re-imports.
+# recipe (with the steps it takes from rootfs.sh) and the runtime requirements; the addon is added on
+# top, so changing it only re-imports.
 # Needs root (debootstrap, chroot), debootstrap and a running Docker engine.
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")/.." && pwd)
-step() { printf '[build-proxy-image] %s\n' "$*" >&2; }
-die() { printf '[build-proxy-image] error: %s\n' "$*" >&2; exit 1; }
+build=build-proxy-image
 force=0
+# shellcheck source=rootfs.sh
+. "$here/scripts/rootfs.sh"
 while [ $# -gt 0 ]; do
   case "$1" in
     --force) force=1; shift ;;
@@ -34,58 +36,28 @@ cache=${DATALAB_CACHE:-$HOME/.cache/datalab}
 docker info >/dev/null 2>&1 || die "no Docker engine answers (start dockerd first; run.sh does this for you)"
 # The runtime requirements: requirements.txt up to its "# Tests" section.
 runtime_requirements() { sed '/^# Tests/,$d' "$here/requirements.txt"; }
-rootfs_key=$(sed '/^# --- import ---$/,$d' "$0" | cat - <(runtime_requirements) \
+rootfs_key=$(sed '/^# --- import ---$/,$d' "$0" | cat - "$here/scripts/rootfs.sh" <(runtime_requirements) \
       | { cat; echo "$suite $mirror"; } | sha256sum | cut -c1-16)
 tarball="$cache/proxy-rootfs-$rootfs_key.tar"
 key=$( { cat "$0" "$here/image/jupyter_server_config.py" "$here/deploy/proxy-entrypoint.sh" "$here/deploy/edge.py"; \
          find "$here/addon" -name '*.py' -type f | LC_ALL=C sort | xargs cat; echo "$rootfs_key"; } \
        | sha256sum | cut -c1-16)
 comment="datalab proxy image ($key)"
-if [ "$force" = 0 ] && [ "$(docker image inspect -f '{{.Comment}}' "$image" 2>/dev/null)" = "$comment" ]; then
-  step "image $image is up to date ($key); nothing to do (--force rebuilds)"
-  exit 0
-fi
-[ "$(id -u)" = 0 ] || die "must run as root (debootstrap and chroot need it)"
-command -v debootstrap >/dev/null || die "debootstrap is missing: apt-get install debootstrap"
-mkdir -p "$cache/debs-$suite"
+exit_if_current "$image" "$comment" "$key"
 
-root=
-cleanup() {
-  [ -n "$root" ] || return 0
-  for m in dev/pts dev proc; do mountpoint -q "$root/$m" && umount -l "$root/$m"; done
-  if ! grep -q " $root/" /proc/mounts; then rm -rf "$root"; fi
-}
-trap cleanup EXIT
-
+# (bootstrap, in_chroot and pack_root: rootfs.sh)
 if [ ! -f "$tarball" ]; then
-  root=$(mktemp -d /var/tmp/datalab-proxy-rootfs.XXXXXX)
-  step "debootstrap $suite (minbase) into $root ... (a few minutes)"
-  debootstrap --variant=minbase --cache-dir="$cache/debs-$suite" \
-    --include=python3,python3-venv,ca-certificates,tini,redis-server \
-    "$suite" "$root" "$mirror" >&2
+  bootstrap datalab-proxy-rootfs "$suite" "$mirror" "$cache/debs-$suite" \
+    python3,python3-venv,ca-certificates,tini,redis-server
   step "installing the proxy's runtime requirements (from PyPI) ..."
   runtime_requirements > "$root/tmp/requirements.txt"
-  mount -t proc proc "$root/proc"
-  mount --bind /dev "$root/dev"
-  mount --bind /dev/pts "$root/dev/pts"
-  cp /etc/resolv.conf "$root/etc/resolv.conf"
-  cp /etc/ssl/certs/ca-certificates.crt "$root/etc/ssl/certs/host-ca-certificates.crt"
-  chroot "$root" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root \
-    PIP_CERT=/etc/ssl/certs/host-ca-certificates.crt PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    PIP_DEFAULT_TIMEOUT=180 PIP_NO_CACHE_DIR=1 sh -ec '
-      python3 -m venv /opt/venv
-      /opt/venv/bin/pip install --progress-bar off -r /tmp/requirements.txt
-      apt-get clean
-      rm -rf /var/lib/apt/lists/* /tmp/requirements.txt /usr/share/doc /usr/share/man /root/.cache
-    ' >&2
-  rm -f "$root/etc/ssl/certs/host-ca-certificates.crt"
-  : > "$root/etc/resolv.conf"
-  for m in dev/pts dev proc; do umount -l "$root/$m"; done
-  step "packing the rootfs ..."
-  tar -C "$root" --numeric-owner -cf "$tarball.part" .
-  mv "$tarball.part" "$tarball"
-  cleanup
-  root=
+  in_chroot '
+    python3 -m venv /opt/venv
+    /opt/venv/bin/pip install --progress-bar off -r /tmp/requirements.txt
+    apt-get clean
+    rm -rf /var/lib/apt/lists/* /tmp/requirements.txt /usr/share/doc /usr/share/man /root/.cache
+  '
+  pack_root "$tarball"
 fi
 
 # --- import ---
@@ -93,7 +65,7 @@ fi
 # configuration (its backends read it beside addon/, as in the repository) go on top of a copy of the cached rootfs, owned by root. The proxy runs as root in its container:
 # it talks to the mounted Docker socket (it manages the instances' services).
 layer=$(mktemp -d /var/tmp/datalab-proxy-config.XXXXXX)
-trap 'rm -rf "$layer"; cleanup' EXIT
+trap 'rm -rf "$layer"' EXIT
 mkdir -p "$layer/tree/opt/datalab/image"
 (cd "$here" && find addon -name '*.py' -type f -print0 | xargs -0 cp --parents -t "$layer/tree/opt/datalab")
 install -m 0644 "$here/image/jupyter_server_config.py" "$layer/tree/opt/datalab/image/"

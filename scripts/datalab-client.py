@@ -28,7 +28,7 @@ SCHEMES = ("sha256", "hmac-sha256")
 
 
 def sign(key: str, ts: str, filename: str, scheme: str) -> str:
-    """X-SIGN as the proxy's datalab_sign_scheme asks (README, Signatures)."""
+    """X-SIGN as the proxy's datalab_sign_scheme asks (docs/api.md, Signatures)."""
     if scheme == "hmac-sha256":
         return hmac.new(key.encode(), f"{ts}\n{filename}".encode(), hashlib.sha256).hexdigest()
     return hashlib.sha256((key + ts + filename).encode()).hexdigest()

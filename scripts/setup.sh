@@ -5,7 +5,7 @@
 say() { printf '[datalab] %s\n' "$*" >&2; }
 die() { printf '[datalab] error: %s\n' "$*" >&2; exit 1; }
 
-# Absolute (as the proxy's backends.STATE), and fit for a unix:// URL (which ends at ? or #, and decodes %).
+# Absolute (as the proxy's paths.STATE), and fit for a unix:// URL (which ends at ? or #, and decodes %).
 STATE=$(realpath -m -s -- "${DATALAB_STATE:-$ROOT/.state}")
 case "$STATE" in *[?#%]*) die "DATALAB_STATE=$STATE: a path without ?, # or % please (it goes into a URL)";; esac
 VENV=${DATALAB_VENV:-$ROOT/.venv}
@@ -165,7 +165,7 @@ redis_dir() {
 }
 
 # Start a redis-server for $1 unless one answers there already: a unix:// URL of a socket in $STATE,
-# or a redis:// URL on this machine (a port: README says what process instances can do to it).
+# or a redis:// URL on this machine (a port: docs/operations.md "Backends" says what process instances can do to it).
 ensure_redis() {
   local url=$1 dir where
   local -a at listen

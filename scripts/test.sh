@@ -1,12 +1,33 @@
 #!/usr/bin/env bash
-# The test command (README, .ci/run): installs and starts everything the tests need, then runs pytest.
+# The test command (README "Test it", .ci/run): installs and starts everything the tests need, then runs pytest.
 # The tests start their own redis-server and mitmdump processes and real containers.
 #
-#   scripts/test.sh [pytest arguments ...]
+#   scripts/test.sh [pytest arguments ...]          every tier (set-up: packages, venv, engine, images)
+#   scripts/test.sh --quick [pytest arguments ...]  the unit tier alone (-m unit), in under a minute:
+#                                                   no Docker engine, no image, no Jupyter; only the
+#                                                   venv and redis-server (and redis-sentinel)
+#
+# Tiers are pytest markers (pytest.ini), set by tests/conftest.py from where a test is and what it
+# uses: unit (only Redis), engine (real Docker, Swarm or Jupyter processes outside e2e), e2e
+# (tests/e2e: proxies, containers, images) and browser (Chromium). Any one by itself:
+#   scripts/test.sh -m engine        scripts/test.sh -m "e2e or browser"
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 # shellcheck source=setup.sh
 . "$ROOT/scripts/setup.sh"
+
+if [ "${1:-}" = --quick ]; then
+  shift
+  missing=()
+  command -v redis-server >/dev/null || missing+=(redis-server)
+  command -v redis-sentinel >/dev/null || missing+=(redis-sentinel)  # the Sentinel client's deadline test
+  apt_install "${missing[@]}"
+  ensure_venv
+  cd "$ROOT"
+  parallel=()  # two workers when pytest-xdist is there (each with its own redis-server)
+  "$VENV/bin/python" -c 'import xdist' 2>/dev/null && parallel=(-n 2)
+  exec "$VENV/bin/python" -m pytest -m unit "${parallel[@]}" "$@"
+fi
 
 t0=$(date +%s)
 ensure_packages; ensure_test_packages; t1=$(date +%s)

@@ -1,97 +1,28 @@
 import asyncio
 import json
 import time
-from urllib.parse import urlencode
 
 import pytest
-from mitmproxy.test import taddons
-from mitmproxy.test import tflow
-from mitmproxy.test import tutils
 
 import signing
-from api import Api
 from api import session_cookie
 from backends import Instance
-from config import Settings
+from helpers import answering_jupyter
+from helpers import recorded
+from helpers import request_flow
+from helpers import run_headers
+from helpers import runtime_for
+from helpers import start_flow
+from helpers import through_api
 from marks import DEFERRED
 from marks import SINK
 from marks import START
-from runtime import Runtime
-from upload import RECEIVED
 from upload import UNREAD
 from upload import BodyCollector
-
-KEY = "unit-key"
-
-
-def runtime_for(redis_url="redis://127.0.0.1:1/0", **changes) -> Runtime:
-    """The addon's runtime, except that its backend vouches for loopback addresses: these unit tests
-    record instances (or a stand-in Jupyter) on 127.0.0.1, where the Docker backend never puts one
-    (the real rule is tested in test_backend_docker.py and test_confinement.py)."""
-    rt = Runtime()
-    rt.apply(Settings(sign_key=KEY, redis_url=redis_url, key_prefix="unit:", **changes))
-
-    async def loopback(host: str, port: int) -> bool:
-        return host == "127.0.0.1"
-
-    rt.instances.backend.could_have_given = loopback
-    return rt
-
-
-async def recorded(store, instance: Instance, nonce: str) -> None:
-    """An instance as a start leaves it: its slot taken, then bound to its first nonce."""
-    await store.reserve(instance.id, time.time(), 60, max_instances=100)
-    assert await store.bind(instance, nonce, 60, time.time())
-
-
-def request_flow(method: str, path: str, headers: dict | None = None, content: bytes = b""):
-    req = tutils.treq(method=method.encode(), path=path.encode(), content=content)
-    req.headers.clear()
-    req.headers["Host"] = "proxy.example:8080"
-    for k, v in (headers or {}).items():
-        req.headers[k] = v
-    return tflow.tflow(req=req, resp=False)
-
-
-def start_flow(filename="data.csv", ts=None, sign=None, headers=None, content=b"a,b\n"):
-    ts = str(int(time.time())) if ts is None else ts
-    sig = signing.signature(KEY, ts, filename) if sign is None else sign
-    return request_flow(
-        "POST",
-        "/datalab/start?" + urlencode({"ts": ts, "filename": filename}),
-        {"X-SIGN": sig, "Content-Length": str(len(content)), **(headers or {})},
-        content,
-    )
 
 
 def body(flow) -> dict:
     return json.loads(flow.response.content)
-
-
-async def run_headers(flow, sink, rt=None):
-    api = Api(rt or runtime_for(), sink)
-    with taddons.context(api):
-        await api.requestheaders(flow)
-    return flow
-
-
-async def through_api(flow, sink, rt=None, received=None):
-    """requestheaders, then what mitmproxy does with a streamed body: chunks, the sink's answer
-    (saying it read `received` bytes: the whole body unless told), `response`."""
-    api = Api(rt or runtime_for(), sink)
-    with taddons.context(api):
-        await api.requestheaders(flow)
-        if flow.metadata.get(SINK):
-            assert (flow.request.host, flow.request.port) == ("127.0.0.1", sink.port)
-            for i in range(0, len(flow.request.content), 3):
-                flow.request.stream(flow.request.content[i : i + 3])
-            flow.request.stream(b"")
-            flow.response = tutils.tresp(status_code=500)
-            whole = len(flow.request.content)
-            flow.response.headers[RECEIVED] = str(whole if received is None else received)
-            sink.response(flow)  # in the addons' order: the sink gives a deferred refusal, the api a start
-            await api.response(flow)
-    return flow
 
 
 @pytest.fixture
@@ -202,14 +133,6 @@ async def test_redis_down_is_a_503(redis_server, sink):
     rt = runtime_for(redis_url="redis://127.0.0.1:1/0")
     flow = await run_headers(request_flow("GET", "/datalab/view/" + "n" * 32 + "/tree"), sink, rt)
     assert flow.response.status_code == 503 and body(flow)["code"] == "REDIS_UNAVAILABLE"
-
-
-async def answering_jupyter(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    """A stand-in Jupyter that answers its status (a view of a silent one answers the waiting page)."""
-    await reader.readuntil(b"\r\n\r\n")
-    writer.write(b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\n{}")
-    await writer.drain()
-    writer.close()
 
 
 async def test_view_sets_the_cookie_and_redirects_on_this_origin(redis_url, sink):

@@ -15,7 +15,6 @@ import subprocess
 import sys
 import tarfile
 import time
-import warnings
 import zipfile
 import zlib
 from collections.abc import Callable
@@ -30,6 +29,8 @@ from datalab_archive import Refused
 from datalab_archive import TooLarge
 from datalab_archive import pack
 from datalab_archive import unpack
+from helpers import zip_info
+from helpers import zip_of
 
 ROOT = Path(__file__).resolve().parents[1]
 GIB = 1 << 30
@@ -50,21 +51,6 @@ def tar_of(*members, gz: bool = False, form: int = tarfile.PAX_FORMAT) -> bytes:
         for info, data in members:
             tar.addfile(info, io.BytesIO(data) if info.isreg() else None)
     return out.getvalue()
-
-
-def zip_of(*entries: tuple[str | zipfile.ZipInfo, bytes], method: int = zipfile.ZIP_DEFLATED) -> bytes:
-    out = io.BytesIO()
-    with zipfile.ZipFile(out, "w", method) as zf, warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # (a duplicate name, made on purpose)
-        for name, data in entries:
-            zf.writestr(name, data)
-    return out.getvalue()
-
-
-def zip_info(name: str, mode: int) -> zipfile.ZipInfo:
-    info = zipfile.ZipInfo(name)
-    info.external_attr = mode << 16
-    return info
 
 
 def run(data: bytes, fmt: str, root: Path, entries: int = 1000, size: int = 1 << 20):

@@ -2,7 +2,6 @@
 as the OS offers it, and nothing left behind."""
 
 import asyncio
-import base64
 import contextlib
 import os
 import secrets
@@ -16,37 +15,19 @@ import uuid
 from pathlib import Path
 
 import pytest
-import requests
 
-from backends import AUTH_HEADER
 from backends import BackendError
-from backends import Common
-from backends import Found
-from backends import ImageMissing
 from backends import Instance
+from backends import InventoryEntry
 from backends import StartTimeout
 from backends.local_process import GENERATION
 from backends.local_process import UID_BASE
 from backends.local_process import ProcessBackend
-from backends.local_process import ProcessOptions
-
-
-@pytest.fixture(scope="module")
-def places():
-    """A directory for instances that their own users may pass through (pytest's tmp_path is 0700)."""
-    root = Path(tempfile.mkdtemp(prefix="datalab-process-"))
-    root.chmod(0o711)
-    yield root
-    subprocess.run(["rm", "-rf", str(root)], check=False)
+from helpers import process_backend
 
 
 def make(places: Path, **changes) -> ProcessBackend:
-    own = {k: changes.pop(k) for k in list(changes) if k in ProcessOptions.__dataclass_fields__}
-    env = ProcessOptions().jupyter_env
-    if not (Path(env) / "bin" / "jupyter-notebook").exists() and "jupyter_env" not in own:
-        pytest.fail(f"no Jupyter environment at {env}; scripts/test.sh makes it (ensure_jupyter_env)")
-    common = Common(**{"label_prefix": f"unit-{secrets.token_hex(4)}:", **changes})
-    return ProcessBackend(common, ProcessOptions(**{"process_dir": str(places), **own}))
+    return process_backend(places, **changes)
 
 
 def as_user(uid: int, *command: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
@@ -67,41 +48,32 @@ def processes_of(uid: int) -> list[str]:
     return [line.split()[0] for line in out.splitlines() if not line.split()[1].startswith("Z")]
 
 
-async def test_missing_jupyter_says_how_to_make_it(places):
+async def test_missing_jupyter_is_seen_by_auto(places):
+    """(That check() refuses it, saying how to make it: test_backend_contract.py.)"""
     backend = make(places, jupyter_env="/nonexistent/env")
     assert backend.probe(backend.opts)[0] is False
-    with pytest.raises(ImageMissing, match="ensure_jupyter_env"):
-        await backend.check()
 
 
 async def test_readiness_timeout_leaves_nothing(places):
     backend = make(places, start_timeout=0.2)
     with pytest.raises(StartTimeout):
         await backend.start(secrets.token_urlsafe(16), "t0ken")
-    assert await backend.inventory() == []
-    assert not backend.family.exists() or list(backend.family.iterdir()) == []
+    assert not backend.family.exists() or list(backend.family.iterdir()) == []  # (its inventory: the contract)
 
 
-async def test_start_put_file_poll_inventory_stop(places):
+async def test_an_instance_is_confined_as_configured_and_removed(places):
+    """What runs for a started instance, and what is left once it stops (the contract itself:
+    test_backend_contract.py)."""
     backend = make(places)
     await backend.check()
     instance = await backend.start(secrets.token_urlsafe(16), "t0ken")
     home = backend.family / instance.handle
     try:
-        assert (instance.host, instance.filename, instance.token) == ("127.0.0.1", "", "t0ken")
+        assert instance.host == "127.0.0.1"
         assert 7100 <= instance.port <= 7999
         for name, data in (("a.csv", b"1,2\n"), ("blob \u00fc.bin", os.urandom(5 * 1024 * 1024 + 3))):
             await backend.put_file(instance, name, data)
             assert (home / "work" / name).read_bytes() == data
-            path = "/api/contents/" + requests.utils.quote(name) + "?content=1&format=base64"
-            url = f"http://{instance.host}:{instance.port}{path}"
-            answer = await asyncio.to_thread(requests.get, url, headers={AUTH_HEADER: "t0ken"}, timeout=30)
-            assert answer.status_code == 200 and base64.b64decode(answer.json()["content"]) == data
-        # Nobody but the proxy (which holds the secret) is served.
-        status = f"http://127.0.0.1:{instance.port}/api/status"
-        assert (await asyncio.to_thread(requests.get, status, timeout=10)).status_code == 403
-        assert await backend.inventory() == [Found(instance.id, instance.handle, True)]
-        assert await backend.poll(instance) is True
 
         pid = server_pid(backend, instance)
         uid = home.stat().st_uid
@@ -115,14 +87,11 @@ async def test_start_put_file_poll_inventory_stop(places):
         environment = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
         assert not any(e.startswith((b"DATALAB_SIGN_KEY", b"DATALAB_REDIS")) for e in environment)
 
-        assert await backend.could_have_given(instance.host, instance.port)
-        for forged in [("127.0.0.1", 6379), ("127.0.0.1", 8000), ("10.0.0.1", instance.port), ("::1", instance.port)]:
+        for forged in [("127.0.0.1", 8000), ("10.0.0.1", instance.port)]:  # (addresses of no backend: the contract)
             assert not await backend.could_have_given(*forged)
     finally:
         await backend.stop(instance.handle)
-    assert await backend.poll(instance) is False and await backend.inventory() == []
     assert not home.exists() and processes_of(uid) == []
-    await backend.stop(instance.handle)  # idempotent
 
 
 async def test_stop_ends_what_the_user_left_running(places):
@@ -235,7 +204,7 @@ async def test_an_exited_instance_is_reported(places):
         os.kill(server_pid(backend, instance), 9)
         assert await asyncio.wait_for(anext(exits), 10) == instance.id
         assert await backend.poll(instance) is False
-        assert await backend.inventory() == [Found(instance.id, instance.handle, False)]
+        assert await backend.inventory() == [InventoryEntry(instance.id, instance.handle, False)]
     finally:
         await backend.stop(instance.handle)
     assert await backend.inventory() == []

@@ -6,32 +6,21 @@ tree mounted, as the proxy runs inside the cluster; the rest runs from the host.
 """
 
 import asyncio
-import json
 import secrets
-import subprocess
-import sys
-import textwrap
-import time
-from pathlib import Path
 
 import docker
 import pytest
 
+from backend_steps import in_overlay
 from backends import BackendError
-from backends import Common
-from backends import Found
 from backends import ImageMissing
-from backends import Instance
 from backends import StartTimeout
 from backends.choice import choose
-from backends.docker_engine import LABEL_PREFIX
+from backends.container_spec import LABEL_PREFIX
 from backends.swarm import SwarmBackend
-from backends.swarm import SwarmOptions
 from backends.swarm import ensure_overlay
 from e2e.conftest import IMAGE
-
-ROOT = Path(__file__).resolve().parent.parent
-SITE = next(Path(p) for p in sys.path if p.endswith("site-packages") and p.startswith(sys.prefix))  # the docker SDK
+from helpers import backend_of
 
 
 @pytest.fixture(scope="module")
@@ -44,70 +33,26 @@ def engine():
 
 
 def make(**changes) -> SwarmBackend:
-    """A backend of a prefix of its own; `changes` may be Common's fields or SwarmOptions'."""
-    own = {k: changes.pop(k) for k in list(changes) if k in SwarmOptions.__dataclass_fields__}
-    common = Common(**{"label_prefix": f"unit-{secrets.token_hex(4)}:", **changes})
-    return SwarmBackend(common, SwarmOptions(**{"image": IMAGE, **own}))
+    """A backend of a prefix of its own; `changes` may be Limits's fields or SwarmOptions'."""
+    return backend_of(SwarmBackend, **{"image": IMAGE, **changes})
 
 
 def managed(engine, backend: SwarmBackend) -> list:
-    return engine.services.list(filters={"label": f"{LABEL_PREFIX}={backend.common.label_prefix}"})
+    return engine.services.list(filters={"label": f"{LABEL_PREFIX}={backend.limits.label_prefix}"})
 
 
-# In the helper container, on the overlay: start an instance, upload to it, read the upload back.
-INSIDE = textwrap.dedent("""
-    import asyncio, base64, json, os, sys
-    from backends import AUTH_HEADER, Common, http_get
-    from backends.swarm import SwarmBackend, SwarmOptions
-
-    async def main():
-        backend = SwarmBackend(Common(os.environ["PREFIX"]), SwarmOptions(image=os.environ["IMAGE"]))
-        instance = await backend.start(os.environ["INSTANCE"], "t0ken")
-        big = os.urandom(9 * 1024 * 1024 + 5)  # three contents-API chunks
-        for name, data in (("a.csv", b"1,2\\n"), ("blob.bin", big)):
-            await backend.put_file(instance, name, data)
-            small = len(data) < 1000  # the proxy's own requests read answers of at most 1 MiB: the big one by size
-            query = "content=1&format=base64" if small else "content=0"
-            status, body = await http_get(instance.host, instance.port, f"/api/contents/{name}?{query}", 30, "t0ken")
-            model = json.loads(body)
-            assert status == 200 and model["size"] == len(data), status
-            assert not small or base64.b64decode(model["content"]) == data
-        refused = await http_get(instance.host, instance.port, "/api/contents/a.csv", 10, "wrong")
-        print(json.dumps({"instance": instance.to_json(), "wrong_token": refused[0]}))
-
-    asyncio.run(main())
-""")
-
-
-def start_inside(engine, backend: SwarmBackend, instance_id: str) -> dict:
-    """Run INSIDE in a helper container on the backend's overlay; its answer as a dict."""
-    mounts = {ROOT / "addon": "/addon", SITE: "/site", Path("/var/run/docker.sock"): "/var/run/docker.sock"}
-    command = ["docker", "run", "--rm", "--user", "0", "--network", backend.opts.swarm_network]
-    command += [arg for source, target in mounts.items() for arg in ("-v", f"{source}:{target}")]
-    command += ["-e", "PYTHONPATH=/addon:/site", "-e", f"PREFIX={backend.common.label_prefix}", "-e", f"IMAGE={IMAGE}"]
-    command += ["-e", f"INSTANCE={instance_id}", "--entrypoint", "python3", IMAGE, "-c", INSIDE]
-    for _ in range(5):
-        done = subprocess.run(command, capture_output=True, text=True, timeout=300)
-        # The node drops its copy of an attachable overlay that nothing uses; a join racing that fails so.
-        if done.returncode != 125 or "not found" not in done.stderr:
-            break
-        time.sleep(0.5)
-    if done.returncode != 0:
-        for service in managed(engine, backend):  # what the helper started before it failed
-            service.remove()
-    assert done.returncode == 0, done.stderr[-2000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-async def test_start_put_file_poll_inventory_stop(engine):
+async def test_a_service_is_confined_as_configured_and_removed_with_its_volumes(engine):
+    """What the engine runs for a started instance, and what is left once it stops (the contract
+    itself, on the overlay: test_backend_contract.py)."""
     backend = make()
     await backend.network()  # the helper joins it: it must exist first
-    answer = start_inside(engine, backend, "swarm-" + secrets.token_hex(8))
-    instance = Instance.from_json(answer["instance"])
     try:
-        assert answer["wrong_token"] == 403 and instance.backend == "swarm"
-        assert await backend.poll(instance) is True
-        assert await backend.inventory() == [Found(instance.id, instance.handle, True)]
+        instance, _ = in_overlay(backend, "swarm-" + secrets.token_hex(8))
+    except BaseException:
+        for service in managed(engine, backend):  # what the helper started before it failed
+            service.remove()
+        raise
+    try:
         (service,) = managed(engine, backend)
         template = service.attrs["Spec"]["TaskTemplate"]
         spec, limits = template["ContainerSpec"], template["Resources"]["Limits"]
@@ -135,21 +80,18 @@ async def test_start_put_file_poll_inventory_stop(engine):
         network = engine.networks.get(backend.opts.swarm_network)
         assert network.attrs["Internal"] is True and network.attrs["Attachable"] is True
         assert list(container.attrs["NetworkSettings"]["Networks"]) == [network.name]  # no ingress, no gwbridge
-        assert await backend.could_have_given(instance.host, instance.port)
         gateway = network.attrs["IPAM"]["Config"][0]["Gateway"]
-        for forged in [(gateway, 8888), ("127.0.0.1", 6379), (instance.host, 22), ("evil.example", 8888)]:
-            assert not await backend.could_have_given(*forged)
+        assert not await backend.could_have_given(gateway, 8888)  # (addresses of no backend: the contract)
     finally:
         await backend.stop(instance.handle)
-    assert await backend.poll(instance) is False
-    assert managed(engine, backend) == [] and await backend.inventory() == []
-    assert len(engine.volumes.list(filters={"label": f"{LABEL_PREFIX}={backend.common.label_prefix}"})) == 3
+    assert managed(engine, backend) == []
+    assert len(engine.volumes.list(filters={"label": f"{LABEL_PREFIX}={backend.limits.label_prefix}"})) == 3
     for _ in range(150):  # the task's container goes a moment after its service (bounded wait, no timing asserted)
         if not engine.containers.list(all=True, filters={"id": container.id}):
             break
         await asyncio.sleep(0.2)
     await backend.stop(instance.handle)  # idempotent, and removes the in-memory volumes the task held
-    assert engine.volumes.list(filters={"label": f"{LABEL_PREFIX}={backend.common.label_prefix}"}) == []
+    assert engine.volumes.list(filters={"label": f"{LABEL_PREFIX}={backend.limits.label_prefix}"}) == []
 
 
 async def test_missing_image_fails_at_once_and_leaves_no_service(engine):
@@ -171,7 +113,7 @@ async def test_a_task_that_fails_fails_the_start_at_once(engine):
         await backend.start("i" * 32, "t0ken")
     assert not isinstance(raised.value, StartTimeout) and "failed" in raised.value.detail
     assert managed(engine, backend) == []
-    ours = {"label": f"{LABEL_PREFIX}={backend.common.label_prefix}"}
+    ours = {"label": f"{LABEL_PREFIX}={backend.limits.label_prefix}"}
     for _ in range(150):  # the task's container goes a moment after its service (bounded wait, no timing asserted)
         if not engine.containers.list(all=True, filters=ours):
             break
@@ -197,10 +139,10 @@ def test_an_overlay_not_ours_is_refused(engine):
         engine.networks.get(name).remove()
 
 
+@pytest.mark.engine  # check() asks the engine
 async def test_swarm_is_chosen_by_name_only_and_refuses_egress():
     assert choose("swarm", {})[0] is SwarmBackend
     assert choose("auto", {"instance_egress": True})[0] is not SwarmBackend
-    await make().check()  # a manager, the image, the overlay: all there
     with pytest.raises(BackendError, match="cannot be confined"):
         await make(instance_egress=True).check()
 

@@ -6,11 +6,11 @@ import json
 
 import pytest
 
-from backends import MAX_ANSWER
 from backends import Instance
-from backends import http_get
-from backends import jupyter_activity
-from backends import utc_epoch
+from backends.instance_http import MAX_ANSWER
+from backends.instance_http import http_get
+from backends.jupyter import jupyter_activity
+from backends.jupyter import utc_epoch
 
 
 @pytest.fixture

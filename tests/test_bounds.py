@@ -12,12 +12,12 @@ import pytest
 from mitmproxy.test import taddons
 from mitmproxy.test import tflow
 from mitmproxy.test import tutils
-from test_api import runtime_for
-from test_api import start_flow
-from test_api import through_api
 
 from config import Settings
 from deadlines import HeaderDeadline
+from helpers import runtime_for
+from helpers import start_flow
+from helpers import through_api
 from marks import CUT
 from marks import DEFERRED
 from marks import SINK

@@ -1,19 +1,27 @@
-"""An idle verdict rests on the later of the proxy's record (a person's requests) and what the
-instance's Jupyter records of its kernels and terminals (code run, a terminal used), with a real
-Redis and a stand-in Jupyter; what the instance says is a number at most, never a failed round."""
+"""Culling and reconciliation (culler.py) with a real Redis. An idle verdict rests on the later of the
+proxy's record (a person's requests) and what the instance's Jupyter records of its kernels and
+terminals (code run, a terminal used), with a stand-in Jupyter; what the instance says is a number at
+most, never a failed round. On the fake backend: idle, too old and gone instances end (their work
+saved, or said unsaved), and a container Redis does not know goes unless its start is in flight."""
 
 import asyncio
 import json
 import time
+from dataclasses import replace
 from datetime import UTC
 from datetime import datetime
 
 import pytest
-from test_api import runtime_for
 
-from backends import Found
+import counters
+from backends import EngineUnavailable
 from backends import Instance
+from backends import InventoryEntry
+from culler import Activity
 from culler import Culler
+from fake_backend import FailingBackend
+from fake_backend import FakeBackend
+from helpers import runtime_for
 
 IDLE = 60  # datalab_idle_timeout of these tests
 NONCE = "N" * 32
@@ -61,7 +69,7 @@ async def world(redis_url, jupyter):
     stopped: list[str] = []
 
     async def inventory():
-        return [] if stopped else [Found(instance.id, instance.handle, True)]
+        return [] if stopped else [InventoryEntry(instance.id, instance.handle, True)]
 
     async def stop(handle: str) -> None:
         stopped.append(handle)
@@ -124,3 +132,82 @@ async def test_recent_requests_of_a_person_spare_asking_jupyter(world, jupyter):
     rt.activity.touch(instance.id)  # as the router does for a person's request
     assert await cull(rt) == 0
     assert jupyter["asked"] == [] and stopped == []
+
+
+# Lifecycle on the fake backend: what a round ends, and what it leaves alone.
+
+
+async def fake_round(inst) -> int:
+    return await Culler(inst, Activity()).round()
+
+
+async def claimed(inst) -> tuple[Instance, str]:
+    handout = await inst.start("a.csv", b"1,2\n")
+    return await inst.by_nonce(handout.nonce), handout.work
+
+
+async def test_an_idle_instance_is_ended_and_its_work_saved(make_instances):
+    inst = make_instances(FakeBackend(), idle_timeout=IDLE)
+    idle, work = await claimed(inst)
+    busy, _ = await claimed(inst)
+    await inst.store.redis.zadd("unit:activity", {idle.id: time.time() - 2 * IDLE})  # a person's last request
+    inst.backend.jupyter(idle).kernels = [{"last_activity": iso(time.time() - 3 * IDLE), "execution_state": "idle"}]
+    culls = counters.CULLS.labels("idle")._value.get()
+    assert await fake_round(inst) == 1
+    assert inst.backend.ids() == {busy.id} and await inst.store.instance(idle.id) is None
+    assert (await inst.store.ended(idle.id)).cause == "idle"
+    assert ((await inst.store.work(work)).state, (await inst.store.work(work)).ended) == ("saved", "idle")
+    assert counters.CULLS.labels("idle")._value.get() == culls + 1
+
+
+async def test_an_instance_past_its_max_age_is_ended_pooled_or_not(make_instances):
+    inst = make_instances(FakeBackend(), max_age=IDLE)
+    old, work = await claimed(inst)
+    young, _ = await claimed(inst)
+    await inst.store.redis.set(f"unit:instance:{old.id}", replace(old, claimed=time.time() - 2 * IDLE).to_json())
+    stale = await inst.backend.start("p" * 32, "t")  # a pool instance booted long ago
+    await inst.store.reserve(stale.id, time.time(), 60, 8, pool_size=1)
+    await inst.store.add_to_pool(replace(stale, created=time.time() - 2 * IDLE))
+    assert await fake_round(inst) == 2
+    assert inst.backend.ids() == {young.id} and await inst.store.pool_ids() == []
+    assert (await inst.store.ended(old.id)).cause == "max_age" and (await inst.store.work(work)).state == "saved"
+
+
+@pytest.mark.parametrize("how", ["vanished", "exited"])
+async def test_an_instance_whose_container_is_gone_is_ended_as_gone(make_instances, how):
+    """The engine lost it (removed behind the proxy's back) or its process exited: the record goes,
+    its sessions answer 410, its work is said to be unsaved, and an exited container is removed."""
+    inst = make_instances(FakeBackend())
+    lost, work = await claimed(inst)
+    kept, _ = await claimed(inst)
+    session = await inst.open_session(lost)
+    await (inst.backend.vanish(lost) if how == "vanished" else inst.backend.exit(lost))
+    gone = counters.CULLS.labels("gone")._value.get()
+    assert await fake_round(inst) == 1
+    assert await inst.store.instance(lost.id) is None and (await inst.store.ended(lost.id)).cause == "gone"
+    assert await inst.store.session_target(session) == lost.id  # kept to answer 410
+    assert (await inst.store.work(work)).state == "unsaved"
+    assert inst.backend.ids() == {kept.id} and lost.handle not in inst.backend.running
+    assert counters.CULLS.labels("gone")._value.get() == gone + 1
+
+
+async def test_a_container_redis_does_not_know_is_removed_unless_its_start_is_in_flight(make_instances):
+    inst = make_instances(FakeBackend())
+    kept, _ = await claimed(inst)
+    orphan = await inst.backend.start("o" * 32, "t")  # its proxy died mid-start, long ago: no record, no lease
+    booting = await inst.backend.start("b" * 32, "t")  # a start in flight: its lease holds it
+    await inst.store.reserve(booting.id, time.time(), 60, 8)
+    orphans = counters.CULLS.labels("orphan")._value.get()
+    assert await fake_round(inst) == 1
+    assert inst.backend.ids() == {kept.id, booting.id} and orphan.handle in inst.backend.stops
+    assert counters.CULLS.labels("orphan")._value.get() == orphans + 1
+
+
+async def test_a_round_whose_stop_fails_ends_the_others(make_instances):
+    inst = make_instances(FailingBackend(stop=EngineUnavailable("the engine went away")), idle_timeout=IDLE)
+    first, _ = await claimed(inst)
+    second, _ = await claimed(inst)
+    for instance in (first, second):
+        await inst.store.redis.zadd("unit:activity", {instance.id: time.time() - 2 * IDLE})
+    assert await fake_round(inst) == 2  # both forgotten; their containers are left to a later round
+    assert await inst.all() == [] and sorted(inst.backend.stops) == sorted([first.handle, second.handle])

@@ -20,6 +20,7 @@ import sys
 import threading
 import time
 import urllib.parse
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -121,7 +122,25 @@ def test_only_its_own_page_gets_uploads_signed(demo, host, origin, status, code)
     assert (got, body.get("code")) == (status, code)
 
 
-class NotTheProxy(http.server.BaseHTTPRequestHandler):
+class Quiet(http.server.BaseHTTPRequestHandler):
+    """A stand-in's handler that logs nothing."""
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def serving(handler: type[http.server.BaseHTTPRequestHandler]) -> Iterator[str]:
+    """A loopback server of `handler` in a thread while a fixture yields its base URL."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+class NotTheProxy(Quiet):
     """What DATALAB_URL may name by mistake: a real web server that answers in its own way."""
 
     answers = {
@@ -139,18 +158,10 @@ class NotTheProxy(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    def log_message(self, *args) -> None:
-        pass
-
 
 @pytest.fixture(scope="module")
 def not_the_proxy():
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NotTheProxy)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    yield from serving(NotTheProxy)
 
 
 @pytest.mark.parametrize(
@@ -192,7 +203,7 @@ REFUSALS = {
 DISPOSITION = 'attachment; filename="work.tar.gz"'
 
 
-class WorkProxy(http.server.BaseHTTPRequestHandler):
+class WorkProxy(Quiet):
     """The proxy's /datalab/work/<id> as the demo meets it: 403 BAD_SIGNATURE unless X-SIGN is the
     key's over (ts, id) in either scheme, then what WORK or REFUSALS say. Records every request."""
 
@@ -265,18 +276,10 @@ class WorkProxy(http.server.BaseHTTPRequestHandler):
     def _moved(self) -> None:
         self._head(302, {"Location": "/elsewhere", "Content-Type": "application/json"}, b"{}")  # JSON, yet no refusal
 
-    def log_message(self, *args) -> None:
-        pass
-
 
 @pytest.fixture(scope="module")
 def work_proxy():
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), WorkProxy)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    yield from serving(WorkProxy)
 
 
 @pytest.fixture(scope="module")

@@ -32,15 +32,15 @@ from mitmproxy import http
 from mitmproxy.test import taddons
 from mitmproxy.test import tflow
 from mitmproxy.test import tutils
-from test_api import KEY
-from test_api import recorded
-from test_api import runtime_for
 
 import hosts
 import inputs
 import signing
 from api import Api
 from backends import Instance
+from helpers import KEY
+from helpers import recorded
+from helpers import runtime_for
 from marks import DEFERRED
 from marks import ROUTED
 from marks import SINK

@@ -12,9 +12,9 @@ import pytest
 from redis.exceptions import RedisError
 
 import store
-from e2e.test_lifecycle import wait_until
-from e2e.test_sentinel import SentinelGroup
 from helpers import RedisServer
+from helpers import SentinelGroup
+from helpers import wait_until
 from redis_deadline import DeadlinePool
 from redis_deadline import DeadlineRedis
 

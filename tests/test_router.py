@@ -7,14 +7,14 @@ from mitmproxy.proxy.server_hooks import ServerConnectionHookData
 from mitmproxy.test import taddons
 from mitmproxy.test import tflow
 from mitmproxy.test import tutils
-from test_api import recorded
-from test_api import request_flow
-from test_api import runtime_for
 from wsproto.frame_protocol import Opcode
 
 from backends import Instance
 from guards import FailClosed
 from guards import TrimWebSockets
+from helpers import recorded
+from helpers import request_flow
+from helpers import runtime_for
 from marks import ROUTED
 from marks import SINK
 from router import RouteCache

@@ -8,15 +8,15 @@ import time
 from html.parser import HTMLParser
 
 import pytest
-from test_api import answering_jupyter
-from test_api import recorded
-from test_api import request_flow
-from test_api import run_headers
-from test_api import runtime_for
 
 import inputs
 import waiting
 from backends import Instance
+from helpers import answering_jupyter
+from helpers import recorded
+from helpers import request_flow
+from helpers import run_headers
+from helpers import runtime_for
 
 HOSTILE = [
     ("tree", ""),

@@ -17,7 +17,7 @@ import pytest
 import counters
 import work
 from backends import Instance
-from backends import family_name
+from paths import family_name
 from store import EndNote
 from store import Store
 from store import WorkRecord

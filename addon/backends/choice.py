@@ -11,7 +11,7 @@ import logging
 from typing import Any
 
 from backends import Backend
-from backends import Common
+from backends import Limits
 from backends.docker_engine import DockerBackend
 from backends.local_process import ProcessBackend
 from backends.swarm import SwarmBackend
@@ -59,8 +59,8 @@ def choose(name: str, values: dict[str, Any]) -> tuple[type[Backend], str]:
     return cls, "datalab_backend=auto: " + "; ".join(reasons)
 
 
-def build(name: str, values: dict[str, Any], common: Common) -> Backend:
+def build(name: str, values: dict[str, Any], limits: Limits) -> Backend:
     """The backend for these settings; says which one and why (the proxy's first datalab log line)."""
     cls, reason = choose(name, values)
     log.info("datalab: instances run on the %s backend (%s)", cls.name, reason)
-    return cls(common, options_of(cls, values))
+    return cls(limits, options_of(cls, values))

@@ -1,11 +1,14 @@
 """Docker backend: one container per instance, from a local image that is never pulled.
 
 Every Docker SDK call is blocking, so each goes through `_call` (a worker thread). A container is
-confined: on the proxy's own network (docker_network.py), a read-only root with size-limited
-in-memory mounts for the working directory, /tmp and /dev/shm only (that fit in its memory limit:
-memory_budget.py), no name server, no capabilities, no new privileges, memory/CPU/process limits,
-nothing of the host mounted but /dev/null (as an empty resolv.conf). An upload goes in through Jupyter's
-contents API (the root is read-only, so the engine's archive copy cannot write it).
+what container_spec.py describes (a read-only root, in-memory writable places, no name server, no
+capabilities, no new privileges, memory/CPU/process limits), on the proxy's own network
+(docker_network.py). An upload goes in through Jupyter's contents API (the root is read-only, so the
+engine's archive copy cannot write it).
+
+The Swarm backend (swarm.py) is this class with services for containers: what differs is in the
+steps at the end of the class (`_create`, `_run`, `_starting`, `_get`, `_alive`, `_list`...),
+which it overrides; the flow of a start, a poll, an inventory and a stop is written here once.
 """
 
 from __future__ import annotations
@@ -13,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import secrets
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -25,69 +27,37 @@ import docker
 import docker.errors
 import docker.utils
 from docker.models.containers import Container
-from docker.types import Mount
 
-from backends import AUTH_ENV
 from backends import AUTO
 from backends import Backend
 from backends import BackendError
-from backends import Common
 from backends import EngineUnavailable
-from backends import Found
 from backends import ImageMissing
 from backends import Instance
-from backends import put_via_contents
-from backends import wait_ready
-from backends.docker_network import LABEL_MANAGED
-from backends.docker_network import MANAGED_BY
+from backends import InventoryEntry
+from backends import Limits
+from backends import UnpackLimits
+from backends.container_spec import JUPYTER_PORT
+from backends.container_spec import LABEL_INSTANCE
+from backends.container_spec import LABEL_PREFIX
+from backends.container_spec import ContainerSpec
 from backends.docker_network import InstanceNetwork
 from backends.docker_network import close_host_to
 from backends.docker_network import ensure_network
 from backends.docker_network import network_name
-from backends.memory_budget import INODES
-from backends.memory_budget import SHM_SIZE
+from backends.jupyter import put_via_contents
+from backends.jupyter import unpack_via_jupyter
+from backends.jupyter import wait_ready
 from backends.memory_budget import disk_limit_for
-from backends.memory_budget import mib
 from options import check_options
 from options import holds
 from options import option
 
 log = logging.getLogger(__name__)
 
-JUPYTER_PORT = 8888
-WORK_DIR = "/home/datalab/work"
-USER_UID = 1000
-LABEL_PREFIX = "datalab.prefix"
-LABEL_INSTANCE = "datalab.instance"
 PROBE_TIMEOUT = 10  # seconds datalab_backend=auto waits for the engine (a busy engine is slow, not absent)
 # A paused container is frozen, not gone: its views wait (api.py's waiting page), culling by idle time ends it.
 ALIVE = ("running", "paused")
-# DNS: an instance needs none (the proxy reaches it by address, localhost is in /etc/hosts), and
-# Docker's embedded server (127.0.0.11) forwards to the host's name servers, from the host's own
-# namespace when they are loopback ones (CVE-2024-29018, Docker < 26): a way out of an internal
-# network. So the embedded server's only upstream is the container's own loopback, where nothing
-# answers (`--dns 127.0.0.1` is dialled inside the container), and /etc/resolv.conf is empty
-# (/dev/null, read-only: present on every node, unlike a file of the proxy's), so no resolver in the
-# instance asks anyone.
-NAMESERVERS = ["127.0.0.1"]
-RESOLV_CONF = "/etc/resolv.conf"
-
-
-def no_resolver() -> Mount:
-    """The mount that shadows the engine's resolv.conf (the engine writes none where one is mounted)."""
-    return Mount(RESOLV_CONF, "/dev/null", type="bind", read_only=True)
-
-
-def in_memory_mounts(disk_limit: str) -> dict[str, str]:
-    """Every writable place of an instance (Docker and Swarm alike), target -> tmpfs options: the
-    sizes and file counts memory_budget.py fits in the memory limit (a file costs kernel memory
-    whatever its size, so their number is bounded too)."""
-    bounded = f"nr_inodes={INODES},nosuid,nodev"
-    return {
-        WORK_DIR: f"size={disk_limit},{bounded},uid={USER_UID},gid={USER_UID},mode=0700",
-        "/tmp": f"size={disk_limit},{bounded},mode=1777",
-        "/dev/shm": f"size={mib(SHM_SIZE)},{bounded},noexec,mode=1777",
-    }
 
 
 @dataclass(frozen=True)
@@ -110,9 +80,10 @@ class DockerOptions:
 class DockerBackend(Backend):
     name = "docker"
     Options = DockerOptions
+    kind = "container"  # what one instance is on this engine (log lines)
 
-    def __init__(self, common: Common, opts: DockerOptions):
-        super().__init__(common, opts)
+    def __init__(self, limits: Limits, opts: DockerOptions):
+        super().__init__(limits, opts)
         self._client: docker.DockerClient | None = None
         self._network: InstanceNetwork | None = None
         self._network_lock = asyncio.Lock()
@@ -142,12 +113,11 @@ class DockerBackend(Backend):
         try:
             client = docker.DockerClient(base_url=options.docker_url or None, timeout=PROBE_TIMEOUT)
             try:
-                client.ping()
+                return cls._judge(client, where)
             finally:
                 client.close()
         except (docker.errors.DockerException, OSError) as e:
             return False, f"no Docker engine answers at {where} ({e})"
-        return True, f"the Docker engine at {where} answers"
 
     async def client(self) -> docker.DockerClient:
         if self._client is None:
@@ -156,29 +126,15 @@ class DockerBackend(Backend):
         return self._client
 
     async def check(self) -> None:
-        client = await self.client()
-        try:
-            await self._call(client.images.get, self.opts.image)
-        except docker.errors.NotFound as e:
-            raise self._image_missing() from e
+        await self._check_engine()
         await self._confined()
 
     async def network(self) -> InstanceNetwork:
         """The instance network, made ready once per process."""
         async with self._network_lock:
             if self._network is None:
-                client = await self.client()
-                self._network = await self._call(
-                    ensure_network, client, network_name(self.opts.instance_egress), self.opts.instance_egress
-                )
+                self._network = await self._ensure_network(await self.client())
             return self._network
-
-    async def _confined(self) -> InstanceNetwork:
-        """The network with the host closed to it, checked before every start (a firewall reload
-        would drop the rule, and no instance starts unconfined)."""
-        net = await self.network()
-        await asyncio.to_thread(close_host_to, net)
-        return net
 
     def _image_missing(self) -> ImageMissing:
         return ImageMissing(
@@ -188,86 +144,46 @@ class DockerBackend(Backend):
         )
 
     async def capacity(self) -> int:
-        client = await self.client()
-        info = await self._call(client.info)
-        return max(1, int(info.get("MemTotal", 0)) // docker.utils.parse_bytes(self.common.mem_limit))
+        return max(1, await self._memory() // docker.utils.parse_bytes(self.limits.mem_limit))
 
     async def start(self, instance_id: str, token: str) -> Instance:
-        client = await self.client()
         net = await self._confined()
-        args = self._create_args(instance_id, token, net)
-        try:  # create never pulls (run() would): a missing image is a 404 here, no separate look-up needed
-            container: Container = await self._call(client.containers.create, **args)
-        except docker.errors.ImageNotFound as e:
-            raise self._image_missing() from e
+        spec = ContainerSpec.from_limits(self.limits, await self._image(), instance_id, token, net.name)
+        made = await self._create(spec)
         try:
-            await self._call(container.start)
-            host = await self._address(container, net)
-            instance = Instance(instance_id, self.name, container.id, host, JUPYTER_PORT, "", time.time(), token)
-            await wait_ready(instance, self.common.start_timeout, lambda: self.poll(instance))
+            host = await self._run(made, spec, net)
+            instance = Instance(instance_id, self.name, made.id, host, JUPYTER_PORT, "", time.time(), token)
+            await wait_ready(instance, self.limits.start_timeout, lambda: self._starting(made, spec, instance))
             return instance
         except BaseException:
-            await asyncio.shield(self._remove_quietly(container.id))
+            await asyncio.shield(self._remove_quietly(made.id))
             raise
 
     async def put_file(self, instance: Instance, filename: str, data: bytes | bytearray) -> None:
-        await put_via_contents(instance, filename, data, timeout=max(30.0, self.common.start_timeout))
+        await put_via_contents(instance, filename, data, timeout=max(30.0, self.limits.start_timeout))
+
+    async def unpack(self, instance: Instance, kind: str, data: bytes | bytearray, limits: UnpackLimits) -> None:
+        await unpack_via_jupyter(instance, kind, data, limits, timeout=max(30.0, self.limits.start_timeout))
 
     async def could_have_given(self, host: str, port: int) -> bool:
-        """Jupyter's port at a container's address on the instance network, nothing else (not the
+        """Jupyter's port at an instance's address on the instance network, nothing else (not the
         host's own address there)."""
         net = await self.network()
         return port == JUPYTER_PORT and net.holds_instance(host)
 
-    def _create_args(self, instance_id: str, token: str, net: InstanceNetwork) -> dict[str, Any]:
-        return dict(
-            image=self.opts.image,
-            # A name that says nothing of the instance id: the network's DNS answers reverse
-            # look-ups with it, and the id leads to the instance's host name.
-            name=f"datalab-{secrets.token_hex(8)}",
-            detach=True,
-            environment={AUTH_ENV: token},
-            labels={LABEL_MANAGED: MANAGED_BY, LABEL_PREFIX: self.common.label_prefix, LABEL_INSTANCE: instance_id},
-            network=net.name,
-            dns=NAMESERVERS,
-            mounts=[no_resolver()],
-            read_only=True,
-            # The only writable places, in memory (so the host's disk is never touched): their pages
-            # count against the memory limit, which they fit in with room for Jupyter to spare.
-            tmpfs=in_memory_mounts(self.common.disk_limit),
-            mem_limit=self.common.mem_limit,
-            memswap_limit=self.common.mem_limit,  # no swap: tmpfs pages never reach the host's disk
-            nano_cpus=int(self.common.cpus * 1e9),
-            pids_limit=self.common.pids_limit,
-            cap_drop=["ALL"],
-            security_opt=["no-new-privileges"],
-        )
-
-    async def _address(self, container: Container, net: InstanceNetwork) -> str:
-        """The instance's address on the instance network: how the proxy reaches it."""
-        await self._call(container.reload)
-        address = ((container.attrs["NetworkSettings"].get("Networks") or {}).get(net.name) or {}).get("IPAddress")
-        if not address or not net.holds_instance(address):
-            raise BackendError("the instance got no address on its network", f"container {container.id[:12]}")
-        return address
-
     async def poll(self, instance: Instance) -> bool:
-        client = await self.client()
         try:
-            container = await self._call(client.containers.get, instance.handle)
+            return await self._alive(await self._get(instance.handle))
         except docker.errors.NotFound:
             return False
-        return container.status in ALIVE
 
     @property
     def _ours(self) -> str:
-        """The label filter for this proxy family's containers."""
-        return f"{LABEL_PREFIX}={self.common.label_prefix}"
+        """The label filter for this proxy family's instances."""
+        return f"{LABEL_PREFIX}={self.limits.label_prefix}"
 
-    async def inventory(self) -> list[Found]:
-        client = await self.client()
-        found = await self._call(client.containers.list, all=True, sparse=True, filters={"label": self._ours})
-        return [Found(c.attrs["Labels"].get(LABEL_INSTANCE, ""), c.id, c.attrs.get("State") in ALIVE) for c in found]
+    async def inventory(self) -> list[InventoryEntry]:
+        return [self._entry(listed) for listed in await self._list()]
 
     async def exits(self) -> AsyncIterator[str]:
         client = await self.client()
@@ -297,21 +213,124 @@ class DockerBackend(Backend):
     async def stop(self, handle: str) -> None:
         await self._remove(handle)
 
-    async def _remove_quietly(self, container_id: str) -> None:
+    async def _remove_quietly(self, handle: str) -> None:
         """Clean-up after a failed start must not hide the failure that caused it."""
         try:
-            await self._remove(container_id)
+            await self._remove(handle)
         except BackendError as e:
-            log.error("could not remove container %s after a failed start: %s", container_id[:12], e)
+            log.error("could not remove %s %s after a failed start: %s", self.kind, handle[:12], e)
 
-    async def _remove(self, container_id: str) -> None:
-        client = await self.client()
+    async def _remove(self, handle: str) -> None:
         try:
-            container = await self._call(client.containers.get, container_id)
-            if container.labels.get(LABEL_PREFIX) != self.common.label_prefix:
+            made = await self._get(handle)
+            if self._labels(made).get(LABEL_PREFIX) != self.limits.label_prefix:
                 # a handle from a record not ours (Redis is not trusted blindly): never remove it
-                log.error("datalab: refusing to remove container %s: not one of ours", container_id[:12])
+                log.error("datalab: refusing to remove %s %s: not one of ours", self.kind, handle[:12])
                 return
-            await self._call(container.remove, force=True)
+            await self._delete(made)
         except docker.errors.NotFound:
             pass  # already gone: that is what stop wants
+
+    # The steps that differ on Swarm (swarm.py overrides each): a container here.
+
+    @classmethod
+    def _judge(cls, client: docker.DockerClient, where: str) -> tuple[bool, str]:
+        """probe's verdict on an engine that answers."""
+        client.ping()
+        return True, f"the Docker engine at {where} answers"
+
+    async def _check_engine(self) -> None:
+        """What check asks of the engine before the network: the image is there."""
+        client = await self.client()
+        try:
+            await self._call(client.images.get, self.opts.image)
+        except docker.errors.NotFound as e:
+            raise self._image_missing() from e
+
+    async def _ensure_network(self, client: docker.DockerClient) -> InstanceNetwork:
+        egress = self.opts.instance_egress
+        return await self._call(ensure_network, client, network_name(egress), egress)
+
+    async def _confined(self) -> InstanceNetwork:
+        """The network with the host closed to it, checked before every start (a firewall reload
+        would drop the rule, and no instance starts unconfined)."""
+        net = await self.network()
+        await asyncio.to_thread(close_host_to, net)
+        return net
+
+    async def _memory(self) -> int:
+        """Bytes of memory the engine has for instances."""
+        client = await self.client()
+        info = await self._call(client.info)
+        return int(info.get("MemTotal", 0))
+
+    async def _image(self) -> str:
+        """The image as a start names it: by name (create never pulls, and a missing image is its 404)."""
+        return self.opts.image
+
+    async def _create(self, spec: ContainerSpec) -> Container:
+        """The instance, made but not yet running."""
+        client = await self.client()
+        try:  # create never pulls (run() would): a missing image is a 404 here, no separate look-up needed
+            return await self._call(client.containers.create, **self._create_args(spec))
+        except docker.errors.ImageNotFound as e:
+            raise self._image_missing() from e
+
+    def _create_args(self, spec: ContainerSpec) -> dict[str, Any]:
+        return dict(
+            image=spec.image,
+            name=spec.name,
+            detach=True,
+            environment=spec.environment,
+            labels=spec.labels,
+            network=spec.network,
+            dns=spec.nameservers,
+            mounts=spec.mounts,
+            read_only=spec.read_only,
+            # The only writable places, in memory (so the host's disk is never touched): their pages
+            # count against the memory limit, which they fit in with room for Jupyter to spare.
+            tmpfs=spec.in_memory,
+            mem_limit=spec.mem_limit,
+            memswap_limit=spec.mem_limit,  # no swap: tmpfs pages never reach the host's disk
+            nano_cpus=spec.nano_cpus,
+            pids_limit=spec.pids_limit,
+            cap_drop=spec.cap_drop,
+            security_opt=spec.security_opt,
+        )
+
+    async def _run(self, container: Container, spec: ContainerSpec, net: InstanceNetwork) -> str:
+        """Set the instance running; its address on the instance network (how the proxy reaches it)."""
+        await self._call(container.start)
+        await self._call(container.reload)
+        address = ((container.attrs["NetworkSettings"].get("Networks") or {}).get(net.name) or {}).get("IPAddress")
+        if not address or not net.holds_instance(address):
+            raise BackendError("the instance got no address on its network", f"container {container.id[:12]}")
+        return address
+
+    async def _starting(self, container: Container, spec: ContainerSpec, instance: Instance) -> bool:
+        """While Jupyter does not answer yet: whether the instance still runs (or raise why it never will)."""
+        return await self.poll(instance)
+
+    async def _get(self, handle: str) -> Container:
+        """The instance by its handle; docker.errors.NotFound when it is gone."""
+        client = await self.client()
+        return await self._call(client.containers.get, handle)
+
+    async def _alive(self, container: Container) -> bool:
+        return container.status in ALIVE
+
+    def _labels(self, container: Container) -> dict[str, str]:
+        return container.labels
+
+    async def _list(self) -> list[Container]:
+        """This family's instances, running or not."""
+        client = await self.client()
+        return await self._call(client.containers.list, all=True, sparse=True, filters={"label": self._ours})
+
+    def _entry(self, container: Container) -> InventoryEntry:
+        """An instance as `_list` gives it (a sparse container: its labels and state at the top)."""
+        running = container.attrs.get("State") in ALIVE
+        return InventoryEntry(container.attrs["Labels"].get(LABEL_INSTANCE, ""), container.id, running)
+
+    async def _delete(self, container: Container) -> None:
+        await self._call(container.remove, force=True)

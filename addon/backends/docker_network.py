@@ -20,16 +20,17 @@ import logging
 import shutil
 import subprocess
 from dataclasses import dataclass
+from typing import Any
 
 import docker
 import docker.errors
+from docker.models.networks import Network
 
 from backends import BackendError
+from backends.container_spec import LABEL_MANAGED
+from backends.container_spec import MANAGED_BY
 
 log = logging.getLogger(__name__)
-
-LABEL_MANAGED = "datalab.managed-by"
-MANAGED_BY = "datalab-proxy"
 
 
 @dataclass(frozen=True)
@@ -63,40 +64,41 @@ def bridge_name(name: str) -> str:
 def ensure_network(client: docker.DockerClient, name: str, egress: bool) -> InstanceNetwork:
     """The instance network, created (and labelled) if missing; a network of that name that is not
     ours, or not confined as asked, is refused rather than used. Blocking: call it in a thread."""
-    try:
-        net = client.networks.get(name)
-    except docker.errors.NotFound:
-        try:
-            net = client.networks.create(
-                name,
-                driver="bridge",
-                internal=not egress,
-                labels={LABEL_MANAGED: MANAGED_BY},
-                options={
-                    "com.docker.network.bridge.enable_icc": "false",
-                    "com.docker.network.bridge.name": bridge_name(name),
-                },
-            )
-        except docker.errors.APIError as e:
-            if e.status_code != 409:  # 409: another proxy created it meanwhile
-                raise
-        net = client.networks.get(name)
+    isolated = {"com.docker.network.bridge.enable_icc": "false", "com.docker.network.bridge.name": bridge_name(name)}
+    net = made_or_found(client, name, driver="bridge", internal=not egress, options=isolated)
     attrs = net.attrs
     options = attrs.get("Options") or {}
-    problems = []
-    if (attrs.get("Labels") or {}).get(LABEL_MANAGED) != MANAGED_BY:
-        problems.append("it was not made by the proxy")
-    if attrs.get("Internal") is egress:
-        problems.append("its egress setting differs")
-    if options.get("com.docker.network.bridge.enable_icc") != "false":
-        problems.append("it lets containers reach each other")
-    refuse_unconfined(name, problems)
+    refuse_unconfined(
+        name,
+        attrs,
+        {
+            "its egress setting differs": attrs.get("Internal") is egress,
+            "it lets containers reach each other": options.get("com.docker.network.bridge.enable_icc") != "false",
+        },
+    )
     bridge = options.get("com.docker.network.bridge.name") or bridge_name(name)
     return InstanceNetwork(name, bridge, *subnet_and_gateway(name, attrs), egress)
 
 
-def refuse_unconfined(name: str, problems: list[str]) -> None:
-    """A network found not confined as asked is never used: the operator removes it."""
+def made_or_found(client: docker.DockerClient, name: str, **create: Any) -> Network:
+    """The network `name`, created with `create` and the proxy's label when missing (another proxy
+    creating it meanwhile is no error). Blocking: call it in a thread."""
+    try:
+        return client.networks.get(name)
+    except docker.errors.NotFound:
+        try:
+            client.networks.create(name, **create, labels={LABEL_MANAGED: MANAGED_BY})
+        except docker.errors.APIError as e:
+            if e.status_code != 409:  # 409: another proxy created it meanwhile
+                raise
+    return client.networks.get(name)
+
+
+def refuse_unconfined(name: str, attrs: dict[str, Any], wrong: dict[str, bool]) -> None:
+    """A network found not made by the proxy, or not confined as asked (`wrong`: what is wrong
+    with it -> whether it is), is never used: the operator removes it."""
+    ours = (attrs.get("Labels") or {}).get(LABEL_MANAGED) == MANAGED_BY
+    problems = [why for why, bad in {"it was not made by the proxy": not ours, **wrong}.items() if bad]
     if problems:
         raise BackendError(
             "the instance network is not confined as required",

@@ -29,7 +29,7 @@ What confines an instance here is what the OS offers without containers:
   provider, image/jupyter_server_config.py, the same configuration as in the image).
 It is not the Docker backend's confinement: instances share the host's network (they reach the
 host's services and the internet) and file system (as far as file modes let them), and datalab_cpus
-is not enforced. Without root all instances share the proxy's user. README "Backends" says so.
+is not enforced. Without root all instances share the proxy's user. docs/operations.md "Backends" says so.
 """
 
 from __future__ import annotations
@@ -50,21 +50,23 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from backends import AUTH_ENV
-from backends import ROOT
-from backends import STATE
 from backends import Backend
 from backends import BackendError
-from backends import Common
-from backends import Found
 from backends import ImageMissing
 from backends import Instance
+from backends import InventoryEntry
+from backends import Limits
 from backends import StartTimeout
-from backends import family_name
-from backends import put_via_contents
-from backends import wait_ready
+from backends import UnpackLimits
+from backends.jupyter import put_via_contents
+from backends.jupyter import unpack_via_jupyter
+from backends.jupyter import wait_ready
 from options import absolute_path
 from options import check_options
 from options import option
+from paths import ROOT
+from paths import STATE
+from paths import family_name
 
 JUPYTER_CONFIG = ROOT / "image" / "jupyter_server_config.py"  # the image's own settings
 HOST = "127.0.0.1"
@@ -130,10 +132,10 @@ class ProcessBackend(Backend):
     name = "process"
     Options = ProcessOptions
 
-    def __init__(self, common: Common, opts: ProcessOptions):
-        super().__init__(common, opts)
+    def __init__(self, limits: Limits, opts: ProcessOptions):
+        super().__init__(limits, opts)
         # This proxy family's instances (a directory per key prefix, named so any prefix is a safe name).
-        self.family = Path(opts.process_dir) / family_name(common.label_prefix)
+        self.family = Path(opts.process_dir) / family_name(limits.label_prefix)
         self._children: dict[str, asyncio.subprocess.Process] = {}  # started here: reaped here
         self._exited: asyncio.Queue[str] = asyncio.Queue()
         self._reapers: set[asyncio.Task] = set()
@@ -163,7 +165,7 @@ class ProcessBackend(Backend):
     async def capacity(self) -> int:
         first, last = self.opts.ports
         memory = await asyncio.to_thread(_mem_total)
-        return max(1, min(last - first + 1, memory // size_bytes(self.common.mem_limit)))
+        return max(1, min(last - first + 1, memory // size_bytes(self.limits.mem_limit)))
 
     async def start(self, instance_id: str, token: str) -> Instance:
         if not _ID.match(instance_id):
@@ -205,7 +207,7 @@ class ProcessBackend(Backend):
             reaper.add_done_callback(self._reapers.discard)
             instance = Instance(instance_id, self.name, instance_id, HOST, port, "", time.time(), token)
             try:
-                await wait_ready(instance, self.common.start_timeout, lambda: self.poll(instance))
+                await wait_ready(instance, self.limits.start_timeout, lambda: self.poll(instance))
             except BackendError as e:
                 e.detail = f"{e.detail} jupyter.log ends: {_tail(home / 'jupyter.log')!r}".lstrip()
                 raise
@@ -239,11 +241,11 @@ class ProcessBackend(Backend):
         ]
         if os.geteuid() != 0:
             return server  # limits on the user would be on the proxy's own user: none
-        data = size_bytes(self.common.mem_limit)
+        data = size_bytes(self.limits.mem_limit)
         limits = [
             f"--data={data}:{data}",
-            f"--nproc={self.common.pids_limit}:{self.common.pids_limit}",
-            f"--fsize={size_bytes(self.common.disk_limit)}:{size_bytes(self.common.disk_limit)}",
+            f"--nproc={self.limits.pids_limit}:{self.limits.pids_limit}",
+            f"--fsize={size_bytes(self.limits.disk_limit)}:{size_bytes(self.limits.disk_limit)}",
             f"--nofile={OPEN_FILES}:{OPEN_FILES}",
             "--core=0:0",
         ]
@@ -293,7 +295,10 @@ class ProcessBackend(Backend):
         self._exited.put_nowait(instance_id)
 
     async def put_file(self, instance: Instance, filename: str, data: bytes | bytearray) -> None:
-        await put_via_contents(instance, filename, data, timeout=max(30.0, self.common.start_timeout))
+        await put_via_contents(instance, filename, data, timeout=max(30.0, self.limits.start_timeout))
+
+    async def unpack(self, instance: Instance, kind: str, data: bytes | bytearray, limits: UnpackLimits) -> None:
+        await unpack_via_jupyter(instance, kind, data, limits, timeout=max(30.0, self.limits.start_timeout))
 
     async def poll(self, instance: Instance) -> bool:
         return await asyncio.to_thread(self._running, instance.handle)
@@ -325,14 +330,14 @@ class ProcessBackend(Backend):
     def _running(self, handle: str) -> bool:
         return self._pid(handle) is not None
 
-    async def inventory(self) -> list[Found]:
-        def scan() -> list[Found]:
+    async def inventory(self) -> list[InventoryEntry]:
+        def scan() -> list[InventoryEntry]:
             if not self.family.is_dir():
                 return []
             found = []
             for home in self.family.iterdir():
                 if _ID.match(home.name):
-                    found.append(Found(home.name, home.name, self._running(home.name)))
+                    found.append(InventoryEntry(home.name, home.name, self._running(home.name)))
             return found
 
         return await asyncio.to_thread(scan)

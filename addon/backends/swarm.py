@@ -10,22 +10,22 @@ ever pulls it: a node without it rejects the task ("No such image"), which fails
 What an engine of API 1.41 (Docker 20.10) cannot set on a service: no-new-privileges (so the image
 holds no set-uid or set-gid program: scripts/build-image.sh clears those bits; an operator's own image
 must too, or set it daemon-wide), and a tmpfs mount's uid (so the in-memory mounts are named
-volumes of the local driver, see in_memory). The in-memory mounts and the DNS settings are the
-Docker backend's own (docker_engine.in_memory_mounts, no_resolver, NAMESERVERS).
+volumes of the local driver, see in_memory). What an instance is (its labels, limits, mounts and
+hardening) is the Docker backend's own ContainerSpec (container_spec.py), in a service's words here;
+the flow of a start, a poll, an inventory and a stop is DockerBackend's, whose steps this class
+overrides with services for containers.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import secrets
-import time
 from dataclasses import dataclass
 from typing import Any
 
 import docker
 import docker.errors
 import docker.utils
+from docker.models.services import Service
 from docker.types import DNSConfig
 from docker.types import DriverConfig
 from docker.types import EndpointSpec
@@ -33,27 +33,20 @@ from docker.types import Mount
 from docker.types import Resources
 from docker.types import RestartPolicy
 
-from backends import AUTH_ENV
+from backends import Backend
 from backends import BackendError
-from backends import Common
-from backends import Found
 from backends import ImageMissing
 from backends import Instance
-from backends import StartTimeout
-from backends import wait_ready
-from backends.docker_engine import JUPYTER_PORT
-from backends.docker_engine import LABEL_INSTANCE
-from backends.docker_engine import LABEL_PREFIX
-from backends.docker_engine import NAMESERVERS
-from backends.docker_engine import PROBE_TIMEOUT
-from backends.docker_engine import WORK_DIR
+from backends import InventoryEntry
+from backends import Limits
+from backends.backoff import until_ready
+from backends.container_spec import LABEL_INSTANCE
+from backends.container_spec import WORK_DIR
+from backends.container_spec import ContainerSpec
 from backends.docker_engine import DockerBackend
 from backends.docker_engine import DockerOptions
-from backends.docker_engine import in_memory_mounts
-from backends.docker_engine import no_resolver
-from backends.docker_network import LABEL_MANAGED
-from backends.docker_network import MANAGED_BY
 from backends.docker_network import InstanceNetwork
+from backends.docker_network import made_or_found
 from backends.docker_network import refuse_unconfined
 from backends.docker_network import subnet_and_gateway
 from options import holds
@@ -112,6 +105,10 @@ def task_failure(task: dict[str, Any], image: str) -> BackendError | None:
     return None
 
 
+def task_running(task: dict[str, Any]) -> bool:
+    return (task.get("Status") or {}).get("State") == "running"
+
+
 def task_address(task: dict[str, Any], network_id: str) -> str | None:
     """The task's address on the instance overlay ("10.0.1.5/24" in the task's attachments)."""
     for attachment in task.get("NetworksAttachments") or []:
@@ -124,77 +121,61 @@ def task_address(task: dict[str, Any], network_id: str) -> str | None:
 def ensure_overlay(client: docker.DockerClient, name: str) -> tuple[str, InstanceNetwork]:
     """The overlay's id and addresses, created (labelled, internal, attachable) when missing; one of
     that name that is not ours, not internal or not attachable is refused. Blocking: call it in a thread."""
-    try:
-        net = client.networks.get(name)
-    except docker.errors.NotFound:
-        try:
-            client.networks.create(
-                name, driver="overlay", internal=True, attachable=True, labels={LABEL_MANAGED: MANAGED_BY}
-            )
-        except docker.errors.APIError as e:
-            if e.status_code != 409:  # 409: another proxy created it meanwhile
-                raise
-        net = client.networks.get(name)
+    net = made_or_found(client, name, driver="overlay", internal=True, attachable=True)
     attrs = net.attrs
-    problems = [
-        why
-        for why, bad in (
-            ("it was not made by the proxy", (attrs.get("Labels") or {}).get(LABEL_MANAGED) != MANAGED_BY),
-            ("it is not an overlay", attrs.get("Driver") != "overlay"),
-            ("it is not internal", attrs.get("Internal") is not True),
-            ("the proxy cannot join it (not attachable)", attrs.get("Attachable") is not True),
-        )
-        if bad
-    ]
-    refuse_unconfined(name, problems)
+    refuse_unconfined(
+        name,
+        attrs,
+        {
+            "it is not an overlay": attrs.get("Driver") != "overlay",
+            "it is not internal": attrs.get("Internal") is not True,
+            "the proxy cannot join it (not attachable)": attrs.get("Attachable") is not True,
+        },
+    )
     return net.id, InstanceNetwork(name, "", *subnet_and_gateway(name, attrs), False)
 
 
+def is_manager(info: dict[str, Any]) -> bool:
+    """Whether the engine whose `docker info` this is can create services (a swarm manager)."""
+    swarm = info.get("Swarm") or {}
+    return swarm.get("LocalNodeState") == "active" and bool(swarm.get("ControlAvailable"))
+
+
 class SwarmBackend(DockerBackend):
-    """The Docker backend's engine access, image check and capacity, with services instead of containers."""
+    """The Docker backend with services instead of containers: its steps, overridden."""
 
     name = "swarm"
     Options = SwarmOptions
+    kind = "service"
 
-    def __init__(self, common: Common, opts: SwarmOptions):
-        super().__init__(common, opts)
+    def __init__(self, limits: Limits, opts: SwarmOptions):
+        super().__init__(limits, opts)
         self._network_id = ""
         self._leftover: set[str] = set()  # volumes of removed services, in use when last tried
         self._swept = False
 
+    exits = Backend.exits  # not followed: Swarm's service events say nothing of a task's exit; reconciliation finds it
+
     @classmethod
-    def probe(cls, options: SwarmOptions) -> tuple[bool, str]:
+    def _judge(cls, client: docker.DockerClient, where: str) -> tuple[bool, str]:
         """Whether the engine is a swarm manager; auto does not ask (choice.py leaves swarm out)."""
-        try:
-            client = docker.DockerClient(base_url=options.docker_url or None, timeout=PROBE_TIMEOUT)
-            try:
-                swarm = client.info().get("Swarm") or {}
-            finally:
-                client.close()
-        except (docker.errors.DockerException, OSError) as e:
-            return False, f"no Docker engine answers ({e})"
-        if swarm.get("LocalNodeState") != "active" or not swarm.get("ControlAvailable"):
+        if not is_manager(client.info()):
             return False, "the Docker engine is not a swarm manager (docker swarm init)"
         return True, "the Docker engine is a swarm manager"
 
-    async def check(self) -> None:
-        await self._manager()
-        await self._image_id()
-        await self.network()
-        if not self._swept:  # once per process: check() also answers health probes
-            await self._sweep_volumes()
-            self._swept = True
-
-    async def _manager(self) -> None:
+    async def _check_engine(self) -> None:
         client = await self.client()
-        swarm = (await self._call(client.info)).get("Swarm") or {}
-        if swarm.get("LocalNodeState") != "active" or not swarm.get("ControlAvailable"):
+        if not is_manager(await self._call(client.info)):
             raise BackendError(
                 "the container engine cannot run instances as services",
                 "datalab_backend=swarm needs a swarm manager's engine (docker swarm init, or a manager's docker_url)",
             )
+        await self._image()
+        if not self._swept:  # once per process: check() also answers health probes
+            await self._sweep_volumes()
+            self._swept = True
 
-    async def _image_id(self) -> str:
+    async def _image(self) -> str:
         """The image as its ID: an ID is never pulled by any node (a name would make each node try
         the registry first). A name is resolved on this engine; an ID is taken as given (a manager
         that runs no instances need not hold the image)."""
@@ -206,144 +187,112 @@ class SwarmBackend(DockerBackend):
         except docker.errors.NotFound as e:
             raise self._image_missing() from e
 
-    async def network(self) -> InstanceNetwork:
+    async def _ensure_network(self, client: docker.DockerClient) -> InstanceNetwork:
         if self.opts.instance_egress:  # refused here, not in SwarmOptions: every backend's options are parsed
             raise BackendError(
                 "instances cannot be confined as configured", "datalab_instance_egress is not available on swarm"
             )
-        async with self._network_lock:
-            if self._network is None:
-                client = await self.client()
-                self._network_id, self._network = await self._call(ensure_overlay, client, self.opts.swarm_network)
-            return self._network
+        self._network_id, net = await self._call(ensure_overlay, client, self.opts.swarm_network)
+        return net
 
-    async def capacity(self) -> int:
-        """Memory of the swarm's active, ready nodes over the limit (the constraint is not weighed)."""
+    async def _confined(self) -> InstanceNetwork:
+        """The overlay as it is: internal, and the host has no route into it (no firewall rule needed)."""
+        return await self.network()
+
+    async def _memory(self) -> int:
+        """Memory of the swarm's active, ready nodes (the constraint is not weighed)."""
         client = await self.client()
         nodes = await self._call(client.nodes.list)
-        memory = sum(
+        return sum(
             n.attrs["Description"]["Resources"]["MemoryBytes"]
             for n in nodes
             if n.attrs["Status"]["State"] == "ready" and n.attrs["Spec"]["Availability"] == "active"
         )
-        return max(1, memory // docker.utils.parse_bytes(self.common.mem_limit))
 
-    async def start(self, instance_id: str, token: str) -> Instance:
+    async def _create(self, spec: ContainerSpec) -> Service:
         client = await self.client()
-        net = await self.network()
-        image = await self._image_id()
-        service = await self._call(client.services.create, **self._service_args(instance_id, token, image, net))
-        try:
-            host = await self._running_address(service, image)
-            instance = Instance(instance_id, self.name, service.id, host, JUPYTER_PORT, "", time.time(), token)
-            await wait_ready(instance, self.common.start_timeout, lambda: self._still_starting(service, image))
-            return instance
-        except BaseException:
-            await asyncio.shield(self._remove_quietly(service.id))
-            raise
+        return await self._call(client.services.create, **self._service_args(spec))
 
-    async def _still_starting(self, service: Any, image: str) -> bool:
-        """While Jupyter is not answering yet: True if the task runs, its own reason if it ended."""
-        tasks = await self._call(service.tasks)
-        for task in tasks:
-            if failure := task_failure(task, image):
-                raise failure
-        return any((t.get("Status") or {}).get("State") == "running" for t in tasks)
-
-    async def _running_address(self, service: Any, image: str) -> str:
-        """Wait for the service's task to run and return its overlay address; a task that will
-        never run fails at once with its reason, not at the start timeout."""
-        deadline = time.monotonic() + self.common.start_timeout
-        delay = 0.05
-        while True:
-            for task in await self._call(service.tasks):
-                if failure := task_failure(task, image):
-                    raise failure
-                if (task.get("Status") or {}).get("State") == "running":
-                    host = task_address(task, self._network_id)
-                    if not host or not self._network.holds_instance(host):
-                        raise BackendError("the instance got no address on its network", f"service {service.id}")
-                    return host
-            if time.monotonic() + delay > deadline:
-                raise StartTimeout(f"the instance's task was not running within {self.common.start_timeout:g} s")
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 0.25)
-
-    def _service_args(self, instance_id: str, token: str, image: str, net: InstanceNetwork) -> dict[str, Any]:
-        resources = Resources(
-            cpu_limit=int(self.common.cpus * 1e9), mem_limit=docker.utils.parse_bytes(self.common.mem_limit)
-        )
-        resources["Limits"]["Pids"] = self.common.pids_limit  # API 1.41; the SDK has no argument for it
-        labels = {LABEL_MANAGED: MANAGED_BY, LABEL_PREFIX: self.common.label_prefix, LABEL_INSTANCE: instance_id}
-        owner = {LABEL_MANAGED: MANAGED_BY, LABEL_PREFIX: self.common.label_prefix}
-        name = f"datalab-{secrets.token_hex(8)}"  # says nothing of the instance id (DNS answers with it)
-        volumes = volume_names(name)
+    def _service_args(self, spec: ContainerSpec) -> dict[str, Any]:
+        resources = Resources(cpu_limit=spec.nano_cpus, mem_limit=docker.utils.parse_bytes(spec.mem_limit))
+        resources["Limits"]["Pids"] = spec.pids_limit  # API 1.41; the SDK has no argument for it
+        volumes = volume_names(spec.name)
         return dict(
-            image=image,
-            name=name,
-            env=[f"{AUTH_ENV}={token}"],
-            labels=labels,
-            container_labels=labels,
-            networks=[net.name],
+            image=spec.image,
+            name=spec.name,
+            env=[f"{name}={value}" for name, value in spec.environment.items()],
+            labels=spec.labels,
+            container_labels=spec.labels,
+            networks=[spec.network],
             endpoint_spec=EndpointSpec(mode="dnsrr", ports={}),  # no port published, no virtual IP
             restart_policy=RestartPolicy(condition="none"),
             constraints=[self.opts.swarm_constraint] if self.opts.swarm_constraint else None,
-            read_only=True,
-            dns_config=DNSConfig(nameservers=NAMESERVERS),
+            read_only=spec.read_only,
+            dns_config=DNSConfig(nameservers=spec.nameservers),
             mounts=[
-                no_resolver(),
+                *spec.mounts,
                 *(
-                    in_memory(target, volumes[target], options, owner)
-                    for target, options in in_memory_mounts(self.common.disk_limit).items()
+                    in_memory(target, volumes[target], options, spec.family_labels)
+                    for target, options in spec.in_memory.items()
                 ),
             ],
             resources=resources,
-            cap_drop=["ALL"],
+            cap_drop=spec.cap_drop,
             stop_grace_period=10**9,  # 1 s, in ns: a stopped instance is discarded (Docker's is killed at once)
         )
 
-    async def could_have_given(self, host: str, port: int) -> bool:
-        net = await self.network()
-        return port == JUPYTER_PORT and net.holds_instance(host)
+    async def _run(self, service: Service, spec: ContainerSpec, net: InstanceNetwork) -> str:
+        """Wait for the service's task to run and return its overlay address; a task that will
+        never run fails at once with its reason, not at the start timeout."""
 
-    async def poll(self, instance: Instance) -> bool:
+        async def address() -> str | None:
+            for task in await self._call(service.tasks):
+                if failure := task_failure(task, spec.image):
+                    raise failure
+                if task_running(task):
+                    host = task_address(task, self._network_id)
+                    if not host or not net.holds_instance(host):
+                        raise BackendError("the instance got no address on its network", f"service {service.id}")
+                    return host
+            return None
+
+        timeout = self.limits.start_timeout
+        return await until_ready(address, timeout, f"the instance's task was not running within {timeout:g} s")
+
+    async def _starting(self, service: Service, spec: ContainerSpec, instance: Instance) -> bool:
+        """While Jupyter is not answering yet: True if the task runs, its own reason if it ended."""
+        tasks = await self._call(service.tasks)
+        for task in tasks:
+            if failure := task_failure(task, spec.image):
+                raise failure
+        return any(task_running(t) for t in tasks)
+
+    async def _get(self, handle: str) -> Service:
         client = await self.client()
-        try:
-            service = await self._call(client.services.get, instance.handle)
-            tasks = await self._call(service.tasks)
-        except docker.errors.NotFound:
-            return False
-        return any((t.get("Status") or {}).get("State") == "running" for t in tasks)
+        return await self._call(client.services.get, handle)
 
-    async def inventory(self) -> list[Found]:
+    async def _alive(self, service: Service) -> bool:
+        tasks = await self._call(service.tasks)
+        return any(task_running(t) for t in tasks)
+
+    def _labels(self, service: Service) -> dict[str, str]:
+        return service.attrs["Spec"].get("Labels") or {}
+
+    async def _list(self) -> list[Service]:
         client = await self.client()
         self._leftover = await self._remove_volumes(self._leftover)  # each reconciliation round, too
-        found = await self._call(client.services.list, filters={"label": self._ours}, status=True)
-        return [
-            Found(
-                s.attrs["Spec"].get("Labels", {}).get(LABEL_INSTANCE, ""),
-                s.id,
-                (s.attrs.get("ServiceStatus") or {}).get("RunningTasks", 0) > 0,
-            )
-            for s in found
-        ]
+        return await self._call(client.services.list, filters={"label": self._ours}, status=True)
 
-    async def exits(self):  # type: ignore[override]
-        """Not followed: Swarm's service events say nothing of a task's exit; reconciliation finds it."""
-        await asyncio.Event().wait()
-        yield ""  # pragma: no cover
+    def _entry(self, service: Service) -> InventoryEntry:
+        running = (service.attrs.get("ServiceStatus") or {}).get("RunningTasks", 0) > 0
+        return InventoryEntry(self._labels(service).get(LABEL_INSTANCE, ""), service.id, running)
 
-    async def _remove(self, service_id: str) -> None:
-        client = await self.client()
-        try:
-            service = await self._call(client.services.get, service_id)
-            if (service.attrs["Spec"].get("Labels") or {}).get(LABEL_PREFIX) != self.common.label_prefix:
-                log.error("datalab: refusing to remove service %s: not one of ours", service_id[:12])
-                return
-            await self._call(service.remove)
-            self._leftover |= set(volume_names(service.name).values())
-        except docker.errors.NotFound:
-            pass  # already gone: that is what stop wants
+    async def _delete(self, service: Service) -> None:
+        await self._call(service.remove)
+        self._leftover |= set(volume_names(service.name).values())
+
+    async def _remove(self, handle: str) -> None:
+        await super()._remove(handle)
         self._leftover = await self._remove_volumes(self._leftover)
 
     async def _remove_volumes(self, names: set[str] | list[str]) -> set[str]:

@@ -14,7 +14,7 @@ import docker.errors
 import pytest
 import redis as redis_sync
 
-from backends import Common
+from backends import Limits
 from backends.local_process import ProcessBackend
 from backends.local_process import ProcessOptions
 from e2e import browser
@@ -75,7 +75,7 @@ class World:
 
     def processes(self, prefix: str | None = None) -> ProcessBackend:
         """The process backend's view of a prefix's instances (its default directory, as the tests' proxies use)."""
-        return ProcessBackend(Common(label_prefix=prefix or self.prefix), ProcessOptions())
+        return ProcessBackend(Limits(label_prefix=prefix or self.prefix), ProcessOptions())
 
     def scrub(self) -> None:
         """Safety net after the run: whatever a failed test left behind goes."""

@@ -12,11 +12,11 @@ import time
 
 import inputs
 from backends import Instance
-from backends.docker_engine import JUPYTER_PORT
-from backends.docker_engine import LABEL_INSTANCE
-from backends.docker_engine import LABEL_PREFIX
-from backends.docker_network import LABEL_MANAGED
-from backends.docker_network import MANAGED_BY
+from backends.container_spec import JUPYTER_PORT
+from backends.container_spec import LABEL_INSTANCE
+from backends.container_spec import LABEL_MANAGED
+from backends.container_spec import LABEL_PREFIX
+from backends.container_spec import MANAGED_BY
 from config import Settings
 from e2e.conftest import IMAGE
 from e2e.proxy import ROOT

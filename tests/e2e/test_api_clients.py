@@ -1,4 +1,4 @@
-"""Scripts and API clients (README "Scripts and API clients"): a program that holds an instance's session
+"""Scripts and API clients (docs/api.md "Scripts and API clients"): a program that holds an instance's session
 cookie talks to its Jupyter through the proxy as a browser page does, with the XSRF pair Jupyter asks
 for (an `_xsrf` cookie and the same value in X-XSRFToken), made up by the client. With the cookie alone
 Jupyter refuses every POST (403 '_xsrf' argument missing) and /files/ without a same-origin Referer.
@@ -56,9 +56,9 @@ def test_a_script_writes_with_a_made_up_xsrf_pair(proxy, instance):
     r = requests.delete(proxy.url(f"/api/contents/{r.json()['path']}"), headers=paired, timeout=30)
     assert r.status_code == 204, r.text
 
-    # README's snippet, as written there: a session that keeps the cookies, the header on every request
+    # docs/api.md's snippet, as written there: a session that keeps the cookies, the header on every request
     http = requests.Session()
-    http.cookies.set("datalab_session", instance)  # (README's opens the view; `instance` did)
+    http.cookies.set("datalab_session", instance)  # (the snippet opens the view; `instance` did)
     http.cookies.set("_xsrf", xsrf)
     http.headers["X-XSRFToken"] = xsrf
     assert http.post(proxy.url("/api/contents"), json=model, timeout=30).status_code == 201
@@ -76,7 +76,7 @@ def test_a_script_writes_with_a_made_up_xsrf_pair(proxy, instance):
 @pytest.fixture
 def gateway(proxy, instance, tmp_path):
     """A local Jupyter server whose kernels are the instance's: --gateway-url at the proxy, with the
-    session cookie and the XSRF pair in GatewayClient.headers (as README says); its own token for us."""
+    session cookie and the XSRF pair in GatewayClient.headers (as docs/api.md says); its own token for us."""
     xsrf = secrets.token_hex(16)
     headers = {"Cookie": f"datalab_session={instance}; _xsrf={xsrf}", "X-XSRFToken": xsrf}
     token, port = secrets.token_hex(16), free_port()

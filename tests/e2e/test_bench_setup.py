@@ -1,4 +1,4 @@
-"""scripts/bench_proxy.py's set-up, as the README runs it, against real processes: ./run.sh, a
+"""scripts/bench_proxy.py's set-up, as docs/benchmarks.md runs it, against real processes: ./run.sh, a
 holder container of the real image running the bench's echo backend, a session opened through
 /datalab/view. (The measurements themselves are the bench's business, not the suite's.)"""
 

@@ -15,24 +15,23 @@ from urllib.parse import urlsplit
 
 import pytest
 import requests
-from selenium.common.exceptions import StaleElementReferenceException
-from selenium.common.exceptions import TimeoutException
 from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.remote.webdriver import WebDriver
-from selenium.webdriver.remote.webelement import WebElement
-from selenium.webdriver.support.ui import WebDriverWait
 
+from e2e.browser import click
 from e2e.browser import screenshot
+from e2e.browser import showing
+from e2e.browser import type_and_run
+from e2e.browser import visible
+from e2e.browser import wait
 from e2e.proxy import ROOT
 from e2e.proxy import Proxy
 from helpers import free_port
 from helpers import wait_for_port
 
 BACKENDS = ["docker", "process"]
-UI_WAIT = 120  # seconds: a bound on waiting for the UI (a cold start, a kernel's first boot), not a claim
-RUN_SEEN = 3  # seconds for a run's [*] to show before the cell is run again (it shows at once)
 SMALL_LIMIT = 4096  # datalab_max_upload of the proxy that refuses
 NOTEBOOK = {
     "cells": [{"cell_type": "markdown", "id": "title", "metadata": {}, "source": ["# Uploaded through the demo"]}],
@@ -106,53 +105,6 @@ class DemoPage:
     def shoot(self, name: str) -> Path:
         self.driver.switch_to.default_content()
         return screenshot(self.driver, f"{name}-{self.backend}")
-
-
-STALE = [StaleElementReferenceException]  # JupyterLab re-renders what a wait found: look it up again
-
-
-def wait(driver: WebDriver, timeout: float = UI_WAIT, poll: float = 0.25) -> WebDriverWait:
-    return WebDriverWait(driver, timeout, poll_frequency=poll, ignored_exceptions=STALE)
-
-
-def visible(driver: WebDriver, css: str) -> WebElement:
-    return wait(driver).until(
-        lambda d: next((e for e in d.find_elements(By.CSS_SELECTOR, css) if e.is_displayed()), None)
-    )
-
-
-def click(driver: WebDriver, css: str) -> None:
-    """Click what `css` shows; if it is re-rendered before the click lands (a new notebook's cell is
-    replaced once its model loads), the new one."""
-    wait(driver).until(lambda d: visible(d, css).click() or True)
-
-
-def showing(driver: WebDriver, css: str, text: str) -> WebElement:
-    """Wait for an element that shows `text` (rendering takes a moment after it appears)."""
-    return wait(driver).until(
-        lambda d: next((e for e in d.find_elements(By.CSS_SELECTOR, css) if text in e.text), None)
-    )
-
-
-def type_and_run(driver: WebDriver, lines: list[str]) -> None:
-    """Click into the active cell's editor, type, line by line, then run the cell (Ctrl+Enter: it
-    stays active) until its prompt shows it taken ([*] or its number). A run before the page has its
-    kernel connection is dropped (the prompt stays [ ]), and no page element tells that moment: the
-    execution indicator says "idle" from the start, before any kernel status arrives."""
-    active = ".jp-CodeCell.jp-mod-active"
-    click(driver, f"{active} .cm-content")
-    driver.switch_to.active_element.send_keys(Keys.ENTER.join(lines))
-
-    def taken(_) -> bool:
-        ActionChains(driver).key_down(Keys.CONTROL).send_keys(Keys.ENTER).key_up(Keys.CONTROL).perform()
-        try:  # a run that is taken shows [*] at once; a dropped one never does
-            return wait(driver, RUN_SEEN, 0.1).until(
-                lambda d: d.find_element(By.CSS_SELECTOR, f"{active} .jp-InputArea-prompt").text.strip("[]: ")
-            )
-        except TimeoutException:
-            return False
-
-    wait(driver).until(taken)
 
 
 @pytest.fixture

@@ -16,7 +16,9 @@ import pytest
 import requests
 
 from backends import Instance
+from e2e.helpers import record
 from e2e.proxy import Browser
+from helpers import host_address
 
 CSV = b"a\n1\n"
 
@@ -61,23 +63,9 @@ def host_service():
     service.close()
 
 
-def record(world, nonce: str, prefix: str | None = None) -> Instance:
-    prefix = prefix or world.prefix
-    instance_id = world.redis.get(f"{prefix}nonce:{nonce}").decode()
-    return Instance.from_json(world.redis.get(f"{prefix}instance:{instance_id}"))
-
-
 def run(browser: Browser, code: str) -> dict:
     """Run code in the browser's instance; it prints one JSON object."""
     return json.loads(browser.execute(browser.start_kernel(), PROBE + code).strip().splitlines()[-1])
-
-
-def host_address(interface: str) -> str:
-    """The host's own IPv4 address on one of its interfaces, as its kernel has it (an engine's inspect
-    data may leave a network's gateway out: Docker 20.10's default bridge on a fresh engine)."""
-    shown = subprocess.run(["ip", "-j", "-4", "addr", "show", "dev", interface], capture_output=True, check=True)
-    (address,) = [a["local"] for a in json.loads(shown.stdout)[0]["addr_info"]]
-    return address
 
 
 def bridge_of(network) -> str:

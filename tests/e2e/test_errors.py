@@ -1,11 +1,11 @@
-"""Every error code of README's "Errors" table, provoked end to end as a client or a fault would:
+"""Every error code of the "Errors" table (docs/api.md), provoked end to end as a client or a fault would:
 real mitmdump processes, Redis, Docker and Jupyter, nothing mocked.
 
-One table (ROWS): each row names a scenario, the status and the code the README promises. Every
+One table (ROWS): each row names a scenario, the status and the code the docs promise. Every
 answer must be JSON {"code", "message"} with a message of the proxy's own words, and the refused
 request must have created nothing: no container, no Redis key (a start that was accepted and then
 failed keeps its used signature, `signed:<X-SIGN>`, and nothing else). A guard test reads the
-README's table, so a code added there without a row here (or the other way round) fails.
+docs' table, so a code added there without a row here (or the other way round) fails.
 
 Proxies are shared between rows: they start in parallel when the first row runs, and rows that
 need instances take them from boots started at the same time. Two key prefixes keep the checks
@@ -36,7 +36,7 @@ from requests.structures import CaseInsensitiveDict
 import inputs
 import signing
 from backends import Instance
-from backends.docker_engine import LABEL_PREFIX
+from backends.container_spec import LABEL_PREFIX
 from e2e import rawhttp
 from e2e.proxy import ROOT
 from e2e.proxy import Browser
@@ -495,7 +495,7 @@ def bad_route(env: Env) -> Answer:
         env.world.redis.set(key, real.to_json())
 
 
-# The table: every code of the README's Errors table, except EXEMPT. Statuses are the README's.
+# The table: every code of docs/api.md's Errors table, except EXEMPT. Statuses are the docs'.
 ROWS = [
     ("bad_request-traversal_filename", upload("plain", "../../etc/passwd"), 400, "BAD_REQUEST"),
     ("bad_request-slash_filename", upload("plain", "dir/a.csv"), 400, "BAD_REQUEST"),
@@ -552,8 +552,8 @@ ROWS = [
     ("unhealthy", unhealthy, 503, "UNHEALTHY"),
 ]
 
-# Codes the README names that have no row, and why no client or fault can provoke them. (CLIENT_GONE
-# is in the README's text below the table, not in it; should it move into the table, it stays exempt.)
+# Codes the docs name that have no row, and why no client or fault can provoke them. (CLIENT_GONE
+# is in the docs' text below the table, not in it; should it move into the table, it stays exempt.)
 EXEMPT = {
     "INTERNAL": "the proxy's answer to its own bug (an unexpected exception): no outside request provokes it",
     "NOT_ROUTED": "the proxy's answer to its own bug (a flow no addon claimed): no outside request provokes it",
@@ -589,10 +589,10 @@ def test_every_documented_error(env, scenario, status, code):
     assert answer.after.capacity == answer.before.capacity, "a refused start holds no slot"
 
 
-def readme_errors() -> tuple[dict[str, int], str]:
-    """The README's Errors table as code -> status, and the whole Errors section's text."""
-    text = (ROOT / "README.md").read_text()
-    section = text.split("\n### Errors\n", 1)[1].split("\n## ", 1)[0]
+def documented_errors() -> tuple[dict[str, int], str]:
+    """docs/api.md's Errors table as code -> status, and the whole Errors section's text."""
+    text = (ROOT / "docs" / "api.md").read_text()
+    section = text.split("\n## Errors\n", 1)[1].split("\n## ", 1)[0]
     documented: dict[str, int] = {}
     for line in section.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
@@ -604,11 +604,11 @@ def readme_errors() -> tuple[dict[str, int], str]:
 
 
 def test_the_table_covers_every_documented_error():
-    documented, section = readme_errors()
-    assert documented, "the README's Errors table was not found"
+    documented, section = documented_errors()
+    assert documented, "docs/api.md's Errors table was not found"
     covered = {code for _, _, _, code in ROWS}
-    assert set(documented) - covered - set(EXEMPT) == set(), "README codes without a row here"
-    assert covered - set(documented) == set(), "rows for codes the README does not list"
-    assert [row for row in ROWS if documented.get(row[3]) != row[2]] == [], "rows whose status is not the README's"
+    assert set(documented) - covered - set(EXEMPT) == set(), "documented codes without a row here"
+    assert covered - set(documented) == set(), "rows for codes the docs do not list"
+    assert [row for row in ROWS if documented.get(row[3]) != row[2]] == [], "rows whose status is not the docs'"
     assert covered & set(EXEMPT) == set(), "a code with a row needs no exemption"
-    assert [code for code in EXEMPT if code not in section] == [], "exempt codes the README no longer names"
+    assert [code for code in EXEMPT if code not in section] == [], "exempt codes the docs no longer name"

@@ -25,7 +25,7 @@ from e2e.rawhttp import Reply
 from e2e.rawhttp import exchange
 from e2e.rawhttp import parse
 from e2e.rawhttp import start_head
-from e2e.test_tls import TestCA
+from e2e.tls import TestCA
 
 MIB = 1024 * 1024
 FLOOD = 64 * MIB  # what a hostile client tries to send

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from e2e.test_lifecycle import wait_until
 from helpers import RedisServer
+from helpers import wait_until
 
 RECOVERY = 20  # seconds: Redis is back, so is health (a verdict lives 2 s, a check takes well under 2 s more)
 

@@ -19,14 +19,14 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.remote.webdriver import WebDriver
 
-from backends.docker_engine import LABEL_INSTANCE
+from backends.container_spec import LABEL_INSTANCE
 from e2e.browser import screenshot
 from e2e.browser import start_chromium
-from e2e.test_browser import type_and_run
-from e2e.test_browser import visible
-from e2e.test_browser import wait
-from e2e.test_lifecycle import error_of
-from e2e.test_lifecycle import instance_of
+from e2e.browser import type_and_run
+from e2e.browser import visible
+from e2e.browser import wait
+from e2e.helpers import error_of
+from e2e.helpers import instance_of
 
 IDLE = 20  # datalab_idle_timeout
 INTERVAL = 5  # datalab_cull_interval

@@ -15,7 +15,6 @@ import tarfile
 import tempfile
 import threading
 import time
-import warnings
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,13 +25,15 @@ import requests
 
 from backends import AUTH_HEADER
 from backends import Backend
-from backends import Common
 from backends import Instance
+from backends import Limits
 from backends.docker_engine import DockerBackend
 from backends.docker_engine import DockerOptions
 from backends.local_process import ProcessBackend
 from backends.local_process import ProcessOptions
 from e2e.conftest import IMAGE
+from helpers import zip_info
+from helpers import zip_of
 
 TOKEN = "archive-" + secrets.token_hex(8)
 WORK_IN_IMAGE = "/home/datalab/work"
@@ -96,21 +97,6 @@ def members(answer: requests.Response) -> dict[str, bytes | None]:
         return {m.name: tar.extractfile(m).read() if m.isreg() else None for m in tar}
 
 
-def zip_of(*entries: tuple[str | zipfile.ZipInfo, bytes]) -> bytes:
-    out = io.BytesIO()
-    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as zf, warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # (a duplicate name, made on purpose)
-        for name, data in entries:
-            zf.writestr(name, data)
-    return out.getvalue()
-
-
-def zip_info(name: str, mode: int) -> zipfile.ZipInfo:
-    info = zipfile.ZipInfo(name)
-    info.external_attr = mode << 16
-    return info
-
-
 @pytest.fixture(scope="module")
 def places() -> Iterator[Path]:
     """A directory for process instances that their own users may pass through."""
@@ -121,11 +107,11 @@ def places() -> Iterator[Path]:
 
 
 def start_box(kind: str, places: Path, docker_client=None, **limits) -> Box:
-    common = Common(label_prefix=f"archive-{secrets.token_hex(4)}:", **limits)
+    given = Limits(label_prefix=f"archive-{secrets.token_hex(4)}:", **limits)
     if kind == "docker":
-        backend = DockerBackend(common, DockerOptions(image=IMAGE))
+        backend = DockerBackend(given, DockerOptions(image=IMAGE))
     else:
-        backend = ProcessBackend(common, ProcessOptions(process_dir=str(places)))
+        backend = ProcessBackend(given, ProcessOptions(process_dir=str(places)))
     loop = asyncio.new_event_loop()
     instance = loop.run_until_complete(backend.start(secrets.token_urlsafe(16), TOKEN))
     if kind == "docker":

@@ -4,7 +4,6 @@ Each test has its own key prefix, so the pools and capacities of different tests
 
 from __future__ import annotations
 
-import contextlib
 import socket
 import threading
 import time
@@ -15,55 +14,29 @@ import requests
 
 import signing
 from backends import Instance
-from backends.docker_engine import LABEL_INSTANCE
-from backends.docker_engine import LABEL_MANAGED
-from backends.docker_engine import LABEL_PREFIX
-from backends.docker_engine import MANAGED_BY
+from backends.container_spec import LABEL_INSTANCE
+from backends.container_spec import LABEL_MANAGED
+from backends.container_spec import LABEL_PREFIX
+from backends.container_spec import MANAGED_BY
 from e2e.conftest import IMAGE
+from e2e.helpers import error_of
+from e2e.helpers import instance_of
+from e2e.helpers import opened
+from e2e.helpers import quietly
+from e2e.helpers import records
 from e2e.proxy import Browser
 from e2e.proxy import run_code
+from helpers import wait_until
 
 CSV = b"x,y\n1,2\n"
-
-
-def wait_until(check, what: str, timeout: float = 90.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := check():
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-
-
-def error_of(r: requests.Response) -> str:
-    assert r.headers["Content-Type"] == "application/json", r.text
-    assert r.json()["message"]
-    return r.json()["code"]
 
 
 def pool(world, prefix: str) -> list[str]:
     return [m.decode() for m in world.redis.lrange(prefix + "pool", 0, -1)]
 
 
-def records(world, prefix: str) -> set[str]:
-    return {m.decode() for m in world.redis.smembers(prefix + "instances")}
-
-
-def instance_of(world, prefix: str, nonce: str) -> Instance:
-    instance_id = world.redis.get(f"{prefix}nonce:{nonce}").decode()
-    return Instance.from_json(world.redis.get(f"{prefix}instance:{instance_id}"))
-
-
 def pooled_instance(world, prefix: str, instance_id: str) -> Instance:
     return Instance.from_json(world.redis.get(f"{prefix}instance:{instance_id}"))
-
-
-def opened(proxy, filename: str) -> tuple[str, Browser]:
-    """A started instance and a browser that opened it: its nonce and the browser."""
-    nonce = proxy.start_instance(filename, CSV)
-    browser = Browser(proxy)
-    browser.view(nonce)
-    return nonce, browser
 
 
 def names_in_workdir(browser: Browser) -> set[str]:
@@ -273,14 +246,6 @@ def test_a_proxy_killed_mid_start_leaves_nothing(make_proxy, world):
     # Its capacity lease (queue 1 s + start 8 s + margin) runs out, then reconciliation removes it.
     wait_until(lambda: not world.containers(prefix), "the orphan removed", 60)
     assert records(world, prefix) == set() and world.redis.zcard(prefix + "slots") == 0
-
-
-def quietly(fn):
-    def run(*args):
-        with contextlib.suppress(requests.RequestException):
-            fn(*args)
-
-    return run
 
 
 def test_a_client_that_leaves_mid_start_leaves_nothing(make_proxy, world):

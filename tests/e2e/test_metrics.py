@@ -10,12 +10,12 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from counters import CULL_REASONS
+from e2e.helpers import Workers
+from e2e.helpers import instance_of
 from e2e.proxy import Browser
 from e2e.proxy import Proxy
-from e2e.test_lifecycle import instance_of
-from e2e.test_lifecycle import wait_until
-from e2e.test_scaling import Workers
 from helpers import free_port
+from helpers import wait_until
 
 TOKEN = "e2e-metrics-token-0123456789"
 

@@ -15,13 +15,13 @@ import pytest
 import requests
 
 from backends.local_process import UID_BASE
+from e2e.helpers import error_of
+from e2e.helpers import instance_of
+from e2e.helpers import quietly
+from e2e.helpers import records
 from e2e.proxy import Browser
-from e2e.test_lifecycle import error_of
-from e2e.test_lifecycle import instance_of
-from e2e.test_lifecycle import quietly
-from e2e.test_lifecycle import records
-from e2e.test_lifecycle import wait_until
 from helpers import free_port
+from helpers import wait_until
 
 CSV = b"city,population\nReykjavik,139875\nNuuk,19872\n"
 ROOT = Path(__file__).resolve().parents[2]

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import requests
 
+from e2e.helpers import opened
 from e2e.proxy import Browser
-from e2e.test_lifecycle import opened
-from e2e.test_lifecycle import wait_until
 from helpers import RedisServer
+from helpers import wait_until
 
 # The clients' own bound, far above the proxy's answer (a few seconds per Redis call): if it fires,
 # the proxy held the request. Not a measured limit, only where waiting stops.

@@ -15,10 +15,10 @@ import pytest
 import requests
 from mitmproxy import io as flow_io
 
+from e2e.helpers import Workers
 from e2e.proxy import ROOT
 from e2e.proxy import Browser
 from e2e.proxy import Proxy
-from helpers import wait_for_port
 
 CSV = b"city,people\nLyon,522000\nNantes,320000\n"
 MIB = 1024 * 1024
@@ -54,54 +54,6 @@ def test_the_lean_entry_point_serves_the_whole_flow(make_proxy):
     r = requests.get(lean.url("/api/status"), timeout=30)
     assert r.status_code == 403 and r.json()["code"] == "NO_SESSION"
     assert "/api/status" not in lean.log_text()  # no flow printing in production (mitmdump prints each URL)
-
-
-class Workers:
-    """./run.sh --lean --workers 2, as an operator starts it."""
-
-    def __init__(self, proxy: Proxy):
-        self.proxy = proxy  # for its settings, URLs and signing; never started itself
-        env = {
-            **os.environ,
-            "DATALAB_PORT": str(proxy.port),
-            "DATALAB_SIGN_KEY": proxy.sign_key,
-            "DATALAB_REDIS_URL": proxy.redis_url,
-            "DATALAB_KEY_PREFIX": proxy.prefix,
-        }
-        sets = [a for name, value in proxy.options.items() for a in ("--set", f"{name}={value}")]
-        self.log = proxy.workdir / "run.log"
-        self.proc = subprocess.Popen(
-            [str(ROOT / "run.sh"), "--lean", "--workers", "2", *sets],
-            env=env,
-            stdout=self.log.open("w"),
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        wait_for_port(proxy.port, timeout=120, proc=self.proc)
-        self.proxy.proc = self.proc  # (so the proxy's own readiness check sees a run.sh that died)
-        self.proxy._wait_answering()
-        self.wait_for_listeners(2)
-
-    def listeners(self) -> set[int]:
-        """Pids of the processes listening on the port."""
-        out = subprocess.run(
-            ["ss", "-Hltnp", f"sport = :{self.proxy.port}"], capture_output=True, text=True, check=True
-        ).stdout
-        return {int(part.split(",")[0]) for part in out.split("pid=")[1:]}
-
-    def wait_for_listeners(self, n: int, timeout: float = 60.0) -> set[int]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if len(pids := self.listeners()) == n:
-                return pids
-            assert self.proc.poll() is None, self.log.read_text()
-            time.sleep(0.2)
-        raise AssertionError(f"not {n} processes listening: {self.listeners()}\n{self.log.read_text()}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            self.proc.wait(timeout=30)
 
 
 @pytest.fixture

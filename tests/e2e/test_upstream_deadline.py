@@ -11,16 +11,16 @@ import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+from e2e.helpers import record
+from e2e.helpers import signal_jupyter
 from e2e.proxy import Browser
 from e2e.proxy import Proxy
 from e2e.proxy import run_code
-from e2e.test_confinement import record
-from e2e.test_tls import COOKIE
-from e2e.test_tls import TestCA
-from e2e.test_tls import curl_h2
-from e2e.test_tls import run_sh_tls_check
-from e2e.test_tls import tls_browser
-from e2e.test_waiting import signal_jupyter
+from e2e.tls import COOKIE
+from e2e.tls import TestCA
+from e2e.tls import curl_h2
+from e2e.tls import run_sh_tls_check
+from e2e.tls import tls_browser
 from runtime import remove_all_instances as remove_all
 
 CSV = b"x,y\n1,2\n"

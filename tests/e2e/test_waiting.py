@@ -17,15 +17,10 @@ from selenium.webdriver.support.ui import WebDriverWait
 
 import waiting
 from e2e.browser import screenshot
-from e2e.test_confinement import record
+from e2e.helpers import record
+from e2e.helpers import signal_jupyter
 
 CSV = b"x,y\n1,2\n"
-
-
-def signal_jupyter(container, signal: str) -> None:
-    """Signal the Jupyter server: the one child of the container's init (tini)."""
-    code, output = container.exec_run(["sh", "-c", f"kill -{signal} $(cat /proc/1/task/1/children)"])
-    assert code == 0, output
 
 
 def test_a_view_waits_for_a_silent_jupyter_then_lands_on_it(proxy, world, chromium):

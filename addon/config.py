@@ -437,12 +437,14 @@ class Config:
             self.on_settings(settings)
         for name, value in MITMPROXY_FORCED.items():
             if name in ctx.options and getattr(ctx.options, name) != value:
-                log.info("datalab sets %s=%s (see README)", name, str(value).lower())
+                log.info('datalab sets %s=%s (docs/operations.md "Deployment")', name, str(value).lower())
                 ctx.options.update(**{name: value})
         for name, value in MITMPROXY_DEFAULTS.items():
             if name in ctx.options and getattr(ctx.options, name) is None:
                 ctx.options.update(**{name: value})
         for name, value in MITMPROXY_REQUIRED.items():
             if name in updated and getattr(ctx.options, name) != value:
-                log.warning("datalab needs --set %s=%s (see README); setting it", name, str(value).lower())
+                log.warning(
+                    'datalab needs --set %s=%s (docs/operations.md "Options"); setting it', name, str(value).lower()
+                )
                 ctx.options.update(**{name: value})

@@ -33,7 +33,9 @@ from mitmproxy import connection
 from mitmproxy import http
 
 import errors
+import loopback
 from config import Settings
+from loopback import LoopbackServer
 from marks import CUT
 from marks import DEFERRED
 from marks import SINK
@@ -43,7 +45,7 @@ from upstream import reroute
 
 log = logging.getLogger(__name__)
 
-SINK_HOST = "127.0.0.1"
+SINK_HOST = loopback.HOST
 RECEIVED = "X-Datalab-Received"  # the sink's count of body bytes it read, so a body cut short is noticed
 VERDICT = "X-Datalab-Verdict"  # the sink's: "drained" (read to its end), "timeout", "unread" (told so)
 DEADLINE = "X-Datalab-Deadline"  # to the sink: the wall-clock time by which the body must have arrived
@@ -89,7 +91,7 @@ def has_body(request: http.Request) -> bool:
     return "Transfer-Encoding" in request.headers or request.is_http2 or request.is_http3
 
 
-class UploadSink:
+class UploadSink(LoopbackServer):
     """A loopback HTTP/1.1 server that reads request bodies to the end, keeps nothing, answers 500
     (or 408 when a body does not arrive in time; at once, told the body is a refusal's).
 
@@ -100,9 +102,8 @@ class UploadSink:
     """
 
     def __init__(self, runtime: Runtime) -> None:
+        super().__init__()
         self.runtime = runtime
-        self._server: asyncio.Server | None = None
-        self.port: int | None = None
         self._arriving: dict[str, str] = {}  # flow id -> its client connection's id
 
     @property
@@ -117,15 +118,6 @@ class UploadSink:
     @property
     def full(self) -> bool:
         return len(self._arriving) >= self.settings.uploads_at_once
-
-    async def running(self) -> None:
-        self._server = await asyncio.start_server(self._serve, SINK_HOST, 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    async def done(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
 
     def take(self, flow: http.HTTPFlow, limit: int, unread: bool = False) -> BodyCollector:
         """Stream the flow's body here, keeping at most `limit` bytes of it. `unread`: the sink

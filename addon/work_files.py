@@ -28,8 +28,10 @@ from pathlib import Path
 from mitmproxy import http
 
 import inputs
+import loopback
 from backends import BackendError
 from backends import Instance
+from loopback import LoopbackServer
 from upstream import reroute
 from work import FIRST_BYTES
 from work import WorkTooLarge
@@ -37,7 +39,7 @@ from work import archive_chunks
 
 log = logging.getLogger(__name__)
 
-HOST = "127.0.0.1"
+HOST = loopback.HOST
 KEY_HEADER = "X-Datalab-Work-Key"
 CHUNK = 256 * 1024
 HEAD_MAX = 8192
@@ -48,24 +50,16 @@ UNREACHABLE = json.dumps(
 ).encode()
 
 
-class WorkFiles:
+class WorkFiles(LoopbackServer):
     """Also an addon: listens from `running` to `done`."""
+
+    head_limit = HEAD_MAX
 
     HOST = HOST
 
     def __init__(self) -> None:
-        self._server: asyncio.Server | None = None
+        super().__init__()
         self._key = secrets.token_urlsafe(32)
-        self.port: int | None = None
-
-    async def running(self) -> None:
-        self._server = await asyncio.start_server(self._serve, HOST, 0, limit=HEAD_MAX)
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    async def done(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
 
     def send_saved(self, flow: http.HTTPFlow, path: Path) -> None:
         """Make the flow fetch the saved archive at `path` from here (answered as its upstream's)."""

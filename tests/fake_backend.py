@@ -33,6 +33,7 @@ from backends import Limits
 from backends import UnpackLimits
 from config import Settings
 from instances import Instances
+from loopback import LoopbackServer
 from store import Store
 from store import connect
 
@@ -51,7 +52,7 @@ UNIT_SETTINGS = {
 }
 
 
-class FakeJupyter:
+class FakeJupyter(LoopbackServer):
     """What the proxy asks of an instance's Jupyter, answered from memory: /api/status (200 with the
     instance's secret, 403 without), /api/kernels and /api/terminals (the lists in `kernels` and
     `terminals`), and /api/datalab/work (a tar.gz of `files`, or `archive_status` when set). With
@@ -65,17 +66,7 @@ class FakeJupyter:
         self.archive_status = 200
         self.answering = True
         self.asked: list[str] = []
-        self.port = 0
-        self._server: asyncio.Server | None = None
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, LOOPBACK, 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            self._server = None
+        super().__init__()
 
     def archive(self) -> bytes:
         """The working directory as the image's extension hands it over: one tar.gz."""
@@ -168,7 +159,7 @@ class FakeBackend(Backend):
         handle = "fake-" + secrets.token_hex(6)
         files: dict[str, bytes] = {}
         jupyter = FakeJupyter(token, files)
-        await jupyter.start()
+        await jupyter.running()
         instance = Instance(instance_id, self.name, handle, LOOPBACK, jupyter.port, "", time.time(), token)
         self._given.add(jupyter.port)
         self.running[handle] = Running(instance, jupyter, files)
@@ -216,7 +207,7 @@ class FakeBackend(Backend):
         """The instance's process exits: the engine still lists it, as not running."""
         held = self.running[instance.handle]
         held.running = False
-        await held.jupyter.close()
+        await held.jupyter.done(wait=False)  # a frozen one's connections stay open
 
     def jupyter(self, instance: Instance) -> FakeJupyter:
         return self.running[instance.handle].jupyter
@@ -242,7 +233,7 @@ class FakeBackend(Backend):
     async def _remove(self, handle: str) -> None:
         held = self.running.pop(handle, None)
         if held is not None:
-            await held.jupyter.close()
+            await held.jupyter.done(wait=False)  # a frozen one's connections stay open
 
 
 class SlowBackend(FakeBackend):

@@ -5,6 +5,7 @@ the addon's unit tests, a runtime on the fake backend and flows as mitmproxy bui
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import random
@@ -16,6 +17,8 @@ import subprocess
 import time
 import warnings
 import zipfile
+from collections.abc import AsyncIterator
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlencode
 
@@ -35,6 +38,7 @@ from backends.local_process import ProcessOptions
 from config import Settings
 from fake_backend import FakeBackend
 from instances import Instances
+from loopback import LoopbackServer
 from marks import SINK
 from runtime import Runtime
 from upload import RECEIVED
@@ -323,3 +327,23 @@ async def answering_jupyter(reader: asyncio.StreamReader, writer: asyncio.Stream
     writer.write(b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\n{}")
     await writer.drain()
     writer.close()
+
+
+@contextlib.asynccontextmanager
+async def answering(answer: Callable[[str], bytes]) -> AsyncIterator[int]:
+    """A loopback server that reads one request head per connection and writes `answer(path)` as
+    it is (any bytes, however wrong: a stand-in for a Jupyter that its user rewrote); yields the port."""
+
+    class Answering(LoopbackServer):
+        async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            head = await reader.readuntil(b"\r\n\r\n")
+            writer.write(answer(head.split(b" ", 2)[1].decode()))
+            await writer.drain()
+            writer.close()
+
+    server = Answering()
+    await server.running()
+    try:
+        yield server.port
+    finally:
+        await server.done()

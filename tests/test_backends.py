@@ -1,7 +1,6 @@
 """The proxy's own requests to an instance (status, kernels, terminals, uploads): an instance runs
 its user's code and may answer anything, so what the proxy reads from it is bounded and never raises."""
 
-import asyncio
 import json
 
 import pytest
@@ -11,6 +10,7 @@ from backends.instance_http import MAX_ANSWER
 from backends.instance_http import http_get
 from backends.jupyter import jupyter_activity
 from backends.jupyter import utc_epoch
+from helpers import answering
 
 
 @pytest.fixture
@@ -18,18 +18,9 @@ async def hostile():
     """A stand-in for a Jupyter whose user rewrote it: it answers whatever the test sets."""
     state = {"answer": b"", "paths": {}}  # paths: an answer per path (without the query) instead
 
-    async def serve(reader, writer):
-        head = await reader.readuntil(b"\r\n\r\n")
-        path = head.split(b" ", 2)[1].partition(b"?")[0].decode()
-        writer.write(state["paths"].get(path, state["answer"]))
-        await writer.drain()
-        writer.close()
-
-    server = await asyncio.start_server(serve, "127.0.0.1", 0)
-    state["port"] = server.sockets[0].getsockname()[1]
-    yield state
-    server.close()
-    await server.wait_closed()
+    async with answering(lambda path: state["paths"].get(path.partition("?")[0], state["answer"])) as port:
+        state["port"] = port
+        yield state
 
 
 async def test_an_answer_over_the_bound_is_no_answer(hostile):

@@ -4,7 +4,6 @@ terminals (code run, a terminal used), with a stand-in Jupyter; what the instanc
 most, never a failed round. On the fake backend: idle, too old and gone instances end (their work
 saved, or said unsaved), and a container Redis does not know goes unless its start is in flight."""
 
-import asyncio
 import json
 import time
 from dataclasses import replace
@@ -21,6 +20,7 @@ from culler import Activity
 from culler import Culler
 from fake_backend import FailingBackend
 from fake_backend import FakeBackend
+from helpers import answering
 from helpers import runtime_for
 
 IDLE = 60  # datalab_idle_timeout of these tests
@@ -37,21 +37,14 @@ async def jupyter():
     """A stand-in Jupyter: /api/kernels and /api/terminals answer what a test sets; it logs what it is asked."""
     state = {"kernels": [], "terminals": [], "asked": [], "answer": None}
 
-    async def serve(reader, writer):
-        head = await reader.readuntil(b"\r\n\r\n")
-        path = head.split(b" ", 2)[1].decode()
+    def answer(path: str) -> bytes:
         state["asked"].append(path)
-        name = path.partition("?")[0].removeprefix("/api/")
-        body = json.dumps(state.get(name, [])).encode()
-        writer.write(state["answer"] or b"HTTP/1.0 200 OK\r\n\r\n" + body)
-        await writer.drain()
-        writer.close()
+        body = json.dumps(state.get(path.partition("?")[0].removeprefix("/api/"), [])).encode()
+        return state["answer"] or b"HTTP/1.0 200 OK\r\n\r\n" + body
 
-    server = await asyncio.start_server(serve, "127.0.0.1", 0)
-    state["port"] = server.sockets[0].getsockname()[1]
-    yield state
-    server.close()
-    await server.wait_closed()
+    async with answering(answer) as port:
+        state["port"] = port
+        yield state
 
 
 @pytest.fixture

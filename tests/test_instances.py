@@ -82,7 +82,7 @@ async def test_a_pooled_start_takes_the_ready_instance_and_boots_none(make_insta
 async def test_a_dead_pool_instance_is_ended_and_a_cold_one_booted(make_instances, redis_url):
     inst = make_instances(FakeBackend())
     dead = await pooled(inst)
-    await inst.backend.jupyter(dead).close()  # its Jupyter died; the engine still lists it running
+    await inst.backend.jupyter(dead).done(wait=False)  # its Jupyter died; the engine still lists it running
     instance, _, _ = await started(inst)
     assert instance.id != dead.id and inst.backend.ids() == {instance.id}
     assert dead.handle in inst.backend.stops and await inst.store.instance(dead.id) is None

@@ -3,10 +3,26 @@
 # The tests start their own redis-server and mitmdump processes and real containers.
 #
 #   scripts/test.sh [pytest arguments ...]
+#
+# pytest runs on DATALAB_TEST_WORKERS pytest-xdist workers (default 3), a test file per worker at a time
+# (--dist loadfile: a module's fixtures, a Chromium or a swarm stack, are made once; files in the order
+# collected, the slow e2e files first). Each worker is a session of its own: its own redis-server,
+# key prefix, ports and directories. Much of the suite waits (on timers, boots, a browser), so more
+# workers than this machine's 2 cores still pay. Serially, as before: `scripts/test.sh -p no:xdist`
+# (or -n 0); a caller's own -n or --dist wins.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 # shellcheck source=setup.sh
 . "$ROOT/scripts/setup.sh"
+
+# The xdist arguments, unless the caller chose (-n, --numprocesses, --dist, -p no:xdist).
+parallel() {
+  local arg
+  for arg in "$@"; do
+    case "$arg" in -n|-n*|--numprocesses*|--dist*|no:xdist|-pno:xdist) return ;; esac
+  done
+  echo "-n ${DATALAB_TEST_WORKERS:-3} --dist loadfile --no-loadscope-reorder"
+}
 
 t0=$(date +%s)
 ensure_packages; ensure_test_packages; t1=$(date +%s)
@@ -17,4 +33,5 @@ ensure_jupyter_env; t5=$(date +%s)
 say "set-up: packages $((t1-t0)) s, venv $((t2-t1)) s, docker engine $((t3-t2)) s, images $((t4-t3)) s, jupyter env $((t5-t4)) s"
 
 cd "$ROOT"
-exec "$VENV/bin/python" -m pytest "$@"
+read -ra xdist <<< "$(parallel "$@")"
+exec "$VENV/bin/python" -m pytest "${xdist[@]}" "$@"

@@ -4,12 +4,12 @@
 #
 #   scripts/test.sh [pytest arguments ...]
 #
-# pytest runs on DATALAB_TEST_WORKERS pytest-xdist workers (default 3), a test file per worker at a time
+# pytest runs on DATALAB_TEST_WORKERS pytest-xdist workers (default 2), a test file per worker at a time
 # (--dist loadfile: a module's fixtures, a Chromium or a swarm stack, are made once; files in the order
 # collected, the slow e2e files first). Each worker is a session of its own: its own redis-server,
-# key prefix, ports and directories. Much of the suite waits (on timers, boots, a browser), so more
-# workers than this machine's 2 cores still pay. Serially, as before: `scripts/test.sh -p no:xdist`
-# (or -n 0); a caller's own -n or --dist wins.
+# key prefix, ports and directories. Much of the suite waits (timers, boots, a browser): on 2 cores,
+# shared, -n 2 took 8m24s, -n 3 7m47s-8m05s, -n 4 8m56s (more load, more timing flakes), serially 14-24
+# min. Serially, as before: `scripts/test.sh -p no:xdist` (or -n 0); a caller's own -n or --dist wins.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 # shellcheck source=setup.sh
@@ -21,7 +21,7 @@ parallel() {
   for arg in "$@"; do
     case "$arg" in -n|-n*|--numprocesses*|--dist*|no:xdist|-pno:xdist) return ;; esac
   done
-  echo "-n ${DATALAB_TEST_WORKERS:-3} --dist loadfile --no-loadscope-reorder"
+  echo "-n ${DATALAB_TEST_WORKERS:-2} --dist loadfile --no-loadscope-reorder"
 }
 
 t0=$(date +%s)

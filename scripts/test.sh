@@ -11,10 +11,26 @@
 # uses: unit (only Redis), engine (real Docker, Swarm or Jupyter processes outside e2e), e2e
 # (tests/e2e: proxies, containers, images) and browser (Chromium). Any one by itself:
 #   scripts/test.sh -m engine        scripts/test.sh -m "e2e or browser"
+#
+# pytest runs on DATALAB_TEST_WORKERS pytest-xdist workers (default 2), a test file per worker at a time
+# (--dist loadfile: a module's fixtures, a Chromium or a swarm stack, are made once; files in the order
+# collected, the slow e2e files first). Each worker is a session of its own: its own redis-server,
+# key prefix, ports and directories. Much of the suite waits (timers, boots, a browser): on 2 cores,
+# shared, -n 2 took 8m24s, -n 3 7m47s-8m05s, -n 4 8m56s (more load, more timing flakes), serially 14-24
+# min. Serially, as before: `scripts/test.sh -p no:xdist` (or -n 0); a caller's own -n or --dist wins.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 # shellcheck source=setup.sh
 . "$ROOT/scripts/setup.sh"
+
+# The xdist arguments, unless the caller chose (-n, --numprocesses, --dist, -p no:xdist).
+parallel() {
+  local arg
+  for arg in "$@"; do
+    case "$arg" in -n|-n*|--numprocesses*|--dist*|no:xdist|-pno:xdist) return ;; esac
+  done
+  echo "-n ${DATALAB_TEST_WORKERS:-2} --dist loadfile --no-loadscope-reorder"
+}
 
 if [ "${1:-}" = --quick ]; then
   shift
@@ -24,9 +40,8 @@ if [ "${1:-}" = --quick ]; then
   apt_install "${missing[@]}"
   ensure_venv
   cd "$ROOT"
-  parallel=()  # two workers when pytest-xdist is there (each with its own redis-server)
-  "$VENV/bin/python" -c 'import xdist' 2>/dev/null && parallel=(-n 2)
-  exec "$VENV/bin/python" -m pytest -m unit "${parallel[@]}" "$@"
+  read -ra xdist <<< "$(parallel "$@")"
+  exec "$VENV/bin/python" -m pytest -m unit "${xdist[@]}" "$@"
 fi
 
 t0=$(date +%s)
@@ -38,4 +53,5 @@ ensure_jupyter_env; t5=$(date +%s)
 say "set-up: packages $((t1-t0)) s, venv $((t2-t1)) s, docker engine $((t3-t2)) s, images $((t4-t3)) s, jupyter env $((t5-t4)) s"
 
 cd "$ROOT"
-exec "$VENV/bin/python" -m pytest "$@"
+read -ra xdist <<< "$(parallel "$@")"
+exec "$VENV/bin/python" -m pytest "${xdist[@]}" "$@"

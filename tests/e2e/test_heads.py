@@ -314,7 +314,10 @@ def h2_headers(sock: ssl.SSLSocket, port: int, fields: list[tuple[str, str]]) ->
                 return f"reset {event.error_code!r}"
             if isinstance(event, h2.events.ConnectionTerminated):
                 return f"terminated {event.error_code!r}"
-        sock.sendall(conn.data_to_send())
+        try:
+            sock.sendall(conn.data_to_send())
+        except OSError as e:  # the proxy cut the block and closed (sooner, on a loaded machine)
+            return f"closed while sending ({e})"
 
 
 def test_http2_heads_are_bounded_too(redis_server, world, sign_key, tmp_path, certs):

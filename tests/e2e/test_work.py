@@ -104,8 +104,13 @@ def test_work_requests_are_signed_once_and_unknown_ids_are_404(proxy, world):
 def test_idle_culling_and_max_age_save_the_work_and_the_browser_is_told(make_proxy, world):
     idle = make_proxy(prefix=world.sub("idle"), datalab_idle_timeout=6, datalab_cull_interval=2)
     aged = make_proxy(prefix=world.sub("aged"), datalab_max_age=12, datalab_cull_interval=2)
-    started = [(p, *p.start_with_work("d.csv", b"1\n")) for p in (idle, aged)]
-    pages = [write_result(p, nonce) for p, nonce, _ in started]
+    # Each user writes as soon as their instance starts: the idle one's 6 s run from its start, and
+    # the other's boot (seconds on a loaded machine) must not come between.
+    started, pages = [], []
+    for p in (idle, aged):
+        nonce, work = p.start_with_work("d.csv", b"1\n")
+        started.append((p, nonce, work))
+        pages.append(write_result(p, nonce))
     for (p, _, work), cause, page in zip(started, ("idle", "max_age"), pages, strict=True):
         prefix = p.prefix
         saved = lambda prefix=prefix, work=work: (work_record(world, prefix, work) or {}).get("state") == "saved"  # noqa: E731

@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 MIB = 1024 * 1024
 SAMESITE = ("Lax", "Strict", "None")
 ROUTINGS = ("cookie", "subdomain")
+WEBSOCKET_MODES = ("parse", "passthrough")  # passthrough.py
 HOST_COOKIE_PREFIX = "__Host-"
 # Without these, a client connection dies before the hooks run, or the instance sees the wrong Host.
 MITMPROXY_REQUIRED = {"connection_strategy": "lazy", "keep_host_header": True}
@@ -184,10 +185,18 @@ class Settings:
         "(503 CAPACITY) without its body being read.",
         check=positive,
     )
+    websocket: str = option(
+        "parse",
+        "Routed WebSockets after their handshake (Origin check and routing stay on it): parse (each message "
+        "decoded, bounded by datalab_max_ws_message and shown by mitmweb) or passthrough (relayed as raw "
+        "TCP, unparsed, at wire speed; the lean entry's default, run.sh --lean).",
+        "DATALAB_WEBSOCKET",
+        choices=WEBSOCKET_MODES,
+    )
     max_ws_message: int = option(
         64 * MIB,
         "Largest WebSocket message, in bytes, either way (a kernel's output too); past it the WebSocket "
-        "closes with 1009.",
+        "closes with 1009. Only with datalab_websocket=parse: a passthrough does not read messages.",
         check=positive,
     )
     header_timeout: int = option(

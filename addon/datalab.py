@@ -11,8 +11,8 @@ instances.py (warm pool: pool.py, boot queue: admission.py); an end saves the us
 (work.py; served back by api.py and work_files.py). Runtime runs the background work that keeps
 instances in order (pool.py, culler.py). Clients are bounded in time and number:
 request heads by deadlines.py (time) and heads.py (bytes, lines), upload bodies by upload.py,
-WebSocket messages by websocket_bound.py. Instances' answers must begin in time
-(upstream_deadline.py).
+WebSocket messages by websocket_bound.py (or not parsed at all: passthrough.py). Instances'
+answers must begin in time (upstream_deadline.py).
 """
 
 from api import Api
@@ -25,6 +25,7 @@ from guards import TrimWebSockets
 from heads import HeadBounds
 from listener import SharedPort
 from metrics import Metrics
+from passthrough import WebSocketPassthrough
 from router import Router
 from runtime import Runtime
 from upload import UploadSink
@@ -52,6 +53,7 @@ addons = [
     TrimWebSockets(),
     UpstreamDeadline(runtime),  # an instance's answer begins within datalab_upstream_timeout, or 504
     WebSocketBound(runtime),  # a WebSocket message is held up to datalab_max_ws_message
+    WebSocketPassthrough(runtime),  # datalab_websocket=passthrough: routed WebSockets relayed as raw TCP
     OneRequestAtATime(),  # after the others: a flow is claimed (upload or not) before reading pauses
     SharedPort(runtime),  # run.sh --workers: several processes on one port
     deadline.after,  # last: a request is over once every other addon is done with it

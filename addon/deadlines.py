@@ -26,11 +26,13 @@ from dataclasses import field
 
 from mitmproxy import connection
 from mitmproxy import http
+from mitmproxy import tcp
 
 import errors
 import heads
 from handlers import client_io
 from handlers import closing_answer
+from marks import PASSTHROUGH
 from marks import SINK
 from runtime import Runtime
 from upload import has_body
@@ -88,10 +90,14 @@ class HeaderDeadline:
 
     def finished(self, flow: http.HTTPFlow) -> None:
         """The flow's answer is given (or it failed): its connection is watched again when idle."""
-        watch = self._watched.get(flow.client_conn.id)
-        if watch is None or flow.id not in watch.flows:
+        self.finished_id(flow.client_conn.id, flow.id)
+
+    def finished_id(self, client_id: str, flow_id: str) -> None:
+        """finished(), by the client connection's and the flow's ids."""
+        watch = self._watched.get(client_id)
+        if watch is None or flow_id not in watch.flows:
             return
-        watch.flows.discard(flow.id)
+        watch.flows.discard(flow_id)
         if not watch.flows:
             self._arm(watch)
 
@@ -123,7 +129,7 @@ class _RequestsEnd:
         self.deadline = deadline
 
     def response(self, flow: http.HTTPFlow) -> None:
-        if flow.websocket is None:  # a WebSocket is in flight until it ends
+        if flow.websocket is None and not flow.metadata.get(PASSTHROUGH):  # a WebSocket is in flight until it ends
             self.deadline.finished(flow)
 
     def error(self, flow: http.HTTPFlow) -> None:
@@ -131,6 +137,14 @@ class _RequestsEnd:
 
     def websocket_end(self, flow: http.HTTPFlow) -> None:
         self.deadline.finished(flow)
+
+    def tcp_end(self, flow: tcp.TCPFlow) -> None:
+        """A WebSocket in passthrough ended (its TCP flow carries the upgrade's id: passthrough.py)."""
+        if upgrade := flow.metadata.get(PASSTHROUGH):
+            self.deadline.finished_id(flow.client_conn.id, upgrade)
+
+    def tcp_error(self, flow: tcp.TCPFlow) -> None:
+        self.tcp_end(flow)
 
 
 def close_client(client: connection.Client, answer: bytes | None) -> None:

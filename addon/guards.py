@@ -7,9 +7,9 @@ mitmproxy only logs an exception raised in a hook and then sends the flow to the
 default target. FailClosed answers 500 for any flow that no datalab addon claimed, and has the last
 word on every upstream connection: it opens only towards the upload sink or an address the backend
 vouches for, so a bug (in any addon, or one that skipped the other hooks) can never forward a
-request somewhere it was not routed. TrimWebSockets bounds the message history
-mitmproxy keeps per WebSocket, which otherwise grows for as long as a kernel is connected, in
-number and bytes (a message's own size is websocket_bound.py's).
+request somewhere it was not routed. TrimWebSockets bounds the message history mitmproxy keeps
+per WebSocket (and per raw TCP flow: a WebSocket in passthrough), which otherwise grows for as long
+as a kernel is connected, in number and bytes (a message's own size is websocket_bound.py's).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 
 from mitmproxy import http
+from mitmproxy import tcp
 from mitmproxy.proxy.server_hooks import ServerConnectionHookData
 
 import answers
@@ -83,20 +84,29 @@ class FailClosed:
 
 
 class TrimWebSockets:
-    """mitmproxy keeps every message of a WebSocket in its flow (for mitmweb). Kept here: the newest
-    (being relayed), and before it up to WEBSOCKET_MESSAGES_KEPT in all within WEBSOCKET_BYTES_KEPT
-    bytes, so an open WebSocket holds one message (up to datalab_max_ws_message) plus 1 MiB, not ten
-    of the biggest size."""
+    """mitmproxy keeps every message of a WebSocket in its flow (for mitmweb), and every read of a
+    raw TCP flow (a WebSocket in passthrough: passthrough.py). Kept here: the newest (being
+    relayed), and before it up to WEBSOCKET_MESSAGES_KEPT in all within WEBSOCKET_BYTES_KEPT bytes,
+    so an open WebSocket holds one message (up to datalab_max_ws_message; a passthrough's: one read)
+    plus 1 MiB, not ten of the biggest size."""
 
     def websocket_message(self, flow: http.HTTPFlow) -> None:
-        messages = flow.websocket.messages if flow.websocket else []
-        kept, size = 1, 0
-        while kept < min(len(messages), WEBSOCKET_MESSAGES_KEPT):
-            size += len(messages[-kept - 1].content)
-            if size > WEBSOCKET_BYTES_KEPT:
-                break
-            kept += 1
-        del messages[:-kept]
+        trim(flow.websocket.messages if flow.websocket else [])
+
+    def tcp_message(self, flow: tcp.TCPFlow) -> None:
+        trim(flow.messages)
+
+
+def trim(messages: list) -> None:
+    """Keep the newest message, and before it up to WEBSOCKET_MESSAGES_KEPT in all within
+    WEBSOCKET_BYTES_KEPT bytes (WebSocket or TCP messages: each has `content`)."""
+    kept, size = 1, 0
+    while kept < min(len(messages), WEBSOCKET_MESSAGES_KEPT):
+        size += len(messages[-kept - 1].content)
+        if size > WEBSOCKET_BYTES_KEPT:
+            break
+        kept += 1
+    del messages[:-kept]
 
 
 class TransportSecurity:

@@ -8,7 +8,9 @@ Why: mitmdump carries ~35 addons (playback, export, the flow dumper ...), and mi
 manager asks every one of them for every hook of every flow, about a third of a request's CPU
 (../shared/notes/mitmproxy-scaling.md). Here the chain is mitmproxy's core, the proxy server, layer
 selection, TLS, h2c refusal and start-up error checks, then datalab's own addons (datalab.py); flows
-are not printed. `mitmdump -s addon/datalab.py` and mitmweb run the very same addons, for debugging.
+are not printed, and routed WebSockets pass through unparsed (datalab_websocket=passthrough, unless
+DATALAB_WEBSOCKET or --set says otherwise). `mitmdump -s addon/datalab.py` and mitmweb run the very
+same addons, for debugging.
 It takes mitmdump's arguments that matter here: --mode, --listen-host, --listen-port, --certs,
 --set, -q and -v; scripts (-s) are not loaded.
 """
@@ -38,6 +40,8 @@ from mitmproxy.tools import main as tools_main
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # datalab's modules, as under mitmdump -s
 
+# datalab_websocket's default here, where nobody watches flows: WebSockets at wire speed, unparsed.
+PASSTHROUGH_ENV = "DATALAB_WEBSOCKET"
 Handlers = list[list[Callable]]  # per top-level addon that has the hook: its own and its children's
 
 
@@ -97,6 +101,7 @@ class LeanMaster(master.Master):
     async def run(self) -> None:
         """datalab's addons come once the command line is read, as mitmdump loads a -s script: their
         options (--set datalab_...) wait until then, and are checked as they are declared."""
+        os.environ.setdefault(PASSTHROUGH_ENV, "passthrough")  # WebSockets unparsed here (passthrough.py)
         import datalab
 
         with addonmanager.safecall():  # a bad option is logged: errorcheck then ends the start-up

@@ -15,3 +15,5 @@ SESSION = "datalab.session"  # the session id of a proxied flow
 UPSTREAM_TIMEOUT = "datalab.upstream_timeout"  # its instance gave no answer in time: the 504 is ours
 UNPACK = "datalab.unpack"  # a start's archive kind to unpack ('' = the file goes in as it is)
 WORK = "datalab.work"  # the work id whose archive this flow fetches (a live snapshot or the saved file)
+# A routed WebSocket relayed as raw TCP (passthrough.py); on its TCP flow: the upgrade's flow id.
+PASSTHROUGH = "datalab.passthrough"

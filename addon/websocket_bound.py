@@ -20,10 +20,9 @@ sender still writing a big frame would otherwise get a TCP reset and never read 
 
 The patches are applied once per process (idempotent), when the addon is made, so under mitmdump
 -s, mitmweb and lean.py alike; they refuse to apply to a mitmproxy whose layer they were not
-written for. A raw relay of WebSockets (`flow.websocket = None` in a 101's response hook, which
-hands the connection to mitmproxy's TCP layer) bypasses this parser and so this bound: such a
-passthrough must count frames itself, by this module's rule (MessageSize), here;
-tests/e2e/test_websocket_bound.py runs against every entry, so it fails if the bound is bypassed.
+written for. A raw relay of WebSockets (datalab_websocket=passthrough, passthrough.py: the lean
+entry's default) bypasses this parser and so this bound, by choice (issue 19): the bound holds with
+datalab_websocket=parse, which tests/e2e/test_websocket_bound.py sets on every entry it runs.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """A WebSocket message is held up to datalab_max_ws_message, either way: past it the proxy closes
-the WebSocket with 1009 and lets go of what it held. End to end on a real proxy (mitmdump, the lean
-entry and mitmweb: a passthrough of WebSockets in any would bypass the bound and fail here), a real
-instance and kernel, and the websockets client; memory is the proxy's VmRSS.
+the WebSocket with 1009 and lets go of what it held, with datalab_websocket=parse (a passthrough
+parses no message: passthrough.py). End to end on a real proxy (mitmdump, the lean entry and
+mitmweb, each told to parse: a parse mode that bypassed the bound would fail here), a real instance
+and kernel, and the websockets client; memory is the proxy's VmRSS.
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ class Kernel:
 
 def open_kernel(tool: str, limit: int, redis_server, world, sign_key, tmp_path_factory) -> Iterator[Kernel]:
     """A proxy (`tool`) with datalab_max_ws_message=`limit`, an instance behind it and a kernel."""
-    options = {"datalab_pool_size": 0, "datalab_max_ws_message": limit}
+    # The bound holds where messages are parsed (the lean entry's default passthrough reads none).
+    options = {"datalab_pool_size": 0, "datalab_max_ws_message": limit, "datalab_websocket": "parse"}
     workdir = tmp_path_factory.mktemp("proxy")
     proxy = Proxy(redis_server.url, world.prefix, sign_key, workdir, options, tool=tool).start()
     try:

@@ -1,0 +1,117 @@
+"""datalab_websocket=passthrough (passthrough.py): a routed WebSocket's 101 goes to mitmproxy's TCP
+layer, whose flow carries the upgrade's marks; its history is trimmed and its connection's request
+stays in flight until it ends. End to end: tests/e2e/test_passthrough.py."""
+
+from __future__ import annotations
+
+import asyncio
+
+from mitmproxy import tcp
+from mitmproxy.test import taddons
+from mitmproxy.test import tflow
+
+from config import Settings
+from deadlines import HeaderDeadline
+from guards import WEBSOCKET_MESSAGES_KEPT
+from guards import TrimWebSockets
+from marks import PASSTHROUGH
+from marks import ROUTED
+from passthrough import WebSocketPassthrough
+from runtime import Runtime
+
+
+def holding(**changes) -> Runtime:
+    rt = Runtime()
+    rt.settings = Settings(sign_key="k", **changes)
+    return rt
+
+
+def upgrade(routed: bool = True):
+    """A WebSocket flow at its 101's response hook (mitmproxy has set its `websocket`)."""
+    flow = tflow.twebsocketflow()
+    if routed:
+        flow.metadata[ROUTED] = "i1"
+    return flow
+
+
+def tcp_flow_of(flow) -> tcp.TCPFlow:
+    """The flow mitmproxy's TCP layer makes on the upgraded connection."""
+    return tcp.TCPFlow(flow.client_conn, flow.server_conn, True)
+
+
+def test_a_routed_websocket_passes_through_as_tcp_with_its_marks():
+    addon = WebSocketPassthrough(holding(websocket="passthrough"))
+    flow = upgrade()
+    with taddons.context(addon):
+        addon.response(flow)
+        assert flow.websocket is None and flow.metadata[PASSTHROUGH] is True
+        raw = tcp_flow_of(flow)
+        addon.tcp_start(raw)
+    assert raw.metadata == {ROUTED: "i1", PASSTHROUGH: flow.id}
+    other = tcp.TCPFlow(flow.client_conn, flow.server_conn, True)
+    addon.tcp_start(other)  # (only the upgrade's own TCP flow gets its marks)
+    assert other.metadata == {}
+
+
+def test_parse_mode_and_unrouted_websockets_are_left_to_the_websocket_layer():
+    for settings, routed in (({"websocket": "parse"}, True), ({"websocket": "passthrough"}, False)):
+        addon = WebSocketPassthrough(holding(**settings))
+        flow = upgrade(routed)
+        with taddons.context(addon):
+            addon.response(flow)
+        assert flow.websocket is not None and PASSTHROUGH not in flow.metadata
+
+
+def test_passthrough_needs_rawtcp():
+    addon = WebSocketPassthrough(holding(websocket="passthrough"))
+    flow = upgrade()
+    with taddons.context(addon) as tctx:
+        tctx.options.rawtcp = False
+        addon.response(flow)
+    assert flow.websocket is not None
+
+
+def test_parse_is_the_default():
+    assert Settings(sign_key="k").websocket == "parse"
+
+
+def test_a_passthroughs_tcp_history_stays_bounded():
+    """100k reads of a long transfer: the flow keeps the newest and a few before it."""
+    trim = TrimWebSockets()
+    flow = tcp.TCPFlow(tflow.tclient_conn(), tflow.tserver_conn(), True)
+    chunk = b"\0" * 65536
+    with taddons.context(trim):
+        for i in range(100_000):
+            flow.messages.append(tcp.TCPMessage(i % 2 == 0, chunk))
+            trim.tcp_message(flow)
+            assert len(flow.messages) <= WEBSOCKET_MESSAGES_KEPT
+    assert flow.messages[-1].content is chunk
+
+
+class Closes:
+    def __init__(self):
+        self.calls: list = []
+
+    def __call__(self, client, answer) -> None:
+        self.calls.append(client.id)
+
+
+async def test_a_passthrough_is_in_flight_until_its_tcp_flow_ends():
+    """The header deadline leaves an open passthrough alone (it is no idle kept-alive connection)."""
+    closes = Closes()
+    rt = holding(header_timeout=1, websocket="passthrough")
+    deadline = HeaderDeadline(rt, closes)
+    flow = upgrade()
+    deadline.client_connected(flow.client_conn)
+    deadline.requestheaders(flow)
+    passthrough = WebSocketPassthrough(rt)
+    with taddons.context(passthrough):
+        passthrough.response(flow)
+    deadline.after.response(flow)
+    raw = tcp_flow_of(flow)
+    passthrough.tcp_start(raw)
+    await asyncio.sleep(1.3)
+    assert closes.calls == []
+    deadline.after.tcp_end(raw)
+    await asyncio.sleep(1.3)
+    assert closes.calls == [flow.client_conn.id]

@@ -11,6 +11,8 @@ import subprocess
 import time
 
 import requests
+import websockets.exceptions
+import websockets.sync.client
 
 from backends import Instance
 from e2e.proxy import ROOT
@@ -109,3 +111,13 @@ class Workers:
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGTERM)
             self.proc.wait(timeout=30)
+
+
+def ws_refusal(url: str, cookie: str, origin: str | None) -> tuple[int, bytes]:
+    """Open a WebSocket as a page of `origin` would; the status and body of the refusal."""
+    try:
+        with websockets.sync.client.connect(url, additional_headers={"Cookie": cookie}, origin=origin, open_timeout=30):
+            pass
+    except websockets.exceptions.InvalidStatus as e:
+        return e.response.status_code, e.response.body
+    raise AssertionError(f"the WebSocket from {origin} was accepted")

@@ -14,8 +14,6 @@ from urllib.parse import urljoin
 
 import pytest
 import requests
-import websockets.exceptions
-import websockets.sync.client
 
 import hosts
 import inputs
@@ -24,6 +22,7 @@ from backends import AUTH_HEADER
 from backends import Instance
 from e2e.conftest import IMAGE
 from e2e.conftest import LABEL_PREFIX
+from e2e.helpers import ws_refusal
 from e2e.proxy import Browser
 from e2e.proxy import Proxy
 from helpers import free_port
@@ -63,16 +62,6 @@ def instance_of(world, nonce: str, prefix: str | None = None) -> Instance:
 def error_code(r) -> str:
     assert r.headers["Content-Type"] == "application/json", r.text[:200]
     return r.json()["code"]
-
-
-def ws_refusal(url: str, cookie: str, origin: str | None) -> tuple[int, bytes]:
-    """Open a WebSocket as a page of `origin` would; the status and body of the refusal."""
-    try:
-        with websockets.sync.client.connect(url, additional_headers={"Cookie": cookie}, origin=origin, open_timeout=30):
-            pass
-    except websockets.exceptions.InvalidStatus as e:
-        return e.response.status_code, e.response.body
-    raise AssertionError(f"the WebSocket from {origin} was accepted")
 
 
 def test_a_cross_site_page_cannot_drive_the_notebook(proxy, nonce):

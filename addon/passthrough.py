@@ -8,9 +8,15 @@ Origin, routes it by the session and counts the opening of a kernel's or a termi
 activity (activity.py); the frames after it are the browser's and the instance's (Jupyter records
 a kernel's and a terminal's activity itself). mitmproxy hands a 101 to its TCP layer when the
 flow's `websocket` is cleared in the `response` hook (proxy/layers/http/__init__.py,
-HttpStream.flow_done, with the `rawtcp` option on, its default). That layer makes a flow of its
-own (tcp_start), which gets the upgrade's marks here: guards.TrimWebSockets trims its history,
-deadlines.py keeps the connection's request in flight until it ends.
+HttpStream.flow_done, with the `rawtcp` option on, its default).
+
+That TCP layer would make a flow, call the tcp_message hook for every read (a task and a trip
+through every addon that has it) and keep every read in the flow's history: half the throughput
+again. So flow_done's TCP layer is made here (install), flowless for a passthrough's connection:
+no hook, no history, bytes relayed as they are read. Where this mitmproxy's HTTP layer is not the
+one this was written for, a passthrough keeps its TCP flow, which gets the upgrade's marks
+(tcp_start): guards.TrimWebSockets trims its history, deadlines.py ends the request at its end.
+Either way the connection's request is in flight for the header deadline until it closes.
 
 What a passthrough gives up: datalab_max_ws_message (websocket_bound.py bounds parsed messages
 only) and mitmweb's view of each message; parse (the default of mitmdump -s and mitmweb) keeps both.
@@ -21,11 +27,15 @@ the upstream connection, and the TCP layer then closes the browser's side.
 from __future__ import annotations
 
 import logging
+import types
 
 from mitmproxy import connection
 from mitmproxy import ctx
 from mitmproxy import http
 from mitmproxy import tcp
+from mitmproxy.proxy.context import Context
+from mitmproxy.proxy.layers import http as http_layers
+from mitmproxy.proxy.layers import tcp as tcp_layers
 
 from marks import PASSTHROUGH
 from marks import ROUTED
@@ -34,12 +44,33 @@ from runtime import Runtime
 log = logging.getLogger(__name__)
 
 PASSTHROUGH_MODE = "passthrough"
+_BARE: set[str] = set()  # client connection ids whose coming TCP layer relays without a flow
+
+
+def _tcp_layer(context: Context) -> tcp_layers.TCPLayer:
+    """mitmproxy's TCP layer, flowless (no hook per read, no history) for a passthrough's connection."""
+    return tcp_layers.TCPLayer(context, ignore=context.client.id in _BARE)
+
+
+def install() -> bool:
+    """Have the HTTP layer's upgrades (its one use of the tcp module: HttpStream.flow_done) make
+    their TCP layer through _tcp_layer; False when this mitmproxy's HTTP layer is not the one this
+    was written for (then a passthrough keeps its TCP flow, trimmed by guards.TrimWebSockets)."""
+    current = getattr(http_layers, "tcp", None)
+    if isinstance(current, types.SimpleNamespace) and current.TCPLayer is _tcp_layer:
+        return True
+    if current is not tcp_layers:
+        return False
+    http_layers.tcp = types.SimpleNamespace(TCPLayer=_tcp_layer)
+    return True
 
 
 class WebSocketPassthrough:
     def __init__(self, runtime: Runtime):
         self.runtime = runtime
         self._upgraded: dict[str, http.HTTPFlow] = {}  # client connection id -> its upgrade, until tcp_start
+        if not install():
+            log.warning("datalab: mitmproxy's HTTP layer is not the one passthrough.py knows: TCP flows are kept")
 
     def configure(self, updated: set[str]) -> None:
         if self._on() and not ctx.options.rawtcp:
@@ -56,10 +87,13 @@ class WebSocketPassthrough:
             return
         flow.websocket = None
         flow.metadata[PASSTHROUGH] = True
-        self._upgraded[flow.client_conn.id] = flow
+        if _tcp_layer_is_ours():
+            _BARE.add(flow.client_conn.id)  # the connection ends with it: no other upgrade follows
+        else:
+            self._upgraded[flow.client_conn.id] = flow
 
     def tcp_start(self, flow: tcp.TCPFlow) -> None:
-        """The TCP layer's flow of an upgrade: it carries the upgrade's instance and flow id."""
+        """The TCP layer's flow of an upgrade (when it has one): it carries the upgrade's instance and flow id."""
         upgrade = self._upgraded.pop(flow.client_conn.id, None)
         if upgrade is None:
             return
@@ -68,3 +102,9 @@ class WebSocketPassthrough:
 
     def client_disconnected(self, client: connection.Client) -> None:
         self._upgraded.pop(client.id, None)  # (an upgrade whose TCP layer never started)
+        _BARE.discard(client.id)
+
+
+def _tcp_layer_is_ours() -> bool:
+    current = getattr(http_layers, "tcp", None)
+    return isinstance(current, types.SimpleNamespace) and current.TCPLayer is _tcp_layer

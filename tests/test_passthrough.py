@@ -6,10 +6,17 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+from mitmproxy import http
 from mitmproxy import tcp
+from mitmproxy.options import Options
+from mitmproxy.proxy.context import Context
+from mitmproxy.proxy.layers import http as http_layers
+from mitmproxy.proxy.layers import tcp as tcp_layers
 from mitmproxy.test import taddons
 from mitmproxy.test import tflow
 
+import passthrough
 from config import Settings
 from deadlines import HeaderDeadline
 from guards import WEBSOCKET_MESSAGES_KEPT
@@ -39,7 +46,28 @@ def tcp_flow_of(flow) -> tcp.TCPFlow:
     return tcp.TCPFlow(flow.client_conn, flow.server_conn, True)
 
 
-def test_a_routed_websocket_passes_through_as_tcp_with_its_marks():
+def test_a_routed_websocket_passes_through_a_flowless_tcp_layer():
+    """No TCP flow: no hook per read, no history."""
+    addon = WebSocketPassthrough(holding(websocket="passthrough"))
+    flow = upgrade()
+    with taddons.context(addon):
+        addon.response(flow)
+    assert flow.websocket is None and flow.metadata[PASSTHROUGH] is True
+    assert http_layers.tcp.TCPLayer(Context(flow.client_conn, Options())).flow is None
+    other = tflow.tclient_conn()
+    assert http_layers.tcp.TCPLayer(Context(other, Options())).flow is not None  # another raw TCP connection
+    addon.client_disconnected(flow.client_conn)
+    assert http_layers.tcp.TCPLayer(Context(flow.client_conn, Options())).flow is not None
+
+
+@pytest.fixture
+def unknown_http_layer(monkeypatch):
+    """A mitmproxy whose HTTP layer passthrough.py does not know: its own TCP layer, with a flow."""
+    monkeypatch.setattr(http_layers, "tcp", tcp_layers)
+    monkeypatch.setattr(passthrough, "install", lambda: False)
+
+
+def test_elsewhere_the_tcp_flow_carries_the_upgrades_marks(unknown_http_layer):
     addon = WebSocketPassthrough(holding(websocket="passthrough"))
     flow = upgrade()
     with taddons.context(addon):
@@ -96,22 +124,35 @@ class Closes:
         self.calls.append(client.id)
 
 
-async def test_a_passthrough_is_in_flight_until_its_tcp_flow_ends():
+async def test_a_passthrough_is_in_flight_until_its_tcp_flow_ends(unknown_http_layer):
     """The header deadline leaves an open passthrough alone (it is no idle kept-alive connection)."""
+    deadline, closes, flow, addon = await passed_through()
+    raw = tcp_flow_of(flow)
+    addon.tcp_start(raw)
+    deadline.after.tcp_end(raw)
+    await asyncio.sleep(1.3)
+    assert closes.calls == [flow.client_conn.id]
+
+
+async def test_a_flowless_passthrough_is_in_flight_until_its_client_leaves():
+    deadline, closes, flow, _ = await passed_through()
+    deadline.client_disconnected(flow.client_conn)
+    await asyncio.sleep(1.3)
+    assert closes.calls == []
+
+
+async def passed_through() -> tuple[HeaderDeadline, Closes, http.HTTPFlow, WebSocketPassthrough]:
+    """A header deadline (1 s) and an upgraded flow, left open for longer: never closed."""
     closes = Closes()
     rt = holding(header_timeout=1, websocket="passthrough")
     deadline = HeaderDeadline(rt, closes)
     flow = upgrade()
     deadline.client_connected(flow.client_conn)
     deadline.requestheaders(flow)
-    passthrough = WebSocketPassthrough(rt)
-    with taddons.context(passthrough):
-        passthrough.response(flow)
+    addon = WebSocketPassthrough(rt)
+    with taddons.context(addon):
+        addon.response(flow)
     deadline.after.response(flow)
-    raw = tcp_flow_of(flow)
-    passthrough.tcp_start(raw)
     await asyncio.sleep(1.3)
     assert closes.calls == []
-    deadline.after.tcp_end(raw)
-    await asyncio.sleep(1.3)
-    assert closes.calls == [flow.client_conn.id]
+    return deadline, closes, flow, addon

@@ -28,6 +28,10 @@ log = logging.getLogger(__name__)
 
 LOCK = "cull"
 LOCK_TTL = 15.0  # seconds; renewed every third of it while a round runs
+# Instances whose Jupyter a round asks at once (two connections each): thousands at once would
+# run the proxy out of file descriptors, and a probe that cannot connect is no information, so an
+# instance busy with a long computation would look idle.
+PROBES_AT_ONCE = 100
 
 
 @dataclass(frozen=True)
@@ -60,6 +64,7 @@ class Culler:
     def __init__(self, instances: Instances, activity: Activity):
         self.instances = instances
         self.activity = activity
+        self._probes = asyncio.Semaphore(PROBES_AT_ONCE)
 
     @property
     def interval(self) -> float:
@@ -183,6 +188,12 @@ class Culler:
         last = activity.get(record.id, record.claimed or record.created)
         if now - last <= min(s.idle_timeout, s.start_timeout):
             return None  # in use by the proxy's own record: Jupyter need not be asked
+        async with self._probes:
+            return await self._probed_verdict(record, last, now)
+
+    async def _probed_verdict(self, record: Instance, last: float, now: float) -> Verdict | None:
+        """The verdict on an instance the proxy saw no recent use of: its Jupyter says what it recorded."""
+        s = self.instances.settings
         busy, reported = await jupyter_activity(record)
         last = max(last, min(reported or 0.0, now))  # (the instance's clock, or its user, may run ahead)
         if now - last > s.idle_timeout and not busy:

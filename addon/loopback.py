@@ -16,6 +16,7 @@ class LoopbackServer:
     """Listens from `running` to `done`; `port` is None while it does not."""
 
     head_limit = 2**16  # bytes a StreamReader line (a request head's line) may take
+    backlog = 100  # connections the kernel holds until they are accepted (asyncio's default)
 
     def __init__(self) -> None:
         self._server: asyncio.Server | None = None
@@ -25,7 +26,7 @@ class LoopbackServer:
         raise NotImplementedError
 
     async def running(self) -> None:
-        self._server = await asyncio.start_server(self._serve, HOST, 0, limit=self.head_limit)
+        self._server = await asyncio.start_server(self._serve, HOST, 0, limit=self.head_limit, backlog=self.backlog)
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def done(self, wait: bool = True) -> None:

@@ -40,11 +40,14 @@ MAX_SESSION_COOKIES = 3  # values of the session cookie tried per request (tosse
 
 
 class RouteCache:
-    """session id -> Instance, with a TTL and a size bound; dropped per instance on removal."""
+    """session id -> Instance, with a TTL and a size bound; dropped per instance on removal. The
+    sessions are indexed by instance, so an instance's end costs its own routes, not a walk over
+    the whole cache (each proxy drops them on every instance's end: a cull round may end hundreds)."""
 
     def __init__(self, ttl: float):
         self.ttl = ttl
         self._routes: dict[str, tuple[Instance, float]] = {}
+        self._sessions: dict[str, set[str]] = {}  # instance id -> its session ids in _routes
 
     def get(self, session_id: str) -> Instance | None:
         hit = self._routes.get(session_id)
@@ -55,19 +58,29 @@ class RouteCache:
     def put(self, session_id: str, instance: Instance) -> None:
         if self.ttl <= 0:
             return
+        self.drop_session(session_id)  # its expired route, if any
         if len(self._routes) >= CACHE_MAX:
-            self._routes.pop(next(iter(self._routes)))  # oldest insertion first
+            self.drop_session(next(iter(self._routes)))  # oldest insertion first
         self._routes[session_id] = (instance, time.monotonic() + self.ttl)
+        self._sessions.setdefault(instance.id, set()).add(session_id)
 
     def drop_session(self, session_id: str) -> None:
-        self._routes.pop(session_id, None)
+        hit = self._routes.pop(session_id, None)
+        if hit is None:
+            return
+        sessions = self._sessions.get(hit[0].id)
+        if sessions is not None:
+            sessions.discard(session_id)
+            if not sessions:
+                del self._sessions[hit[0].id]
 
     def drop_instance(self, instance_id: str) -> None:
-        for sid in [sid for sid, (inst, _) in self._routes.items() if inst.id == instance_id]:
-            del self._routes[sid]
+        for sid in self._sessions.pop(instance_id, ()):
+            self._routes.pop(sid, None)
 
     def clear(self) -> None:
         self._routes.clear()
+        self._sessions.clear()
 
 
 class Router:

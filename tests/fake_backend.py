@@ -7,7 +7,8 @@ they would a real one, and a test sets what it answers. What the fake engine hol
 `starts`, `stops` and `booting` say what was asked of it. Variants, as JupyterHub's mocking.py has
 spawners that are slow, never start or fail: `SlowBackend` (a boot takes seconds, or waits for an
 event the test sets) and `FailingBackend` (start, put_file, unpack or stop raise); `vanish` and
-`exit` take an instance away behind the proxy's back.
+`exit` take an instance away behind the proxy's back. `OnePortBackend` answers all its instances
+from one loopback server, so thousands of them cost one socket (scripts/bench_scale.py).
 """
 
 from __future__ import annotations
@@ -90,16 +91,22 @@ class FakeJupyter(LoopbackServer):
             return (200, self.archive()) if self.archive_status == 200 else (self.archive_status, b"{}")
         return 404, b"{}"
 
+    def answerer(self, token: str) -> FakeJupyter:
+        """The stand-in that answers a request carrying this secret: this one (see SharedJupyter)."""
+        return self
+
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
             path = head.split(" ", 2)[1]
-            self.asked.append(path)
-            if not self.answering:
+            fields = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in head.split("\r\n"))}
+            token = fields.get(AUTH_HEADER.lower(), "")
+            jupyter = self.answerer(token)
+            jupyter.asked.append(path)
+            if not jupyter.answering:
                 await reader.read()  # until the proxy gives up
                 return
-            fields = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in head.split("\r\n"))}
-            status, body = self._answer(path, fields.get(AUTH_HEADER.lower(), ""))
+            status, body = jupyter._answer(path, token)
             writer.write(f"HTTP/1.1 {status} X\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode())
             writer.write(body)
             await writer.drain()
@@ -159,9 +166,9 @@ class FakeBackend(Backend):
         handle = "fake-" + secrets.token_hex(6)
         files: dict[str, bytes] = {}
         jupyter = FakeJupyter(token, files)
-        await jupyter.running()
-        instance = Instance(instance_id, self.name, handle, LOOPBACK, jupyter.port, "", time.time(), token)
-        self._given.add(jupyter.port)
+        port = await self._listen(jupyter)
+        instance = Instance(instance_id, self.name, handle, LOOPBACK, port, "", time.time(), token)
+        self._given.add(port)
         self.running[handle] = Running(instance, jupyter, files)
         self.booting += 1
         try:
@@ -175,6 +182,14 @@ class FakeBackend(Backend):
 
     async def _boot(self, instance: Instance) -> None:
         """What a boot does between the container's creation and Jupyter's first answer: nothing here."""
+
+    async def _listen(self, jupyter: FakeJupyter) -> int:
+        """Have the instance's stand-in Jupyter answer; the port it answers on."""
+        await jupyter.running()
+        return jupyter.port
+
+    async def _silence(self, jupyter: FakeJupyter) -> None:
+        await jupyter.done(wait=False)  # a frozen one's connections stay open
 
     async def put_file(self, instance: Instance, filename: str, data: bytes | bytearray) -> None:
         self._held(instance).files[filename] = bytes(data)
@@ -207,7 +222,7 @@ class FakeBackend(Backend):
         """The instance's process exits: the engine still lists it, as not running."""
         held = self.running[instance.handle]
         held.running = False
-        await held.jupyter.done(wait=False)  # a frozen one's connections stay open
+        await self._silence(held.jupyter)
 
     def jupyter(self, instance: Instance) -> FakeJupyter:
         return self.running[instance.handle].jupyter
@@ -233,7 +248,46 @@ class FakeBackend(Backend):
     async def _remove(self, handle: str) -> None:
         held = self.running.pop(handle, None)
         if held is not None:
-            await held.jupyter.done(wait=False)  # a frozen one's connections stay open
+            await self._silence(held.jupyter)
+
+
+class SharedJupyter(FakeJupyter):
+    """One loopback server that answers for many instances' stand-ins (`members`, by secret), told
+    apart by the secret the proxy sends each instance; an unknown secret gets a 403."""
+
+    backlog = 4096  # as many connections at once as the proxy opens to thousands of instances
+
+    def __init__(self) -> None:
+        super().__init__(secrets.token_hex(16), {})  # its own secret: nobody's
+        self.members: dict[str, FakeJupyter] = {}
+
+    def answerer(self, token: str) -> FakeJupyter:
+        return self.members.get(token, self)
+
+
+class OnePortBackend(FakeBackend):
+    """Every instance is answered on one loopback port (a SharedJupyter), so thousands of them cost
+    one socket, not one each. An instance that exits or vanishes answers 403 from then on, not
+    silence (the port still listens for the others)."""
+
+    def __init__(self, limits: Limits | None = None, slots: int = 8):
+        super().__init__(limits, slots)
+        self.shared = SharedJupyter()
+        self._opening = asyncio.Lock()
+
+    async def _listen(self, jupyter: FakeJupyter) -> int:
+        async with self._opening:
+            if self.shared.port is None:
+                await self.shared.running()
+        self.shared.members[jupyter.token] = jupyter
+        return self.shared.port
+
+    async def _silence(self, jupyter: FakeJupyter) -> None:
+        self.shared.members.pop(jupyter.token, None)
+
+    async def close(self) -> None:
+        await super().close()
+        await self.shared.done(wait=False)
 
 
 class SlowBackend(FakeBackend):

@@ -252,19 +252,20 @@ def process_backend(places: Path, **changes) -> ProcessBackend:
 KEY = "unit-key"
 
 
-def runtime_for(redis_url="redis://127.0.0.1:1/0", **changes) -> Runtime:
+def runtime_for(redis_url="redis://127.0.0.1:1/0", backend: FakeBackend | None = None, **changes) -> Runtime:
     """The addon's runtime on the fake backend (whatever engine this machine has or lacks), which
     vouches for any loopback address: these unit tests record instances (or a stand-in Jupyter) on
     127.0.0.1, where the Docker backend never puts one (the real rule is tested in
-    test_backend_contract.py and test_confinement.py)."""
+    test_backend_contract.py and test_confinement.py). A `backend` given is used as it is."""
     rt = Runtime()
     rt.apply(Settings(sign_key=KEY, redis_url=redis_url, key_prefix="unit:", **changes))
-    backend = FakeBackend(rt.settings.limits)
+    if backend is None:
+        backend = FakeBackend(rt.settings.limits)
 
-    async def loopback(host: str, port: int) -> bool:
-        return host == "127.0.0.1"
+        async def loopback(host: str, port: int) -> bool:
+            return host == "127.0.0.1"
 
-    backend.could_have_given = loopback
+        backend.could_have_given = loopback
     rt.instances = Instances(rt.instances.store, backend, rt.settings)
     return rt
 

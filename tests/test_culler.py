@@ -4,6 +4,7 @@ terminals (code run, a terminal used), with a stand-in Jupyter; what the instanc
 most, never a failed round. On the fake backend: idle, too old and gone instances end (their work
 saved, or said unsaved), and a container Redis does not know goes unless its start is in flight."""
 
+import asyncio
 import json
 import time
 from dataclasses import replace
@@ -13,6 +14,7 @@ from datetime import datetime
 import pytest
 
 import counters
+import culler
 from backends import EngineUnavailable
 from backends import Instance
 from backends import InventoryEntry
@@ -151,6 +153,28 @@ async def test_an_idle_instance_is_ended_and_its_work_saved(make_instances):
     assert (await inst.store.ended(idle.id)).cause == "idle"
     assert ((await inst.store.work(work)).state, (await inst.store.work(work)).ended) == ("saved", "idle")
     assert counters.CULLS.labels("idle")._value.get() == culls + 1
+
+
+async def test_a_round_asks_a_bounded_number_of_jupyters_at_once(make_instances, monkeypatch):
+    """Each probe opens connections: thousands at once would run the proxy out of descriptors (and a
+    probe that cannot connect says nothing, so a busy instance would look idle). All are still asked."""
+    monkeypatch.setattr(culler, "PROBES_AT_ONCE", 2)
+    inst = make_instances(FakeBackend(), idle_timeout=IDLE)
+    records = [(await claimed(inst))[0] for _ in range(5)]
+    await inst.store.redis.zadd("unit:activity", {r.id: time.time() - 2 * IDLE for r in records})
+    asked, now_in_flight, most = [], [0], [0]
+
+    async def probe(record: Instance, timeout: float = 2.0) -> tuple[bool, float | None]:
+        asked.append(record.id)
+        now_in_flight[0] += 1
+        most[0] = max(most[0], now_in_flight[0])
+        await asyncio.sleep(0.02)
+        now_in_flight[0] -= 1
+        return True, None  # a kernel is busy: nothing ends
+
+    monkeypatch.setattr(culler, "jupyter_activity", probe)
+    assert await fake_round(inst) == 0
+    assert sorted(asked) == sorted(r.id for r in records) and most[0] == 2
 
 
 async def test_an_instance_past_its_max_age_is_ended_pooled_or_not(make_instances):

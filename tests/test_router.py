@@ -9,6 +9,7 @@ from mitmproxy.test import tflow
 from mitmproxy.test import tutils
 from wsproto.frame_protocol import Opcode
 
+import router
 from backends import Instance
 from guards import FailClosed
 from guards import TrimWebSockets
@@ -145,6 +146,24 @@ def test_route_cache_expires_and_drops_by_instance():
     off = RouteCache(ttl=0)
     off.put("a", INSTANCE)
     assert off.get("a") is None
+
+
+def test_route_cache_drops_only_the_ended_instances_routes_and_stays_bounded(monkeypatch):
+    monkeypatch.setattr(router, "CACHE_MAX", 3)
+    other = Instance("o" * 32, "docker", "c2", "127.0.0.1", 4322, "b.csv", 0.0, token="other")
+    cache = RouteCache(ttl=60)
+    for sid, instance in (("a", INSTANCE), ("b", other), ("c", INSTANCE), ("d", other)):
+        cache.put(sid, instance)
+    assert cache.get("a") is None  # the oldest went when the fourth came
+    assert [cache.get(s) for s in "bcd"] == [other, INSTANCE, other]
+    cache.drop_instance(INSTANCE.id)
+    assert cache.get("c") is None and cache.get("b") is other and cache.get("d") is other
+    cache.put("c", INSTANCE)  # an ended instance's session cached again (it answers 410 elsewhere)
+    cache.drop_instance(other.id)
+    assert [cache.get(s) for s in "bcd"] == [None, INSTANCE, None]
+    cache.drop_session("c")
+    cache.drop_instance(INSTANCE.id)  # nothing left of it: no error
+    assert all(cache.get(s) is None for s in "abcd")
 
 
 def test_fail_closed_refuses_unclaimed_flows():

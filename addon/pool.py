@@ -21,6 +21,7 @@ from store import Reservation
 log = logging.getLogger(__name__)
 
 CHECK_EVERY = 2.0  # seconds between looks at the pool when nothing wakes the filler
+BACKOFF_FIRST = 1.0  # seconds before the pool tries again after a failed boot; doubled per failure
 BACKOFF_MAX = 60.0
 
 
@@ -29,7 +30,7 @@ class PoolFiller:
         self.instances = instances
         self._boots: set[asyncio.Task] = set()
         self._retry_at = 0.0
-        self._backoff = 1.0
+        self._backoff = BACKOFF_FIRST
 
     async def run(self) -> None:
         """Refill whenever a start took an instance or one ended, and every few seconds anyway."""
@@ -74,7 +75,7 @@ class PoolFiller:
             except BaseException:
                 await asyncio.shield(inst.discard(instance))
                 raise
-            self._backoff = 1.0
+            self._backoff = BACKOFF_FIRST
             log.info("instance %s ready in the pool", instance_id)
         except asyncio.CancelledError:
             await asyncio.shield(self._release(instance_id))

@@ -49,9 +49,10 @@ class PoolFiller:
     async def fill(self) -> None:
         """Start as many pool boots as the pool lacks, as boot slots allow."""
         inst, s = self.instances, self.instances.settings
-        if s.pool_size == 0 or time.monotonic() < self._retry_at:
+        if s.pool_size == 0:
             return
-        while inst.admission.try_acquire():
+        # A boot of this loop may fail while it awaits Redis: its back-off holds for the rest of the loop.
+        while time.monotonic() >= self._retry_at and inst.admission.try_acquire():
             instance_id = inputs.new_instance_id()
             lease = s.start_timeout + LEASE_MARGIN
             try:

@@ -70,6 +70,7 @@ if [ ! -f "$tarball" ]; then
   in_chroot '
     python3 -m venv /opt/jupyter
     /opt/jupyter/bin/pip install --progress-bar off -r /tmp/requirements.txt
+    /opt/jupyter/bin/pip uninstall --yes rfc3987-syntax  # (see image/requirements.txt)
     useradd --create-home --uid 1000 --shell /bin/bash datalab
     install -d -o datalab -g datalab /home/datalab/work
     apt-get clean

@@ -64,3 +64,14 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 if _HERE not in sys.path:
     sys.path.append(_HERE)
 c.ServerApp.jpserver_extensions.update({"datalab_work": True})  # merged with notebook's own
+
+# What a datalab does not use, off so a boot costs less CPU (issue 19; measured with
+# scripts/bench_start.py): the language-server extension looks for ~20 servers at every boot and
+# none is installed; Lab's news and update checks would ask every new user about Jupyter's news feed
+# and fetch it from the internet the instance cannot reach; the extension manager would build a PyPI
+# client for installs the read-only root refuses anyway. Terminals stay (the culler reads
+# /api/terminals).
+c.ServerApp.jpserver_extensions.update({"jupyter_lsp": False})
+c.LabApp.news_url = None
+c.LabApp.check_for_updates_class = "jupyterlab.handlers.announcements.NeverCheckForUpdate"
+c.LabApp.extension_manager = "readonly"

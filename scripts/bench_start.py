@@ -3,6 +3,7 @@
 burst of concurrent starts is served.
 
     .venv/bin/python scripts/bench_start.py [--runs 10] [--burst 40]
+    .venv/bin/python scripts/bench_start.py --baseline-image datalab-notebook:old [--runs 10]
 
 Starts its own proxies with ./run.sh (own ports and key prefixes), one after the other so they never
 compete for the CPU, and measures in the same run:
@@ -12,7 +13,9 @@ compete for the CPU, and measures in the same run:
   burst:     --burst starts at once against a proxy with default options (pool 2, one boot per CPU,
              30 s queue, capacity from the engine's memory): granted, refused (by code), p50/p95
 Prints medians and ratios (these machines are noisy: compare ratios, not seconds), then removes
-every instance it made.
+every instance it made. With --baseline-image, it only compares two images' boots instead (no proxy
+is started, no image built): the Docker backend booting one instance of each in turn, its wall time
+and the CPU seconds its container spent until Jupyter answered, against the baseline image's.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import docker
 from benchlib import IMAGE
 from benchlib import REDIS_URL
 from benchlib import BenchProxy
@@ -62,19 +66,19 @@ def wait_for_pool(prefix: str, size: int, timeout: float = 120) -> None:
         time.sleep(0.2)
 
 
+def alone_settings(prefix: str, image: str) -> Settings:
+    """The Docker backend of `image` under its own key prefix, without a proxy."""
+    options = {"image": image}
+    return Settings(
+        sign_key="unused", redis_url=REDIS_URL, key_prefix=prefix, backend="docker", backend_options=options
+    )
+
+
 def backend_alone(prefix: str, runs: int) -> list[float]:
     """The Docker backend booting an instance by itself: what a cold start costs at the least."""
 
     async def boots() -> list[float]:
-        instances = build_instances(
-            Settings(
-                sign_key="unused",
-                redis_url=REDIS_URL,
-                key_prefix=prefix,
-                backend="docker",
-                backend_options={"image": IMAGE},
-            )
-        )
+        instances = build_instances(alone_settings(prefix, IMAGE))
         out = []
         for _ in range(runs):
             t0 = time.perf_counter()
@@ -85,6 +89,42 @@ def backend_alone(prefix: str, runs: int) -> list[float]:
         return out
 
     return asyncio.run(boots())
+
+
+def boot_costs(images: list[str], runs: int) -> dict[str, list[tuple[float, float]]]:
+    """Each image's boots, interleaved so both see the same machine: (wall s, container CPU s) each."""
+
+    async def boots() -> dict[str, list[tuple[float, float]]]:
+        prefix = f"bench:boots-{secrets.token_hex(4)}:"
+        backends = {image: build_instances(alone_settings(prefix, image)) for image in images}
+        client = docker.from_env()
+        out: dict[str, list[tuple[float, float]]] = {image: [] for image in images}
+        try:
+            for _ in range(runs):
+                for image, instances in backends.items():
+                    t0 = time.perf_counter()
+                    instance = await instances.backend.start(secrets.token_urlsafe(16), secrets.token_urlsafe(16))
+                    wall = time.perf_counter() - t0
+                    stats = await asyncio.to_thread(client.api.stats, instance.handle, stream=False, one_shot=True)
+                    out[image].append((wall, stats["cpu_stats"]["cpu_usage"]["total_usage"] / 1e9))
+                    await instances.backend.stop(instance.handle)
+        finally:
+            client.close()
+            for instances in backends.values():
+                await instances.store.close()
+        return out
+
+    return asyncio.run(boots())
+
+
+def compare_images(image: str, baseline: str, runs: int) -> None:
+    costs = boot_costs([baseline, image], runs)
+    wall = {i: statistics.median(w for w, _ in costs[i]) for i in costs}
+    cpu = {i: statistics.median(c for _, c in costs[i]) for i in costs}
+    for i in (baseline, image):
+        print(f"boot     {i:32} median {wall[i] * 1000:8.1f} ms | CPU {cpu[i]:5.2f} s")
+    ratio = f"wall {wall[image] / wall[baseline]:5.2f} | CPU {cpu[image] / cpu[baseline]:5.2f}"
+    print(f"boot     {image} / {baseline}: {ratio}")
 
 
 def sequential_starts(proxy: BenchProxy, runs: int, pool: int) -> list[float]:
@@ -121,7 +161,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--burst", type=int, default=40)
+    parser.add_argument("--baseline-image", help="compare $DATALAB_IMAGE's boots with this image's, and nothing else")
     args = parser.parse_args()
+    if args.baseline_image:
+        compare_images(IMAGE, args.baseline_image, args.runs)
+        return
 
     with bench_proxy(pool_size=0) as proxy:
         cold = sequential_starts(proxy, args.runs, pool=0)

@@ -272,6 +272,7 @@ ensure_jupyter_env() {
     pip=("$env/bin/pip" install --quiet --disable-pip-version-check)
     "${pip[@]}" -r "$ROOT/image/requirements.txt" || die "pip install into $env failed"
     [ -z "$extra" ] || "${pip[@]}" -r "$extra" || die "pip install -r $extra into $env failed"
+    "$env/bin/pip" uninstall --quiet --yes rfc3987-syntax  # (see image/requirements.txt)
   ) || exit 1
   chmod -R a+rX "$env"
   out=$(as_unprivileged "$env/bin/python" -c 'import matplotlib, notebook, pandas' 2>&1) \

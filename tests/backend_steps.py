@@ -73,6 +73,10 @@ async def exercise(backend: Backend, instance_id: str) -> tuple[Instance, dict]:
             report["read_back"][name] = await asyncio.to_thread(_content, instance, name) == data
         report["no_token"] = (await asyncio.to_thread(_answer, instance, "/api/status", ""))[0]
         report["wrong_token"] = (await asyncio.to_thread(_answer, instance, "/api/contents/a.csv", "wrong"))[0]
+        # What a boot leaves out (image/jupyter_server_config.py): the language-server extension;
+        # terminals stay (the culler reads /api/terminals).
+        report["lsp"] = (await asyncio.to_thread(_answer, instance, "/lsp/status", instance.token))[0]
+        report["terminals"] = (await asyncio.to_thread(_answer, instance, "/api/terminals", instance.token))[0]
         await backend.unpack(instance, "zip", _zip(dict([UNPACKED])), LIMITS)
         report["unpacked"] = await asyncio.to_thread(_content, instance, UNPACKED[0]) == UNPACKED[1]
         try:

@@ -120,6 +120,7 @@ async def test_start_put_file_unpack_poll_inventory_stop(backend):
         assert (instance.filename, instance.token, instance.backend) == ("", "t0ken", backend.name)
         assert report["read_back"] == {name: True for name, _ in files()}  # through Jupyter's contents API
         assert report["no_token"] == 403 and report["wrong_token"] == 403  # nobody but the proxy is served
+        assert report["lsp"] == 404 and report["terminals"] == 200  # cut for cheaper boots, kept
         assert report["unpacked"] is True and report["refused"] == "BAD_ARCHIVE"
         assert await made.poll(instance) is True
         assert await made.inventory() == [InventoryEntry(instance.id, instance.handle, True)]

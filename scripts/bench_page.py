@@ -31,6 +31,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import math
 import secrets
 import statistics
 import subprocess
@@ -59,7 +60,7 @@ from helpers import RedisServer  # noqa: E402
 from runtime import remove_all_instances  # noqa: E402
 
 NOTEBOOK = "bench.ipynb"
-READY_WAIT = 120  # seconds: a bound on one load, not a claim
+READY_WAIT = 60  # seconds: a load not ready by then is counted as stalled (a first load takes ~5 s here)
 TEXT_TYPES = ("javascript", "css", "html", "json", "svg", "xml", "text/")
 # Ready: performance.now() once the notebook shows a cell and its kernel is connected and idle.
 READY_JS = """
@@ -112,7 +113,8 @@ def notebook() -> bytes:
 
 
 class UpstreamCounter:
-    """The most TCP connections established to one address at once, sampled every 20 ms."""
+    """The most TCP connections established to one address at once (of those opened meanwhile), sampled
+    every 20 ms."""
 
     def __init__(self, host: str, port: int):
         self.filter = f"dst {host}:{port}"
@@ -120,10 +122,14 @@ class UpstreamCounter:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
+    def _open(self) -> set[str]:
+        out = subprocess.run(["ss", "-Htn", "state", "established", self.filter], capture_output=True, text=True)
+        return set(out.stdout.splitlines())
+
     def _run(self) -> None:
+        before = self._open()  # a quit browser's WebSockets may linger upstream a while: not this load's
         while not self._stop.is_set():
-            out = subprocess.run(["ss", "-Htn", "state", "established", self.filter], capture_output=True, text=True)
-            self.most = max(self.most, len(out.stdout.splitlines()))
+            self.most = max(self.most, len(self._open() - before))
             time.sleep(0.02)
 
     def __enter__(self) -> UpstreamCounter:
@@ -157,10 +163,13 @@ def network_summary(entries: list[dict]) -> dict:
             answers[params["requestId"]] = params["response"]
         elif kind == "Network.loadingFinished":
             done[params["requestId"]] = params["encodedDataLength"]
+        elif kind == "Network.loadingFailed":
+            done.setdefault(params["requestId"], 0)
         elif kind == "Network.requestServedFromCache":
             cached.add(params["requestId"])
     summary = {"requests": len(sent), "wire": 0, "text": 0, "cached": 0, "protocols": set(), "connections": set()}
     summary["cache_control"] = {}
+    summary["pending"] = [url for rid, url in sent.items() if rid not in done]  # no answer (yet)
     for rid in sent:
         response, wire = answers.get(rid, {}), done.get(rid, 0)
         from_cache = rid in cached or response.get("fromDiskCache") or response.get("fromMemoryCache")
@@ -193,8 +202,15 @@ def measured(driver, go, upstream: tuple[str, int]) -> Load:
     driver.get_log("performance")  # drop what came before
     with UpstreamCounter(*upstream) as counter:
         go()
-        seconds = wait_ready(driver)
+        try:
+            seconds = wait_ready(driver)
+        except TimeoutError as e:
+            seconds = math.inf  # stalled: counted, and its median shows it when most stall
+            status = driver.execute_script("return document.querySelector('#jp-main-statusbar')?.innerText")
+            print(f"{e}; status bar: {status!r}", flush=True)
     net = network_summary(driver.get_log("performance"))
+    if math.isinf(seconds):
+        print("  no answer to: " + ", ".join(url.split("/", 3)[-1][:60] for url in net["pending"]), flush=True)
     encoded, decoded = body_sizes(driver)
     return Load(
         seconds,
@@ -278,7 +294,10 @@ def median_load(loads: list[Load]) -> dict:
     def med(name: str) -> float:
         return statistics.median(getattr(x, name) for x in loads)
 
-    out = {n: med(n) for n in ("seconds", "requests", "wire", "text", "encoded", "decoded", "cached", "upstream")}
+    done = [x for x in loads if not math.isinf(x.seconds)] or loads
+    out = {n: med(n) for n in ("requests", "wire", "text", "encoded", "decoded", "cached", "upstream")}
+    out["seconds"] = statistics.median(x.seconds for x in done)  # of the loads that got ready
+    out["stalled"] = len(loads) - len(done) if done is not loads else len(loads)
     out |= {"connections": med("connections"), "protocols": sorted(set().union(*(x.protocols for x in loads)))}
     return out
 
@@ -287,7 +306,7 @@ def report(results: dict[str, dict[str, list[Load]]], rounds: int) -> dict:
     table = {}
     print(f"\nmedians of {rounds} rounds; ratio: against direct (HTTP/1.1) in the same run")
     header = f"{'target':<14} {'load':<6} {'ready s':>8} {'ratio':>6} {'reqs':>5} {'cached':>6} {'wire MB':>8}"
-    print(header + f" {'text MB':>8} {'decoded MB':>10} {'conns':>5} {'upstream':>8}  protocols")
+    print(header + f" {'text MB':>8} {'decoded MB':>10} {'conns':>5} {'upstream':>8} {'stalled':>7}  protocols")
     for kind in ("first", "warm"):
         base = median_load(results["direct"][kind])["seconds"]
         for name, loads in results.items():
@@ -297,7 +316,7 @@ def report(results: dict[str, dict[str, list[Load]]], rounds: int) -> dict:
             print(
                 f"{name:<14} {kind:<6} {m['seconds']:8.2f} {m['ratio']:5.2f}× {m['requests']:5.0f} {m['cached']:6.0f}"
                 f" {m['wire'] / 1e6:8.2f} {m['text'] / 1e6:8.2f} {m['decoded'] / 1e6:10.2f} {m['connections']:5.0f}"
-                f" {m['upstream']:8.0f}  {','.join(m['protocols'])}"
+                f" {m['upstream']:8.0f} {m['stalled']:7d}  {','.join(m['protocols'])}"
             )
     controls: dict[str, dict[str, str]] = {}
     for loads in results["proxy h1"].values():

@@ -154,7 +154,7 @@ def wait_ready(driver) -> float:
 def network_summary(entries: list[dict]) -> dict:
     """Requests, bytes, protocols and Cache-Control from Chromium's performance log (CDP events)."""
     events = [json.loads(e["message"])["message"] for e in entries]
-    sent, answers, done, cached = {}, {}, {}, set()
+    sent, answers, done, cached, failed = {}, {}, {}, set(), {}
     for event in events:
         kind, params = event["method"], event.get("params", {})
         if kind == "Network.requestWillBeSent" and not params["request"]["url"].startswith("data:"):
@@ -165,11 +165,14 @@ def network_summary(entries: list[dict]) -> dict:
             done[params["requestId"]] = params["encodedDataLength"]
         elif kind == "Network.loadingFailed":
             done.setdefault(params["requestId"], 0)
+            failed[params["requestId"]] = params.get("errorText", "failed")
         elif kind == "Network.requestServedFromCache":
             cached.add(params["requestId"])
     summary = {"requests": len(sent), "wire": 0, "text": 0, "cached": 0, "protocols": set(), "connections": set()}
     summary["cache_control"] = {}
     summary["pending"] = [url for rid, url in sent.items() if rid not in done]  # no answer (yet)
+    summary["errors"] = [f"{failed[rid]} {url}" for rid, url in sent.items() if rid in failed]
+    summary["errors"] += [f"{a['status']} {a['url']}" for a in answers.values() if a.get("status", 0) >= 400]
     for rid in sent:
         response, wire = answers.get(rid, {}), done.get(rid, 0)
         from_cache = rid in cached or response.get("fromDiskCache") or response.get("fromMemoryCache")
@@ -211,6 +214,7 @@ def measured(driver, go, upstream: tuple[str, int]) -> Load:
     net = network_summary(driver.get_log("performance"))
     if math.isinf(seconds):
         print("  no answer to: " + ", ".join(url.split("/", 3)[-1][:60] for url in net["pending"]), flush=True)
+        print("  errors: " + ", ".join(net["errors"]) + f" ({net['requests']} requests)", flush=True)
     encoded, decoded = body_sizes(driver)
     return Load(
         seconds,

@@ -42,8 +42,9 @@ FLAGS = [
 ]
 
 
-def start_chromium(workdir: Path) -> WebDriver:
-    """A fresh Chromium (its own profile in `workdir`), or a RuntimeError saying what is missing."""
+def start_chromium(workdir: Path, flags: tuple[str, ...] = (), capabilities: dict | None = None) -> WebDriver:
+    """A fresh Chromium (its own profile in `workdir`), or a RuntimeError saying what is missing.
+    `flags` and `capabilities` add to the defaults (scripts/bench_page.py: its performance log)."""
     missing = [path for path in (CHROMIUM, CHROMEDRIVER) if not os.access(path, os.X_OK)]
     if missing:
         raise RuntimeError(f"{' and '.join(missing)} missing: scripts/test.sh installs chromium and chromium-driver")
@@ -51,8 +52,10 @@ def start_chromium(workdir: Path) -> WebDriver:
     os.environ["SE_OFFLINE"] = "true"  # Selenium Manager must not fetch a browser or a driver
     options = Options()
     options.binary_location = CHROMIUM
-    for flag in [*FLAGS, f"--user-data-dir={workdir / 'profile'}"]:
+    for flag in [*FLAGS, *flags, f"--user-data-dir={workdir / 'profile'}"]:
         options.add_argument(flag)
+    for name, value in (capabilities or {}).items():
+        options.set_capability(name, value)
     service = Service(executable_path=CHROMEDRIVER, log_output=str(workdir / "chromedriver.log"))
     return webdriver.Chrome(options=options, service=service)
 

@@ -54,7 +54,8 @@ QUIET, LIVE = "quiet", "live"
 # name: (prefix, datalab_* options, Redis URL instead of the test Redis). Every proxy has no pool.
 PROXIES: dict[str, tuple[str, dict, str | None]] = {
     "plain": (QUIET, {"datalab_max_upload": 16}, None),
-    "slow": (QUIET, {"datalab_start_timeout": 1}, None),
+    # A boot held to 5% of a CPU (the image's Jupyter needs about half a CPU second) cannot answer in 1 s.
+    "slow": (QUIET, {"datalab_start_timeout": 1, "datalab_cpus": "0.05"}, None),
     "starved": (QUIET, {"datalab_pids_limit": 1}, None),  # no second process, no thread: Jupyter cannot run
     "no_image": (QUIET, {"datalab_image": MISSING_IMAGE}, None),
     "no_engine": (QUIET, {"datalab_backend": "docker", "datalab_docker_url": "unix://{workdir}/no-engine.sock"}, None),

@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 from selenium import webdriver
+from selenium.common.exceptions import ElementClickInterceptedException
 from selenium.common.exceptions import StaleElementReferenceException
 from selenium.common.exceptions import TimeoutException
 from selenium.webdriver.chrome.options import Options
@@ -92,10 +93,36 @@ def visible(driver: WebDriver, css: str) -> WebElement:
     )
 
 
+# Chromium aborts the requests in flight (net::ERR_NETWORK_CHANGED) when a network interface comes or
+# goes: Docker makes one for every container that other tests (other xdist workers) start meanwhile.
+# JupyterLab then shows this modal dialog over the page (its theme stylesheet did not load) and does
+# not retry. That is the test machine, not the page: a page under it is reloaded, once per browser.
+MACHINE_DIALOG = 'dialog[aria-label^="Error Loading Theme"]'
+
+
+def reloaded_after_a_network_change(driver: WebDriver) -> bool:
+    if getattr(driver, "datalab_reloaded", False) or not driver.find_elements(By.CSS_SELECTOR, MACHINE_DIALOG):
+        return False
+    screenshot(driver, "network-changed")
+    driver.datalab_reloaded = True
+    driver.refresh()
+    return True
+
+
 def click(driver: WebDriver, css: str) -> None:
     """Click what `css` shows; if it is re-rendered before the click lands (a new notebook's cell is
     replaced once its model loads), the new one."""
-    wait(driver).until(lambda d: visible(d, css).click() or True)
+
+    def clicked(d: WebDriver) -> bool:
+        if reloaded_after_a_network_change(d):
+            return False
+        try:
+            visible(d, css).click()
+        except ElementClickInterceptedException:  # by that dialog, shown meanwhile: the next look reloads
+            return False
+        return True
+
+    wait(driver).until(clicked)
 
 
 def showing(driver: WebDriver, css: str, text: str) -> WebElement:

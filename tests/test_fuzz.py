@@ -39,6 +39,7 @@ import signing
 from api import Api
 from backends import Instance
 from helpers import KEY
+from helpers import answering_jupyter
 from helpers import recorded
 from helpers import runtime_for
 from marks import DEFERRED
@@ -331,19 +332,12 @@ SUBDOMAIN = {"routing": "subdomain", "public_host": PUBLIC_HOST}
 ALLOWED_ORIGIN = "https://app.example"
 
 
-async def answer_status(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    await reader.readuntil(b"\r\n\r\n")
-    writer.write(b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\n{}")
-    await writer.drain()
-    writer.close()
-
-
 @pytest.fixture
 async def live(redis_url, request):
     """A runtime on a real Redis with one recorded instance (NONCE, SESSION) whose "Jupyter" answers
     /api/status, so view redirects and static fetches are routed. Indirect parametrization gives
     more settings (SUBDOMAIN: each instance on its own host under PUBLIC_HOST)."""
-    server = await asyncio.start_server(answer_status, "127.0.0.1", 0)
+    server = await asyncio.start_server(answering_jupyter, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     rt = runtime_for(redis_url=redis_url, **getattr(request, "param", {}))
     instance = Instance(INSTANCE_ID, "docker", "c1", "127.0.0.1", port, "a.csv", time.time(), token="t0ken")

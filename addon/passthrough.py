@@ -56,10 +56,9 @@ def install() -> bool:
     """Have the HTTP layer's upgrades (its one use of the tcp module: HttpStream.flow_done) make
     their TCP layer through _tcp_layer; False when this mitmproxy's HTTP layer is not the one this
     was written for (then a passthrough keeps its TCP flow, trimmed by guards.TrimWebSockets)."""
-    current = getattr(http_layers, "tcp", None)
-    if isinstance(current, types.SimpleNamespace) and current.TCPLayer is _tcp_layer:
+    if _tcp_layer_is_ours():
         return True
-    if current is not tcp_layers:
+    if getattr(http_layers, "tcp", None) is not tcp_layers:
         return False
     http_layers.tcp = types.SimpleNamespace(TCPLayer=_tcp_layer)
     return True

@@ -27,14 +27,15 @@ log = logging.getLogger(__name__)
 async def answering_errors(
     flow: http.HTTPFlow,
     handler: Callable[[http.HTTPFlow], Awaitable[None]],
-    where: str,
+    where: Callable[[http.HTTPFlow], str],
     *,
     drain: UploadSink | None = None,
     unexpected: bool = False,
     finish: Callable[[http.HTTPFlow], None] | None = None,
 ) -> None:
     """Run `handler`; the ApiError, BackendError or RedisError it raises becomes the flow's answer
-    (a backend's own words are logged with `where`). With `unexpected`, anything else is a 500
+    (a backend's own words are logged with what `where` names the
+    request, worked out only then: not on every request). With `unexpected`, anything else is a 500
     INTERNAL (logged); without, it goes on up (mitmproxy logs it, and FailClosed answers). `finish`
     then sees the answer; with `drain` (a hook that runs before the body is read), a refused
     request's body goes to the drain."""
@@ -43,7 +44,7 @@ async def answering_errors(
     except ApiError as e:
         flow.response = e.response()
     except BackendError as e:
-        flow.response = errors.backend_failure(e, where).response()
+        flow.response = errors.backend_failure(e, where(flow)).response()
     except RedisError as e:
         flow.response = errors.redis_unavailable(e).response()
     except Exception:

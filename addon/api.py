@@ -148,7 +148,7 @@ class Api:
         if flow.response or flow.error or not flow.live or not is_api_path(flow.request.path.partition("?")[0]):
             return
         flow.metadata[HANDLED] = True
-        await answering_errors(flow, self._dispatch, _where(flow), drain=self.sink, unexpected=True, finish=_passive)
+        await answering_errors(flow, self._dispatch, _where, drain=self.sink, unexpected=True, finish=_passive)
 
     async def done(self) -> None:
         if self._health is not None:
@@ -156,7 +156,7 @@ class Api:
 
     async def response(self, flow: http.HTTPFlow) -> None:
         if START in flow.metadata and flow.metadata.get(SINK) and not flow.metadata.get(CUT):
-            await answering_errors(flow, self._start, _where(flow), unexpected=True)
+            await answering_errors(flow, self._start, _where, unexpected=True)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         if (flow.metadata.get(STATIC) or flow.metadata.get(WORK)) and flow.response:

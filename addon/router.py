@@ -83,6 +83,11 @@ class RouteCache:
         self._sessions.clear()
 
 
+def _routing(flow: http.HTTPFlow) -> str:
+    """The request, as a backend fault's log line names it."""
+    return f"routing {flow.request.path.partition('?')[0]}"
+
+
 class Router:
     def __init__(self, runtime: Runtime, sink: UploadSink):
         self.runtime = runtime
@@ -105,8 +110,7 @@ class Router:
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live or flow.metadata.get(HANDLED):
             return
-        where = f"routing {flow.request.path.partition('?')[0]}"
-        await answering_errors(flow, self._route, where, drain=self.sink)
+        await answering_errors(flow, self._route, _routing, drain=self.sink)
 
     async def _route(self, flow: http.HTTPFlow) -> None:
         try:

@@ -29,6 +29,11 @@ def raising(error: BaseException):
     return handler
 
 
+def named(where: str):
+    """How the tests name their request in a backend fault's log line."""
+    return lambda flow: where
+
+
 @pytest.mark.parametrize(
     "error, status, code",
     [
@@ -39,29 +44,29 @@ def raising(error: BaseException):
 )
 async def test_refusals_and_faults_become_json_answers(error, status, code):
     flow = body_flow()
-    await answering_errors(flow, raising(error), "POST /somewhere")
+    await answering_errors(flow, raising(error), named("POST /somewhere"))
     assert flow.response.status_code == status
     assert json.loads(flow.response.content)["code"] == code
 
 
 async def test_anything_else_is_a_500_only_when_asked_and_goes_on_up_otherwise():
     flow = body_flow()
-    await answering_errors(flow, raising(RuntimeError("bug")), "POST /somewhere", unexpected=True)
+    await answering_errors(flow, raising(RuntimeError("bug")), named("POST /somewhere"), unexpected=True)
     assert flow.response.status_code == 500 and json.loads(flow.response.content)["code"] == "INTERNAL"
     with pytest.raises(RuntimeError):
-        await answering_errors(body_flow(), raising(RuntimeError("bug")), "routing /somewhere")
+        await answering_errors(body_flow(), raising(RuntimeError("bug")), named("routing /somewhere"))
 
 
 async def test_a_refused_body_goes_to_the_drain_unread_and_an_answered_one_is_left_alone(sink):
     flow = body_flow()
-    await answering_errors(flow, raising(ApiError(403, "NO_SESSION", "no")), "routing /x", drain=sink)
+    await answering_errors(flow, raising(ApiError(403, "NO_SESSION", "no")), named("routing /x"), drain=sink)
     assert flow.response is None and flow.metadata[DEFERRED] and flow.metadata[SINK]
 
     async def routed(flow) -> None:
         pass
 
     quiet = body_flow()
-    await answering_errors(quiet, routed, "routing /x", drain=sink)
+    await answering_errors(quiet, routed, named("routing /x"), drain=sink)
     assert quiet.response is None and SINK not in quiet.metadata
 
 
@@ -71,7 +76,7 @@ async def test_finish_sees_the_answer_before_it_is_deferred(sink):
     await answering_errors(
         flow,
         raising(ApiError(404, "NOT_FOUND", "no")),
-        "GET /x",
+        named("GET /x"),
         drain=sink,
         finish=lambda f: seen.append(f.response.status_code),
     )

@@ -200,7 +200,11 @@ class ProcessBackend(Backend):
                     group=uid,
                     extra_groups=[] if uid is not None else None,
                 )
-            self._pid_file(instance_id).write_text(_identity(proc.pid))
+            try:
+                identity = _identity(proc.pid)
+            except FileNotFoundError:  # it exited, and was reaped, before it could be named
+                raise BackendError("the instance's server exited at once", _tail(home / "jupyter.log")) from None
+            self._pid_file(instance_id).write_text(identity)
             self._children[instance_id] = proc
             reaper = asyncio.get_running_loop().create_task(self._reap(instance_id, proc))
             self._reapers.add(reaper)

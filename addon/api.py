@@ -16,6 +16,8 @@ import logging
 import time
 from collections.abc import Callable
 from collections.abc import Coroutine
+from collections.abc import Mapping
+from dataclasses import asdict
 from dataclasses import dataclass
 from dataclasses import replace as dataclasses_replace
 
@@ -33,12 +35,13 @@ from backends import Instance
 from backends.instance_http import http_status
 from errors import ApiError
 from health import Health
+from instances import DEFAULT_PROFILE
+from instances import Order
 from marks import CUT
 from marks import HANDLED
 from marks import SINK
 from marks import START
 from marks import STATIC
-from marks import UNPACK
 from marks import WORK
 from runtime import Runtime
 from store import WorkRecord
@@ -209,10 +212,15 @@ class Api:
             raise errors.method_not_allowed(", ".join(allowed))
 
     def _check_signed(
-        self, flow: http.HTTPFlow, subject: str, check: Callable[[str], object], value: str | None = None
+        self,
+        flow: http.HTTPFlow,
+        subject: str,
+        check: Callable[[str], object],
+        value: str | None = None,
+        extras: Mapping[str, str] | None = None,
     ) -> Signed:
         """The `subject` query value (or the `value` of the path that names it) of a request whose
-        X-SIGN is right for it and its `ts`."""
+        X-SIGN is right for it, its `ts` and, for a start, its `extras` (signing.start_subject)."""
         s = self.runtime.settings
         query = flow.request.query
         ts = single_param(query, "ts")
@@ -222,13 +230,16 @@ class Api:
             ts_seconds = signing.parse_timestamp(ts)
         except ValueError as e:
             raise errors.bad_request(str(e)) from e
+        message, spelled = value, subject
+        if extras is not None:
+            message, spelled = signing.start_subject(value, extras), signing.describe_start(extras)
         given = flow.request.headers.get("X-SIGN", "")
-        if not signing.signature_ok(s.sign_key, ts, value, given, s.sign_scheme):
-            raise ApiError(403, "BAD_SIGNATURE", f"X-SIGN must be {signing.describe(s.sign_scheme, subject)}")
+        if not signing.signature_ok(s.sign_key, ts, message, given, s.sign_scheme):
+            raise ApiError(403, "BAD_SIGNATURE", f"X-SIGN must be {signing.describe(s.sign_scheme, spelled)}")
         if not signing.timestamp_fresh(ts_seconds, time.time(), s.max_skew):
             raise ApiError(403, "STALE_TIMESTAMP", f"ts is more than {s.max_skew} s from the proxy's clock")
         # The canonical form is remembered, so an upper-case copy of a used signature is a replay too.
-        return Signed(value, signing.signature(s.sign_key, ts, value, s.sign_scheme))
+        return Signed(value, signing.signature(s.sign_key, ts, message, s.sign_scheme))
 
     async def _spend(self, signed: Signed) -> None:
         """A signature starts or stops once: remembered in Redis for as long as its ts is acceptable."""
@@ -239,8 +250,9 @@ class Api:
     async def _check_start(self, flow: http.HTTPFlow) -> None:
         """Everything about an upload that the headers tell, so a refused body is never used."""
         s = self.runtime.settings
-        signed = self._check_signed(flow, "filename", inputs.check_filename)
-        unpack = self._unpack_of(flow, signed.subject)
+        extras = self._start_extras(flow)
+        signed = self._check_signed(flow, "filename", inputs.check_filename, extras=extras)
+        order = self._order_of(signed.subject, extras)
         length = flow.request.headers.get("Content-Length")
         if length is not None and (not (length.isascii() and length.isdigit()) or int(length) > s.max_upload):
             raise self._too_large()
@@ -250,22 +262,38 @@ class Api:
             raise errors.uploads_busy(s.uploads_at_once)
         await self._check_backend()
         await self._spend(signed)
-        flow.metadata[START] = signed.subject
-        flow.metadata[UNPACK] = unpack
+        flow.metadata[START] = asdict(order)
         self.sink.take(flow, limit=s.max_upload)
 
     @staticmethod
-    def _unpack_of(flow: http.HTTPFlow, filename: str) -> str:
-        """unpack=1: the archive's kind (from the filename); absent or 0: '' (the file goes in as it is)."""
-        if "unpack" not in flow.request.query:
-            return ""
-        flag = single_param(flow.request.query, "unpack")
-        if flag not in ("0", "1"):
-            raise errors.bad_request("unpack is 1 (unpack the archive) or 0")
+    def _start_extras(flow: http.HTTPFlow) -> dict[str, str]:
+        """The start's parameters besides ts and filename that change what is started (each signed),
+        checked before the signature is, so a malformed one is a 400 that names it."""
+        query = flow.request.query
+        extras = {name: single_param(query, name) for name in signing.START_EXTRAS if name in query}
+        rules: dict[str, Callable[[str], object]] = {
+            "owner": inputs.check_owner,
+            "profile": inputs.check_profile_name,
+            "unpack": _check_unpack_flag,
+        }
+        for name, value in extras.items():
+            try:
+                rules[name](value)
+            except ValueError as e:
+                raise errors.bad_request(str(e)) from e
+        return extras
+
+    def _order_of(self, filename: str, extras: Mapping[str, str]) -> Order:
+        """What to start: unpack=1 names the archive's kind (from the filename); a profile must be one
+        the operator declared."""
+        profile = extras.get("profile", DEFAULT_PROFILE)
+        if profile != DEFAULT_PROFILE:
+            raise ApiError(400, "PROFILE_UNKNOWN", f"no profile {profile!r}; the operator declares profiles")
         try:
-            return inputs.archive_kind(filename) if flag == "1" else ""
+            unpack = inputs.archive_kind(filename) if extras.get("unpack") == "1" else ""
         except ValueError as e:
             raise errors.bad_request(str(e)) from e
+        return Order(filename, unpack=unpack, profile=profile, owner=extras.get("owner", ""))
 
     async def _check_backend(self) -> None:
         """A start the backend cannot serve (no engine, no image, no Jupyter env) is refused with what
@@ -290,7 +318,7 @@ class Api:
         if flow.response is None or flow.response.headers.get(RECEIVED) != str(collector.size):
             # The sink read another number of bytes than the client sent: never start on a cut body.
             raise errors.bad_request("the upload body did not arrive whole; send it again")
-        start = self.runtime.instances.start(flow.metadata[START], collector.body(), flow.metadata.get(UNPACK, ""))
+        start = self.runtime.instances.start(Order(**flow.metadata[START]), collector.body())
         handed = await while_client_waits(flow, start)
         flow.response = errors.json_response(
             200, {"code": "OK", "result": {"nonce": handed.nonce, "work": handed.work}}
@@ -438,6 +466,11 @@ class Api:
     async def _report_health(self, flow: http.HTTPFlow) -> None:
         status, body = await (await self._current_health()).report()
         flow.response = errors.json_response(status, body)
+
+
+def _check_unpack_flag(flag: str) -> None:
+    if flag not in ("0", "1"):
+        raise ValueError("unpack is 1 (unpack the archive) or 0")
 
 
 def work_filename(work_id: str) -> str:

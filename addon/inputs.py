@@ -76,6 +76,25 @@ def check_filename(name: str) -> str:
     return name
 
 
+_OWNER_RE = re.compile(r"^[A-Za-z0-9._@+:-]{1,128}$")
+_PROFILE_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+
+
+def check_owner(value: str) -> str:
+    """An owner is the frontend's opaque id of its user: it names Redis keys and log lines, so it is
+    short and of a few plain characters (a frontend with other ids sends a hash of them)."""
+    if not _OWNER_RE.match(value):
+        raise ValueError("owner is 1 to 128 characters of A-Z a-z 0-9 . _ @ + : -")
+    return value
+
+
+def check_profile_name(value: str) -> str:
+    """A profile's name, as the operator's profiles file and a start spell it."""
+    if not _PROFILE_RE.match(value):
+        raise ValueError("profile is 1 to 64 characters of a-z 0-9 _ -, starting with a letter or digit")
+    return value
+
+
 ARCHIVE_KINDS = {".zip": "zip", ".tar": "tar", ".tar.gz": "tar.gz", ".tgz": "tar.gz"}
 
 

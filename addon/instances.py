@@ -48,6 +48,19 @@ CONTAINER_GONE = "its container is gone or stopped"  # the end reason when the b
 HANDOUT_TRIES = 2  # instances a start may take if the one it took was ended while being handed out
 
 
+DEFAULT_PROFILE = "default"  # the profile of a start that names none: the proxy's own settings
+
+
+@dataclasses.dataclass(frozen=True)
+class Order:
+    """What a start asks for, every field covered by its signature (api.py, signing.start_subject)."""
+
+    filename: str
+    unpack: str = ""  # the archive's kind to unpack ('' = the file goes in as it is)
+    profile: str = DEFAULT_PROFILE
+    owner: str = ""  # the frontend's id of its user ('' = none given)
+
+
 @dataclasses.dataclass(frozen=True)
 class Handout:
     """What a start answers: the nonce (views, for nonce_ttl) and the work's id (outlives the instance)."""
@@ -90,36 +103,36 @@ class Instances:
     # Starting
 
     @counters.timed_start
-    async def start(self, filename: str, data: bytes | bytearray, unpack: str = "") -> Handout:
-        """Hand out an instance holding the upload (or, with `unpack`, the archive's contents: zip, tar
-        or tar.gz); return the nonce bound to it and its work's id."""
+    async def start(self, order: Order, data: bytes | bytearray) -> Handout:
+        """Hand out an instance holding the upload (or, with the order's `unpack`, the archive's
+        contents: zip, tar or tar.gz); return the nonce bound to it and its work's id."""
         work_id = inputs.new_token()
         for _ in range(HANDOUT_TRIES):
             instance = await self.claim_pooled() or await self._cold_start()
             self.pool_changed.set()
             try:
-                nonce = await self._hand_out(instance, filename, data, unpack, work_id)
+                nonce = await self._hand_out(instance, order, data, work_id)
             except BaseException:
                 # Unbound, nobody could ever reach it: take it down now (also when the client left).
                 await asyncio.shield(self.discard(instance))
                 raise
             if nonce is not None:
-                log.info("instance %s holds %s (%s:%d)", instance.id, filename, instance.host, instance.port)
+                log.info("instance %s holds %s (%s:%d)", instance.id, order.filename, instance.host, instance.port)
                 return Handout(nonce, work_id)
             log.info("instance %s was ended while being handed out; taking another", instance.id)
             await self.discard(instance)
         raise BackendError("every instance taken for this start was ended meanwhile; retry")
 
-    async def _hand_out(
-        self, instance: Instance, filename: str, data: bytes | bytearray, unpack: str, work_id: str
-    ) -> str | None:
+    async def _hand_out(self, instance: Instance, order: Order, data: bytes | bytearray, work_id: str) -> str | None:
         """Put the upload in and bind a nonce and the work; None if the instance was ended meanwhile."""
-        if unpack:
-            await self.backend.unpack(instance, unpack, data, self.unpack_limits)
+        if order.unpack:
+            await self.backend.unpack(instance, order.unpack, data, self.unpack_limits)
         else:
-            await self.backend.put_file(instance, filename, data)
+            await self.backend.put_file(instance, order.filename, data)
         now = time.time()
-        instance = dataclasses.replace(instance, filename=filename, claimed=now, work=work_id)
+        instance = dataclasses.replace(
+            instance, filename=order.filename, claimed=now, work=work_id, profile=order.profile, owner=order.owner
+        )
         work = WorkRecord(work_id, instance.id, "live", now)
         s = self.settings
         live_ttl = s.max_age + 2 * s.cull_interval + s.work_timeout + s.work_ttl  # the end sets its own

@@ -5,7 +5,7 @@ any flow that reaches it unclaimed.
 """
 
 HANDLED = "datalab.api"  # a /datalab/* flow: the router leaves it alone
-START = "datalab.start"  # the checked filename of an upload whose body is on its way
+START = "datalab.start"  # the checked order (instances.Order, as a dict) of an upload whose body is on its way
 STATIC = "datalab.static"  # a static fetch rerouted to an instance
 SINK = "datalab.sink"  # the body streams to the upload sink; the answer is given in `response`
 DEFERRED = "datalab.deferred"  # a refusal (mitmproxy state), given in place of the sink's at-once answer
@@ -13,7 +13,6 @@ CUT = "datalab.cut"  # the body did not arrive within datalab_upload_timeout: an
 ROUTED = "datalab.instance"  # the instance id a proxied flow was sent to
 SESSION = "datalab.session"  # the session id of a proxied flow
 UPSTREAM_TIMEOUT = "datalab.upstream_timeout"  # its instance gave no answer in time: the 504 is ours
-UNPACK = "datalab.unpack"  # a start's archive kind to unpack ('' = the file goes in as it is)
 WORK = "datalab.work"  # the work id whose archive this flow fetches (a live snapshot or the saved file)
 # A routed WebSocket relayed as raw TCP (passthrough.py); on its TCP flow: the upgrade's flow id.
 PASSTHROUGH = "datalab.passthrough"

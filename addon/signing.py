@@ -7,6 +7,9 @@ Two schemes, chosen by datalab_sign_scheme:
 - `hmac-sha256`: hex(HMAC-SHA256(sign_key, ts + "\n" + subject)): a keyed MAC with an unambiguous
   message. Prefer it when the frontend can be changed.
 
+A start signs its filename and, after it, every other parameter that changes what is started
+(`start_subject`): with none of them, the subject is the filename alone, as in the seed API.
+
 Pure functions, no I/O, so the rules are tested with tables. Replay protection (a signature is
 used once) lives in the store, since several proxies share it.
 """
@@ -15,9 +18,23 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from collections.abc import Mapping
 
 MILLIS_DIGITS = 13
 SCHEMES = ("sha256", "hmac-sha256")
+START_EXTRAS = ("owner", "profile", "unpack")  # a start's signed parameters after its filename, in this order
+
+
+def start_subject(filename: str, extras: Mapping[str, str]) -> str:
+    """What a start's X-SIGN covers: its filename, then a `name=value` line for each of START_EXTRAS
+    it carries, in that order. No value may hold a newline (inputs refuses control characters), so
+    the lines cannot be shifted into one another; with no extra, it is the seed's filename alone."""
+    return "\n".join([filename, *(f"{name}={extras[name]}" for name in START_EXTRAS if name in extras)])
+
+
+def describe_start(extras: Mapping[str, str]) -> str:
+    """The subject a start must sign, spelled for error messages and docs."""
+    return " + ".join(["filename", *(f'"\\n{name}=" + {name}' for name in START_EXTRAS if name in extras)])
 
 
 def signature(sign_key: str, ts: str, subject: str, scheme: str = "sha256") -> str:

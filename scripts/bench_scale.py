@@ -57,6 +57,7 @@ from fake_backend import OnePortBackend  # noqa: E402
 from helpers import RedisServer  # noqa: E402
 from helpers import request_flow  # noqa: E402
 from helpers import runtime_for  # noqa: E402
+from instances import Order
 from marks import ROUTED  # noqa: E402
 from router import CACHE_MAX  # noqa: E402
 from router import Router  # noqa: E402
@@ -96,7 +97,7 @@ class Fleet:
 
     async def start(self) -> float:
         t0 = time.perf_counter()
-        handed = await self.rt.instances.start("data.csv", CSV)
+        handed = await self.rt.instances.start(Order("data.csv"), CSV)
         took = time.perf_counter() - t0
         self.nonces.append(handed.nonce)
         return took

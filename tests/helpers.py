@@ -285,12 +285,15 @@ def request_flow(method: str, path: str, headers: dict | None = None, content: b
     return tflow.tflow(req=req, resp=False)
 
 
-def start_flow(filename="data.csv", ts=None, sign=None, headers=None, content=b"a,b\n"):
+def start_flow(filename="data.csv", ts=None, sign=None, headers=None, content=b"a,b\n", signed=None, **extras):
+    """A start; `extras` (owner=, profile=, unpack=) go in its query and, unless `signed` says
+    which extras to sign instead, in its signature."""
     ts = str(int(time.time())) if ts is None else ts
-    sig = signing.signature(KEY, ts, filename) if sign is None else sign
+    subject = signing.start_subject(filename, extras if signed is None else signed)
+    sig = signing.signature(KEY, ts, subject) if sign is None else sign
     return request_flow(
         "POST",
-        "/datalab/start?" + urlencode({"ts": ts, "filename": filename}),
+        "/datalab/start?" + urlencode({"ts": ts, "filename": filename, **extras}),
         {"X-SIGN": sig, "Content-Length": str(len(content)), **(headers or {})},
         content,
     )

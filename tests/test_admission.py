@@ -16,6 +16,7 @@ from fake_backend import SlowBackend
 from fake_backend import keys_of
 from instances import Handout
 from instances import NoCapacity
+from instances import Order
 
 
 async def test_waiters_are_served_first_in_first_out():
@@ -93,7 +94,7 @@ async def test_forty_starts_on_two_proxies_get_exactly_the_capacity(make_instanc
     gate = asyncio.Event()
     backend = SlowBackend(gate=gate)
     proxies = [make_instances(backend, max_instances=capacity, boots_at_once=40) for _ in range(2)]
-    tasks = [asyncio.create_task(proxies[i % 2].start(f"{i}.csv", b"1\n")) for i in range(40)]
+    tasks = [asyncio.create_task(proxies[i % 2].start(Order(f"{i}.csv"), b"1\n")) for i in range(40)]
     await settled(tasks, 40 - capacity, backend, capacity)  # the refused answer at once, the granted boot
     assert backend.booting == capacity and sum(t.done() for t in tasks) == 40 - capacity
     gate.set()
@@ -111,7 +112,7 @@ async def test_starts_past_the_boot_slots_wait_their_turn_then_give_up(make_inst
     gate = asyncio.Event()
     backend = SlowBackend(gate=gate)
     proxies = [make_instances(backend, boots_at_once=1, queue_timeout=1) for _ in range(2)]
-    tasks = [asyncio.create_task(proxies[i % 2].start(f"{i}.csv", b"1\n")) for i in range(6)]
+    tasks = [asyncio.create_task(proxies[i % 2].start(Order(f"{i}.csv"), b"1\n")) for i in range(6)]
     await settled(tasks, 4, backend, 2)  # one boot per proxy; the other four waited their queue timeout
     assert backend.booting == 2 and sum(t.done() for t in tasks) == 4
     assert len(await proxies[0].store.slot_holders(time.time())) == 2  # the waiters' slots went back
@@ -126,14 +127,16 @@ async def test_no_slot_is_leaked_by_failed_or_abandoned_starts(make_instances, r
     capacity = 4
     failing = FailingBackend(start=EngineUnavailable("the Docker engine cannot be reached"))
     proxies = [make_instances(failing, max_instances=capacity) for _ in range(2)]
-    results = await asyncio.gather(*(proxies[i % 2].start("a.csv", b"1\n") for i in range(40)), return_exceptions=True)
+    results = await asyncio.gather(
+        *(proxies[i % 2].start(Order("a.csv"), b"1\n") for i in range(40)), return_exceptions=True
+    )
     assert {type(e) for e in results} <= {EngineUnavailable, NoCapacity} and EngineUnavailable in map(type, results)
     assert keys_of(redis_url) == set() and failing.running == {}
 
     gate = asyncio.Event()
     slow = SlowBackend(gate=gate)
     proxies = [make_instances(slow, max_instances=capacity) for _ in range(2)]
-    abandoned = [asyncio.create_task(proxies[i % 2].start("a.csv", b"1\n")) for i in range(capacity)]
+    abandoned = [asyncio.create_task(proxies[i % 2].start(Order("a.csv"), b"1\n")) for i in range(capacity)]
     async with asyncio.timeout(10):
         while slow.booting < capacity:
             await asyncio.sleep(0.01)
@@ -144,7 +147,9 @@ async def test_no_slot_is_leaked_by_failed_or_abandoned_starts(make_instances, r
 
     gate.set()
     granted, refused = outcomes(
-        await asyncio.gather(*(proxies[i % 2].start("a.csv", b"1\n") for i in range(capacity)), return_exceptions=True)
+        await asyncio.gather(
+            *(proxies[i % 2].start(Order("a.csv"), b"1\n") for i in range(capacity)), return_exceptions=True
+        )
     )
     assert len(granted) == capacity and refused == []  # every slot came back
     for proxy in proxies:

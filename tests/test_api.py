@@ -34,10 +34,16 @@ def rt(redis_url):
 async def test_valid_start_streams_its_body_to_the_sink(sink, rt):
     flow = await run_headers(start_flow(), sink, rt)
     assert flow.response is None
-    assert flow.metadata[START] == "data.csv" and flow.metadata[SINK]
+    assert flow.metadata[START]["filename"] == "data.csv" and flow.metadata[SINK]
     assert isinstance(flow.request.stream, BodyCollector) and flow.request.stream.limit == 100 * 1024 * 1024
     assert (flow.request.host, flow.request.port) == ("127.0.0.1", sink.port)
     assert flow.request.headers["Host"] == "proxy.example:8080"
+
+
+async def test_a_start_signs_and_carries_its_owner_profile_and_unpack(sink, rt):
+    flow = await run_headers(start_flow("a.tgz", owner="u-1@x", profile="default", unpack="1"), sink, rt)
+    assert flow.response is None
+    assert flow.metadata[START] == {"filename": "a.tgz", "unpack": "tar.gz", "profile": "default", "owner": "u-1@x"}
 
 
 async def test_millisecond_timestamp_is_accepted(sink, rt):
@@ -62,6 +68,17 @@ async def test_millisecond_timestamp_is_accepted(sink, rt):
         (lambda: start_flow(filename="a\\b.csv"), 400, "BAD_REQUEST"),
         (lambda: start_flow(filename=""), 400, "BAD_REQUEST"),
         (lambda: start_flow(headers={"Content-Length": str(100 * 1024 * 1024 + 1)}), 413, "UPLOAD_TOO_LARGE"),
+        (lambda: start_flow(owner="alice", signed={}), 403, "BAD_SIGNATURE"),
+        (lambda: start_flow(profile="default", signed={}), 403, "BAD_SIGNATURE"),
+        (lambda: start_flow("a.zip", unpack="1", signed={}), 403, "BAD_SIGNATURE"),
+        (lambda: start_flow(owner="alice", signed={"owner": "bob"}), 403, "BAD_SIGNATURE"),
+        (lambda: start_flow(owner="alice", unpack="0", signed={"owner": "alice"}), 403, "BAD_SIGNATURE"),
+        (lambda: start_flow(owner="al ice"), 400, "BAD_REQUEST"),
+        (lambda: start_flow(owner="x" * 129), 400, "BAD_REQUEST"),
+        (lambda: start_flow(profile="Big"), 400, "BAD_REQUEST"),
+        (lambda: start_flow(profile="no-such-profile"), 400, "PROFILE_UNKNOWN"),
+        (lambda: start_flow(unpack="yes"), 400, "BAD_REQUEST"),
+        (lambda: start_flow("a.csv", unpack="1"), 400, "BAD_REQUEST"),
         (lambda: request_flow("POST", "/datalab/start?filename=a.csv", {"X-SIGN": "x"}), 400, "BAD_REQUEST"),
         (lambda: request_flow("POST", "/datalab/start?ts=1&ts=2&filename=a.csv"), 400, "BAD_REQUEST"),
         (lambda: request_flow("GET", "/datalab/start?ts=1&filename=a.csv"), 405, "METHOD_NOT_ALLOWED"),

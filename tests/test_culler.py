@@ -24,6 +24,7 @@ from fake_backend import FailingBackend
 from fake_backend import FakeBackend
 from helpers import answering
 from helpers import runtime_for
+from instances import Order
 
 IDLE = 60  # datalab_idle_timeout of these tests
 NONCE = "N" * 32
@@ -137,7 +138,7 @@ async def fake_round(inst) -> int:
 
 
 async def claimed(inst) -> tuple[Instance, str]:
-    handout = await inst.start("a.csv", b"1,2\n")
+    handout = await inst.start(Order("a.csv"), b"1,2\n")
     return await inst.by_nonce(handout.nonce), handout.work
 
 

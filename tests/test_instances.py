@@ -21,6 +21,7 @@ from fake_backend import FailingBackend
 from fake_backend import FakeBackend
 from fake_backend import SlowBackend
 from fake_backend import keys_of
+from instances import Order
 from store import EndNote
 from store import Reservation
 
@@ -29,7 +30,7 @@ DATA = b"a,b\n1,2\n"
 
 async def started(inst, filename: str = "a.csv", data: bytes = DATA) -> tuple[Instance, str, str]:
     """Start one; the instance record it left, its nonce and its work's id."""
-    handout = await inst.start(filename, data)
+    handout = await inst.start(Order(filename), data)
     instance_id = await inst.store.nonce_target(handout.nonce)
     return await inst.store.instance(instance_id), handout.nonce, handout.work
 
@@ -90,7 +91,7 @@ async def test_a_dead_pool_instance_is_ended_and_a_cold_one_booted(make_instance
 
 async def test_an_archive_start_unpacks_it_in_the_instance(make_instances):
     inst = make_instances(FakeBackend())
-    handout = await inst.start("data.zip", b"PK...", unpack="zip")
+    handout = await inst.start(Order("data.zip", unpack="zip"), b"PK...")
     instance = await inst.by_nonce(handout.nonce)
     assert instance.filename == "data.zip"
     assert inst.backend.running[instance.handle].unpacked == [("zip", b"PK...")]
@@ -112,7 +113,7 @@ async def test_a_start_whose_upload_fails_leaves_nothing(make_instances, redis_u
         await pooled(inst)
     error = next(iter(failing.values()))
     with pytest.raises(type(error)) as raised:
-        await inst.start("a.zip", DATA, unpack="zip" if "unpack" in failing else "")
+        await inst.start(Order("a.zip", unpack="zip" if "unpack" in failing else ""), DATA)
     assert raised.value is error
     assert inst.backend.running == {} and len(inst.backend.stops) == 1
     assert keys_of(redis_url) == set()
@@ -130,7 +131,7 @@ async def test_a_start_whose_upload_fails_leaves_nothing(make_instances, redis_u
 async def test_a_start_whose_boot_fails_answers_why_and_leaves_nothing(make_instances, redis_url, error):
     inst = make_instances(FailingBackend(start=error))
     with pytest.raises(type(error)) as raised:
-        await inst.start("a.csv", DATA)
+        await inst.start(Order("a.csv"), DATA)
     assert raised.value is error and raised.value.status in (503, 504)
     assert len(inst.backend.starts) == 1 and inst.backend.running == {}
     assert keys_of(redis_url) == set()
@@ -139,14 +140,14 @@ async def test_a_start_whose_boot_fails_answers_why_and_leaves_nothing(make_inst
 async def test_a_boot_past_the_start_timeout_is_a_start_timeout_and_leaves_nothing(make_instances, redis_url):
     inst = make_instances(SlowBackend(seconds=30), start_timeout=1)
     with pytest.raises(StartTimeout, match="within 1 s"):
-        await inst.start("a.csv", DATA)
+        await inst.start(Order("a.csv"), DATA)
     assert inst.backend.running == {} and keys_of(redis_url) == set()
 
 
 async def test_an_abandoned_start_leaves_nothing(make_instances, redis_url):
     """The client hung up mid-boot: the start is cancelled, its container and slot go."""
     inst = make_instances(SlowBackend(gate=asyncio.Event()))
-    start = asyncio.create_task(inst.start("a.csv", DATA))
+    start = asyncio.create_task(inst.start(Order("a.csv"), DATA))
     while inst.backend.booting == 0:
         await asyncio.sleep(0.01)
     assert await inst.store.slot_holders(time.time()) == set(inst.backend.starts)  # its lease

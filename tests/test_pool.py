@@ -14,6 +14,7 @@ from fake_backend import FailingBackend
 from fake_backend import FakeBackend
 from fake_backend import SlowBackend
 from fake_backend import keys_of
+from instances import Order
 from pool import PoolFiller
 
 
@@ -59,7 +60,7 @@ async def test_a_claim_is_refilled(make_instances):
     async with filling(inst):
         await until(lambda: pool_of(inst, 1))
         (first,) = await inst.store.pool_ids()
-        handout = await inst.start("a.csv", b"1\n")
+        handout = await inst.start(Order("a.csv"), b"1\n")
         assert await inst.store.nonce_target(handout.nonce) == first
         await until(lambda: pool_of(inst, 1))
     (second,) = await inst.store.pool_ids()
@@ -110,7 +111,7 @@ async def test_user_starts_go_before_pool_boots(make_instances):
     """With one boot slot taken by a user's start, the pool waits rather than take it."""
     gate = asyncio.Event()
     inst = make_instances(SlowBackend(gate=gate), pool_size=1, boots_at_once=1)
-    start = asyncio.create_task(inst.start("a.csv", b"1\n"))
+    start = asyncio.create_task(inst.start(Order("a.csv"), b"1\n"))
     await until(lambda: asyncio.sleep(0, result=inst.backend.booting == 1))
     filler = PoolFiller(inst)
     await filler.fill()

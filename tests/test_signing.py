@@ -44,3 +44,18 @@ def test_parse_timestamp_rejects(ts):
 )
 def test_timestamp_fresh(ts, now, fresh):
     assert signing.timestamp_fresh(ts, now, 300) is fresh
+
+
+def test_a_start_without_extras_signs_the_seeds_subject():
+    assert signing.start_subject("data.csv", {}) == "data.csv"
+
+
+def test_a_starts_extras_are_signed_in_one_order_and_each_changes_the_subject():
+    extras = {"unpack": "1", "owner": "alice", "profile": "big"}
+    assert signing.start_subject("a.zip", extras) == "a.zip\nowner=alice\nprofile=big\nunpack=1"
+    for name in extras:
+        assert signing.start_subject("a.zip", {**extras, name: extras[name] + "x"}) != signing.start_subject(
+            "a.zip", extras
+        )
+        left_out = {k: v for k, v in extras.items() if k != name}
+        assert signing.start_subject("a.zip", left_out) != signing.start_subject("a.zip", extras)

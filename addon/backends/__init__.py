@@ -44,6 +44,8 @@ class Instance:
     token: str = ""  # the instance's secret; the proxy adds it (AUTH_HEADER) to every request it forwards
     claimed: float = 0.0  # when it was handed to a user (0 while pooled): its age counts from here
     work: str = ""  # the id of its user's work (store.WorkRecord), from the start that claimed it
+    profile: str = "default"  # the operator's profile it was started with (instances.Order)
+    owner: str = ""  # the frontend's id of the user whose start claimed it ('' = none given)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

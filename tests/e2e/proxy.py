@@ -135,11 +135,20 @@ class Proxy:
         )
 
     def upload(
-        self, filename: str, data: bytes, ts: str | None = None, sign: str | None = None, unpack: bool = False
+        self,
+        filename: str,
+        data: bytes,
+        ts: str | None = None,
+        sign: str | None = None,
+        unpack: bool = False,
+        **extras: str,
     ) -> requests.Response:
+        """A signed start; `extras` (owner=, profile=) and unpack are signed after the filename."""
         ts = str(int(time.time() * 1000)) if ts is None else ts
-        sign = signing.signature(self.sign_key, ts, filename, self.scheme) if sign is None else sign
-        query = urlencode({"ts": ts, "filename": filename, **({"unpack": "1"} if unpack else {})})
+        extras = {**extras, **({"unpack": "1"} if unpack else {})}
+        subject = signing.start_subject(filename, extras)
+        sign = signing.signature(self.sign_key, ts, subject, self.scheme) if sign is None else sign
+        query = urlencode({"ts": ts, "filename": filename, **extras})
         return requests.post(
             self.url(f"/datalab/start?{query}"),
             data=data,
@@ -151,9 +160,9 @@ class Proxy:
     def start_instance(self, filename: str, data: bytes) -> str:
         return self.start_with_work(filename, data)[0]
 
-    def start_with_work(self, filename: str, data: bytes, unpack: bool = False) -> tuple[str, str]:
+    def start_with_work(self, filename: str, data: bytes, unpack: bool = False, **extras: str) -> tuple[str, str]:
         """Start an instance; its nonce and its work's id."""
-        r = self.upload(filename, data, unpack=unpack)
+        r = self.upload(filename, data, unpack=unpack, **extras)
         assert r.status_code == 200, r.text
         body = r.json()
         assert body["code"] == "OK"

@@ -75,3 +75,7 @@ c.ServerApp.jpserver_extensions.update({"jupyter_lsp": False})
 c.LabApp.news_url = None
 c.LabApp.check_for_updates_class = "jupyterlab.handlers.announcements.NeverCheckForUpdate"
 c.LabApp.extension_manager = "readonly"
+
+# The page's text (Lab's JavaScript, CSS, JSON) gzip-compressed for browsers that accept it, here
+# in the instance: datalab_compression.py says what is left as it is (the user's files, streams).
+c.ServerApp.jpserver_extensions.update({"datalab_compression": True})

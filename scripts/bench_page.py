@@ -11,6 +11,9 @@ target a fresh Chromium (empty cache, no open connection) that loads /lab/tree/b
 load), then reloads it (warm reload, the browser's cache kept). Targets:
   direct        the instance's address over HTTP/1.1, with the header the proxy adds (CDP)
   proxy h1      the proxy over plain HTTP/1.1, the session cookie set as a view sets it
+  proxy h1 plain  the same, the browser accepting no compression: every byte as before the instance
+                gzipped its text (image/datalab_compression.py); the baseline of the bytes and warm
+                reload targets
   proxy h2      the proxy over TLS (a throwaway CA, the browser told to ignore it) with HTTP/2
   proxy h2 wide the same through a second mitmdump whose per-address upstream limit (mitmproxy's
                 `max_conns`, 5 per client connection) is raised to --max-conns by a scratch addon
@@ -60,6 +63,7 @@ from helpers import RedisServer  # noqa: E402
 from runtime import remove_all_instances  # noqa: E402
 
 NOTEBOOK = "bench.ipynb"
+PLAIN = "proxy h1 plain"  # a browser that sends Accept-Encoding: identity (the instance then compresses nothing)
 READY_WAIT = 60  # seconds: a load not ready by then is counted as stalled (a first load takes ~5 s here)
 TEXT_TYPES = ("javascript", "css", "html", "json", "svg", "xml", "text/")
 # Ready: performance.now() once the notebook shows a cell and its kernel is connected and idle.
@@ -345,7 +349,16 @@ def report(results: dict[str, dict[str, list[Load]]], rounds: int) -> dict:
     for kind, examples in controls.items():
         for value, path in examples.items():
             print(f"Cache-Control of Lab's {kind} assets: {value} (e.g. /{path[:80]})")
-    return {"rows": table, "cache_control": controls}
+    compressed = {kind: table[f"proxy h1 {kind}"] for kind in ("first", "warm")}
+    plain = {kind: table[f"{PLAIN} {kind}"] for kind in ("first", "warm")}
+    savings = {
+        "first load wire bytes": (compressed["first"]["wire"] / plain["first"]["wire"], 0.4),
+        "warm reload time": (compressed["warm"]["seconds"] / plain["warm"]["seconds"], 0.5),
+    }
+    for name, (ratio, target) in savings.items():
+        met = "met" if ratio <= target else "NOT met"
+        print(f"proxy h1, gzip vs uncompressed: {name} {ratio:.2f}× (target <= {target}×: {met})")
+    return {"rows": table, "cache_control": controls, "gzip_vs_plain": {k: v[0] for k, v in savings.items()}}
 
 
 def measure(args, tmp: Path, redis: RedisServer, proxy: Proxy, wide: Proxy, prefix: str, nonce: str) -> dict:
@@ -354,6 +367,8 @@ def measure(args, tmp: Path, redis: RedisServer, proxy: Proxy, wide: Proxy, pref
     targets = [
         Target("direct", f"http://{host}:{port}", {AUTH_HEADER: token}, None),
         Target("proxy h1", proxy.base, {}, cookie),
+        # The same page as before the instance compressed its text: a browser that accepts no gzip.
+        Target(PLAIN, proxy.base, {"Accept-Encoding": "identity"}, cookie),
         Target("proxy h2", f"https://127.0.0.1:{proxy.port}", {}, cookie),
         Target("proxy h2 wide", f"https://127.0.0.1:{wide.port}", {}, cookie),
     ]

@@ -1,0 +1,67 @@
+"""Fewer bytes per page (issue 19): a real instance gzips the text a Lab page is made of for a
+browser that accepts it, the proxy passes those bytes as they are, and the user's own files (and
+clients that do not accept gzip) get what they always got."""
+
+from __future__ import annotations
+
+import gzip
+import re
+
+import pytest
+import requests
+
+from e2e.proxy import Browser
+
+pytestmark = pytest.mark.e2e
+
+CSV = b"".join(b"%d,%d,row %d of a text file the user downloads\n" % (i, i * i, i) for i in range(8000))
+
+
+def wire(browser: Browser, path: str, accept: str = "gzip, deflate, br", **headers: str) -> requests.Response:
+    """The answer as it came over the wire (not decoded by requests): `.wire` holds its bytes."""
+    r = browser.get(path, headers={"Accept-Encoding": accept, **headers}, stream=True)
+    r.wire = r.raw.read(decode_content=False)
+    return r
+
+
+@pytest.fixture(scope="module")
+def page(proxy) -> Browser:
+    browser = Browser(proxy)
+    browser.view(proxy.start_instance("data.csv", CSV), "lab")
+    return browser
+
+
+def largest_script(browser: Browser) -> str:
+    """The path of a script Lab's page loads (its versioned bundle)."""
+    html = browser.get("/lab").text
+    scripts = re.findall(r'src="([^"]+\.js[^"]*)"', html)
+    assert scripts, html[:500]
+    return scripts[-1]
+
+
+def test_the_pages_script_and_html_arrive_gzipped_and_decode_to_the_same_bytes(page):
+    script = largest_script(page)
+    plain = wire(page, script, accept="identity")
+    packed = wire(page, script)
+    assert plain.status_code == packed.status_code == 200
+    assert "Content-Encoding" not in plain.headers
+    assert packed.headers["Content-Encoding"] == "gzip" and "Accept-Encoding" in packed.headers["Vary"]
+    assert gzip.decompress(packed.wire) == plain.wire
+    assert len(packed.wire) <= 0.4 * len(plain.wire), (len(packed.wire), len(plain.wire))
+    html = wire(page, "/lab")
+    assert html.headers["Content-Encoding"] == "gzip" and b"<html" in gzip.decompress(html.wire).lower()
+
+
+def test_a_client_refusing_gzip_gets_it_plain(page):
+    script = largest_script(page)
+    for accept in ("identity", "gzip;q=0", "br"):
+        r = wire(page, script, accept=accept)
+        assert r.status_code == 200 and "Content-Encoding" not in r.headers, accept
+
+
+@pytest.mark.parametrize("query", ["", "?download=1"])
+def test_the_users_file_downloads_as_it_is_with_its_length(page, query):
+    r = wire(page, f"/files/data.csv{query}", Referer=page.url("/lab"))
+    assert r.status_code == 200, r.wire[:200]
+    assert "Content-Encoding" not in r.headers
+    assert r.wire == CSV and r.headers["Content-Length"] == str(len(CSV))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass
 
 import counters
@@ -32,6 +33,9 @@ LOCK_TTL = 15.0  # seconds; renewed every third of it while a round runs
 # run the proxy out of file descriptors, and a probe that cannot connect is no information, so an
 # instance busy with a long computation would look idle.
 PROBES_AT_ONCE = 100
+# Instances a round ends at once: each end may stream its work archive to the work store, and a
+# round that ends hundreds (a burst reaching its max age together) would run them all side by side.
+ENDS_AT_ONCE = 16
 
 
 @dataclass(frozen=True)
@@ -65,6 +69,7 @@ class Culler:
         self.instances = instances
         self.activity = activity
         self._probes = asyncio.Semaphore(PROBES_AT_ONCE)
+        self._ends = asyncio.Semaphore(ENDS_AT_ONCE)
 
     @property
     def interval(self) -> float:
@@ -152,7 +157,9 @@ class Culler:
         ends = [inst.end(r, v.reason, v.cause, decided_on=r, idle_since=v.idle_since) for r, v in ending]
         recorded = {r.id for r in records}
         orphans = [f for i, f in found.items() if i not in recorded and i not in holders]
-        done = await asyncio.gather(*ends, *(inst.end_orphan(f) for f in orphans), return_exceptions=True)
+        done = await asyncio.gather(
+            *map(self._one_end, [*ends, *(inst.end_orphan(f) for f in orphans)]), return_exceptions=True
+        )
         for failure in (d for d in done if isinstance(d, Exception)):
             log.warning("datalab: culling could not end an instance: %s", failure)
         for cause, ended in zip([v.cause for _, v in ending] + ["orphan"] * len(orphans), done, strict=True):
@@ -160,6 +167,10 @@ class Culler:
                 counters.culled(cause)
         await self._sweep_work(now)
         return sum(1 for d in done if d is True)
+
+    async def _one_end[T](self, end: Coroutine[None, None, T]) -> T:
+        async with self._ends:
+            return await end
 
     async def _sweep_work(self, now: float) -> None:
         """Saved works past datalab_work_ttl (or deleted) go, and so do abandoned partial saves."""

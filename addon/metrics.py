@@ -68,9 +68,8 @@ class InstanceGauges:
 
 
 async def count_instances(store: Store) -> dict[str, int]:
-    recorded = await store.instance_ids()
-    pooled = recorded.intersection(await store.pool_ids())
-    return {"live": len(recorded) - len(pooled), "pooled": len(pooled)}
+    recorded, pooled = await store.instance_counts()
+    return {"live": recorded - pooled, "pooled": pooled}
 
 
 def bearer_ok(authorization: str, token: str) -> bool:

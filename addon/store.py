@@ -390,6 +390,14 @@ class Store:
     async def instance_ids(self) -> set[str]:
         return {m.decode() for m in await self.redis.smembers(self.key("instances"))}
 
+    async def instance_counts(self) -> tuple[int, int]:
+        """(recorded, of which pooled), without reading every id: a metrics scrape stays O(pool)."""
+        pooled = await self.pool_ids()
+        recorded = await self.redis.scard(self.key("instances"))
+        if not pooled:
+            return recorded, 0
+        return recorded, sum(await self.redis.smismember(self.key("instances"), pooled))
+
     async def reachable(self, instance_id: str) -> bool:
         """Whether any nonce or session still names the instance (else nobody can ever reach it)."""
         refs = await self.redis.smembers(self.key("refs", instance_id))

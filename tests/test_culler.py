@@ -178,6 +178,28 @@ async def test_a_round_asks_a_bounded_number_of_jupyters_at_once(make_instances,
     assert sorted(asked) == sorted(r.id for r in records) and most[0] == 2
 
 
+async def test_a_round_ends_a_bounded_number_of_instances_at_once(make_instances, monkeypatch):
+    """Each end may stream a work archive: a round that ends many (a burst reaching its max age
+    together) ends them a few at a time, and ends them all."""
+    monkeypatch.setattr(culler, "ENDS_AT_ONCE", 3)
+    inst = make_instances(FakeBackend(), max_age=IDLE)
+    records = [(await claimed(inst))[0] for _ in range(8)]
+    for r in records:
+        await inst.store.redis.set(f"unit:instance:{r.id}", replace(r, claimed=time.time() - 2 * IDLE).to_json())
+    now_in_flight, most, stop = [0], [0], inst.backend.stop
+
+    async def slow_stop(handle: str) -> None:
+        now_in_flight[0] += 1
+        most[0] = max(most[0], now_in_flight[0])
+        await asyncio.sleep(0.02)
+        now_in_flight[0] -= 1
+        await stop(handle)
+
+    monkeypatch.setattr(inst.backend, "stop", slow_stop)
+    assert await fake_round(inst) == 8
+    assert inst.backend.ids() == set() and most[0] == 3
+
+
 async def test_an_instance_past_its_max_age_is_ended_pooled_or_not(make_instances):
     inst = make_instances(FakeBackend(), max_age=IDLE)
     old, work = await claimed(inst)

@@ -12,6 +12,7 @@ ApiError, turned into JSON here; anything unexpected is a 500, never a request s
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -35,8 +36,10 @@ from backends import Instance
 from backends.instance_http import http_status
 from errors import ApiError
 from health import Health
+from instance_info import InstanceInfo
 from instances import DEFAULT_PROFILE
 from instances import Order
+from instances import OwnerLimit
 from marks import CUT
 from marks import HANDLED
 from marks import SINK
@@ -187,6 +190,9 @@ class Api:
         elif endpoint == "work" and inputs.is_token(tail):
             self._check_method(flow, "GET", "DELETE")
             await self._work(flow, tail)
+        elif endpoint == "instances" and (not tail or inputs.is_token(tail)):
+            self._check_method(flow, "GET")
+            await self._instances(flow, tail)
         elif endpoint == "health" and not tail:
             self._check_method(flow, "GET", "HEAD")
             await self._report_health(flow)
@@ -203,7 +209,8 @@ class Api:
         else:
             raise errors.not_found(
                 "NOT_FOUND",
-                "no such endpoint; see /datalab/start, /datalab/view, /datalab/static, /datalab/work, /datalab/health",
+                "no such endpoint; see /datalab/start, /datalab/view, /datalab/static, /datalab/work, "
+                "/datalab/instances, /datalab/health",
             )
 
     @staticmethod
@@ -218,9 +225,11 @@ class Api:
         check: Callable[[str], object],
         value: str | None = None,
         extras: Mapping[str, str] | None = None,
+        framed: Callable[[str], str] | None = None,
     ) -> Signed:
         """The `subject` query value (or the `value` of the path that names it) of a request whose
-        X-SIGN is right for it, its `ts` and, for a start, its `extras` (signing.start_subject)."""
+        X-SIGN is right for it, its `ts` and, for a start, its `extras` (signing.start_subject), or
+        for a read of the instance API, the subject `framed` makes of it."""
         s = self.runtime.settings
         query = flow.request.query
         ts = single_param(query, "ts")
@@ -233,6 +242,8 @@ class Api:
         message, spelled = value, subject
         if extras is not None:
             message, spelled = signing.start_subject(value, extras), signing.describe_start(extras)
+        if framed is not None:
+            message, spelled = framed(value), json.dumps(framed(f"<{subject}>"))
         given = flow.request.headers.get("X-SIGN", "")
         if not signing.signature_ok(s.sign_key, ts, message, given, s.sign_scheme):
             raise ApiError(403, "BAD_SIGNATURE", f"X-SIGN must be {signing.describe(s.sign_scheme, spelled)}")
@@ -261,6 +272,8 @@ class Api:
         if self.sink.full:  # before the signature is spent: the frontend may send this one again
             raise errors.uploads_busy(s.uploads_at_once)
         await self._check_backend()
+        if order.owner and await self.runtime.instances.owner_at_cap(order.owner):
+            raise OwnerLimit(s.max_instances_per_owner)  # before the signature is spent: it may come again
         await self._spend(signed)
         flow.metadata[START] = asdict(order)
         self.sink.take(flow, limit=s.max_upload)
@@ -455,6 +468,23 @@ class Api:
             raise ApiError(410, "WORK_DELETED", "this work was deleted")
         flow.response = errors.json_response(200, {"code": "OK", "result": {}})
 
+    async def _instances(self, flow: http.HTTPFlow, work_id: str) -> None:
+        """The instance API, for the frontend's server: an owner's instances, or one by its work id.
+        Signed, but the signature is not spent: a read changes nothing, a frontend may retry it, and
+        its ts bounds how long a captured one can be read again. What a browser sends is refused."""
+        _refuse_browsers(flow)
+        info = InstanceInfo(self.runtime.store, self.runtime.instances.owners, self.runtime.settings)
+        if work_id:
+            self._check_signed(flow, "work", inputs.check_token, value=work_id, framed=signing.instance_subject)
+            entry = await info.of_work(work_id)
+            if entry is None:
+                raise errors.not_found("WORK_UNKNOWN", "no instance's work has this id (or it expired)")
+            result = entry.to_json()
+        else:
+            signed = self._check_signed(flow, "owner", inputs.check_owner, framed=signing.owner_listing_subject)
+            result = {"instances": [e.to_json() for e in await info.of_owner(signed.subject)]}
+        flow.response = errors.json_response(200, {"code": "OK", "result": result})
+
     async def _current_health(self) -> Health:
         """Built once per set of parts: its shared, cached checks are what keep it cheap."""
         if self._health is None or self._health.instances is not self.runtime.instances:
@@ -466,6 +496,13 @@ class Api:
     async def _report_health(self, flow: http.HTTPFlow) -> None:
         status, body = await (await self._current_health()).report()
         flow.response = errors.json_response(status, body)
+
+
+def _refuse_browsers(flow: http.HTTPFlow) -> None:
+    """The instance API answers servers only: a request that says it comes from a browser's page
+    (Origin, Sec-Fetch-Site) is refused, whatever it carries; no cookie is ever read there."""
+    if "Origin" in flow.request.headers or "Sec-Fetch-Site" in flow.request.headers:
+        raise ApiError(403, "BAD_ORIGIN", "the instance API is for the frontend's server, not for browsers")
 
 
 def _check_unpack_flag(flag: str) -> None:

@@ -259,6 +259,12 @@ class Settings:
         "Live and pooled instances across all proxies on the Redis; 0: what the engine's memory holds.",
         check=non_negative,
     )
+    max_instances_per_owner: int = option(
+        0,
+        "Live and starting instances one owner (a start's owner=) may hold across all proxies on the Redis; "
+        "0: no cap. Starts without an owner are not capped.",
+        check=non_negative,
+    )
     idle_timeout: int = option(
         1800,
         "Seconds without a person's activity (a page loaded, a file opened or saved, code run, a terminal "

@@ -24,6 +24,7 @@ from backends import InventoryEntry
 from backends.jupyter import jupyter_activity
 from instances import CONTAINER_GONE
 from instances import Instances
+from lifetime import lifetime_of
 
 log = logging.getLogger(__name__)
 
@@ -166,6 +167,7 @@ class Culler:
             if ended is True:
                 counters.culled(cause)
         await self._sweep_work(now)
+        await inst.owners.tidy(time.time())
         return sum(1 for d in done if d is True)
 
     async def _one_end[T](self, end: Coroutine[None, None, T]) -> T:
@@ -189,26 +191,27 @@ class Culler:
     ) -> Verdict | None:
         """Why the instance should end, if it should, and on which last activity an idleness verdict rests."""
         s = self.instances.settings
+        life = lifetime_of(s, record.profile)
         f = found.get(record.id)
         if f is None or not f.running:
             return Verdict("gone", CONTAINER_GONE)
-        if record.age(now) > s.max_age:
-            return Verdict("max_age", f"older than datalab_max_age ({s.max_age} s)")
+        if record.age(now) > life.max_age:
+            return Verdict("max_age", f"older than datalab_max_age ({life.max_age} s)")
         if record.id in pooled:
             return None
         last = activity.get(record.id, record.claimed or record.created)
-        if now - last <= min(s.idle_timeout, s.start_timeout):
+        if now - last <= min(life.idle_timeout, s.start_timeout):
             return None  # in use by the proxy's own record: Jupyter need not be asked
         async with self._probes:
             return await self._probed_verdict(record, last, now)
 
     async def _probed_verdict(self, record: Instance, last: float, now: float) -> Verdict | None:
         """The verdict on an instance the proxy saw no recent use of: its Jupyter says what it recorded."""
-        s = self.instances.settings
+        s, idle_timeout = self.instances.settings, lifetime_of(self.instances.settings, record.profile).idle_timeout
         busy, reported = await jupyter_activity(record)
         last = max(last, min(reported or 0.0, now))  # (the instance's clock, or its user, may run ahead)
-        if now - last > s.idle_timeout and not busy:
-            return Verdict("idle", f"idle for more than datalab_idle_timeout ({s.idle_timeout} s)", idle_since=last)
+        if now - last > idle_timeout and not busy:
+            return Verdict("idle", f"idle for more than datalab_idle_timeout ({idle_timeout} s)", idle_since=last)
         if now - last > s.start_timeout and not await self.instances.store.reachable(record.id):
             return Verdict("unreachable", "no nonce or session can reach it any more", idle_since=last)
         return None

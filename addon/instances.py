@@ -29,6 +29,8 @@ from backends import UntrustedRecord
 from backends.instance_http import http_status
 from backends.memory_budget import size_bytes
 from config import Settings
+from owners import Owners
+from owners import Started
 from paths import family_name
 from store import EndNote
 from store import Reservation
@@ -44,6 +46,7 @@ LEASE_MARGIN = 10.0  # seconds a capacity lease outlives the longest a start may
 DRAIN = 0.5  # seconds between forgetting a user's instance (new requests: 410) and stopping it
 RETRY_AT_CAPACITY = 30  # Retry-After when every slot is taken: instances end by culling or stop
 RETRY_QUEUE_FULL = 5  # Retry-After when the boot queue did not move in time
+RETRY_OWNER_LIMIT = 30  # Retry-After when an owner holds its cap: its instances end by culling or stop
 CONTAINER_GONE = "its container is gone or stopped"  # the end reason when the backend lost it
 HANDOUT_TRIES = 2  # instances a start may take if the one it took was ended while being handed out
 
@@ -77,9 +80,18 @@ class NoCapacity(BackendError, status=503, code="CAPACITY"):
         self.retry_after = retry_after
 
 
+class OwnerLimit(BackendError, status=429, code="OWNER_LIMIT"):
+    """The start's owner holds datalab_max_instances_per_owner instances already (one may end)."""
+
+    def __init__(self, cap: int):
+        super().__init__(f"this owner holds {cap} instances, datalab_max_instances_per_owner; stop one or retry later")
+        self.retry_after = RETRY_OWNER_LIMIT
+
+
 class Instances:
     def __init__(self, store: Store, backend: Backend, settings: Settings):
         self.store = store
+        self.owners = Owners(store)
         self.backend = backend
         self.settings = settings
         self.admission = Admission(settings.boot_slots)
@@ -107,6 +119,15 @@ class Instances:
         """Hand out an instance holding the upload (or, with the order's `unpack`, the archive's
         contents: zip, tar or tar.gz); return the nonce bound to it and its work's id."""
         work_id = inputs.new_token()
+        await self._reserve_owner(order, work_id)
+        try:
+            return await self._start(order, data, work_id)
+        except BaseException:
+            if order.owner:
+                await asyncio.shield(self.owners.release(order.owner, work_id))
+            raise
+
+    async def _start(self, order: Order, data: bytes | bytearray, work_id: str) -> Handout:
         for _ in range(HANDOUT_TRIES):
             instance = await self.claim_pooled() or await self._cold_start()
             self.pool_changed.set()
@@ -123,6 +144,26 @@ class Instances:
             await self.discard(instance)
         raise BackendError("every instance taken for this start was ended meanwhile; retry")
 
+    async def _reserve_owner(self, order: Order, work_id: str) -> None:
+        """An owner's start takes its place before anything else (a slot, a pooled instance): 429 at the cap."""
+        if not order.owner:
+            return
+        s, now = self.settings, time.time()
+        started = Started(order.filename, order.profile, now)
+        lease_until = now + s.queue_timeout + s.start_timeout + LEASE_MARGIN
+        cap = s.max_instances_per_owner
+        if not await self.owners.reserve(order.owner, work_id, started, lease_until, cap, self._work_lifetime()):
+            raise OwnerLimit(cap)
+
+    def _work_lifetime(self) -> int:
+        """The longest a work's record lives: its instance's longest life, then the saved work's."""
+        s = self.settings
+        return s.max_age + 2 * s.cull_interval + s.work_timeout + s.work_ttl
+
+    async def owner_at_cap(self, owner: str) -> bool:
+        """Whether a start of this owner would be refused now (the api asks before spending a signature)."""
+        return await self.owners.at_cap(owner, time.time(), self.settings.max_instances_per_owner)
+
     async def _hand_out(self, instance: Instance, order: Order, data: bytes | bytearray, work_id: str) -> str | None:
         """Put the upload in and bind a nonce and the work; None if the instance was ended meanwhile."""
         if order.unpack:
@@ -133,11 +174,12 @@ class Instances:
         instance = dataclasses.replace(
             instance, filename=order.filename, claimed=now, work=work_id, profile=order.profile, owner=order.owner
         )
-        work = WorkRecord(work_id, instance.id, "live", now)
-        s = self.settings
-        live_ttl = s.max_age + 2 * s.cull_interval + s.work_timeout + s.work_ttl  # the end sets its own
+        work = WorkRecord(
+            work_id, instance.id, "live", now, filename=order.filename, profile=order.profile, owner=order.owner
+        )
+        live_ttl = self._work_lifetime()  # the end sets its own
         nonce = inputs.new_token()
-        return nonce if await self.store.bind(instance, nonce, s.nonce_ttl, now, work, live_ttl) else None
+        return nonce if await self.store.bind(instance, nonce, self.settings.nonce_ttl, now, work, live_ttl) else None
 
     async def claim_pooled(self) -> Instance | None:
         """A ready pool instance, checked alive; a dead one is ended, never handed out."""

@@ -8,7 +8,9 @@ Two schemes, chosen by datalab_sign_scheme:
   message. Prefer it when the frontend can be changed.
 
 A start signs its filename and, after it, every other parameter that changes what is started
-(`start_subject`): with none of them, the subject is the filename alone, as in the seed API.
+(`start_subject`): with none of them, the subject is the filename alone, as in the seed API. A read
+of the instance API signs its method and path (and the owner it asks about): no start, stop or work
+request can sign such a subject, since a filename, nonce or work id holds no '/' nor space.
 
 Pure functions, no I/O, so the rules are tested with tables. Replay protection (a signature is
 used once) lives in the store, since several proxies share it.
@@ -35,6 +37,19 @@ def start_subject(filename: str, extras: Mapping[str, str]) -> str:
 def describe_start(extras: Mapping[str, str]) -> str:
     """The subject a start must sign, spelled for error messages and docs."""
     return " + ".join(["filename", *(f'"\\n{name}=" + {name}' for name in START_EXTRAS if name in extras)])
+
+
+INSTANCES_PATH = "/datalab/instances"
+
+
+def owner_listing_subject(owner: str) -> str:
+    """What `GET /datalab/instances?owner=` signs: the method and path, then the owner."""
+    return f"GET {INSTANCES_PATH}\nowner={owner}"
+
+
+def instance_subject(work: str) -> str:
+    """What `GET /datalab/instances/<work>` signs: the method and the path."""
+    return f"GET {INSTANCES_PATH}/{work}"
 
 
 def signature(sign_key: str, ts: str, subject: str, scheme: str = "sha256") -> str:

@@ -16,6 +16,11 @@ built only here. Whatever several proxies might race on is one transaction or on
                               saved, unsaved or deleted; expires datalab_work_ttl after the end)
 <prefix>ended:<id>         -> JSON {cause, work, instance: its last record} (how instance <id> ended: the
                               ended page; reconciliation saves the work of a proxy that died mid-save)
+<prefix>owner:<owner>      -> zset work id -> lease expiry (+inf once bound): an owner's starts in flight and
+                              live instances, capped by datalab_max_instances_per_owner (owners.py's script)
+<prefix>owned:<owner>      -> hash work id -> JSON {filename, profile, created}: an owner's starts, listed by
+                              the instance API while their works live (expires work_ttl after the last start)
+<prefix>owners             -> set of owners with either key above (reconciliation tidies them)
 <prefix>lock:<name>        -> token of the proxy doing <name> (culling) now
 <prefix>events             -> pub/sub channel: "gone <id>" when an instance ends
 """
@@ -205,6 +210,9 @@ class WorkRecord:
     sha256: str = ""
     saved_at: float = 0.0
     why: str = ""  # unsaved: why not
+    filename: str = ""  # the start's (instances.Order), so the instance API tells them after the end
+    profile: str = ""
+    owner: str = ""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -375,14 +383,17 @@ class Store:
 
     async def all_instances(self) -> list[Instance]:
         """Every recorded instance, in one round trip for the records (culling reads them each round)."""
-        ids = sorted(await self.instance_ids())
+        return list((await self.records(sorted(await self.instance_ids()))).values())
+
+    async def records(self, ids: list[str]) -> dict[str, Instance]:
+        """The records of these instances that exist (one round trip), in their order."""
         raws = await self.redis.mget([self.key("instance", i) for i in ids]) if ids else []
-        found = []
+        found = {}
         for instance_id, raw in zip(ids, raws, strict=True):
             if raw is None:
                 continue
             try:
-                found.append(Instance.from_json(raw))
+                found[instance_id] = Instance.from_json(raw)
             except (ValueError, TypeError) as e:  # one bad record must not hide all the others
                 log.error("datalab: instance record %s is malformed (%s); ignored", instance_id, e)
         return found
@@ -468,6 +479,11 @@ class Store:
         """One write for a batch: only moves times forward, and never revives an ended instance."""
         if last_seen:
             await self.redis.zadd(self.key("activity"), last_seen, xx=True, gt=True)
+
+    async def last_activity(self, ids: list[str]) -> dict[str, float]:
+        """The last activity recorded of these instances (those with none are left out)."""
+        scores = await self.redis.zmscore(self.key("activity"), ids) if ids else []
+        return {i: s for i, s in zip(ids, scores, strict=True) if s is not None}
 
     async def activity(self) -> dict[str, float]:
         return {m.decode(): s for m, s in await self.redis.zrange(self.key("activity"), 0, -1, withscores=True)}

@@ -21,20 +21,22 @@ from store import Store
 # KEYS: the owner's quota zset, the owner's index hash, the set of owners.
 # ARGV: owner, key prefix, now, mode (reserve, peek or tidy), lease expiry, cap (0: none), work id,
 # index entry JSON, index TTL.
-# Counts the owner's works that are live (bound, record present) or leased (a start in flight).
+# Counts the owner's works that are live (bound, record present) or leased and not bound yet (a start
+# in flight); a work bound and ended, or whose lease ran out unbound, counts no more.
 # reserve: adds a lease if under the cap (1) or writes nothing (-1); peek: the same answer, no
 # write; tidy: drops what no longer counts, and index entries of works Redis forgot; answers the count.
 _OWNER = """
-local function live(work)
+local function bound(work)
   local raw = redis.call('GET', ARGV[2] .. 'work:' .. work)
   if not raw then
-    return false
+    return 'no'
   end
   local ok, w = pcall(cjson.decode, raw)
-  if not ok or type(w) ~= 'table' or w['state'] ~= 'live' or type(w['instance']) ~= 'string' then
-    return false
+  if ok and type(w) == 'table' and w['state'] == 'live' and type(w['instance']) == 'string'
+      and redis.call('EXISTS', ARGV[2] .. 'instance:' .. w['instance']) == 1 then
+    return 'live'
   end
-  return redis.call('EXISTS', ARGV[2] .. 'instance:' .. w['instance']) == 1
+  return 'ended'
 end
 local now, mode = tonumber(ARGV[3]), ARGV[4]
 local held = 0
@@ -42,12 +44,13 @@ local entries = redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')
 for i = 1, #entries, 2 do
   local work, score = entries[i], entries[i + 1]
   local forever = score == 'inf' or score == '+inf'
-  if live(work) then
+  local status = bound(work)
+  if status == 'live' then
     held = held + 1
     if mode ~= 'peek' and not forever then
       redis.call('ZADD', KEYS[1], '+inf', work)
     end
-  elseif not forever and tonumber(score) >= now then
+  elseif status == 'no' and not forever and tonumber(score) >= now then
     held = held + 1
   elseif mode ~= 'peek' then
     redis.call('ZREM', KEYS[1], work)

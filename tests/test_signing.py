@@ -1,4 +1,6 @@
 import hashlib
+import importlib.util
+from pathlib import Path
 
 import pytest
 
@@ -59,3 +61,38 @@ def test_a_starts_extras_are_signed_in_one_order_and_each_changes_the_subject():
         )
         left_out = {k: v for k, v in extras.items() if k != name}
         assert signing.start_subject("a.zip", left_out) != signing.start_subject("a.zip", extras)
+
+
+def documented_vectors() -> list[tuple[str, str, str]]:
+    """docs/api.md's test vectors (key k, ts 1700000000): subject, sha256, hmac-sha256."""
+    text = (Path(__file__).parent.parent / "docs" / "api.md").read_text()
+    table = text.split("Test vectors", 1)[1].split("\n\n", 2)[1]
+    rows = [[c.strip().strip("`") for c in line.strip("|").split("|")] for line in table.splitlines()[2:]]
+    return [(subject.replace("\\n", "\n"), sha, mac) for subject, sha, mac in rows]
+
+
+def test_the_documented_vectors_are_the_proxys_signatures():
+    vectors = documented_vectors()
+    assert len(vectors) == 3
+    for subject, sha, mac in vectors:
+        assert signing.signature("k", "1700000000", subject) == sha
+        assert signing.signature("k", "1700000000", subject, "hmac-sha256") == mac
+    subjects = [v[0] for v in vectors]
+    start = signing.start_subject("data.zip", {"unpack": "1", "profile": "big", "owner": "alice"})
+    assert subjects[1:] == [start, signing.owner_listing_subject("alice")]
+
+
+def test_the_sample_client_signs_as_the_docs_say():
+    spec = importlib.util.spec_from_file_location("client", Path(__file__).parent.parent / "scripts/datalab-client.py")
+    client = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(client)
+    _, start, listing = documented_vectors()
+    assert client.start_subject("data.zip", {"unpack": "1", "owner": "alice", "profile": "big"}) == start[0]
+    assert client.listing_subject("alice") == listing[0]
+    for subject, sha, mac in (start, listing):
+        assert (
+            client.sign("k", "1700000000", subject, "sha256"),
+            client.sign("k", "1700000000", subject, "hmac-sha256"),
+        ) == (sha, mac)
+    for extras in ({}, {"owner": "a"}, {"profile": "p", "unpack": "0"}):
+        assert client.start_subject("f.csv", extras) == signing.start_subject("f.csv", extras)

@@ -176,6 +176,18 @@ class Proxy:
             method, self.url(f"/datalab/work/{work_id}?ts={ts}"), headers={"X-SIGN": sign}, timeout=120, **kw
         )
 
+    def instances(self, owner: str | None = None, work: str | None = None, **kw) -> requests.Response:
+        """The instance API, as the frontend's server asks it: an owner's instances, or one by its
+        work id; signed over the method and path (and owner), never spent."""
+        ts = str(int(time.time() * 1000))
+        if work is not None:
+            path, subject = f"/datalab/instances/{work}?ts={ts}", signing.instance_subject(work)
+        else:
+            path = f"/datalab/instances?{urlencode({'ts': ts, 'owner': owner})}"
+            subject = signing.owner_listing_subject(owner)
+        headers = {"X-SIGN": signing.signature(self.sign_key, ts, subject, self.scheme), **kw.pop("headers", {})}
+        return requests.get(self.url(path), headers=headers, timeout=30, verify=self.verify, **kw)
+
 
 class Browser:
     """One browser page: its cookie jar (a jar may be shared by several pages of one browser), on

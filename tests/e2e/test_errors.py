@@ -45,7 +45,9 @@ from e2e.proxy import Proxy
 CSV = b"x,y\n1,2\n"  # 8 bytes: under the plain proxy's 16-byte upload limit
 EVIL = "http://evil.example"
 MISSING_IMAGE = "datalab-no-such-image:latest"
-HOUSEKEEPING = ("lock:cull",)  # keys background rounds set and delete on their own timers
+ROW_OWNER = "errors-row-owner"  # the owner_limit row's: its instance ends in that row
+# Keys background rounds set and delete on their own timers (reconciliation drops an ended owner's quota).
+HOUSEKEEPING = ("lock:cull", f"owner:{ROW_OWNER}")
 LEAKS = ("Traceback", "Errno", "http+docker", "unix://", "redis://", ".sock", "Connection refused", "docker.errors")
 ANSWER_WITHIN = 20.0  # seconds: no refusal may leave a client hanging (the slowest is a 5 s probe)
 
@@ -66,6 +68,7 @@ PROXIES: dict[str, tuple[str, dict, str | None]] = {
     "hasty": (QUIET, {"datalab_upload_timeout": 2, "datalab_header_timeout": 2}, None),
     "narrow": (QUIET, {"datalab_uploads_at_once": 1}, None),
     "impatient": (LIVE, {"datalab_upstream_timeout": 2}, None),  # routes to busy's instances
+    "owned": (LIVE, {"datalab_max_instances_per_owner": 1}, None),  # an owner holds one instance at most
 }
 # Seconds after a proxy answers by which it is surely past mitmproxy's start-up, during which an error
 # in its log makes it exit: a row checks that its proxy is still there.
@@ -440,6 +443,19 @@ def uploads_busy(env: Env) -> Answer:
     return answer
 
 
+def owner_limit(env: Env) -> Answer:
+    """An owner holding its one instance starts another: refused before anything is spent or made."""
+    owned = env.proxy("owned")
+    env._settled()  # nothing boots on LIVE behind the row's back
+    nonce, _ = owned.start_with_work("mine.csv", CSV, owner=ROW_OWNER)
+    try:
+        answer = env.ask(LIVE, lambda: owned.upload("again.csv", CSV, owner=ROW_OWNER))
+    finally:
+        assert owned.stop_instance(nonce).status_code == 200
+    assert answer.headers.get("Retry-After") == "30", answer.headers
+    return answer
+
+
 def instance_gone(env: Env) -> Answer:
     """The browser's instance was stopped by the frontend; the browser carries on."""
     opened = env.own()
@@ -542,6 +558,7 @@ ROWS = [
     ("bad_request-static_websocket", static_websocket, 400, "BAD_REQUEST"),
     ("capacity", capacity, 503, "CAPACITY"),
     ("capacity-uploads_arriving", uploads_busy, 503, "CAPACITY"),
+    ("owner_limit", owner_limit, 429, "OWNER_LIMIT"),
     ("upload_timeout", stalled_upload, 408, "UPLOAD_TIMEOUT"),
     ("header_timeout", slow_head, 408, "HEADER_TIMEOUT"),
     ("head_too_large", huge_head, 431, "HEAD_TOO_LARGE"),

@@ -207,7 +207,8 @@ class Culler:
 
     async def _probed_verdict(self, record: Instance, last: float, now: float) -> Verdict | None:
         """The verdict on an instance the proxy saw no recent use of: its Jupyter says what it recorded."""
-        s, idle_timeout = self.instances.settings, lifetime_of(self.instances.settings, record.profile).idle_timeout
+        s = self.instances.settings
+        idle_timeout = lifetime_of(s, record.profile).idle_timeout
         busy, reported = await jupyter_activity(record)
         last = max(last, min(reported or 0.0, now))  # (the instance's clock, or its user, may run ahead)
         if now - last > idle_timeout and not busy:

@@ -84,7 +84,9 @@ class OwnerLimit(BackendError, status=429, code="OWNER_LIMIT"):
     """The start's owner holds datalab_max_instances_per_owner instances already (one may end)."""
 
     def __init__(self, cap: int):
-        super().__init__(f"this owner holds {cap} instances, datalab_max_instances_per_owner; stop one or retry later")
+        super().__init__(
+            f"this owner holds its limit of instances ({cap}, datalab_max_instances_per_owner); stop one or retry later"
+        )
         self.retry_after = RETRY_OWNER_LIMIT
 
 

@@ -1,6 +1,7 @@
 """The /datalab/* endpoints: start (upload), stop, view (cookie + redirect, or the waiting page
 while the instance does not answer: waiting.py), static (fetch a path), work (the user's work:
-work.py, work_files.py) and health (health.py).
+work.py, work_files.py), the instance API for the frontend's server (instances: instance_info.py)
+and health (health.py).
 
 Refusals are decided in `requestheaders`, before an upload body is read; a body is then streamed
 to the upload sink (upload.py) and never held beyond datalab_max_upload, nor waited for beyond

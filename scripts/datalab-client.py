@@ -64,6 +64,8 @@ def call(request: urllib.request.Request, context: ssl.SSLContext | None) -> dic
     except urllib.error.HTTPError as e:
         body = json.loads(e.read() or b"{}")
         sys.exit(f"refused ({e.code} {body.get('code')}): {body.get('message')}")
+    except urllib.error.URLError as e:
+        sys.exit(f"cannot reach the proxy: {e.reason}")
 
 
 def upload(base: str, key: str, path: Path, scheme: str, context: ssl.SSLContext | None, extras: dict[str, str]) -> str:

@@ -296,6 +296,26 @@ class Settings:
         "Seconds saving one instance's work may take; then it is abandoned (unsaved) and the end goes on.",
         check=positive,
     )
+    events_url: str = option(
+        "",
+        'Where each lifecycle event (docs/api.md "Events") is POSTed as JSON, signed in X-Datalab-Signature; '
+        "empty: none is sent (the Redis stream <prefix>lifecycle still holds them).",
+        "DATALAB_EVENTS_URL",
+        check=holds(lambda v: not v or v.startswith(("http://", "https://")), "must be an http:// or https:// URL"),
+    )
+    events_key: str = option(
+        "",
+        "Key of the events' X-Datalab-Signature: sha256=<hex HMAC-SHA256(key, body)>; empty: datalab_sign_key.",
+        "DATALAB_EVENTS_KEY",
+    )
+    events_max: int = option(
+        100_000, "Lifecycle events the Redis stream keeps (about: the oldest go first).", check=positive
+    )
+    events_retry_max: int = option(
+        60,
+        "Longest seconds between tries of an event its receiver did not take (the wait doubles up to this).",
+        check=positive,
+    )
     unpack_max_entries: int = option(10000, "Most entries in an archive a start unpacks (unpack=1).", check=positive)
     metrics_port: int = option(
         0,
@@ -342,6 +362,11 @@ class Settings:
     def boot_slots(self) -> int:
         """Cold starts booting at once in this process: datalab_boots_at_once, or one per CPU."""
         return self.boots_at_once or os.cpu_count() or 1
+
+    @property
+    def events_signing_key(self) -> str:
+        """The events' HMAC key: datalab_events_key, else the sign key."""
+        return self.events_key or self.sign_key
 
     @functools.cached_property
     def session_cookie(self) -> str:

@@ -175,11 +175,13 @@ class Culler:
             return await end
 
     async def _sweep_work(self, now: float) -> None:
-        """Saved works past datalab_work_ttl (or deleted) go, and so do abandoned partial saves."""
+        """Saved works past datalab_work_ttl (or deleted) go, and so do abandoned partial saves; works
+        whose records expired are told (work_expired events)."""
         try:
             await self.instances.work.sweep(now)
         except OSError as e:
             log.warning("datalab: could not sweep the work store: %s", e)
+        await self.instances.store.expire_works(now)
 
     async def _verdict(
         self,

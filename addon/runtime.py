@@ -1,5 +1,6 @@
 """The parts built from Settings, shared by the addons: one Redis client, one backend, the instance
-service, and the background work that keeps instances in order (pool, culling, activity).
+service, and the background work that keeps instances in order (pool, culling, activity) and
+delivers lifecycle events (events.py).
 
 Rebuilt when options change (mitmweb lets you change them live); old clients are closed at exit.
 Stopping the proxy stops the background work and leaves instances running: they belong to Redis
@@ -20,6 +21,8 @@ from config import Settings
 from config import settings_from_environment
 from culler import Activity
 from culler import Culler
+from events import EventDelivery
+from events import http_poster
 from instances import Instances
 from pool import PoolFiller
 
@@ -28,7 +31,7 @@ log = logging.getLogger(__name__)
 
 def build_instances(s: Settings) -> Instances:
     """The instance service for these settings: also what scripts and tests use to act as the proxy would."""
-    client = store.Store(store.connect(s.redis_url, s.redis_timeout), s.key_prefix)
+    client = store.Store(store.connect(s.redis_url, s.redis_timeout), s.key_prefix, s.events_max)
     return Instances(client, choice.build(s.backend, s.backend_options, s.limits), s)
 
 
@@ -94,6 +97,9 @@ class Runtime:
             asyncio.create_task(culler.run_activity()),
             asyncio.create_task(culler.follow_exits()),
         ]
+        if (s := self.instances.settings).events_url:  # events.py: to the frontend, never blocking a request
+            delivery = EventDelivery(self.store, http_poster(s.events_url), s.events_signing_key, s.events_retry_max)
+            self._tasks.append(asyncio.create_task(delivery.run()))
 
     async def _restart(self) -> None:
         await self._stop_tasks()

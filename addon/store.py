@@ -23,6 +23,11 @@ built only here. Whatever several proxies might race on is one transaction or on
 <prefix>owners             -> set of owners with either key above (reconciliation tidies them)
 <prefix>lock:<name>        -> token of the proxy doing <name> (culling) now
 <prefix>events             -> pub/sub channel: "gone <id>" when an instance ends
+<prefix>lifecycle          -> stream of lifecycle events (start, view, end, work_saved, work_unsaved,
+                              work_expired), each written by the script that makes the change it reports;
+                              capped near datalab_events_max (XADD MAXLEN ~); delivered by events.py
+<prefix>expiring           -> zset work -> when its record's TTL runs out (work_expired is told from it)
+<prefix>workwho            -> hash work -> JSON {instance, owner, profile} (what its events name)
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import enum
 import json
 import logging
 import secrets
+import time
 from collections.abc import AsyncIterator
 from dataclasses import asdict
 from dataclasses import dataclass
@@ -49,6 +55,8 @@ log = logging.getLogger(__name__)
 
 ENDED_EVENT = "gone"  # the event kind for an ended instance (also spelled in the _REMOVE script)
 FOREVER = "+inf"
+EVENTS_MAX = 100_000  # events the lifecycle stream keeps, about (datalab_events_max)
+EXPIRED_PER_CALL = 500  # work expiries told by one call of Store.expire_works (the rest: next round)
 
 # KEYS: slots, pool, poolboot. ARGV: id, now, lease expiry, max instances, pool size (-1: not a pool boot).
 # Drops expired leases, then takes a slot if capacity (and, for a pool boot, the pool's size) allows.
@@ -79,9 +87,11 @@ end
 return id
 """
 
-# KEYS: slots, instance record, instances, activity, nonce, refs, work.
-# ARGV: id, record, now, nonce TTL, work record ('' = none), work TTL.
-# Records a claimed instance with its first nonce and its work, unless it lost its slot (it was ended meanwhile).
+# KEYS: slots, instance record, instances, activity, nonce, refs, work, lifecycle, expiring, workwho.
+# ARGV: id, record, now, nonce TTL, work record ('' = none), work TTL, events max, work id, work's who
+# (JSON), then the start event's fields and values.
+# Records a claimed instance with its first nonce and its work, unless it lost its slot (it was ended
+# meanwhile), and its start event with it.
 _BIND = """
 if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then
   return 0
@@ -94,16 +104,20 @@ redis.call('SET', KEYS[5], ARGV[1], 'EX', ARGV[4])
 redis.call('SADD', KEYS[6], KEYS[5])
 if ARGV[5] ~= '' then
   redis.call('SET', KEYS[7], ARGV[5], 'EX', ARGV[6])
+  redis.call('ZADD', KEYS[9], tonumber(ARGV[3]) + tonumber(ARGV[6]), ARGV[8])
+  redis.call('HSET', KEYS[10], ARGV[8], ARGV[9])
 end
+redis.call('XADD', KEYS[8], 'MAXLEN', '~', ARGV[7], '*', unpack(ARGV, 10))
 return 1
 """
 
-# KEYS: instance record, refs, instances, slots, poolboot, activity, pool, events, ended.
+# KEYS: instance record, refs, instances, slots, poolboot, activity, pool, events, ended, lifecycle, expiring.
 # ARGV: id, nonce key prefix, expected record ('' = any), idle since ('' = no check), cause ('' = none:
 # an instance no user held), ended TTL, slot lease while its work is saved ('' = none), work key prefix,
-# work TTL, now.
+# work TTL, now, events max.
 # Nonce keys are found in refs inside the script, so a bind or view cannot slip in between. The end is
-# recorded (how, and the work's state: saving) in the same step, so no reader sees one without the other.
+# recorded (how, the work's state: saving, and its end event) in the same step, so no reader sees one
+# without the others.
 _REMOVE = """
 local record = redis.call('GET', KEYS[1])
 if ARGV[3] ~= '' and record ~= ARGV[3] then
@@ -136,10 +150,14 @@ if not record then
 end
 if ARGV[5] ~= '' then
   local ok, decoded = pcall(cjson.decode, record)
-  local work = ok and type(decoded) == 'table' and decoded['work'] or ''
-  if type(work) ~= 'string' then
-    work = ''
+  if not ok or type(decoded) ~= 'table' then
+    decoded = {}
   end
+  local function text(name)
+    local value = decoded[name]
+    return type(value) == 'string' and value or ''
+  end
+  local work = text('work')
   redis.call('SET', KEYS[9], cjson.encode({cause = ARGV[5], work = work, instance = record}), 'EX', ARGV[6])
   local raw = work ~= '' and redis.call('GET', ARGV[8] .. work)
   if raw then
@@ -148,13 +166,17 @@ if ARGV[5] ~= '' then
     w['ended'] = ARGV[5]
     w['ended_at'] = tonumber(ARGV[10])
     redis.call('SET', ARGV[8] .. work, cjson.encode(w), 'EX', ARGV[9])
+    redis.call('ZADD', KEYS[11], 'XX', tonumber(ARGV[10]) + tonumber(ARGV[9]), work)
   end
+  redis.call('XADD', KEYS[10], 'MAXLEN', '~', ARGV[11], '*', 'type', 'end', 'time', ARGV[10], 'instance', ARGV[1],
+    'work', work, 'owner', text('owner'), 'profile', text('profile'), 'cause', ARGV[5])
 end
 return 1
 """
 
-# KEYS: work record. ARGV: expected state, new record, TTL. A work's state moves only from the one
-# its writer read (a save never overwrites a delete, nor a delete a save in progress).
+# KEYS: work record, lifecycle, expiring, workwho. ARGV: expected state, new record, TTL, work id, now,
+# events max, the event this move is ('' = none). A work's state moves only from the one its writer read
+# (a save never overwrites a delete, nor a delete a save in progress); its event goes with the move.
 _MOVE_WORK = """
 local raw = redis.call('GET', KEYS[1])
 if not raw then
@@ -165,16 +187,65 @@ if not ok or type(decoded) ~= 'table' or decoded['state'] ~= ARGV[1] then
   return 0
 end
 redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
+redis.call('ZADD', KEYS[3], 'XX', tonumber(ARGV[5]) + tonumber(ARGV[3]), ARGV[4])
+if ARGV[7] ~= '' then
+  local found, who = pcall(cjson.decode, redis.call('HGET', KEYS[4], ARGV[4]) or '{}')
+  if not found or type(who) ~= 'table' then
+    who = {}
+  end
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[6], '*', 'type', ARGV[7], 'time', ARGV[5],
+    'instance', tostring(who['instance'] or ''), 'work', ARGV[4], 'owner', tostring(who['owner'] or ''),
+    'profile', tostring(who['profile'] or ''))
+end
 return 1
 """
 
-# KEYS: instance record, session, refs. ARGV: id, session TTL. A session only for a live instance.
+# KEYS: expiring, workwho, lifecycle. ARGV: now, events max, work key prefix, most to tell.
+# Work records expire by their TTL; the index of when each does tells their expiry as an event, once
+# across all proxies (the index entry goes with the event). A TTL moved later is put back in the index.
+_EXPIRE_WORKS = """
+local told = 0
+for _, work in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[4]))) do
+  local ttl = redis.call('PTTL', ARGV[3] .. work)
+  if ttl > 0 then
+    redis.call('ZADD', KEYS[1], tonumber(ARGV[1]) + ttl / 1000, work)
+  else
+    if ttl == -2 then
+      local found, who = pcall(cjson.decode, redis.call('HGET', KEYS[2], work) or '{}')
+      if not found or type(who) ~= 'table' then
+        who = {}
+      end
+      redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[2], '*', 'type', 'work_expired', 'time', ARGV[1],
+        'instance', tostring(who['instance'] or ''), 'work', work, 'owner', tostring(who['owner'] or ''),
+        'profile', tostring(who['profile'] or ''))
+      told = told + 1
+    end
+    redis.call('ZREM', KEYS[1], work)
+    redis.call('HDEL', KEYS[2], work)
+  end
+end
+return told
+"""
+
+# KEYS: instance record, session, refs, lifecycle. ARGV: id, session TTL, now, events max. A session
+# only for a live instance; its view event goes with it.
 _ADD_SESSION = """
-if redis.call('EXISTS', KEYS[1]) == 0 then
+local record = redis.call('GET', KEYS[1])
+if not record then
   return 0
 end
 redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[2])
 redis.call('SADD', KEYS[3], KEYS[2])
+local ok, decoded = pcall(cjson.decode, record)
+if not ok or type(decoded) ~= 'table' then
+  decoded = {}
+end
+local function text(name)
+  local value = decoded[name]
+  return type(value) == 'string' and value or ''
+end
+redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[4], '*', 'type', 'view', 'time', ARGV[3], 'instance', ARGV[1],
+  'work', text('work'), 'owner', text('owner'), 'profile', text('profile'))
 return 1
 """
 
@@ -193,6 +264,20 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 return 0
 """
+
+
+def _fields(kind: str, now: float, instance: Instance, **more: str) -> list[str | float]:
+    """An event's fields and values as XADD takes them (what docs/api.md "Events" lists)."""
+    fields: dict[str, str | float] = {"type": kind, "time": now, "instance": instance.id, "work": instance.work}
+    fields |= {"owner": instance.owner, "profile": instance.profile, **more}
+    return [part for pair in fields.items() for part in pair]
+
+
+def _stream_event(ident: bytes | str, fields: dict) -> StreamEvent:
+    def text(value: bytes | str) -> str:
+        return value.decode() if isinstance(value, bytes) else value
+
+    return StreamEvent(text(ident), {text(k): text(v) for k, v in (fields or {}).items()})
 
 
 @dataclass(frozen=True)
@@ -276,10 +361,19 @@ def connect(url: str, deadline: float = redis_deadline.DEFAULT) -> redis_deadlin
     return client
 
 
+@dataclass(frozen=True)
+class StreamEvent:
+    """One lifecycle event as the stream holds it: its stream id and its fields (all text)."""
+
+    id: str
+    fields: dict[str, str]
+
+
 class Store:
-    def __init__(self, client: redis.Redis, prefix: str):
+    def __init__(self, client: redis.Redis, prefix: str, events_max: int = EVENTS_MAX):
         self.redis = client
         self.prefix = prefix
+        self.events_max = events_max
         self._reserve = client.register_script(_RESERVE)
         self._unlock = client.register_script(_UNLOCK)
         self._claim = client.register_script(_CLAIM)
@@ -288,6 +382,7 @@ class Store:
         self._remove = client.register_script(_REMOVE)
         self._add_session = client.register_script(_ADD_SESSION)
         self._move_work = client.register_script(_MOVE_WORK)
+        self._expire_works = client.register_script(_EXPIRE_WORKS)
 
     def key(self, kind: str, ident: str = "") -> str:
         return f"{self.prefix}{kind}:{ident}" if ident else f"{self.prefix}{kind}"
@@ -356,7 +451,11 @@ class Store:
         at most (the instance's longest life and the saved work's): an end sets its own."""
         keys = [self.key("slots"), self.key("instance", instance.id), self.key("instances"), self.key("activity")]
         keys += [self.key("nonce", nonce), self.key("refs", instance.id), self.key("work", work.id if work else "-")]
+        keys += [self.key("lifecycle"), self.key("expiring"), self.key("workwho")]
         args = [instance.id, instance.to_json(), now, nonce_ttl, work.to_json() if work else "", work_ttl]
+        who = {"instance": instance.id, "owner": instance.owner, "profile": instance.profile}
+        args += [self.events_max, work.id if work else "", json.dumps(who)]
+        args += _fields("start", now, instance, filename=instance.filename)
         return bool(await self._bind_script(keys=keys, args=args))
 
     async def instance(self, instance_id: str) -> Instance | None:
@@ -367,10 +466,12 @@ class Store:
         raw = await self.redis.get(self.key("nonce", nonce))
         return raw.decode() if raw is not None else None
 
-    async def add_session(self, session_id: str, instance_id: str, ttl: int) -> bool:
-        """Bind a session to the instance; False (and nothing written) if the instance has ended."""
+    async def add_session(self, session_id: str, instance_id: str, ttl: int, now: float = 0.0) -> bool:
+        """Bind a session to the instance, and tell it (a view event); False (and nothing written) if
+        the instance has ended."""
         keys = [self.key("instance", instance_id), self.key("session", session_id), self.key("refs", instance_id)]
-        return bool(await self._add_session(keys=keys, args=[instance_id, ttl]))
+        keys += [self.key("lifecycle")]
+        return bool(await self._add_session(keys=keys, args=[instance_id, ttl, now or time.time(), self.events_max]))
 
     async def spend_signature(self, signature: str, ttl: int) -> bool:
         """Mark a signature used for `ttl` seconds; False if it already was (a replay). One SET NX, so
@@ -433,10 +534,11 @@ class Store:
         report (nor save) one end."""
         keys = [self.key(k, instance_id) for k in ("instance", "refs")]
         keys += [self.key(k) for k in ("instances", "slots", "poolboot", "activity", "pool", "events")]
-        keys += [self.key("ended", instance_id)]
+        keys += [self.key("ended", instance_id), self.key("lifecycle"), self.key("expiring")]
         guard = [expect.to_json() if expect else "", idle_since or ""]
         how = [end.cause, end.ended_ttl, end.lease_until, end.work_ttl, end.now] if end else ["", 0, "", 0, 0]
         args = [instance_id, self.key("nonce") + ":", *guard, *how[:3], self.key("work") + ":", *how[3:]]
+        args += [self.events_max]
         return bool(await self._remove(keys=keys, args=args))
 
     async def ended(self, instance_id: str) -> Ended | None:
@@ -456,10 +558,19 @@ class Store:
         raw = await self.redis.get(self.key("work", work_id))
         return WorkRecord.from_json(raw) if raw is not None else None
 
-    async def move_work(self, state: str, record: WorkRecord, ttl: int) -> bool:
+    async def move_work(self, state: str, record: WorkRecord, ttl: int, event: str = "") -> bool:
         """Write the work's new record only if its state is still `state` (one script: a save that
-        was abandoned never overwrites a delete, a delete never one in progress)."""
-        return bool(await self._move_work(keys=[self.key("work", record.id)], args=[state, record.to_json(), ttl]))
+        was abandoned never overwrites a delete, a delete never one in progress), with its `event`
+        (work_saved, work_unsaved; '' for none) in the same step."""
+        keys = [self.key("work", record.id), self.key("lifecycle"), self.key("expiring"), self.key("workwho")]
+        args = [state, record.to_json(), ttl, record.id, time.time(), self.events_max, event]
+        return bool(await self._move_work(keys=keys, args=args))
+
+    async def expire_works(self, now: float) -> int:
+        """Tell, as work_expired events, the works whose records expired by now (once across proxies)."""
+        keys = [self.key("expiring"), self.key("workwho"), self.key("lifecycle")]
+        args = [now, self.events_max, self.key("work") + ":", EXPIRED_PER_CALL]
+        return int(await self._expire_works(keys=keys, args=args))
 
     async def works(self, work_ids: list[str]) -> dict[str, WorkRecord]:
         """The records of these works that still live (one round trip: the sweep reads them each round)."""
@@ -513,6 +624,46 @@ class Store:
                 kind, _, ident = message["data"].decode().partition(" ")
                 if kind == ENDED_EVENT and ident:
                     yield ident
+
+    # Lifecycle events (the stream; events.py delivers them)
+
+    async def join_event_group(self, group: str) -> None:
+        """The consumer group every proxy reads the stream in (made once, from the stream's start, so
+        events recorded before any proxy delivered are delivered too)."""
+        try:
+            await self.redis.xgroup_create(self.key("lifecycle"), group, id="0", mkstream=True)
+        except redis.ResponseError as e:
+            if "BUSYGROUP" not in str(e):
+                raise
+
+    async def read_events(self, group: str, consumer: str, count: int, block_ms: int, own: bool) -> list[StreamEvent]:
+        """Events for this consumer: with `own`, those it was given and did not acknowledge yet (after
+        a claim: in stream order; one trimmed from the stream meanwhile has no fields); else new ones,
+        waiting up to `block_ms` for one."""
+        answer = await self.redis.xreadgroup(
+            group, consumer, {self.key("lifecycle"): "0" if own else ">"}, count=count, block=None if own else block_ms
+        )
+        return [_stream_event(ident, fields) for _, entries in answer or [] for ident, fields in entries]
+
+    async def claim_events(self, group: str, consumer: str, idle_ms: int, count: int) -> int:
+        """Take over the events another consumer was given and left unacknowledged for `idle_ms`
+        (its proxy died or hangs); read_events(own=True) then gives them. How many were taken."""
+        taken, start = 0, "0-0"
+        while True:
+            answer = await self.redis.xautoclaim(
+                self.key("lifecycle"), group, consumer, idle_ms, start_id=start, count=count
+            )
+            start, claimed = answer[0], answer[1]
+            taken += len(claimed)
+            if start in (b"0-0", "0-0") or not claimed:
+                return taken
+
+    async def keep_events(self, group: str, consumer: str, event_ids: list[str]) -> None:
+        """Reset the idle time of events this consumer still works on (so none is taken over)."""
+        await self.redis.xclaim(self.key("lifecycle"), group, consumer, 0, event_ids, justid=True)
+
+    async def ack_event(self, group: str, event_id: str) -> None:
+        await self.redis.xack(self.key("lifecycle"), group, event_id)
 
     async def close(self) -> None:
         await self.redis.aclose()

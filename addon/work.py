@@ -150,7 +150,7 @@ class WorkStore:
         saved = dataclasses.replace(
             record, state="saved", size=written.size, sha256=written.sha256, saved_at=time.time()
         )
-        if not await self.store.move_work("saving", saved, self.ttl):
+        if not await self.store.move_work("saving", saved, self.ttl, "work_saved"):
             now = await self.store.work(record.id)
             if now is None or now.state == "deleted":  # deleted meanwhile: its file goes too
                 await asyncio.to_thread(self.path(record.id).unlink, missing_ok=True)
@@ -163,7 +163,7 @@ class WorkStore:
         log.warning("work %s of instance %s not saved: %s", record.id[:8], record.instance, why)
         counters.work_unsaved(outcome)
         unsaved = dataclasses.replace(record, state="unsaved", why=why)
-        await self.store.move_work("saving", unsaved, self.ttl)
+        await self.store.move_work("saving", unsaved, self.ttl, "work_unsaved")
         return unsaved
 
     async def _write(self, instance: Instance) -> Written:
@@ -223,7 +223,7 @@ class WorkStore:
         saved = dataclasses.replace(
             record, state="saved", size=written.size, sha256=written.sha256, saved_at=time.time()
         )
-        if await self.store.move_work("saving", saved, self.ttl):
+        if await self.store.move_work("saving", saved, self.ttl, "work_saved"):
             log.info("work %s: its archive was whole in the store; marked saved", record.id[:8])
 
 

@@ -67,6 +67,9 @@ async def test_a_cold_start_leaves_a_recorded_instance_holding_the_upload(make_i
         "instances",
         "slots",
         "activity",
+        "lifecycle",  # its start event (store.py)
+        "expiring",  # when its work's record expires, and whose it is: work_expired is told from them
+        "workwho",
     }
 
 
@@ -173,7 +176,12 @@ async def test_an_end_saves_the_work_then_stops_the_instance(make_instances, red
     assert (ended.cause, ended.work, ended.instance) == ("stopped", work, instance)
     assert await inst.by_nonce(nonce) is None and await inst.store.session_target(session) == instance.id  # 410
     assert await inst.store.slot_holders(time.time()) == set()
-    assert keys_of(redis_url) == {f"ended:{instance.id}", f"work:{work}", f"session:{session}"}
+    assert keys_of(redis_url) == {
+        f"ended:{instance.id}",
+        f"work:{work}",
+        f"session:{session}",
+        *("lifecycle", "expiring", "workwho"),  # its events, and its work's expiry to tell
+    }
 
 
 async def test_an_instance_is_ended_once_whoever_asks(make_instances):

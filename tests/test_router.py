@@ -128,7 +128,8 @@ async def test_unknown_session_and_removed_instance(redis_url):
     flow = await routed(request_flow("GET", "/", {"Cookie": f"datalab_session={SESSION}"}), rt)
     assert flow.response.status_code == 410 and code(flow) == "INSTANCE_GONE"  # for the session's lifetime
     assert 0 < await rt.store.redis.ttl(f"unit:session:{SESSION}") <= 60
-    assert await rt.store.redis.keys("unit:*") == [f"unit:session:{SESSION}".encode()]  # only the session stays
+    # only the session stays, and the events told (a view: the stream)
+    assert sorted(await rt.store.redis.keys("unit:*")) == [b"unit:lifecycle", f"unit:session:{SESSION}".encode()]
     await rt.done()
 
 

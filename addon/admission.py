@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 from collections import deque
 from collections.abc import AsyncIterator
+from collections.abc import Callable
 
 
 class QueueTimeout(Exception):
@@ -34,12 +35,15 @@ class Admission:
             return True
         return False
 
-    async def acquire(self, timeout: float) -> None:
-        """Wait in line for a slot; QueueTimeout after `timeout` seconds."""
+    async def acquire(self, timeout: float, queued: Callable[[int], None] | None = None) -> None:
+        """Wait in line for a slot; QueueTimeout after `timeout` seconds. `queued` is told the place
+        in line (1: next) when the wait begins."""
         if self.try_acquire():
             return
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
+        if queued is not None:
+            queued(self.waiting)
         try:
             await asyncio.wait_for(asyncio.shield(waiter), timeout)
         except BaseException as e:
@@ -63,8 +67,8 @@ class Admission:
         self.free += 1
 
     @contextlib.asynccontextmanager
-    async def slot(self, timeout: float) -> AsyncIterator[None]:
-        await self.acquire(timeout)
+    async def slot(self, timeout: float, queued: Callable[[int], None] | None = None) -> AsyncIterator[None]:
+        await self.acquire(timeout, queued)
         try:
             yield
         finally:

@@ -41,21 +41,34 @@ async def answering_errors(
     request's body goes to the drain."""
     try:
         await handler(flow)
-    except ApiError as e:
-        flow.response = e.response()
-    except BackendError as e:
-        flow.response = errors.backend_failure(e, where(flow)).response()
-    except RedisError as e:
-        flow.response = errors.redis_unavailable(e).response()
-    except Exception:
-        if not unexpected:
-            raise
-        log.exception("datalab: unexpected failure on %s", inputs.shown(flow.request.path))
-        flow.response = ApiError(500, "INTERNAL", "the proxy failed unexpectedly; see its log").response()
+    except Exception as e:
+        refusal = as_refusal(e, flow, where)
+        if refusal is None:
+            if not unexpected:
+                raise
+            refusal = unexpected_failure(flow)
+        flow.response = refusal.response()
     if finish is not None:
         finish(flow)
     if drain is not None:
         refuse(flow, drain)
+
+
+def as_refusal(e: Exception, flow: http.HTTPFlow, where: Callable[[http.HTTPFlow], str]) -> ApiError | None:
+    """The refusal an ApiError, BackendError or RedisError raised under a hook is; None for anything else."""
+    if isinstance(e, ApiError):
+        return e
+    if isinstance(e, BackendError):
+        return errors.backend_failure(e, where(flow))
+    if isinstance(e, RedisError):
+        return errors.redis_unavailable(e)
+    return None
+
+
+def unexpected_failure(flow: http.HTTPFlow) -> ApiError:
+    """A 500 INTERNAL for what no refusal covers (call it where the exception is handled: it is logged)."""
+    log.exception("datalab: unexpected failure on %s", inputs.shown(flow.request.path))
+    return ApiError(500, "INTERNAL", "the proxy failed unexpectedly; see its log")
 
 
 def refuse(flow: http.HTTPFlow, drain: UploadSink, error: ApiError | None = None) -> None:

@@ -26,12 +26,16 @@ from dataclasses import replace as dataclasses_replace
 from mitmproxy import http
 from mitmproxy.connection import ConnectionState
 
+import counters
 import errors
 import hosts
 import inputs
+import progress
 import signing
 import waiting
 from answers import answering_errors
+from answers import as_refusal
+from answers import unexpected_failure
 from backends import BackendError
 from backends import Instance
 from backends.instance_http import http_status
@@ -43,13 +47,16 @@ from instances import Order
 from instances import OwnerLimit
 from marks import CUT
 from marks import HANDLED
+from marks import PROGRESS
 from marks import SINK
 from marks import START
 from marks import STATIC
+from marks import STREAMED
 from marks import WORK
 from runtime import Runtime
 from store import WorkRecord
 from upload import RECEIVED
+from upload import VERDICT
 from upload import BodyCollector
 from upload import UploadSink
 from upstream import route_to_instance
@@ -162,10 +169,13 @@ class Api:
             await self._health.close()
 
     async def response(self, flow: http.HTTPFlow) -> None:
-        if START in flow.metadata and flow.metadata.get(SINK) and not flow.metadata.get(CUT):
+        done_otherwise = flow.metadata.get(CUT) or flow.metadata.get(STREAMED)
+        if START in flow.metadata and flow.metadata.get(SINK) and not done_otherwise:
             await answering_errors(flow, self._start, _where, unexpected=True)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
+        if flow.metadata.get(PROGRESS) and flow.response is not None:
+            self._stream_start(flow)
         if (flow.metadata.get(STATIC) or flow.metadata.get(WORK)) and flow.response:
             flow.response.stream = True  # big files pass through without being held in memory
             make_passive(flow.response)
@@ -277,7 +287,9 @@ class Api:
             raise OwnerLimit(s.max_instances_per_owner)  # before the signature is spent: it may come again
         await self._spend(signed)
         flow.metadata[START] = asdict(order)
-        self.sink.take(flow, limit=s.max_upload)
+        if progress.wants_progress(flow.request.headers.get("Accept", "")):
+            flow.metadata[PROGRESS] = self.sink.progress.open()  # the sink's answer is its stream
+        self.sink.take(flow, limit=s.max_upload, channel=flow.metadata.get(PROGRESS, ""))
 
     @staticmethod
     def _start_extras(flow: http.HTTPFlow) -> dict[str, str]:
@@ -322,6 +334,13 @@ class Api:
         return ApiError(413, "UPLOAD_TOO_LARGE", f"the upload is over {self.runtime.settings.max_upload} bytes")
 
     async def _start(self, flow: http.HTTPFlow) -> None:
+        handed = await while_client_waits(flow, self.runtime.instances.start(*self._upload_of(flow)))
+        flow.response = errors.json_response(
+            200, {"code": "OK", "result": {"nonce": handed.nonce, "work": handed.work}}
+        )
+
+    def _upload_of(self, flow: http.HTTPFlow) -> tuple[Order, bytearray]:
+        """The start's order and its body, once the sink answered: only a body that arrived whole."""
         if not self.runtime.ready:
             raise errors.not_configured()
         collector = flow.request.stream
@@ -332,11 +351,42 @@ class Api:
         if flow.response is None or flow.response.headers.get(RECEIVED) != str(collector.size):
             # The sink read another number of bytes than the client sent: never start on a cut body.
             raise errors.bad_request("the upload body did not arrive whole; send it again")
-        start = self.runtime.instances.start(Order(**flow.metadata[START]), collector.body())
-        handed = await while_client_waits(flow, start)
-        flow.response = errors.json_response(
-            200, {"code": "OK", "result": {"nonce": handed.nonce, "work": handed.work}}
-        )
+        return Order(**flow.metadata[START]), collector.body()
+
+    def _stream_start(self, flow: http.HTTPFlow) -> None:
+        """The sink answered a start's progress stream (progress.py): pass it on as it comes, and run
+        the start behind it."""
+        channel = self.sink.progress.get(flow.metadata[PROGRESS])
+        if channel is None or flow.response.headers.get("Content-Type") != progress.EVENT_STREAM:
+            return  # the sink's own answer (the body came too late): `response` gives the start's
+        flow.metadata[STREAMED] = True
+        flow.response.stream = True
+        upload: tuple[Order, bytearray] | ApiError
+        try:
+            upload = self._upload_of(flow)
+        except ApiError as e:
+            upload = e  # told as the stream's error event
+        for private in (RECEIVED, VERDICT, "Connection"):  # the sink's words to the proxy
+            flow.response.headers.pop(private, None)
+        channel.task = asyncio.ensure_future(self._progress_start(flow, channel, upload))
+
+    async def _progress_start(
+        self, flow: http.HTTPFlow, channel: progress.Channel, upload: tuple[Order, bytearray] | ApiError
+    ) -> None:
+        """The start, its phases told in the channel, then ready (nonce, work) or its error (code,
+        message, status: what the JSON answer would have been); cancelled if its client goes away."""
+        try:
+            if isinstance(upload, ApiError):
+                raise upload
+            start = self.runtime.instances.start(*upload, channel.put)
+            handed = await while_client_waits(flow, start)
+            channel.put(progress.READY, nonce=handed.nonce, work=handed.work)
+        except Exception as e:
+            error = as_refusal(e, flow, _where) or unexpected_failure(flow)
+            counters.refused(error.code, error.status)
+            channel.put(progress.ERROR, code=error.code, message=error.message, status=error.status)
+        finally:
+            channel.close()
 
     async def _stop(self, flow: http.HTTPFlow) -> None:
         signed = self._check_signed(flow, "nonce", inputs.check_token)

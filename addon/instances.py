@@ -14,6 +14,7 @@ import dataclasses
 import logging
 import os
 import time
+from collections.abc import Callable
 
 import counters
 import inputs
@@ -52,6 +53,13 @@ HANDOUT_TRIES = 2  # instances a start may take if the one it took was ended whi
 
 
 DEFAULT_PROFILE = "default"  # the profile of a start that names none: the proxy's own settings
+
+# Told each phase a start enters (progress.py's names: queued with its position, booting, uploading).
+Progress = Callable[..., None]
+
+
+def _unwatched(phase: str, **data: object) -> None:
+    """The progress of a start nobody follows (its answer is the JSON one)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,9 +125,10 @@ class Instances:
     # Starting
 
     @counters.timed_start
-    async def start(self, order: Order, data: bytes | bytearray) -> Handout:
+    async def start(self, order: Order, data: bytes | bytearray, progress: Progress = _unwatched) -> Handout:
         """Hand out an instance holding the upload (or, with the order's `unpack`, the archive's
-        contents: zip, tar or tar.gz); return the nonce bound to it and its work's id."""
+        contents: zip, tar or tar.gz); return the nonce bound to it and its work's id. `progress`
+        is told each phase the start enters."""
         work_id = inputs.new_token()
         await self._reserve_owner(order, work_id)
         try:
@@ -131,8 +140,9 @@ class Instances:
 
     async def _start(self, order: Order, data: bytes | bytearray, work_id: str) -> Handout:
         for _ in range(HANDOUT_TRIES):
-            instance = await self.claim_pooled() or await self._cold_start()
+            instance = await self.claim_pooled() or await self._cold_start(progress)
             self.pool_changed.set()
+            progress("uploading")
             try:
                 nonce = await self._hand_out(instance, order, data, work_id)
             except BaseException:
@@ -194,7 +204,7 @@ class Instances:
             await self.end(instance, "found dead in the pool")
         return None
 
-    async def _cold_start(self) -> Instance:
+    async def _cold_start(self, progress: Progress = _unwatched) -> Instance:
         """Boot one for this start: a capacity slot at once or 503, then a boot slot within the queue timeout."""
         s = self.settings
         instance_id = inputs.new_instance_id()
@@ -202,11 +212,12 @@ class Instances:
         if await self.store.reserve(instance_id, time.time(), lease, await self.max_instances()) != Reservation.GRANTED:
             raise NoCapacity("every instance slot is taken; retry later", RETRY_AT_CAPACITY)
         try:
-            async with self.admission.slot(s.queue_timeout):
+            async with self.admission.slot(s.queue_timeout, lambda place: progress("queued", position=place)):
                 pooled = await self.claim_pooled()  # one may have come ready while we waited
                 if pooled is not None:
                     await self.store.release(instance_id)
                     return pooled
+                progress("booting")
                 return await self.boot(instance_id)
         except QueueTimeout as e:
             await self.store.release(instance_id)

@@ -7,6 +7,8 @@ any flow that reaches it unclaimed.
 HANDLED = "datalab.api"  # a /datalab/* flow: the router leaves it alone
 START = "datalab.start"  # the checked order (instances.Order, as a dict) of an upload whose body is on its way
 STATIC = "datalab.static"  # a static fetch rerouted to an instance
+PROGRESS = "datalab.progress"  # a start answered as an event stream: its channel's token (progress.py)
+STREAMED = "datalab.streamed"  # that stream has begun: the start runs behind it, not in `response`
 SINK = "datalab.sink"  # the body streams to the upload sink; the answer is given in `response`
 DEFERRED = "datalab.deferred"  # a refusal (mitmproxy state), given in place of the sink's at-once answer
 CUT = "datalab.cut"  # the body did not arrive within datalab_upload_timeout: answered 408, nothing started

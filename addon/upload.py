@@ -19,6 +19,9 @@ reading, answers 408 UPLOAD_TIMEOUT and closes; mitmproxy passes that answer on 
 client connection, so a stalled or slow client holds none of its three descriptors (client, proxy
 -> sink, sink) beyond the deadline. At most datalab_uploads_at_once starts' bodies arrive at once:
 beyond that a start is refused 503 CAPACITY (at once, as any refusal) before its signature is spent.
+
+A start that asked for its progress as events (progress.py) is answered by the sink, once its body has
+arrived, with the stream of its channel: the start's answer itself.
 """
 
 from __future__ import annotations
@@ -34,11 +37,15 @@ from mitmproxy import http
 
 import errors
 import loopback
+import progress
 from config import Settings
 from loopback import LoopbackServer
 from marks import CUT
 from marks import DEFERRED
+from marks import PROGRESS
 from marks import SINK
+from progress import Channel
+from progress import Channels
 from runtime import Runtime
 from upstream import frame_for_http1
 from upstream import reroute
@@ -105,6 +112,7 @@ class UploadSink(LoopbackServer):
         super().__init__()
         self.runtime = runtime
         self._arriving: dict[str, str] = {}  # flow id -> its client connection's id
+        self.progress = Channels()  # starts answered as event streams (progress.py)
 
     @property
     def settings(self) -> Settings:
@@ -119,9 +127,10 @@ class UploadSink(LoopbackServer):
     def full(self) -> bool:
         return len(self._arriving) >= self.settings.uploads_at_once
 
-    def take(self, flow: http.HTTPFlow, limit: int, unread: bool = False) -> BodyCollector:
+    def take(self, flow: http.HTTPFlow, limit: int, unread: bool = False, channel: str = "") -> BodyCollector:
         """Stream the flow's body here, keeping at most `limit` bytes of it. `unread`: the sink
-        answers at once without reading it (a refusal: it holds no place among the bodies arriving)."""
+        answers at once without reading it (a refusal: it holds no place among the bodies arriving).
+        `channel`: once the body has arrived, the answer is that progress channel's event stream."""
         if self.port is None:
             raise RuntimeError("the upload sink is not listening yet")
         collector = BodyCollector(limit)
@@ -131,6 +140,7 @@ class UploadSink(LoopbackServer):
         deadline = time.time() + self.settings.upload_timeout  # from the moment its headers were taken
         flow.request.headers[DEADLINE] = f"{deadline:.3f}"
         flow.request.headers[UNREAD] = "1" if unread else "0"
+        flow.request.headers[progress.PROGRESS_HEADER] = channel
         reroute(flow, SINK_HOST, self.port)
         flow.metadata[SINK] = True
         if not unread:
@@ -156,6 +166,7 @@ class UploadSink(LoopbackServer):
     def response(self, flow: http.HTTPFlow) -> None:
         if flow.metadata.get(SINK):
             self._arriving.pop(flow.id, None)
+            self.progress.discard(flow.metadata.get(PROGRESS, ""))
             if flow.response is not None and flow.response.headers.get(VERDICT) == "timeout":
                 # The body did not arrive in time: that is the answer, whatever was deferred; nothing starts.
                 flow.metadata.pop(DEFERRED, None)
@@ -171,6 +182,7 @@ class UploadSink(LoopbackServer):
 
     def error(self, flow: http.HTTPFlow) -> None:
         self._arriving.pop(flow.id, None)
+        self.progress.discard(flow.metadata.get(PROGRESS, ""))  # its start, if running, stops
 
     def client_disconnected(self, client: connection.Client) -> None:
         """Whatever happened to its flows, none of this client's bodies is arriving any more."""
@@ -181,6 +193,7 @@ class UploadSink(LoopbackServer):
         conn = h11.Connection(h11.SERVER)
         received = 0
         verdict = "drained"
+        channel: Channel | None = None
         loop = asyncio.get_running_loop()
         try:
             try:
@@ -198,6 +211,8 @@ class UploadSink(LoopbackServer):
                             if headers.get(UNREAD.lower().encode()) == b"1":
                                 verdict = "unread"
                                 break
+                            named = headers.get(progress.PROGRESS_HEADER.lower().encode(), b"")
+                            channel = self.progress.get(named.decode(errors="replace"))
                         elif isinstance(event, h11.Data):
                             received += len(event.data)
                         elif isinstance(event, h11.EndOfMessage):
@@ -209,6 +224,9 @@ class UploadSink(LoopbackServer):
                 log.info("datalab: an upload body did not arrive in time (%d bytes read); cutting it", received)
             if conn.our_state is not h11.SEND_RESPONSE:
                 return  # not even a request head came (no proxy sends that): nothing to answer
+            if channel is not None and verdict == "drained":
+                await _answer_progress(conn, reader, writer, channel, received)
+                return
             if verdict == "timeout":
                 # the sink's word to the proxy (which then answers the client): not a refusal counted
                 status, body = 408, json.dumps(errors.upload_timeout(self.settings.upload_timeout).body()).encode()
@@ -234,6 +252,38 @@ class UploadSink(LoopbackServer):
             log.debug("upload sink: %s", e)
         finally:
             writer.close()
+
+
+async def _answer_progress(
+    conn: h11.Connection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, channel: Channel, received: int
+) -> None:
+    """The start's answer as its progress channel's event stream (chunked), until the channel closes;
+    if the proxy closes the connection first (its client went away), the channel's start stops."""
+    headers = [
+        ("Content-Type", progress.EVENT_STREAM),
+        ("Cache-Control", "no-store"),
+        ("Transfer-Encoding", "chunked"),
+        (RECEIVED, str(received)),
+        (VERDICT, "drained"),
+    ]
+    writer.write(conn.send(h11.Response(status_code=200, headers=headers)))
+    gone = asyncio.ensure_future(reader.read(1))  # the proxy sends nothing more: any end is its hang-up
+    finished = False
+    try:
+        async for chunk in channel.frames():
+            if gone.done():
+                return
+            writer.write(conn.send(h11.Data(data=chunk)))
+            await writer.drain()
+        writer.write(conn.send(h11.EndOfMessage()))
+        await writer.drain()
+        finished = True
+    except TimeoutError:
+        log.error("datalab: a start's progress stream got no event; closing it")
+    finally:
+        gone.cancel()
+        if not finished:
+            channel.abandon()
 
 
 def closing(flow: http.HTTPFlow, response: http.Response) -> http.Response:

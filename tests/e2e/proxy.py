@@ -141,9 +141,11 @@ class Proxy:
         ts: str | None = None,
         sign: str | None = None,
         unpack: bool = False,
+        accept: str | None = None,
         **extras: str,
     ) -> requests.Response:
-        """A signed start; `extras` (owner=, profile=) and unpack are signed after the filename."""
+        """A signed start; `extras` (owner=, profile=) and unpack are signed after the filename. With
+        `accept`, its Accept header (text/event-stream: its progress, read with `events_of`)."""
         ts = str(int(time.time() * 1000)) if ts is None else ts
         extras = {**extras, **({"unpack": "1"} if unpack else {})}
         subject = signing.start_subject(filename, extras)
@@ -152,9 +154,14 @@ class Proxy:
         return requests.post(
             self.url(f"/datalab/start?{query}"),
             data=data,
-            headers={"X-SIGN": sign, "Content-Type": "application/octet-stream"},
+            headers={
+                "X-SIGN": sign,
+                "Content-Type": "application/octet-stream",
+                **({"Accept": accept} if accept else {}),
+            },
             timeout=120,
             verify=self.verify,
+            stream=bool(accept),
         )
 
     def start_instance(self, filename: str, data: bytes) -> str:
@@ -311,3 +318,17 @@ def run_code(ws, code: str, timeout: float = 90.0, displays: list[dict] | None =
         elif kind == "status" and msg["content"]["execution_state"] == "idle":
             return "".join(out)
     raise TimeoutError("the kernel did not finish in time")
+
+
+def events_of(answer: requests.Response) -> list[tuple[str, dict]]:
+    """The Server-Sent Events of a start's progress answer, read as they come until it ends."""
+    events, name, data = [], "", ""
+    for line in answer.iter_lines(decode_unicode=True):
+        if line.startswith("event: "):
+            name = line.removeprefix("event: ")
+        elif line.startswith("data: "):
+            data = line.removeprefix("data: ")
+        elif line == "" and name:
+            events.append((name, json.loads(data)))
+            name, data = "", ""
+    return events

@@ -1,0 +1,70 @@
+"""Lifecycle events and start progress on real mitmdump, Redis and containers: a webhook receiver (a
+real HTTP server here, on loopback) gets start and end events with a valid HMAC, also after it was
+down for 30 s; a start that asks for its progress sees it queue, then become ready, in a burst."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from e2e.proxy import events_of
+from helpers import wait_until
+from receiver import EventReceiver
+
+DATA = b"a,b\n1,2\n"
+
+
+def test_a_receiver_gets_start_and_end_signed_and_all_it_missed_while_down(make_proxy, world, sign_key):
+    receiver = EventReceiver(sign_key).start()
+    proxy = make_proxy(prefix=world.sub("events"), datalab_events_url=receiver.url, datalab_events_retry_max=2)
+    try:
+        nonce, work = proxy.start_with_work("first.csv", DATA, owner="alice@example.com")
+        assert proxy.stop_instance(nonce).status_code == 200
+        wait_until(lambda: receiver.of_type("end"), "the end event", timeout=60)
+        start, end = receiver.of_type("start")[0], receiver.of_type("end")[0]
+        assert (start["owner"], start["work"], start["filename"], start["profile"]) == (
+            "alice@example.com",
+            work,
+            "first.csv",
+            "default",
+        )
+        assert (end["instance"], end["cause"], end["owner"]) == (start["instance"], "stopped", "alice@example.com")
+        assert receiver.bad_signatures == 0 and int(end["id"].split("-")[0]) >= int(start["id"].split("-")[0])
+
+        receiver.stop()  # down: nothing listens on its port for 30 s
+        nonce, work = proxy.start_with_work("second.csv", DATA, owner="bob")
+        assert proxy.stop_instance(nonce).status_code == 200
+        time.sleep(30)
+        receiver.start()
+        wait_until(lambda: [e for e in receiver.of_type("end") if e["owner"] == "bob"], "the missed end", timeout=60)
+        missed = [e for e in receiver.events if e["owner"] == "bob"]
+        assert [e["type"] for e in missed][:2] == ["start", "end"] and missed[0]["work"] == work
+        assert receiver.bad_signatures == 0
+        wait_until(lambda: [e for e in receiver.of_type("work_saved") if e["work"] == work], "work_saved", timeout=60)
+    finally:
+        receiver.stop()
+
+
+def test_a_start_with_progress_queues_then_is_ready_in_a_burst(make_proxy):
+    proxy = make_proxy(datalab_boots_at_once=1)
+    answers: list[list[tuple[str, dict]]] = []
+
+    def start(i: int) -> None:
+        answer = proxy.upload(f"burst{i}.csv", DATA, accept="text/event-stream")
+        assert answer.status_code == 200 and answer.headers["Content-Type"] == "text/event-stream"
+        answers.append(events_of(answer))
+
+    threads = [threading.Thread(target=start, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=180)
+    assert len(answers) == 3, answers
+    for events in answers:
+        names = [name for name, _ in events]
+        assert names[-1] == "ready" and names[-3:-1] == ["booting", "uploading"], events
+        ready = events[-1][1]
+        assert set(ready) == {"nonce", "work"}
+        assert proxy.stop_instance(ready["nonce"]).status_code == 200  # the nonce is a live instance's
+    queued = [data for events in answers for name, data in events if name == "queued"]
+    assert queued and all(d["position"] >= 1 for d in queued)  # more starts than boot slots: some waited

@@ -207,7 +207,9 @@ if [ -n "$demo" ]; then
     kill -0 "$demo_pid" 2>/dev/null || die "the demo did not start (see above)"
     sleep 0.1
   done
-  set -- --set "datalab_allowed_origins=http://127.0.0.1:$demo_port" "$@"
+  # ...and it hears of ends (its "download your work" notice): the proxy POSTs lifecycle events to it.
+  set -- --set "datalab_allowed_origins=http://127.0.0.1:$demo_port" \
+    --set "datalab_events_url=http://127.0.0.1:$demo_port/events" "$@"
   say "demo: open http://127.0.0.1:$demo_port/"
 fi
 

@@ -18,25 +18,41 @@ the page then shows in an iframe. The four steps of any frontend:
    signed over (ts, id) on the server, answers the working directory as a .tar.gz (a snapshot
    while the instance runs, the saved archive after it ended). This server streams it on to the
    browser at `GET /work/<id>`, never holding it whole.
+6. Follow the start: sent with `Accept: text/event-stream`, the start answers its progress as
+   Server-Sent Events (queued, booting, uploading, ready or error); this server relays them to the
+   page, which shows them as one line. The person's name goes as the start's `owner`, and the
+   profile they pick as its `profile` (both signed with the filename).
+7. Hear of ends: run the proxy with `--set datalab_events_url=<this server>/events` (run.sh --demo
+   does): the proxy POSTs every lifecycle event there, signed (X-Datalab-Signature); this server
+   checks the signature and keeps the recent ones, and the page asks for its owner's: when its
+   instance ends it says so and offers the work.
 
 Environment: DATALAB_SIGN_KEY (else .state/sign_key, as run.sh keeps it), DATALAB_SIGN_SCHEME
-(sha256 or hmac-sha256, as the proxy's), DATALAB_DEMO_PORT, DATALAB_URL (the proxy as the browser
-reaches it). Standard library only, plus the proxy's own addon/signing.py.
+(sha256 or hmac-sha256, as the proxy's), DATALAB_EVENTS_KEY (the events' key, as the proxy's;
+default: the sign key), DATALAB_DEMO_PROFILES (the profiles the page offers, comma-separated;
+default: default), DATALAB_DEMO_PORT, DATALAB_URL (the proxy as the browser reaches it). Standard
+library only, plus the proxy's own addon/signing.py.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import hashlib
+import hmac
+import html
 import http.client
 import ipaddress
 import json
 import os
 import sys
+import threading
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable
+from collections.abc import Iterator
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler
 from http.server import ThreadingHTTPServer
@@ -54,6 +70,10 @@ WORK_HEADERS = ("Content-Type", "Content-Length", "Content-Disposition", "Retry-
 # if something rendered it, it runs nothing and loads nothing. allow-same-origin lets this page
 # read a refusal shown in its download frame.
 WORK_POLICY = "default-src 'none'; frame-ancestors 'self'; sandbox allow-same-origin"
+EVENT_STREAM = "text/event-stream"
+MAX_EVENT = 64 * 1024  # bytes of one event the proxy POSTs (they are a few hundred)
+EVENTS_KEPT = 1000  # the most recent events this demo remembers (a real frontend stores what it needs)
+NOTICES = ("end", "work_saved", "work_unsaved")  # the events the page is told of its owner
 
 
 def destination_for(filename: str) -> str:
@@ -154,16 +174,28 @@ def relay(read: Callable[[int], bytes], write: Callable[[bytes], object], chunke
     return total
 
 
-def start(proxy: str, key: str, scheme: str, filename: str, data: bytes) -> tuple[int, dict]:
-    """Sign and call POST /datalab/start: (HTTP status, the proxy's JSON answer)."""
+def start_request(
+    proxy: str, key: str, scheme: str, filename: str, data: bytes, extras: dict[str, str], accept: str = ""
+) -> urllib.request.Request:
+    """A signed POST /datalab/start: X-SIGN over ts, the filename and the extras (owner, profile),
+    as signing.start_subject spells them."""
     ts = str(int(time.time() * 1000))  # milliseconds: each signature is used once (403 REPLAYED)
-    query = urllib.parse.urlencode({"ts": ts, "filename": filename})
-    request = urllib.request.Request(
+    query = urllib.parse.urlencode({"ts": ts, "filename": filename, **extras})
+    subject = signing.start_subject(filename, extras)
+    headers = {"X-SIGN": signing.signature(key, ts, subject, scheme), "Content-Type": "application/octet-stream"}
+    return urllib.request.Request(
         f"{proxy}/datalab/start?{query}",
         data=data,
-        headers={"X-SIGN": signing.signature(key, ts, filename, scheme), "Content-Type": "application/octet-stream"},
+        headers=headers | ({"Accept": accept} if accept else {}),
         method="POST",
     )
+
+
+def start(
+    proxy: str, key: str, scheme: str, filename: str, data: bytes, extras: dict | None = None
+) -> tuple[int, dict]:
+    """Sign and call POST /datalab/start: (HTTP status, the proxy's JSON answer)."""
+    request = start_request(proxy, key, scheme, filename, data, extras or {})
     try:
         try:
             with urllib.request.urlopen(request, timeout=180) as r:
@@ -173,6 +205,77 @@ def start(proxy: str, key: str, scheme: str, filename: str, data: bytes) -> tupl
                 return proxy_answer(e.code, e.read())
     except OSError as e:
         return 502, {"code": "PROXY_UNREACHABLE", "message": f"the proxy at {proxy} does not answer: {e}"}
+
+
+def start_progress(
+    proxy: str, key: str, scheme: str, filename: str, data: bytes, extras: dict[str, str]
+) -> Iterator[tuple[str, dict]]:
+    """Sign and call POST /datalab/start for its progress: each event (name, data) as it comes; a
+    refusal (the proxy's JSON answer) is one error event."""
+    request = start_request(proxy, key, scheme, filename, data, extras, accept=EVENT_STREAM)
+    try:
+        answer = urllib.request.urlopen(request, timeout=180)
+    except urllib.error.HTTPError as e:
+        with e:
+            status, body = proxy_answer(e.code, e.read())
+        yield "error", body | {"status": status}
+        return
+    except OSError as e:
+        yield "error", {"code": "PROXY_UNREACHABLE", "message": f"the proxy at {proxy} does not answer: {e}"}
+        return
+    with answer:
+        if not answer.headers.get("Content-Type", "").startswith(EVENT_STREAM):
+            status, body = proxy_answer(answer.status, answer.read())
+            yield ("error", body) if status != 200 else ("ready", body.get("result") or {})
+            return
+        yield from server_sent_events(answer)
+
+
+def server_sent_events(answer) -> Iterator[tuple[str, dict]]:
+    """The events of an event stream, read line by line: `event: <name>` and `data: <json>`, each
+    event ended by a blank line."""
+    name, data = "", "{}"
+    for raw in answer:
+        line = raw.decode("utf-8", "replace").rstrip("\r\n")
+        if line.startswith("event: "):
+            name = line.removeprefix("event: ")
+        elif line.startswith("data: "):
+            data = line.removeprefix("data: ")
+        elif not line and name:
+            try:
+                yield name, json.loads(data)
+            except ValueError:
+                yield "error", {"code": "PROXY_ERROR", "message": "the proxy sent an event that is not JSON"}
+            name, data = "", "{}"
+
+
+def event_frame(name: str, data: dict) -> bytes:
+    return f"event: {name}\ndata: {json.dumps(data)}\n\n".encode()
+
+
+def signed_by(key: str, body: bytes, given: str) -> bool:
+    """Whether an event POSTed here carries the proxy's X-Datalab-Signature (constant-time compare)."""
+    expected = "sha256=" + hmac.new(key.encode(), body, hashlib.sha256).hexdigest()
+    return hmac.compare_digest(expected.encode(), given.encode())
+
+
+class Events:
+    """The recent lifecycle events the proxy POSTed, for the page's notices (in memory: a demo)."""
+
+    def __init__(self) -> None:
+        self._kept: collections.deque[dict] = collections.deque(maxlen=EVENTS_KEPT)
+        self._lock = threading.Lock()
+
+    def add(self, event: dict) -> None:
+        with self._lock:
+            if all(e.get("id") != event.get("id") for e in self._kept):  # at least once: a repeat is dropped
+                self._kept.append(event)
+
+    def of(self, owner: str, after: float) -> list[dict]:
+        """The owner's notices since `after` (an event's time)."""
+        with self._lock:
+            kept = [e for e in self._kept if e.get("owner") == owner and e.get("type") in NOTICES]
+            return [e for e in kept if isinstance(e.get("time"), (int, float)) and e["time"] > after]
 
 
 def proxy_answer(status: int, raw: bytes) -> tuple[int, dict]:
@@ -194,23 +297,63 @@ def phrase(status: int) -> str:
         return ""
 
 
+def profile_options(profiles: list[str]) -> str:
+    """The page's profile choices (the operator's names: escaped all the same)."""
+    return "".join(f'<option value="{html.escape(p, quote=True)}">{html.escape(p)}</option>' for p in profiles)
+
+
 class Demo(BaseHTTPRequestHandler):
-    """GET / is the page; POST /upload?filename=NAME (body: the file) signs, starts and answers
-    {"code": "OK", "result": {"nonce", "view", "work"}, "steps"} or the proxy's error JSON; GET
-    /work/<id> is the work of a start, as the proxy answers it. It signs for its own page only
+    """GET / is the page; POST /upload?filename=NAME[&owner=&profile=] (body: the file) signs, starts
+    and answers {"code": "OK", "result": {"nonce", "view", "work"}, "steps"} or the proxy's error
+    JSON, or, asked with Accept: text/event-stream, the start's progress as events; GET /work/<id> is
+    the work of a start, as the proxy answers it; POST /events takes the proxy's signed lifecycle
+    events and GET /notices?owner=&after= gives the page its owner's. It signs for its own page only
     (403 BAD_ORIGIN otherwise: see foreign() and foreign_download())."""
 
     server_version = "datalab-demo"
-    proxy = key = scheme = ""  # set by main()
+    proxy = key = scheme = events_key = ""  # set by main()
     hosts: frozenset[str] = frozenset()
+    profiles: list[str] = ["default"]
+    events = Events()
 
     def do_GET(self) -> None:
-        path = urllib.parse.urlsplit(self.path).path
-        if path.startswith("/work/"):
-            return self._download(path.removeprefix("/work/"))
-        if path != "/":
+        url = urllib.parse.urlsplit(self.path)
+        if url.path.startswith("/work/"):
+            return self._download(url.path.removeprefix("/work/"))
+        if url.path == "/notices":
+            return self._notices(urllib.parse.parse_qs(url.query))
+        if url.path != "/":
             return self._json(404, {"code": "NOT_FOUND", "message": "the demo page is /"})
-        self._send(200, "text/html; charset=utf-8", PAGE.encode())
+        self._send(200, "text/html; charset=utf-8", PAGE.replace("{profiles}", profile_options(self.profiles)).encode())
+
+    def _notices(self, query: dict[str, list[str]]) -> None:
+        """GET /notices?owner=&after=: the owner's ends and saved works since `after` (this page's only)."""
+        h = self.headers
+        refusal = foreign_download(h.get("Host", ""), h.get("Origin"), h.get("Sec-Fetch-Site"), self.hosts)
+        if refusal:
+            return self._json(403, {"code": "BAD_ORIGIN", "message": refusal})
+        try:
+            after = float((query.get("after") or ["0"])[0])
+        except ValueError:
+            after = 0.0
+        self._json(200, {"code": "OK", "result": self.events.of((query.get("owner") or [""])[0], after)})
+
+    def _take_event(self) -> None:
+        """POST /events: one lifecycle event from the proxy, taken only with its signature right."""
+        length = body_length(self.headers.get("Content-Length", ""))
+        if length is None or length > MAX_EVENT:
+            return self._json(400, {"code": "BAD_REQUEST", "message": f"an event is at most {MAX_EVENT} bytes"})
+        body = self.rfile.read(length)
+        if not signed_by(self.events_key, body, self.headers.get("X-Datalab-Signature", "")):
+            return self._json(401, {"code": "BAD_SIGNATURE", "message": "X-Datalab-Signature does not match"})
+        try:
+            event = json.loads(body)
+        except ValueError:
+            event = None
+        if not isinstance(event, dict):
+            return self._json(400, {"code": "BAD_REQUEST", "message": "an event is a JSON object"})
+        self.events.add(event)
+        self._send(204, "application/json", b"")
 
     def _download(self, work_id: str) -> None:
         """GET /work/<id>: the proxy's answer to a signed GET /datalab/work/<id>, streamed on."""
@@ -259,16 +402,22 @@ class Demo(BaseHTTPRequestHandler):
         if refusal:
             return self._json(403, {"code": "BAD_ORIGIN", "message": refusal})
         url = urllib.parse.urlsplit(self.path)
-        names = urllib.parse.parse_qs(url.query).get("filename", [])
+        if url.path == "/events":
+            return self._take_event()
+        query = urllib.parse.parse_qs(url.query)
+        names = query.get("filename", [])
         length = body_length(self.headers.get("Content-Length", ""))
         if url.path != "/upload" or len(names) != 1 or length is None:
             return self._json(400, {"code": "BAD_REQUEST", "message": "POST /upload?filename=NAME with the file"})
         if length > MAX_BODY:
             return self._json(413, {"code": "UPLOAD_TOO_LARGE", "message": f"the demo takes at most {MAX_BODY} bytes"})
+        extras = {name: query[name][0] for name in ("owner", "profile") if query.get(name, [""])[0]}
         # A demo reads the file whole; a real frontend would stream it on (the proxy takes chunked bodies).
         data = self.rfile.read(length)
+        if EVENT_STREAM in self.headers.get("Accept", ""):
+            return self._relay_progress(names[0], data, extras)
         began = time.monotonic()
-        status, body = start(self.proxy, self.key, self.scheme, names[0], data)
+        status, body = start(self.proxy, self.key, self.scheme, names[0], data, extras)
         took = time.monotonic() - began
         steps = [
             f"signed on the demo server ({self.scheme}; the key never reaches the browser)",
@@ -284,6 +433,32 @@ class Demo(BaseHTTPRequestHandler):
                 body["result"]["work"] = work
         self._json(status, body | {"steps": steps})
 
+    def _relay_progress(self, filename: str, data: bytes, extras: dict[str, str]) -> None:
+        """The start's progress, passed on to the page event by event; `ready` gets the view URL."""
+        self.send_response(200)
+        self.send_header("Content-Type", EVENT_STREAM)
+        self.send_header("Cache-Control", "no-store")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        signed = f"signed on the demo server ({self.scheme}; the key never reaches the browser)"
+        self.wfile.write(event_frame("step", {"text": signed}))
+        self.wfile.flush()
+        for name, event in start_progress(self.proxy, self.key, self.scheme, filename, data, extras):
+            if name == "ready":
+                nonce, work = event.get("nonce"), event.get("work")
+                if not (isinstance(nonce, str) and inputs.is_token(nonce)):
+                    name, event = "error", {"code": "PROXY_ERROR", "message": "the proxy's answer has no nonce"}
+                else:
+                    view = f"{self.proxy}/datalab/view/{nonce}/{destination_for(filename)}"
+                    event = {"nonce": nonce, "view": view}
+                    if isinstance(work, str) and inputs.is_token(work):
+                        event["work"] = work
+            try:
+                self.wfile.write(event_frame(name, event))
+                self.wfile.flush()
+            except OSError:  # the page went away: closing the proxy's answer abandons the start
+                return
+
     def _json(self, status: int, body: dict) -> None:
         self._send(status, "application/json", json.dumps(body).encode())
 
@@ -296,10 +471,11 @@ class Demo(BaseHTTPRequestHandler):
         self.wfile.write(payload)
 
 
-# The page: a file picker, the steps as they happen, the proxy's error if any, the link to the work
-# of the last start, and the iframe. The link opens in a hidden frame: an archive becomes a download
-# there (no load event), a refusal is shown in it and read from it into the error line (its JSON,
-# same origin). The page never holds the archive itself.
+# The page: the person's name (the starts' owner), a profile, a file picker, the steps and the start's
+# progress line as they happen, the proxy's error if any, the link to the work of the last start, a
+# notice when an instance of this owner ended, and the iframe. The link opens in a hidden frame: an
+# archive becomes a download there (no load event), a refusal is shown in it and read from it into
+# the error line (its JSON, same origin). The page never holds the archive itself.
 PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>datalab demo</title>
 <style>
@@ -310,13 +486,20 @@ PAGE = """<!doctype html>
   #error { display: none; margin: 6px 0 0; padding: 6px 10px; background: #fde8e8; color: #8a1c1c; }
   iframe { flex: 1; border: 0; width: 100%; }
   #download { display: none; margin: 6px 0 0; }
+  #progress { margin: 6px 0 0; font-size: 13px; color: #225; }
+  #ended { display: none; margin: 6px 0 0; padding: 6px 10px; background: #fff4d6; }
 </style></head>
 <body>
 <header>
   <h1>datalab demo</h1>
-  <form id="form"><input type="file" id="file" accept=".csv,.ipynb,text/csv">
+  <form id="form"><label>Your name <input id="owner" size="14" maxlength="128"></label>
+    <label>Profile <select id="profile">{profiles}</select></label>
+    <input type="file" id="file" accept=".csv,.ipynb,text/csv">
     <button type="submit" id="open">Open in Jupyter</button></form>
   <ol id="steps"></ol>
+  <p id="progress" role="status" aria-live="polite"></p>
+  <p id="ended" role="status">Your session ended (<span id="ended-cause"></span>);
+    <a id="ended-link" target="download-frame">download your work</a></p>
   <p id="download"><a id="download-link" target="download-frame">Download my work (.tar.gz)</a></p>
   <p id="error"><b id="error-code"></b>: <span id="error-message"></span></p>
 </header>
@@ -331,6 +514,45 @@ function fail(body) {
   $("error").style.display = "block";
 }
 $("download-link").addEventListener("click", () => { $("error").style.display = "none"; });
+// The owner: a name this browser keeps (a real frontend sends its own user id, never the browser's word).
+$("owner").value = localStorage.getItem("datalab-owner") || "demo-" + Math.random().toString(36).slice(2, 8);
+$("owner").addEventListener("change", () => localStorage.setItem("datalab-owner", $("owner").value));
+const PHASES = {queued: (d) => `queued: number ${d.position} in line for a boot slot`,
+  booting: () => "booting an instance", uploading: () => "putting the file into it", ready: () => "ready"};
+let noticesAfter = Date.now() / 1000;
+async function notices() {  // the proxy's events for this owner, as this server received them
+  try {
+    const query = new URLSearchParams({owner: $("owner").value, after: noticesAfter});
+    const answer = await (await fetch("/notices?" + query, {cache: "no-store"})).json();
+    for (const event of answer.result || []) {
+      noticesAfter = Math.max(noticesAfter, event.time);
+      if (event.type !== "end" || !event.work) continue;
+      $("ended-cause").textContent = event.cause || "ended";
+      $("ended-link").href = "/work/" + encodeURIComponent(event.work);
+      $("ended").style.display = "block";
+      document.body.dataset.ended = event.work;
+    }
+  } catch (e) {}  // the demo server restarting: ask again later
+}
+setInterval(notices, 2000);
+function events(text, each) {  // Server-Sent Events: "event: <name>" and "data: <json>", a blank line after each
+  for (const block of text.split("\n\n")) {
+    const name = (block.match(/^event: (.*)$/m) || [])[1];
+    const data = (block.match(/^data: (.*)$/m) || [])[1];
+    if (name) each(name, JSON.parse(data || "{}"));
+  }
+}
+async function follow(response, each) {  // the start's events as they arrive
+  const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+  let buffer = "";
+  for (;;) {
+    const {value, done} = await reader.read();
+    if (done) return;
+    buffer += value;
+    const cut = buffer.lastIndexOf("\n\n");
+    if (cut >= 0) { events(buffer.slice(0, cut), each); buffer = buffer.slice(cut + 2); }
+  }
+}
 $("download-frame").addEventListener("load", () => {
   let body;
   try {  // a refusal: the proxy's {"code", "message"} (Chromium shows JSON in a <pre>)
@@ -347,11 +569,23 @@ $("form").addEventListener("submit", async (event) => {
   if (!file) return;
   $("steps").replaceChildren(); $("error").style.display = "none"; $("lab").removeAttribute("src");
   $("download").style.display = "none"; delete document.body.dataset.work;
+  $("ended").style.display = "none"; $("progress").textContent = "";
   step(`uploading ${file.name} (${file.size} bytes) to the demo server`);
+  const query = new URLSearchParams({filename: file.name, owner: $("owner").value, profile: $("profile").value});
   let response, body;
   try {
-    response = await fetch("/upload?filename=" + encodeURIComponent(file.name), { method: "POST", body: file });
-    body = await response.json();
+    response = await fetch("/upload?" + query, {method: "POST", body: file, headers: {Accept: "text/event-stream"}});
+    if ((response.headers.get("Content-Type") || "").startsWith("text/event-stream")) {
+      await follow(response, (name, data) => {
+        if (name === "step") step(data.text);
+        else if (name in PHASES) $("progress").textContent = PHASES[name](data);
+        if (name === "ready") body = {code: "OK", result: data};
+        if (name === "error") body = data;
+      });
+      body = body || {code: "DEMO_ERROR", message: "the start's progress ended without an outcome"};
+    } else {
+      body = await response.json();  // the demo's own refusal
+    }
   } catch (e) {
     return fail({ code: "DEMO_UNREACHABLE", message: String(e) });
   }
@@ -393,6 +627,8 @@ def main() -> None:
     Demo.key = sign_key()
     Demo.scheme = os.environ.get("DATALAB_SIGN_SCHEME") or "sha256"
     Demo.hosts = loopback_hosts(args.host, args.port)
+    Demo.events_key = os.environ.get("DATALAB_EVENTS_KEY") or Demo.key
+    Demo.profiles = [p.strip() for p in (os.environ.get("DATALAB_DEMO_PROFILES") or "default").split(",") if p.strip()]
     if not Demo.key:
         sys.exit("demo: no sign key: set DATALAB_SIGN_KEY, or run ./run.sh once to generate .state/sign_key")
     server = ThreadingHTTPServer((args.host, args.port), Demo)

@@ -9,6 +9,7 @@ signatures and records what reached it (the real proxy's are in the end-to-end t
 from __future__ import annotations
 
 import hashlib
+import hmac
 import http.client
 import http.server
 import importlib.util
@@ -494,3 +495,111 @@ def test_relay_frames_chunks_and_ends_them_only_when_the_body_ended():
     with pytest.raises(http.client.IncompleteRead):
         demo_module.relay(cut.read, cut.write, chunked=True)
     assert [data for kind, data in cut.events if kind == "write"][-1] != b"0\r\n\r\n"
+
+
+# Progress (the start's Server-Sent Events, relayed) and lifecycle events (the proxy's webhook).
+
+
+class ProgressProxy(Quiet):
+    """A stand-in that answers a start's progress (its last request is kept: path, X-SIGN, Accept)."""
+
+    seen: list[tuple[str, str, str]] = []
+    PROGRESS = [("queued", {"position": 2}), ("booting", {}), ("uploading", {})]
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["Content-Length"]))
+        ProgressProxy.seen.append((self.path, self.headers["X-SIGN"], self.headers.get("Accept", "")))
+        if self.path.startswith("/refusing/"):
+            body = b'{"code": "PROFILE_UNKNOWN", "message": "no profile \'big\'"}'
+            self.send_response(400)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.end_headers()
+        ready = ("ready", {"nonce": "n" * 32, "work": "w" * 32})
+        for name, data in [*self.PROGRESS, ready]:
+            self.wfile.write(demo_module.event_frame(name, data))
+            self.wfile.flush()
+
+
+@pytest.fixture(scope="module")
+def progress_proxy():
+    yield from serving(ProgressProxy)
+
+
+def progress_of(port: int, query: str) -> list[tuple[str, dict]]:
+    """POST a file to the demo asking for its progress; the events it relays."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    headers = {"Host": f"127.0.0.1:{port}", "Accept": "text/event-stream", "Content-Type": "text/csv"}
+    connection.request("POST", f"/upload?{query}", body=b"a,b\n", headers=headers)
+    answer = connection.getresponse()
+    assert answer.status == 200 and answer.getheader("Content-Type") == "text/event-stream"
+    return list(demo_module.server_sent_events(answer))
+
+
+def test_a_starts_progress_is_relayed_signed_with_its_owner_and_profile(progress_proxy, tmp_path):
+    proc, port = run_demo(progress_proxy, tmp_path)
+    try:
+        events = progress_of(port, "filename=a.csv&owner=alice&profile=default")
+    finally:
+        stop(proc)
+    assert [name for name, _ in events] == ["step", "queued", "booting", "uploading", "ready"]
+    assert events[1][1] == {"position": 2}
+    assert events[-1][1] == {
+        "nonce": "n" * 32,
+        "view": f"{progress_proxy}/datalab/view/{'n' * 32}/lab/tree/a.csv",
+        "work": "w" * 32,
+    }
+    path, given, accept = ProgressProxy.seen[-1]
+    query = urllib.parse.parse_qs(urllib.parse.urlsplit(path).query)
+    assert (query["owner"], query["profile"], accept) == (["alice"], ["default"], "text/event-stream")
+    subject = signing.start_subject("a.csv", {"owner": "alice", "profile": "default"})
+    assert given == signing.signature(KEY, query["ts"][0], subject)
+
+
+def test_a_refused_start_is_relayed_as_its_error_event(progress_proxy, tmp_path):
+    proc, port = run_demo(f"{progress_proxy}/refusing", tmp_path)
+    try:
+        events = progress_of(port, "filename=a.csv&profile=big")
+    finally:
+        stop(proc)
+    assert events[-1] == ("error", {"code": "PROFILE_UNKNOWN", "message": "no profile 'big'", "status": 400})
+
+
+def post_event(port: int, event: dict, key: str = KEY) -> int:
+    body = json.dumps(event).encode()
+    signature = "sha256=" + hmac.new(key.encode(), body, hashlib.sha256).hexdigest()
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    headers = {"Host": f"127.0.0.1:{port}", "Content-Type": "application/json", "X-Datalab-Signature": signature}
+    connection.request("POST", "/events", body=body, headers=headers)
+    return connection.getresponse().status
+
+
+def notices(port: int, owner: str) -> list[dict]:
+    answer = download(port, f"/notices?{urllib.parse.urlencode({'owner': owner, 'after': 0})}")
+    return json.loads(answer.read())["result"]
+
+
+def test_the_demo_takes_signed_events_and_tells_each_owner_its_ends(demo):
+    end = {"id": "5-0", "type": "end", "time": 5.0, "instance": "i", "work": "w" * 32, "owner": "alice"}
+    end |= {"profile": "default", "cause": "idle"}
+    assert post_event(demo, end) == 204
+    assert post_event(demo, end) == 204  # delivered again (at least once): told once
+    assert post_event(demo, end | {"id": "6-0", "owner": "mallory"}, key="not-the-key") == 401
+    assert post_event(demo, end | {"id": "7-0", "type": "view"}) == 204  # not a notice
+    assert notices(demo, "alice") == [end]
+    assert notices(demo, "mallory") == [] and notices(demo, "bob") == []
+
+
+def test_the_page_offers_the_profiles_it_is_given(tmp_path, monkeypatch):
+    monkeypatch.setenv("DATALAB_DEMO_PROFILES", "default, big<one>")
+    proc, port = run_demo("http://127.0.0.1:1", tmp_path)
+    try:
+        page = download(port, "/").read().decode()
+    finally:
+        stop(proc)
+    assert '<option value="default">default</option>' in page
+    assert '<option value="big&lt;one&gt;">big&lt;one&gt;</option>' in page

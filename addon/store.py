@@ -58,6 +58,21 @@ FOREVER = "+inf"
 EVENTS_MAX = 100_000  # events the lifecycle stream keeps, about (datalab_events_max)
 EXPIRED_PER_CALL = 500  # work expiries told by one call of Store.expire_works (the rest: next round)
 
+# Lua, put before the scripts that tell events: the text fields of a JSON object (an instance's record,
+# a work's who), '' where one is absent or not text.
+_TEXT_OF = """
+local function text_of(raw)
+  local ok, decoded = pcall(cjson.decode, raw or '{}')
+  if not ok or type(decoded) ~= 'table' then
+    decoded = {}
+  end
+  return function(name)
+    local value = decoded[name]
+    return type(value) == 'string' and value or ''
+  end
+end
+"""
+
 # KEYS: slots, pool, poolboot. ARGV: id, now, lease expiry, max instances, pool size (-1: not a pool boot).
 # Drops expired leases, then takes a slot if capacity (and, for a pool boot, the pool's size) allows.
 _RESERVE = """
@@ -118,7 +133,9 @@ return 1
 # Nonce keys are found in refs inside the script, so a bind or view cannot slip in between. The end is
 # recorded (how, the work's state: saving, and its end event) in the same step, so no reader sees one
 # without the others.
-_REMOVE = """
+_REMOVE = (
+    _TEXT_OF
+    + """
 local record = redis.call('GET', KEYS[1])
 if ARGV[3] ~= '' and record ~= ARGV[3] then
   return 0
@@ -149,14 +166,7 @@ if not record then
   return 0
 end
 if ARGV[5] ~= '' then
-  local ok, decoded = pcall(cjson.decode, record)
-  if not ok or type(decoded) ~= 'table' then
-    decoded = {}
-  end
-  local function text(name)
-    local value = decoded[name]
-    return type(value) == 'string' and value or ''
-  end
+  local text = text_of(record)
   local work = text('work')
   redis.call('SET', KEYS[9], cjson.encode({cause = ARGV[5], work = work, instance = record}), 'EX', ARGV[6])
   local raw = work ~= '' and redis.call('GET', ARGV[8] .. work)
@@ -173,11 +183,14 @@ if ARGV[5] ~= '' then
 end
 return 1
 """
+)
 
 # KEYS: work record, lifecycle, expiring, workwho. ARGV: expected state, new record, TTL, work id, now,
 # events max, the event this move is ('' = none). A work's state moves only from the one its writer read
 # (a save never overwrites a delete, nor a delete a save in progress); its event goes with the move.
-_MOVE_WORK = """
+_MOVE_WORK = (
+    _TEXT_OF
+    + """
 local raw = redis.call('GET', KEYS[1])
 if not raw then
   return 0
@@ -189,21 +202,20 @@ end
 redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
 redis.call('ZADD', KEYS[3], 'XX', tonumber(ARGV[5]) + tonumber(ARGV[3]), ARGV[4])
 if ARGV[7] ~= '' then
-  local found, who = pcall(cjson.decode, redis.call('HGET', KEYS[4], ARGV[4]) or '{}')
-  if not found or type(who) ~= 'table' then
-    who = {}
-  end
+  local who = text_of(redis.call('HGET', KEYS[4], ARGV[4]))
   redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[6], '*', 'type', ARGV[7], 'time', ARGV[5],
-    'instance', tostring(who['instance'] or ''), 'work', ARGV[4], 'owner', tostring(who['owner'] or ''),
-    'profile', tostring(who['profile'] or ''))
+    'instance', who('instance'), 'work', ARGV[4], 'owner', who('owner'), 'profile', who('profile'))
 end
 return 1
 """
+)
 
 # KEYS: expiring, workwho, lifecycle. ARGV: now, events max, work key prefix, most to tell.
 # Work records expire by their TTL; the index of when each does tells their expiry as an event, once
 # across all proxies (the index entry goes with the event). A TTL moved later is put back in the index.
-_EXPIRE_WORKS = """
+_EXPIRE_WORKS = (
+    _TEXT_OF
+    + """
 local told = 0
 for _, work in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[4]))) do
   local ttl = redis.call('PTTL', ARGV[3] .. work)
@@ -211,13 +223,9 @@ for _, work in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIM
     redis.call('ZADD', KEYS[1], tonumber(ARGV[1]) + ttl / 1000, work)
   else
     if ttl == -2 then
-      local found, who = pcall(cjson.decode, redis.call('HGET', KEYS[2], work) or '{}')
-      if not found or type(who) ~= 'table' then
-        who = {}
-      end
+      local who = text_of(redis.call('HGET', KEYS[2], work))
       redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[2], '*', 'type', 'work_expired', 'time', ARGV[1],
-        'instance', tostring(who['instance'] or ''), 'work', work, 'owner', tostring(who['owner'] or ''),
-        'profile', tostring(who['profile'] or ''))
+        'instance', who('instance'), 'work', work, 'owner', who('owner'), 'profile', who('profile'))
       told = told + 1
     end
     redis.call('ZREM', KEYS[1], work)
@@ -226,28 +234,25 @@ for _, work in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIM
 end
 return told
 """
+)
 
 # KEYS: instance record, session, refs, lifecycle. ARGV: id, session TTL, now, events max. A session
 # only for a live instance; its view event goes with it.
-_ADD_SESSION = """
+_ADD_SESSION = (
+    _TEXT_OF
+    + """
 local record = redis.call('GET', KEYS[1])
 if not record then
   return 0
 end
 redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[2])
 redis.call('SADD', KEYS[3], KEYS[2])
-local ok, decoded = pcall(cjson.decode, record)
-if not ok or type(decoded) ~= 'table' then
-  decoded = {}
-end
-local function text(name)
-  local value = decoded[name]
-  return type(value) == 'string' and value or ''
-end
+local text = text_of(record)
 redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[4], '*', 'type', 'view', 'time', ARGV[3], 'instance', ARGV[1],
   'work', text('work'), 'owner', text('owner'), 'profile', text('profile'))
 return 1
 """
+)
 
 # KEYS: the lock. ARGV: the holder's token, TTL in ms. Extends the lock only if this holder still has it.
 _RENEW = """

@@ -536,7 +536,7 @@ async function notices() {  // the proxy's events for this owner, as this server
 }
 setInterval(notices, 2000);
 function events(text, each) {  // Server-Sent Events: "event: <name>" and "data: <json>", a blank line after each
-  for (const block of text.split("\n\n")) {
+  for (const block of text.split("\\n\\n")) {
     const name = (block.match(/^event: (.*)$/m) || [])[1];
     const data = (block.match(/^data: (.*)$/m) || [])[1];
     if (name) each(name, JSON.parse(data || "{}"));
@@ -549,7 +549,7 @@ async function follow(response, each) {  // the start's events as they arrive
     const {value, done} = await reader.read();
     if (done) return;
     buffer += value;
-    const cut = buffer.lastIndexOf("\n\n");
+    const cut = buffer.lastIndexOf("\\n\\n");
     if (cut >= 0) { events(buffer.slice(0, cut), each); buffer = buffer.slice(cut + 2); }
   }
 }

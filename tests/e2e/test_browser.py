@@ -1,6 +1,7 @@
 """What a person sees: the demo frontend (scripts/demo.py) in a real headless Chromium, through a
 real proxy, on each backend. A notebook runs a cell and saves it; a CSV is plotted with pandas and
-matplotlib; a refused upload shows the proxy's error in the page. Screenshots:
+matplotlib; a refused upload shows the proxy's error in the page; a start's progress shows as a line, and
+the end of the person's instance as a notice with its work's link. Screenshots:
 browser-notebook-<backend>.png and browser-plot-<backend>.png in the artifacts directory (e2e/browser.py).
 """
 
@@ -114,8 +115,11 @@ def open_demo(make_proxy, backend, sign_key, chromium, tmp_path, request):
     servers: list[DemoServer] = []
     failed = request.session.testsfailed
 
-    def open_(key: str = sign_key, **options) -> DemoPage:
+    def open_(key: str = sign_key, events: bool = False, **options) -> DemoPage:
+        """`events`: the proxy posts its lifecycle events to the demo (as run.sh --demo has it)."""
         port = free_port()
+        if events:
+            options |= {"datalab_events_url": f"http://127.0.0.1:{port}/events", "datalab_events_retry_max": 2}
         proxy = make_proxy(datalab_backend=backend, datalab_allowed_origins=f"http://127.0.0.1:{port}", **options)
         servers.append(DemoServer(proxy, key, port, tmp_path))
         chromium.switch_to.default_content()
@@ -195,3 +199,22 @@ def test_proxy_refusals_show_in_the_page(open_demo, tmp_path):
     page.upload(small)
     code, message = page.error()
     assert code == "BAD_SIGNATURE" and "X-SIGN must be" in message
+
+
+def test_the_page_shows_progress_and_offers_the_work_when_the_session_ends(open_demo, tmp_path):
+    upload = tmp_path / "ends.csv"
+    upload.write_text(CSV)
+    page = open_demo(events=True)
+    page.upload(upload)
+    nonce = page.opened()
+    driver = page.driver
+    driver.switch_to.default_content()
+    assert driver.find_element(By.ID, "progress").text == "ready"  # the start's last phase, as a line
+    work = driver.find_element(By.TAG_NAME, "body").get_attribute("data-work")
+    assert page.server.proxy.stop_instance(nonce).status_code == 200  # the frontend's server ends it
+    ended = driver.find_element(By.ID, "ended")
+    wait(driver).until(lambda _: ended.is_displayed())
+    assert driver.find_element(By.ID, "ended-cause").text == "stopped"
+    link = driver.find_element(By.ID, "ended-link").get_attribute("href")
+    assert urlsplit(link).path == f"/work/{work}"
+    page.shoot("ended")

@@ -68,3 +68,16 @@ def test_a_start_with_progress_queues_then_is_ready_in_a_burst(make_proxy):
         assert proxy.stop_instance(ready["nonce"]).status_code == 200  # the nonce is a live instance's
     queued = [data for events in answers for name, data in events if name == "queued"]
     assert queued and all(d["position"] >= 1 for d in queued)  # more starts than boot slots: some waited
+
+
+def test_a_client_gone_mid_progress_leaves_no_instance(make_proxy, world):
+    prefix = world.sub("progress-gone")
+    proxy = make_proxy(prefix=prefix)
+    answer = proxy.upload("gone.csv", DATA, accept="text/event-stream")
+    lines = answer.iter_lines(decode_unicode=True)
+    assert next(line for line in lines if line.startswith("event: ")) in ("event: booting", "event: queued")
+    answer.close()  # the client goes away before ready
+    wait_until(lambda: not world.containers(prefix), "its instance removed", timeout=60)
+    time.sleep(5)  # a boot cancelled half way leaves nothing behind later either
+    assert not world.containers(prefix)
+    assert not [k for k in world.keys(prefix) if k.split(b":")[-2] in (b"instance", b"nonce")]

@@ -132,13 +132,13 @@ class Instances:
         work_id = inputs.new_token()
         await self._reserve_owner(order, work_id)
         try:
-            return await self._start(order, data, work_id)
+            return await self._start(order, data, work_id, progress)
         except BaseException:
             if order.owner:
                 await asyncio.shield(self.owners.release(order.owner, work_id))
             raise
 
-    async def _start(self, order: Order, data: bytes | bytearray, work_id: str) -> Handout:
+    async def _start(self, order: Order, data: bytes | bytearray, work_id: str, progress: Progress) -> Handout:
         for _ in range(HANDOUT_TRIES):
             instance = await self.claim_pooled() or await self._cold_start(progress)
             self.pool_changed.set()

@@ -297,7 +297,13 @@ def only_sessions_left(world, prefix: str) -> bool:
     its user's work (the ended page, GET /datalab/work: until datalab_session_ttl and _work_ttl)."""
     keys = [k.decode() for k in world.keys(prefix)]
     expiring = (prefix + "session:", prefix + "signed:", prefix + "ended:", prefix + "work:")
-    return all(k.startswith(expiring) and world.redis.ttl(k) > 0 for k in keys)
+    # And what tells the frontend: the lifecycle stream (capped by datalab_events_max) and the index of
+    # works whose expiry is still to be told, which names only works whose records still live.
+    told = {prefix + "lifecycle", prefix + "expiring", prefix + "workwho"}
+    to_tell = [w.decode() for w in world.redis.zrange(prefix + "expiring", 0, -1)]
+    if not all(world.redis.exists(prefix + "work:" + w) for w in to_tell):
+        return False
+    return all((k.startswith(expiring) and world.redis.ttl(k) > 0) or k in told for k in keys)
 
 
 def test_removing_instances_leaves_no_container_or_key(world, redis_server):

@@ -10,7 +10,6 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
-import pytest
 from mitmproxy.addons import proxyserver
 from mitmproxy.proxy import layers
 from mitmproxy.proxy import mode_specs
@@ -175,9 +174,3 @@ async def test_a_peer_that_does_not_read_pauses_the_other_instead_of_filling_mem
         rig.upstream_reads.set()
         for _ in range(64):
             assert await asyncio.wait_for(rig.reader.readexactly(MIB), 10) == chunk
-
-
-@pytest.fixture(autouse=True)
-def _no_bare_left():
-    yield
-    assert not passthrough._BARE

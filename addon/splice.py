@@ -19,15 +19,14 @@ its layers: its sockets carry ciphertext), nor one that is no asyncio stream or 
 
 Written against mitmproxy 12.3.1 and CPython 3.12: ConnectionHandler.transports (ConnectionIO with
 asyncio streams), timeout_watchdog.register_activity, TCPLayer.relay_messages, StreamReader's _buffer
-and _eof; `supported()` checks them (tests/test_splice.py fails loudly when they move; passthrough then
-relays through its TCP layer, unspliced).
+and _eof, StreamReaderProtocol's _paused; `supported()` checks them (tests/test_splice.py fails
+loudly when they move; passthrough then relays through its TCP layer, unspliced).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import types
 from collections.abc import Callable
 
 from mitmproxy import connection
@@ -105,6 +104,8 @@ def splice(handler: server.ConnectionHandler, client: connection.Client, upstrea
     ends[0].peer, ends[1].peer = ends[1], ends[0]
     for end in ends:
         end.transport.set_protocol(end)
+        if end.own._paused:  # its write buffer is full already: asyncio will not say so again
+            end.peer.hold()
     return True
 
 
@@ -146,11 +147,17 @@ class SplicingTCPLayer(tcp_layers.TCPLayer):
 
 def supported() -> bool:
     """Whether this mitmproxy and asyncio have what splicing relies on (see the module's docstring)."""
-    reader = asyncio.StreamReader(loop=types.SimpleNamespace(get_debug=lambda: False))  # (no loop needed)
+    loop = asyncio.new_event_loop()  # (a stream's parts need one; nothing runs on it)
+    try:
+        reader = asyncio.StreamReader(loop=loop)
+        own = asyncio.StreamReaderProtocol(reader, loop=loop)
+    finally:
+        loop.close()
     return (
         {"reader", "writer", "handler"} <= set(getattr(server.ConnectionIO, "__dataclass_fields__", {}))
         and callable(getattr(server.TimeoutWatchdog, "register_activity", None))
         and callable(getattr(tcp_layers.TCPLayer, "relay_messages", None))
         and isinstance(getattr(reader, "_buffer", None), bytearray)
         and getattr(reader, "_eof", None) is False
+        and getattr(own, "_paused", None) is False
     )

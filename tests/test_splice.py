@@ -6,16 +6,20 @@ when mitmproxy's internals move from what splice.py was written for (12.3.1)."""
 from __future__ import annotations
 
 import asyncio
+import types
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 from mitmproxy.addons import proxyserver
+from mitmproxy.connection import ConnectionState
 from mitmproxy.proxy import layers
 from mitmproxy.proxy import mode_specs
 from mitmproxy.proxy.layers.http import HTTPMode
+from mitmproxy.proxy.server import ConnectionIO
 from mitmproxy.proxy.server import SimpleConnectionHandler
 from mitmproxy.test import taddons
+from mitmproxy.test import tflow
 
 import passthrough
 import splice
@@ -174,3 +178,91 @@ async def test_a_peer_that_does_not_read_pauses_the_other_instead_of_filling_mem
         rig.upstream_reads.set()
         for _ in range(64):
             assert await asyncio.wait_for(rig.reader.readexactly(MIB), 10) == chunk
+
+
+class FakeTransport:
+    """What a Splice asks of its socket's transport."""
+
+    def __init__(self, protocol=None):
+        self.protocol = protocol
+        self.reading, self.closing = True, False
+        self.sent: list[bytes] = []
+
+    def is_reading(self) -> bool:
+        return self.reading
+
+    def pause_reading(self) -> None:
+        self.reading = False
+
+    def resume_reading(self) -> None:
+        self.reading = True
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def close(self) -> None:
+        self.closing = True
+
+    def write(self, data: bytes) -> None:
+        self.sent.append(data)
+
+    def get_protocol(self):
+        return self.protocol
+
+    def set_protocol(self, protocol) -> None:
+        self.protocol = protocol
+
+
+def spliced_pair(paused: tuple[bool, bool] = (False, False)) -> tuple[splice.Splice, splice.Splice]:
+    """A client's and an upstream's sockets (fake transports, real streams) spliced by splice.splice."""
+    client, upstream = tflow.tclient_conn(), tflow.tserver_conn()
+    upstream.state = ConnectionState.OPEN
+    transports = {}
+    for conn, full in zip((client, upstream), paused, strict=True):
+        reader = asyncio.StreamReader()
+        own = asyncio.StreamReaderProtocol(reader)
+        own._paused = full  # its write buffer over asyncio's high-water mark
+        transport = FakeTransport(own)
+        writer = asyncio.StreamWriter(transport, own, reader, asyncio.get_running_loop())
+        transports[conn] = ConnectionIO(handler=None, reader=reader, writer=writer)
+    watchdog = types.SimpleNamespace(register_activity=list)
+    handler = types.SimpleNamespace(transports=transports, timeout_watchdog=watchdog)
+    assert splice.splice(handler, client, upstream)
+    ends = [io.writer.transport.protocol for io in transports.values()]
+    return ends[0], ends[1]
+
+
+async def test_a_full_write_buffer_pauses_reading_the_other_side_until_it_drains():
+    client, upstream = spliced_pair()
+    upstream.pause_writing()  # the instance does not read: the browser's socket is not read either
+    assert not client.transport.reading and upstream.transport.reading
+    upstream.resume_writing()
+    assert client.transport.reading
+    upstream.pause_writing()
+    upstream.connection_lost(None)  # the instance is gone: the browser's side is read to its end
+    assert client.transport.reading
+
+
+async def test_a_side_paused_by_another_is_not_resumed_by_the_splice():
+    client, upstream = spliced_pair()
+    client.transport.pause_reading()  # (as heads.pause_socket does)
+    upstream.pause_writing()
+    upstream.resume_writing()
+    assert not client.transport.reading
+
+
+async def test_a_write_buffer_full_before_the_splice_pauses_the_other_side_at_once():
+    client, upstream = spliced_pair(paused=(True, False))
+    assert not upstream.transport.reading and client.transport.reading
+
+
+async def test_bytes_mitmproxy_has_not_read_yet_go_first():
+    client, upstream = spliced_pair()
+    client.reader.feed_data(b"unread ")  # came before the splice: mitmproxy's read task has it next
+    client.data_received(b"new")
+    assert upstream.transport.sent == [] and await client.reader.read(100) == b"unread new"
+    client.data_received(b"direct")
+    assert upstream.transport.sent == [b"direct"]
+    upstream.transport.closing = True
+    client.data_received(b"dropped")  # (as mitmproxy drops what a closing connection would get)
+    assert upstream.transport.sent == [b"direct"]

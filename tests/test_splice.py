@@ -187,6 +187,7 @@ class FakeTransport:
         self.protocol = protocol
         self.reading, self.closing = True, False
         self.sent: list[bytes] = []
+        self.writer: asyncio.StreamWriter | None = None  # (held, as mitmproxy holds its streams)
 
     def is_reading(self) -> bool:
         return self.reading
@@ -223,7 +224,7 @@ def spliced_pair(paused: tuple[bool, bool] = (False, False)) -> tuple[splice.Spl
         own = asyncio.StreamReaderProtocol(reader)
         own._paused = full  # its write buffer over asyncio's high-water mark
         transport = FakeTransport(own)
-        writer = asyncio.StreamWriter(transport, own, reader, asyncio.get_running_loop())
+        writer = transport.writer = asyncio.StreamWriter(transport, own, reader, asyncio.get_running_loop())
         transports[conn] = ConnectionIO(handler=None, reader=reader, writer=writer)
     watchdog = types.SimpleNamespace(register_activity=list)
     handler = types.SimpleNamespace(transports=transports, timeout_watchdog=watchdog)

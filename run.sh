@@ -28,6 +28,8 @@
 #   DATALAB_BACKEND         what runs instances: docker, process (local Jupyter processes, for machines
 #                           without a Docker engine) or auto (default: docker when an engine can be had)
 #   DATALAB_IMAGE           Jupyter image (default datalab-notebook:latest; built here when missing)
+#   DATALAB_NO_BUILD        1: use the images as they are, never build them, fail if one is missing
+#                           (benchmarks and other checkouts that share this engine's images)
 #   DATALAB_METRICS_PORT    serve Prometheus metrics on 127.0.0.1 at this port; worker i of --workers N
 #                           at this port + i - 1 (each process counts its own). Unset: no metrics port
 #                           (docs/operations.md "Metrics"). When set, it decides over --set datalab_metrics_port.

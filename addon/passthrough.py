@@ -13,9 +13,11 @@ HttpStream.flow_done, with the `rawtcp` option on, its default).
 That TCP layer would make a flow, call the tcp_message hook for every read (a task and a trip
 through every addon that has it) and keep every read in the flow's history: half the throughput
 again. So flow_done's TCP layer is made here (install), flowless for a passthrough's connection:
-no hook, no history, bytes relayed as they are read. Where this mitmproxy's HTTP layer is not the
-one this was written for, a passthrough keeps its TCP flow, which gets the upgrade's marks
-(tcp_start): guards.TrimWebSockets trims its history, deadlines.py ends the request at its end.
+no hook, no history, bytes relayed as they are read; and once it has started, its two sockets are
+spliced (splice.py): bytes go from one to the other outside mitmproxy's layers. Where this
+mitmproxy's HTTP layer is not the one this was written for, a passthrough keeps its TCP flow,
+which gets the upgrade's marks (tcp_start): guards.TrimWebSockets trims its history, deadlines.py
+ends the request at its end.
 Either way the connection's request is in flight for the header deadline until it closes.
 
 What a passthrough gives up: datalab_max_ws_message (websocket_bound.py bounds parsed messages
@@ -37,6 +39,7 @@ from mitmproxy.proxy.context import Context
 from mitmproxy.proxy.layers import http as http_layers
 from mitmproxy.proxy.layers import tcp as tcp_layers
 
+import splice
 from marks import PASSTHROUGH
 from marks import ROUTED
 from runtime import Runtime
@@ -47,9 +50,15 @@ PASSTHROUGH_MODE = "passthrough"
 _BARE: set[str] = set()  # client connection ids whose coming TCP layer relays without a flow
 
 
+SPLICING = splice.supported()  # a passthrough's sockets are spliced (splice.py), else relayed by the TCP layer
+
+
 def _tcp_layer(context: Context) -> tcp_layers.TCPLayer:
-    """mitmproxy's TCP layer, flowless (no hook per read, no history) for a passthrough's connection."""
-    return tcp_layers.TCPLayer(context, ignore=context.client.id in _BARE)
+    """mitmproxy's TCP layer, flowless (no hook per read, no history) for a passthrough's connection,
+    which splices its sockets where this mitmproxy allows (splice.py)."""
+    if context.client.id not in _BARE:
+        return tcp_layers.TCPLayer(context)
+    return splice.SplicingTCPLayer(context) if SPLICING else tcp_layers.TCPLayer(context, ignore=True)
 
 
 def install() -> bool:
@@ -70,6 +79,8 @@ class WebSocketPassthrough:
         self._upgraded: dict[str, http.HTTPFlow] = {}  # client connection id -> its upgrade, until tcp_start
         if not install():
             log.warning("datalab: mitmproxy's HTTP layer is not the one passthrough.py knows: TCP flows are kept")
+        elif not SPLICING:
+            log.warning("datalab: mitmproxy's connection handling is not the one splice.py knows: not spliced")
 
     def configure(self, updated: set[str]) -> None:
         if self._on() and not ctx.options.rawtcp:

@@ -141,8 +141,11 @@ def start_proxy_group(
     port: int, key: str, prefix: str, options: dict[str, object], entry: tuple[str, ...] = (), log: Path | None = None
 ) -> subprocess.Popen:
     """./run.sh [entry ...] -q --set datalab_...: in a process group of its own (stop it with
-    stop_group), its output to `log`. Raises RuntimeError when it does not come up."""
+    stop_group), its output to `log`. Raises RuntimeError when it does not come up. The images are
+    used as they are (DATALAB_NO_BUILD=1, unless the caller's environment says otherwise): a bench
+    measures the proxy, and the images may be shared with other checkouts."""
     env = {**os.environ, "DATALAB_PORT": str(port), "DATALAB_SIGN_KEY": key, "DATALAB_KEY_PREFIX": prefix}
+    env.setdefault("DATALAB_NO_BUILD", "1")
     sets = [arg for name, value in options.items() for arg in ("--set", f"datalab_{name}={value}")]
     out = open(log, "ab") if log else subprocess.DEVNULL  # the child holds it; ours is closed below
     proc = subprocess.Popen(

@@ -114,13 +114,22 @@ ensure_docker() {
 # Build the image when it is missing or was built from other inputs (build-image.sh decides; quick when current).
 ensure_image() {
   local image=${DATALAB_IMAGE:-datalab-notebook:latest}
-  "$ROOT/scripts/build-image.sh" "$image" || die "building $image failed (see above)"
+  image_as_is "$image" || "$ROOT/scripts/build-image.sh" "$image" || die "building $image failed (see above)"
 }
 
 # The proxy image (./run.sh --swarm runs it as a stack; build-proxy-image.sh decides; quick when current).
 ensure_proxy_image() {
   local image=${DATALAB_PROXY_IMAGE:-datalab-proxy:latest}
-  "$ROOT/scripts/build-proxy-image.sh" "$image" || die "building $image failed (see above)"
+  image_as_is "$image" || "$ROOT/scripts/build-proxy-image.sh" "$image" || die "building $image failed (see above)"
+}
+
+# DATALAB_NO_BUILD=1: an image is used as it is, never (re)built, and its absence is an error. For
+# whoever shares one engine's images between checkouts (benchmarks, a worktree's run.sh): a build from
+# one checkout's inputs would replace the image under the others. False (build as usual) when unset.
+image_as_is() {
+  [ "${DATALAB_NO_BUILD:-}" = 1 ] || return 1
+  docker image inspect "$1" >/dev/null 2>&1 \
+    || die "DATALAB_NO_BUILD=1, and there is no image $1: build it (scripts/build-image.sh, scripts/build-proxy-image.sh) or unset DATALAB_NO_BUILD"
 }
 
 # A swarm for the Swarm backend: a single-node one on loopback when the engine is in none.

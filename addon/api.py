@@ -313,7 +313,7 @@ class Api:
         """What to start: unpack=1 names the archive's kind (from the filename); a profile must be one
         the operator declared."""
         profile = extras.get("profile", DEFAULT_PROFILE)
-        if profile != DEFAULT_PROFILE:
+        if profile not in self.runtime.settings.profile_table:
             raise ApiError(400, "PROFILE_UNKNOWN", f"no profile {profile!r}; the operator declares profiles")
         try:
             unpack = inputs.archive_kind(filename) if extras.get("unpack") == "1" else ""

@@ -25,6 +25,7 @@ from mitmproxy import exceptions
 from redis.asyncio.connection import parse_url
 
 import options
+import profiles
 import sentinel
 import signing
 from backends import Limits
@@ -342,14 +343,30 @@ class Settings:
         "Listen with SO_REUSEPORT, so several proxy processes share the port (run.sh --workers N); "
         "needs --set server=false, which this turns on once the listener can be shared.",
     )
+    profiles: str = option(
+        "",
+        "A TOML or JSON file of named profiles (image, mem_limit, cpus, pids_limit, disk_limit, env, "
+        'idle_timeout, max_age, pool_size) a start may ask for with profile=; empty: only "default", '
+        'these options (docs/operations.md "Profiles").',
+        "DATALAB_PROFILES",
+        check=holds(lambda v: v == "" or os.path.isabs(v), "must be empty or an absolute path"),
+    )
     # The chosen backend's own options (and the others'), keyed by field name: backends/choice.py.
     backend_options: dict[str, typing.Any] = dataclasses.field(default_factory=dict)
+    # The profiles file's tables, checked (profiles.read_file); its default table is in the fields above.
+    profile_tables: dict[str, dict[str, typing.Any]] = dataclasses.field(default_factory=dict)
 
     @functools.cached_property
     def limits(self) -> Limits:
         """What every backend gets: whose instances, and their limits (a disk limit of auto is made a
-        size by the backend: what fits beside Jupyter in a container's memory limit)."""
-        return Limits(
+        size by the backend: what fits beside Jupyter in a container's memory limit): the default
+        profile's."""
+        return self.profile(profiles.DEFAULT).limits
+
+    @functools.cached_property
+    def profile_table(self) -> dict[str, profiles.Profile]:
+        """Every declared profile by name, "default" (these options) first."""
+        limits = Limits(
             label_prefix=self.key_prefix,
             mem_limit=self.mem_limit,
             cpus=float(self.cpus),
@@ -357,6 +374,13 @@ class Settings:
             disk_limit=self.disk_limit,
             start_timeout=float(self.start_timeout),
         )
+        default = profiles.Profile(profiles.DEFAULT, limits, self.idle_timeout, self.max_age, self.pool_size)
+        return profiles.build(self.profile_tables, default, self.backend_options.get("image", ""))
+
+    def profile(self, name: str) -> profiles.Profile:
+        """The profile an instance or a start names: its limits, pool and culling times. A name no
+        longer declared (the file changed since the instance started) is the default's."""
+        return self.profile_table.get(name) or self.profile_table[profiles.DEFAULT]
 
     @property
     def boot_slots(self) -> int:
@@ -399,7 +423,23 @@ def _default_of(name: str) -> typing.Any:
 def settings_from_environment(**changes: typing.Any) -> Settings:
     """Settings as a proxy started in this environment would have them (scripts act as the proxy does)."""
     values = option_values(_default_of)
-    return Settings(**{**values, **changes})
+    return with_profiles(Settings(**{**values, **changes}))
+
+
+def _profile_rules() -> profiles.Rules:
+    """A profile's fields are checked by the rules of the options of the same name."""
+    fields = {f.name: f for f in _shared_fields()}
+    return {name: functools.partial(options.problem_of, fields[name]) for name in (*profiles.LIMITS, *profiles.TIMES)}
+
+
+def with_profiles(s: Settings) -> Settings:
+    """The settings with the datalab_profiles file read and checked (ValueError names the profile and
+    field at fault); its default table's fields replace the options'."""
+    if not s.profiles:
+        return s
+    tables = profiles.read_file(s.profiles, _profile_rules())
+    own = {f: v for f, v in tables.get(profiles.DEFAULT, {}).items() if f in (*profiles.LIMITS, *profiles.TIMES)}
+    return dataclasses.replace(s, profile_tables=tables, **own)
 
 
 def option_values(get: Callable[[str], typing.Any]) -> dict[str, typing.Any]:
@@ -413,6 +453,7 @@ def parse_settings(values: dict[str, typing.Any]) -> Settings:
     """Settings from option values (keyed by field name); ValueError says which one is wrong and why."""
     s = Settings(**values)
     options.check_options(s)  # each option by its own choices and rule
+    s = with_profiles(s)
     for cls in choice.BACKENDS.values():
         choice.options_of(cls, s.backend_options)  # each refuses its own bad values
     _check_redis_url(s.redis_url)
@@ -431,9 +472,13 @@ def parse_settings(values: dict[str, typing.Any]) -> Settings:
 
 def _check_in_memory_fit(s: Settings) -> None:
     """Container instances keep their writable places in memory: they must fit in the memory limit
-    (backends/memory_budget.py). Not the process backend's concern (its disk limit is a file size)."""
-    if s.backend != "process" and (problem := memory_budget.misfit(s.mem_limit, s.disk_limit)):
-        raise ValueError(problem)
+    (backends/memory_budget.py), every profile's. Not the process backend's concern (its disk limit
+    is a file size)."""
+    if s.backend == "process":
+        return
+    for name, profile in s.profile_table.items():
+        if problem := memory_budget.misfit(profile.limits.mem_limit, profile.limits.disk_limit):
+            raise ValueError(problem if name == profiles.DEFAULT else f"datalab_profiles: profile {name!r}: {problem}")
 
 
 def _check_redis_url(url: str) -> None:

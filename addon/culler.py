@@ -140,9 +140,10 @@ class Culler:
         # its container's listing, and a container's lease always predates the container.
         records = await inst.all()
         found = {f.instance_id: f for f in await inst.backend.inventory()}
-        await store.drop_expired_leases(time.time())
+        profiles = list(inst.settings.profile_table)
+        await store.drop_expired_leases(time.time(), profiles)
         holders = await store.slot_holders(time.time())
-        pooled = set(await store.pool_ids())
+        pooled = set(await store.pool_ids(profiles))
         activity = await store.activity()
         now = time.time()
         # Probes and ends run side by side: one silent instance must not hold up the round.

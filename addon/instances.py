@@ -24,6 +24,7 @@ from backends import Backend
 from backends import BackendError
 from backends import Instance
 from backends import InventoryEntry
+from backends import Limits
 from backends import StartTimeout
 from backends import UnpackLimits
 from backends import UntrustedRecord
@@ -33,6 +34,7 @@ from config import Settings
 from owners import Owners
 from owners import Started
 from paths import family_name
+from profiles import DEFAULT
 from store import EndNote
 from store import Reservation
 from store import Store
@@ -52,7 +54,7 @@ CONTAINER_GONE = "its container is gone or stopped"  # the end reason when the b
 HANDOUT_TRIES = 2  # instances a start may take if the one it took was ended while being handed out
 
 
-DEFAULT_PROFILE = "default"  # the profile of a start that names none: the proxy's own settings
+DEFAULT_PROFILE = DEFAULT  # the profile of a start that names none: the proxy's own settings
 
 # Told each phase a start enters (progress.py's names: queued with its position, booting, uploading).
 Progress = Callable[..., None]
@@ -107,12 +109,21 @@ class Instances:
         self.admission = Admission(settings.boot_slots)
         self.pool_changed = asyncio.Event()  # set when the pool may need refilling
         self._capacity: int | None = None
-        disk = backend.limits.disk_limit
+        self._memory: int | None = None
+        # The biggest working directory any profile's instance has: the work store takes it.
+        disk = max((each.disk_limit for each in self._all_limits()), key=size_bytes)
         directory = os.path.join(settings.work_dir, family_name(settings.key_prefix))
         self.work = WorkStore(
             store, directory, work_max_bytes(settings.work_max, disk), settings.work_ttl, settings.work_timeout
         )
-        self.unpack_limits = UnpackLimits(settings.unpack_max_entries, size_bytes(disk))
+        self.unpack_limits = UnpackLimits(settings.unpack_max_entries, size_bytes(backend.limits.disk_limit))
+
+    def _all_limits(self) -> list[Limits]:
+        return [self.backend.limits, *self.backend.profiles.values()]
+
+    def limits_of(self, profile: str) -> Limits:
+        """What the backend starts the profile's instances with (the default's for a name not declared)."""
+        return self.backend.profiles.get(profile) or self.backend.limits
 
     async def max_instances(self) -> int:
         """The option, or what the engine holds at the memory limit (asked once)."""
@@ -121,6 +132,21 @@ class Instances:
         if self._capacity is None:
             self._capacity = await self.backend.capacity()
         return self._capacity
+
+    async def allowance(self, profile: str) -> tuple[int, int]:
+        """What a slot for the profile's instance is reserved against, and what it weighs there
+        (store.reserve): datalab_max_instances slots, each weighing nothing but one; else the
+        engine's memory (asked once), each its memory limit, so capacity counts memory across profiles."""
+        if self.settings.max_instances:
+            return self.settings.max_instances, 0
+        if self._memory is None:
+            self._memory = await self.backend.memory()
+        return self._memory, size_bytes(self.limits_of(profile).mem_limit)
+
+    async def reserve(self, instance_id: str, profile: str, lease: float, pool_size: int = -1) -> Reservation:
+        """A capacity slot for the profile's instance about to boot (for its pool, with pool_size)."""
+        cap, weight = await self.allowance(profile)
+        return await self.store.reserve(instance_id, time.time(), lease, cap, pool_size, weight, profile)
 
     # Starting
 
@@ -140,7 +166,7 @@ class Instances:
 
     async def _start(self, order: Order, data: bytes | bytearray, work_id: str, progress: Progress) -> Handout:
         for _ in range(HANDOUT_TRIES):
-            instance = await self.claim_pooled() or await self._cold_start(progress)
+            instance = await self.claim_pooled(order.profile) or await self._cold_start(order.profile, progress)
             self.pool_changed.set()
             progress("uploading")
             try:
@@ -179,7 +205,9 @@ class Instances:
     async def _hand_out(self, instance: Instance, order: Order, data: bytes | bytearray, work_id: str) -> str | None:
         """Put the upload in and bind a nonce and the work; None if the instance was ended meanwhile."""
         if order.unpack:
-            await self.backend.unpack(instance, order.unpack, data, self.unpack_limits)
+            disk = size_bytes(self.limits_of(order.profile).disk_limit)  # the profile's working directory
+            limits = dataclasses.replace(self.unpack_limits, max_bytes=disk)
+            await self.backend.unpack(instance, order.unpack, data, limits)
         else:
             await self.backend.put_file(instance, order.filename, data)
         now = time.time()
@@ -193,9 +221,9 @@ class Instances:
         nonce = inputs.new_token()
         return nonce if await self.store.bind(instance, nonce, self.settings.nonce_ttl, now, work, live_ttl) else None
 
-    async def claim_pooled(self) -> Instance | None:
-        """A ready pool instance, checked alive; a dead one is ended, never handed out."""
-        while (instance := await self.store.claim_pooled(time.time())) is not None:
+    async def claim_pooled(self, profile: str = DEFAULT) -> Instance | None:
+        """A ready instance of the profile's pool, checked alive; a dead one is ended, never handed out."""
+        while (instance := await self.store.claim_pooled(time.time(), profile)) is not None:
             if not await self.trusted(instance):
                 await self.end(instance, "its record names an address its backend never gives")
                 continue
@@ -204,21 +232,21 @@ class Instances:
             await self.end(instance, "found dead in the pool")
         return None
 
-    async def _cold_start(self, progress: Progress = _unwatched) -> Instance:
+    async def _cold_start(self, profile: str, progress: Progress = _unwatched) -> Instance:
         """Boot one for this start: a capacity slot at once or 503, then a boot slot within the queue timeout."""
         s = self.settings
         instance_id = inputs.new_instance_id()
         lease = s.queue_timeout + s.start_timeout + LEASE_MARGIN
-        if await self.store.reserve(instance_id, time.time(), lease, await self.max_instances()) != Reservation.GRANTED:
+        if await self.reserve(instance_id, profile, lease) != Reservation.GRANTED:
             raise NoCapacity("every instance slot is taken; retry later", RETRY_AT_CAPACITY)
         try:
             async with self.admission.slot(s.queue_timeout, lambda place: progress("queued", position=place)):
-                pooled = await self.claim_pooled()  # one may have come ready while we waited
+                pooled = await self.claim_pooled(profile)  # one may have come ready while we waited
                 if pooled is not None:
                     await self.store.release(instance_id)
                     return pooled
                 progress("booting")
-                return await self.boot(instance_id)
+                return await self.boot(instance_id, profile)
         except QueueTimeout as e:
             await self.store.release(instance_id)
             raise NoCapacity(f"too many starts at once: {e}", RETRY_QUEUE_FULL) from e
@@ -227,12 +255,13 @@ class Instances:
             raise
 
     @counters.cold_boot
-    async def boot(self, instance_id: str) -> Instance:
-        """Boot an empty instance with a fresh token; the start timeout counts from here."""
+    async def boot(self, instance_id: str, profile: str = DEFAULT) -> Instance:
+        """Boot an empty instance of the profile with a fresh token; the start timeout counts from here."""
         timeout = self.settings.start_timeout
         try:
             async with asyncio.timeout(timeout):
-                return await self.backend.start(instance_id, inputs.new_token())
+                instance = await self.backend.start(instance_id, inputs.new_token(), self.limits_of(profile))
+                return dataclasses.replace(instance, profile=profile)
         except TimeoutError as e:
             raise StartTimeout(f"the instance did not become ready within {timeout} s") from e
 
@@ -288,7 +317,7 @@ class Instances:
         now = time.time()
         s = self.settings
         note = EndNote(cause, s.session_ttl, self.work.lease_until(now), s.work_ttl, now) if instance.claimed else None
-        if not await self.store.remove_instance(instance.id, decided_on, idle_since, note):
+        if not await self.store.remove_instance(instance.id, decided_on, idle_since, note, instance.profile):
             return False
         log.info("instance %s ended: %s", instance.id, reason)
         if instance.claimed:
@@ -331,7 +360,7 @@ class Instances:
         """Take down an instance no user holds (a failed or abandoned start): its container goes even
         when Redis cannot be reached."""
         try:
-            await self.store.remove_instance(instance.id)
+            await self.store.remove_instance(instance.id, profile=instance.profile)
         finally:
             await self.backend.stop(instance.handle)
             self.pool_changed.set()

@@ -17,8 +17,9 @@ class Lifetime:
 
 
 def lifetime_of(settings: Settings, profile: str) -> Lifetime:
-    """The limits of an instance of this profile (today every profile has the proxy's own)."""
-    return Lifetime(settings.idle_timeout, settings.max_age)
+    """The limits of an instance of this profile (profiles.py; an undeclared one: the default's)."""
+    declared = settings.profile(profile)
+    return Lifetime(declared.idle_timeout, declared.max_age)
 
 
 def deadlines(instance: Instance, last_activity: float | None, lifetime: Lifetime) -> tuple[float, float]:

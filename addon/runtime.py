@@ -31,8 +31,10 @@ log = logging.getLogger(__name__)
 
 def build_instances(s: Settings) -> Instances:
     """The instance service for these settings: also what scripts and tests use to act as the proxy would."""
+    profiles = {name: profile.limits for name, profile in s.profile_table.items()}
+    backend = choice.build(s.backend, s.backend_options, s.limits, profiles)
     client = store.Store(store.connect(s.redis_url, s.redis_timeout), s.key_prefix, s.events_max)
-    return Instances(client, choice.build(s.backend, s.backend_options, s.limits), s)
+    return Instances(client, backend, s)
 
 
 async def remove_all_instances(redis_url: str, prefix: str) -> int:
@@ -71,7 +73,10 @@ class Runtime:
         if self.store is not None:
             self._retired.append(self.store)
         self.settings = settings
-        self.instances = build_instances(settings)
+        try:
+            self.instances = build_instances(settings)
+        except ValueError as e:  # a profile its backend cannot honour: at start-up, not at its first start
+            raise exceptions.OptionsError(str(e)) from e
         try:
             self.instances.work.ensure_directory()
         except OSError as e:  # at start-up, not at the first end

@@ -8,8 +8,12 @@ built only here. Whatever several proxies might race on is one transaction or on
 <prefix>refs:<id>          -> set of the nonce and session keys naming instance <id>
 <prefix>slots              -> zset id -> lease expiry: capacity. A start in flight holds a lease; a
                               recorded instance holds +inf; an expired lease frees itself.
-<prefix>poolboot           -> zset id -> lease expiry: pool instances booting
-<prefix>pool               -> list of ready pooled instance ids (claimed with LPOP)
+<prefix>units              -> hash id -> what its slot weighs (its memory limit in bytes) when capacity
+                              is the engine's memory; a weight whose id holds no slot is pruned
+<prefix>poolboot           -> zset id -> lease expiry: the default profile's pool instances booting
+<prefix>pool               -> list of the default profile's ready pooled instance ids (claimed with LPOP)
+<prefix>poolboot:<profile> -> the same for each other profile (profiles.py): each its own pool
+<prefix>pool:<profile>
 <prefix>activity           -> zset id -> last time a person's request reached the instance
 <prefix>signed:<sig>       -> a used X-SIGN      (expires when its ts is no longer acceptable: replays refused)
 <prefix>work:<work>        -> WorkRecord JSON    (the user's work: live while its instance runs, then saving,
@@ -38,6 +42,7 @@ import logging
 import secrets
 import time
 from collections.abc import AsyncIterator
+from collections.abc import Iterable
 from dataclasses import asdict
 from dataclasses import dataclass
 
@@ -50,6 +55,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 import redis_deadline
 import sentinel
 from backends import Instance
+from profiles import DEFAULT
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +79,11 @@ local function text_of(raw)
 end
 """
 
-# KEYS: slots, pool, poolboot. ARGV: id, now, lease expiry, max instances, pool size (-1: not a pool boot).
+# KEYS: slots, pool, poolboot (the profile's), units. ARGV: id, now, lease expiry, capacity, pool size
+# (-1: not a pool boot), weight ('' = every slot weighs one: capacity is a count).
 # Drops expired leases, then takes a slot if capacity (and, for a pool boot, the pool's size) allows.
+# Weighed, the slots' weights are summed (one without a weight weighs as much as this one), and the
+# first slot is always granted (an engine smaller than one instance still runs one).
 _RESERVE = """
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[2])
 redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', '(' .. ARGV[2])
@@ -82,14 +91,42 @@ local pool_size = tonumber(ARGV[5])
 if pool_size >= 0 and redis.call('LLEN', KEYS[2]) + redis.call('ZCARD', KEYS[3]) >= pool_size then
   return 0
 end
-if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[4]) then
-  return -1
+if ARGV[6] == '' then
+  if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[4]) then
+    return -1
+  end
+else
+  local weight = tonumber(ARGV[6])
+  local ids = redis.call('ZRANGE', KEYS[1], 0, -1)
+  local used = 0
+  for first = 1, #ids, 1000 do
+    local batch = {unpack(ids, first, math.min(first + 999, #ids))}
+    for _, w in ipairs(redis.call('HMGET', KEYS[4], unpack(batch))) do
+      used = used + (tonumber(w) or weight)
+    end
+  end
+  if used > 0 and used + weight > tonumber(ARGV[4]) then
+    return -1
+  end
+  redis.call('HSET', KEYS[4], ARGV[1], ARGV[6])
 end
 redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
 if pool_size >= 0 then
   redis.call('ZADD', KEYS[3], ARGV[3], ARGV[1])
 end
 return 1
+"""
+
+# KEYS: units, slots. Forgets the weights of ids that hold no slot any more.
+_PRUNE_UNITS = """
+local gone = 0
+for _, id in ipairs(redis.call('HKEYS', KEYS[1])) do
+  if not redis.call('ZSCORE', KEYS[2], id) then
+    redis.call('HDEL', KEYS[1], id)
+    gone = gone + 1
+  end
+end
+return gone
 """
 
 # KEYS: pool, activity. ARGV: now. Takes the oldest pool instance and stamps its activity in one
@@ -388,53 +425,79 @@ class Store:
         self._add_session = client.register_script(_ADD_SESSION)
         self._move_work = client.register_script(_MOVE_WORK)
         self._expire_works = client.register_script(_EXPIRE_WORKS)
+        self._prune_units = client.register_script(_PRUNE_UNITS)
 
     def key(self, kind: str, ident: str = "") -> str:
         return f"{self.prefix}{kind}:{ident}" if ident else f"{self.prefix}{kind}"
 
+    def pool_key(self, kind: str, profile: str) -> str:
+        """A profile's pool (kind "pool") or its booting pool instances ("poolboot"): the default
+        profile's are the keys of before there were profiles."""
+        return self.key(kind) if profile == DEFAULT else self.key(kind, profile)
+
     # Capacity and the pool
 
-    async def reserve(self, instance_id: str, now: float, lease: float, max_instances: int, pool_size: int = -1):
+    async def reserve(
+        self,
+        instance_id: str,
+        now: float,
+        lease: float,
+        max_instances: int,
+        pool_size: int = -1,
+        weight: int = 0,
+        profile: str = DEFAULT,
+    ):
         """Take a capacity slot for an instance about to boot, held until `now + lease` unless recorded.
 
-        With pool_size >= 0 this is a pool boot: refused (POOL_FULL) once ready and booting pool
-        instances reach that size, whichever proxy booted them."""
-        keys = [self.key("slots"), self.key("pool"), self.key("poolboot")]
-        answer = await self._reserve(keys=keys, args=[instance_id, now, now + lease, max_instances, pool_size])
-        return Reservation(int(answer))
+        Capacity is `max_instances` slots; with a `weight`, it is a sum of weights instead (the
+        engine's memory in bytes, each slot its instance's memory limit), so a 4g instance takes
+        as much as four 1g ones. With pool_size >= 0 this is a boot for the profile's pool: refused
+        (POOL_FULL) once its ready and booting instances reach that size, whichever proxy booted them."""
+        keys = [self.key("slots"), self.pool_key("pool", profile), self.pool_key("poolboot", profile)]
+        args = [instance_id, now, now + lease, max_instances, pool_size, weight or ""]
+        return Reservation(int(await self._reserve(keys=[*keys, self.key("units")], args=args)))
 
-    async def release(self, instance_id: str) -> None:
+    async def release(self, instance_id: str, profile: str = DEFAULT) -> None:
         """Give back the slot of a boot that failed before the instance was recorded."""
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.zrem(self.key("slots"), instance_id)
-            pipe.zrem(self.key("poolboot"), instance_id)
+            pipe.zrem(self.pool_key("poolboot", profile), instance_id)
+            pipe.hdel(self.key("units"), instance_id)
             await pipe.execute()
 
     async def add_to_pool(self, instance: Instance) -> None:
-        """Record a booted pool instance and make it claimable, in one transaction."""
+        """Record a booted pool instance and make it claimable in its profile's pool, in one transaction."""
         async with self.redis.pipeline(transaction=True) as pipe:
             self._record(pipe, instance)
-            pipe.zrem(self.key("poolboot"), instance.id)
-            pipe.rpush(self.key("pool"), instance.id)
+            pipe.zrem(self.pool_key("poolboot", instance.profile), instance.id)
+            pipe.rpush(self.pool_key("pool", instance.profile), instance.id)
             await pipe.execute()
 
-    async def claim_pooled(self, now: float) -> Instance | None:
-        """Take the oldest ready pool instance: LPOP hands each one to exactly one proxy."""
-        while (raw_id := await self._claim(keys=[self.key("pool"), self.key("activity")], args=[now])) is not None:
+    async def claim_pooled(self, now: float, profile: str = DEFAULT) -> Instance | None:
+        """Take the profile's oldest ready pool instance: LPOP hands each one to exactly one proxy."""
+        keys = [self.pool_key("pool", profile), self.key("activity")]
+        while (raw_id := await self._claim(keys=keys, args=[now])) is not None:
             instance = await self.instance(raw_id.decode())
             if instance is not None:
                 return instance
         return None
 
-    async def pool_ids(self) -> list[str]:
-        return [m.decode() for m in await self.redis.lrange(self.key("pool"), 0, -1)]
+    async def pool_ids(self, profiles: Iterable[str] = (DEFAULT,)) -> list[str]:
+        """The ready pool instances of these profiles."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for profile in profiles:
+                pipe.lrange(self.pool_key("pool", profile), 0, -1)
+            return [m.decode() for ids in await pipe.execute() for m in ids]
 
-    async def drop_expired_leases(self, now: float) -> None:
-        """Leases of starts that never finished (their proxy died): the slots are free again."""
+    async def drop_expired_leases(self, now: float, profiles: Iterable[str] = (DEFAULT,)) -> None:
+        """Leases of starts that never finished (their proxy died): the slots are free again (and
+        the weights of slots gone are forgotten)."""
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.zremrangebyscore(self.key("slots"), "-inf", f"({now}")
-            pipe.zremrangebyscore(self.key("poolboot"), "-inf", f"({now}")
+            for profile in profiles:
+                pipe.zremrangebyscore(self.pool_key("poolboot", profile), "-inf", f"({now}")
             await pipe.execute()
+        await self._prune_units(keys=[self.key("units"), self.key("slots")])
 
     async def slot_holders(self, now: float) -> set[str]:
         """Ids holding a slot now: recorded instances and starts in flight whose lease runs."""
@@ -526,6 +589,7 @@ class Store:
         expect: Instance | None = None,
         idle_since: float = 0.0,
         end: EndNote | None = None,
+        profile: str = DEFAULT,
     ) -> bool:
         """End the instance in Redis, in one step: its record and nonces go; its sessions stay
         until they expire (they then answer 410 INSTANCE_GONE). Every proxy is told to drop routes.
@@ -535,10 +599,11 @@ class Store:
         newer than that was recorded since. With `end` (a user's instance), how it ended is recorded
         and its work is marked saving, and its slot stays taken as a lease until `end.lease_until`
         (its container lives on while its work is saved; reconciliation leaves it alone until then);
-        without, the slot goes. True if this call removed the record, so several proxies never both
-        report (nor save) one end."""
+        without, the slot goes. `profile`: whose pool it may be in. True if this call removed the
+        record, so several proxies never both report (nor save) one end."""
         keys = [self.key(k, instance_id) for k in ("instance", "refs")]
-        keys += [self.key(k) for k in ("instances", "slots", "poolboot", "activity", "pool", "events")]
+        keys += [self.key("instances"), self.key("slots"), self.pool_key("poolboot", profile), self.key("activity")]
+        keys += [self.pool_key("pool", profile), self.key("events")]
         keys += [self.key("ended", instance_id), self.key("lifecycle"), self.key("expiring")]
         guard = [expect.to_json() if expect else "", idle_since or ""]
         how = [end.cause, end.ended_ttl, end.lease_until, end.work_ttl, end.now] if end else ["", 0, "", 0, 0]

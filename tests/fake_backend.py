@@ -138,11 +138,12 @@ class FakeBackend(Backend):
     name: ClassVar[str] = "fake"
     Options: ClassVar[type] = FakeOptions
 
-    def __init__(self, limits: Limits | None = None, slots: int = 8):
-        super().__init__(limits or Limits(label_prefix="unit:"), FakeOptions())
+    def __init__(self, limits: Limits | None = None, slots: int = 8, profiles: dict[str, Limits] | None = None):
+        super().__init__(limits or Limits(label_prefix="unit:"), FakeOptions(), profiles)
         self.slots = slots
         self.running: dict[str, Running] = {}  # by handle
         self.starts: list[str] = []  # instance ids, in the order starts were asked
+        self.limits_given: dict[str, Limits] = {}  # instance id -> the limits its start was given
         self.stops: list[str] = []  # handles, in the order stops were asked
         self.booting = 0  # starts in flight
         self.check_error: BackendError | None = None
@@ -159,10 +160,11 @@ class FakeBackend(Backend):
     async def capacity(self) -> int:
         return self.slots
 
-    async def start(self, instance_id: str, token: str) -> Instance:
+    async def start(self, instance_id: str, token: str, limits: Limits | None = None) -> Instance:
         """Record the instance, boot it (`_boot`: the variants' waits and failures), and on any
         failure or cancellation leave nothing, as the contract asks."""
         self.starts.append(instance_id)
+        self.limits_given[instance_id] = self.resolved(limits) if limits else self.limits
         handle = "fake-" + secrets.token_hex(6)
         files: dict[str, bytes] = {}
         jupyter = FakeJupyter(token, files)
@@ -270,8 +272,8 @@ class OnePortBackend(FakeBackend):
     one socket, not one each. An instance that exits or vanishes answers 403 from then on, not
     silence (the port still listens for the others)."""
 
-    def __init__(self, limits: Limits | None = None, slots: int = 8):
-        super().__init__(limits, slots)
+    def __init__(self, limits: Limits | None = None, slots: int = 8, profiles: dict[str, Limits] | None = None):
+        super().__init__(limits, slots, profiles)
         self.shared = SharedJupyter()
         self._opening = asyncio.Lock()
 

@@ -23,13 +23,16 @@ import abc
 import asyncio
 import json
 from collections.abc import AsyncIterator
+from collections.abc import Mapping
 from dataclasses import asdict
 from dataclasses import dataclass
+from dataclasses import field
 from dataclasses import replace
 from typing import Any
 from typing import ClassVar
 
 from backends.memory_budget import AUTO
+from backends.memory_budget import size_bytes
 
 
 @dataclass(frozen=True)
@@ -73,7 +76,7 @@ class Limits:
     """Whose instances a backend runs (`label_prefix`: the proxy family's key prefix, which marks
     them), and the limits each instance gets, as far as the backend's platform can enforce them
     (its row in docs/operations.md "Backends" says which). A disk limit of auto is made a size by the backend
-    (Backend.auto_disk_limit)."""
+    (Backend.auto_disk_limit). A profile (profiles.py) is such limits with its own image and environment."""
 
     label_prefix: str
     mem_limit: str = "1g"
@@ -81,6 +84,8 @@ class Limits:
     pids_limit: int = 256
     disk_limit: str = AUTO
     start_timeout: float = 60.0
+    image: str = ""  # what instances run; '' = the backend's own option (datalab_image)
+    env: Mapping[str, str] = field(default_factory=dict)  # the operator's variables (none of RESERVED_ENV)
 
 
 class BackendError(Exception):
@@ -156,11 +161,26 @@ class Backend(abc.ABC):
         """Whether this backend can run here, and the reason in words (datalab_backend=auto says it).
         Called once when options are applied, before serving: quick, and bounded in time."""
 
-    def __init__(self, limits: Limits, options: Any):
-        if limits.disk_limit == AUTO:
-            limits = replace(limits, disk_limit=self.auto_disk_limit(limits.mem_limit))
-        self.limits = limits
+    def __init__(self, limits: Limits, options: Any, profiles: Mapping[str, Limits] | None = None):
+        """`limits`: what a start given none gets (the default profile); `profiles`: every profile's,
+        by name, each refused here (ValueError naming it) when this backend cannot honour it."""
+        self.limits = self.resolved(limits)
         self.opts = options
+        self.profiles = {name: self.resolved(each) for name, each in (profiles or {}).items()}
+        for name, each in self.profiles.items():
+            if (why := self.refusal(each)) is not None:
+                raise ValueError(f"datalab_profiles: profile {name!r} cannot run on the {self.name} backend: {why}")
+
+    def resolved(self, limits: Limits) -> Limits:
+        """The limits with a disk limit of auto made a size (auto_disk_limit)."""
+        if limits.disk_limit == AUTO:
+            return replace(limits, disk_limit=self.auto_disk_limit(limits.mem_limit))
+        return limits
+
+    def refusal(self, limits: Limits) -> str | None:
+        """Why this backend cannot honour these limits (a profile's), or None: the proxy then refuses
+        to start. Here: none is refused."""
+        return None
 
     @classmethod
     def auto_disk_limit(cls, mem_limit: str) -> str:
@@ -176,9 +196,15 @@ class Backend(abc.ABC):
     async def capacity(self) -> int:
         """How many instances the engine can hold at the configured limits (the default of max_instances)."""
 
+    async def memory(self) -> int:
+        """Bytes of memory the engine has for instances: what the capacity of several profiles is
+        counted in (each instance weighs its memory limit). Here: capacity() at the default limits."""
+        return await self.capacity() * size_bytes(self.limits.mem_limit)
+
     @abc.abstractmethod
-    async def start(self, instance_id: str, token: str) -> Instance:
-        """Start an instance with an empty working directory, its Jupyter requiring `token`.
+    async def start(self, instance_id: str, token: str, limits: Limits | None = None) -> Instance:
+        """Start an instance with an empty working directory, its Jupyter requiring `token`, with
+        `limits` (a profile's; None: the backend's own `limits`) as far as the platform enforces them.
 
         Returns only once Jupyter answers /api/status. On any failure (or cancellation) nothing is
         left behind.
@@ -227,3 +253,9 @@ class Backend(abc.ABC):
 # send; and unlike Jupyter's token, it appears in no page the instance serves.
 AUTH_HEADER = "X-Datalab-Auth"
 AUTH_ENV = "DATALAB_AUTH"  # the variable a backend passes the secret to the image in
+# What the proxy, its backends and the image set in an instance's environment (its secret, its
+# paths): a profile's env may not override them (profiles.py refuses such a profile at start-up).
+RESERVED_ENV = frozenset(
+    {"PATH", "HOME", "USER", "LOGNAME", "SHELL", "TMPDIR", "IPYTHONDIR", "MPLCONFIGDIR", "XDG_CACHE_HOME"}
+)
+RESERVED_ENV_PREFIXES = ("DATALAB_", "JUPYTER_")  # AUTH_ENV among them

@@ -59,8 +59,9 @@ def choose(name: str, values: dict[str, Any]) -> tuple[type[Backend], str]:
     return cls, "datalab_backend=auto: " + "; ".join(reasons)
 
 
-def build(name: str, values: dict[str, Any], limits: Limits) -> Backend:
-    """The backend for these settings; says which one and why (the proxy's first datalab log line)."""
+def build(name: str, values: dict[str, Any], limits: Limits, profiles: dict[str, Limits] | None = None) -> Backend:
+    """The backend for these settings; says which one and why (the proxy's first datalab log line).
+    ValueError when it cannot honour a profile (Backend.refusal)."""
     cls, reason = choose(name, values)
     log.info("datalab: instances run on the %s backend (%s)", cls.name, reason)
-    return cls(limits, options_of(cls, values))
+    return cls(limits, options_of(cls, values), profiles)

@@ -65,7 +65,7 @@ class ContainerSpec:
     # A name that says nothing of the instance id: the network's DNS answers reverse look-ups with
     # it, and the id leads to the instance's host name.
     name: str
-    environment: dict[str, str]  # the instance's secret (AUTH_ENV)
+    environment: dict[str, str]  # the profile's variables and the instance's secret (AUTH_ENV)
     labels: dict[str, str]  # whose it is: managed by the proxy, this family's prefix, the instance id
     family_labels: dict[str, str]  # the same without the instance: for what goes with it (Swarm's volumes)
     network: str
@@ -85,7 +85,7 @@ class ContainerSpec:
         return cls(
             image=image,
             name=f"datalab-{secrets.token_hex(8)}",
-            environment={AUTH_ENV: token},
+            environment={**limits.env, AUTH_ENV: token},
             labels={**family, LABEL_INSTANCE: instance_id},
             family_labels=family,
             network=network,

@@ -20,6 +20,7 @@ import threading
 import time
 from collections.abc import AsyncIterator
 from collections.abc import Callable
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,8 +83,8 @@ class DockerBackend(Backend):
     Options = DockerOptions
     kind = "container"  # what one instance is on this engine (log lines)
 
-    def __init__(self, limits: Limits, opts: DockerOptions):
-        super().__init__(limits, opts)
+    def __init__(self, limits: Limits, opts: DockerOptions, profiles: Mapping[str, Limits] | None = None):
+        super().__init__(limits, opts, profiles)
         self._client: docker.DockerClient | None = None
         self._network: InstanceNetwork | None = None
         self._network_lock = asyncio.Lock()
@@ -136,19 +137,27 @@ class DockerBackend(Backend):
                 self._network = await self._ensure_network(await self.client())
             return self._network
 
-    def _image_missing(self) -> ImageMissing:
+    def _image_missing(self, image: str) -> ImageMissing:
         return ImageMissing(
             "the instance image is missing; the operator must build it",
-            f"the image {self.opts.image} is not in the local engine and is never pulled; "
-            f"build it with scripts/build-image.sh",
+            f"the image {image} is not in the local engine and is never pulled; build it with scripts/build-image.sh",
         )
+
+    def images(self) -> list[str]:
+        """Every image a start may run: datalab_image and the profiles' own."""
+        return sorted({each.image or self.opts.image for each in (self.limits, *self.profiles.values())})
 
     async def capacity(self) -> int:
         return max(1, await self._memory() // docker.utils.parse_bytes(self.limits.mem_limit))
 
-    async def start(self, instance_id: str, token: str) -> Instance:
+    async def memory(self) -> int:
+        return await self._memory()
+
+    async def start(self, instance_id: str, token: str, limits: Limits | None = None) -> Instance:
+        limits = self.resolved(limits) if limits else self.limits
         net = await self._confined()
-        spec = ContainerSpec.from_limits(self.limits, await self._image(), instance_id, token, net.name)
+        image = await self._image(limits.image or self.opts.image)
+        spec = ContainerSpec.from_limits(limits, image, instance_id, token, net.name)
         made = await self._create(spec)
         try:
             host = await self._run(made, spec, net)
@@ -240,12 +249,13 @@ class DockerBackend(Backend):
         return True, f"the Docker engine at {where} answers"
 
     async def _check_engine(self) -> None:
-        """What check asks of the engine before the network: the image is there."""
+        """What check asks of the engine before the network: the images are there."""
         client = await self.client()
-        try:
-            await self._call(client.images.get, self.opts.image)
-        except docker.errors.NotFound as e:
-            raise self._image_missing() from e
+        for image in self.images():
+            try:
+                await self._call(client.images.get, image)
+            except docker.errors.NotFound as e:
+                raise self._image_missing(image) from e
 
     async def _ensure_network(self, client: docker.DockerClient) -> InstanceNetwork:
         egress = self.opts.instance_egress
@@ -264,9 +274,9 @@ class DockerBackend(Backend):
         info = await self._call(client.info)
         return int(info.get("MemTotal", 0))
 
-    async def _image(self) -> str:
+    async def _image(self, image: str) -> str:
         """The image as a start names it: by name (create never pulls, and a missing image is its 404)."""
-        return self.opts.image
+        return image
 
     async def _create(self, spec: ContainerSpec) -> Container:
         """The instance, made but not yet running."""
@@ -274,7 +284,7 @@ class DockerBackend(Backend):
         try:  # create never pulls (run() would): a missing image is a 404 here, no separate look-up needed
             return await self._call(client.containers.create, **self._create_args(spec))
         except docker.errors.ImageNotFound as e:
-            raise self._image_missing() from e
+            raise self._image_missing(spec.image) from e
 
     def _create_args(self, spec: ContainerSpec) -> dict[str, Any]:
         return dict(

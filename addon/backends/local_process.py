@@ -46,6 +46,7 @@ import signal
 import socket
 import time
 from collections.abc import AsyncIterator
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -132,8 +133,8 @@ class ProcessBackend(Backend):
     name = "process"
     Options = ProcessOptions
 
-    def __init__(self, limits: Limits, opts: ProcessOptions):
-        super().__init__(limits, opts)
+    def __init__(self, limits: Limits, opts: ProcessOptions, profiles: Mapping[str, Limits] | None = None):
+        super().__init__(limits, opts, profiles)
         # This proxy family's instances (a directory per key prefix, named so any prefix is a safe name).
         self.family = Path(opts.process_dir) / family_name(limits.label_prefix)
         self._children: dict[str, asyncio.subprocess.Process] = {}  # started here: reaped here
@@ -162,18 +163,27 @@ class ProcessBackend(Backend):
             if os.geteuid() == 0 and shutil.which(tool) is None:
                 raise BackendError("instances cannot be limited", f"{tool} is missing (apt-get install util-linux)")
 
+    def refusal(self, limits: Limits) -> str | None:
+        if limits.image:
+            return f"it names the image {limits.image!r}, and this backend runs no images (only datalab_jupyter_env)"
+        return None
+
     async def capacity(self) -> int:
         first, last = self.opts.ports
         memory = await asyncio.to_thread(_mem_total)
         return max(1, min(last - first + 1, memory // size_bytes(self.limits.mem_limit)))
 
-    async def start(self, instance_id: str, token: str) -> Instance:
+    async def memory(self) -> int:
+        return await asyncio.to_thread(_mem_total)
+
+    async def start(self, instance_id: str, token: str, limits: Limits | None = None) -> Instance:
         if not _ID.match(instance_id):
             raise BackendError("the instance id is not valid", repr(instance_id))
+        limits = self.resolved(limits) if limits else self.limits
         for attempt in range(1, PORT_TRIES + 1):
             port = await asyncio.to_thread(self._free_port)
             try:
-                return await self._start_on(instance_id, token, port)
+                return await self._start_on(instance_id, token, port, limits)
             except StartTimeout:
                 raise
             except BackendError:  # it exited at once: the port may have been taken meanwhile
@@ -181,7 +191,7 @@ class ProcessBackend(Backend):
                     raise
         raise AssertionError("unreachable")
 
-    async def _start_on(self, instance_id: str, token: str, port: int) -> Instance:
+    async def _start_on(self, instance_id: str, token: str, port: int, limits: Limits) -> Instance:
         home = self.family / instance_id
         uid = instance_uid(port) if os.geteuid() == 0 else None
         try:
@@ -189,8 +199,8 @@ class ProcessBackend(Backend):
             log_file = (home / "jupyter.log").open("ab")
             with log_file:
                 proc = await asyncio.create_subprocess_exec(
-                    *self._command(home, port),
-                    env=self._environment(home, token),
+                    *self._command(home, port, limits),
+                    env=self._environment(home, token, limits),
                     cwd=home / "work",
                     stdin=asyncio.subprocess.DEVNULL,
                     stdout=log_file,
@@ -233,7 +243,7 @@ class ProcessBackend(Backend):
             for path in (home, home / "work", home / "tmp", home / "runtime"):
                 os.chown(path, uid, uid)
 
-    def _command(self, home: Path, port: int) -> list[str]:
+    def _command(self, home: Path, port: int, limits: Limits) -> list[str]:
         server = [
             str(Path(self.opts.jupyter_env) / "bin" / "jupyter-notebook"),
             f"--config={JUPYTER_CONFIG}",
@@ -245,21 +255,23 @@ class ProcessBackend(Backend):
         ]
         if os.geteuid() != 0:
             return server  # limits on the user would be on the proxy's own user: none
-        data = size_bytes(self.limits.mem_limit)
-        limits = [
+        data = size_bytes(limits.mem_limit)
+        rlimits = [
             f"--data={data}:{data}",
-            f"--nproc={self.limits.pids_limit}:{self.limits.pids_limit}",
-            f"--fsize={size_bytes(self.limits.disk_limit)}:{size_bytes(self.limits.disk_limit)}",
+            f"--nproc={limits.pids_limit}:{limits.pids_limit}",
+            f"--fsize={size_bytes(limits.disk_limit)}:{size_bytes(limits.disk_limit)}",
             f"--nofile={OPEN_FILES}:{OPEN_FILES}",
             "--core=0:0",
         ]
         confined = [shutil.which("setpriv") or "setpriv", "--no-new-privs"]
-        return [*confined, shutil.which("prlimit") or "prlimit", *limits, "--", *server]
+        return [*confined, shutil.which("prlimit") or "prlimit", *rlimits, "--", *server]
 
-    def _environment(self, home: Path, token: str) -> dict[str, str]:
-        """A clean environment: nothing of the proxy's (its sign key, Redis URL) reaches an instance."""
+    def _environment(self, home: Path, token: str, limits: Limits) -> dict[str, str]:
+        """A clean environment: nothing of the proxy's (its sign key, Redis URL) reaches an instance;
+        the profile's variables do (none of RESERVED_ENV, so none overrides what is set here)."""
         env_bin = Path(self.opts.jupyter_env) / "bin"
         return {
+            **limits.env,
             "PATH": f"{env_bin}:/usr/local/bin:/usr/bin:/bin",
             "HOME": str(home),
             "USER": "datalab",

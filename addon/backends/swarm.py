@@ -19,6 +19,7 @@ overrides with services for containers.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -148,8 +149,8 @@ class SwarmBackend(DockerBackend):
     Options = SwarmOptions
     kind = "service"
 
-    def __init__(self, limits: Limits, opts: SwarmOptions):
-        super().__init__(limits, opts)
+    def __init__(self, limits: Limits, opts: SwarmOptions, profiles: Mapping[str, Limits] | None = None):
+        super().__init__(limits, opts, profiles)
         self._network_id = ""
         self._leftover: set[str] = set()  # volumes of removed services, in use when last tried
         self._swept = False
@@ -170,22 +171,23 @@ class SwarmBackend(DockerBackend):
                 "the container engine cannot run instances as services",
                 "datalab_backend=swarm needs a swarm manager's engine (docker swarm init, or a manager's docker_url)",
             )
-        await self._image()
+        for image in self.images():
+            await self._image(image)
         if not self._swept:  # once per process: check() also answers health probes
             await self._sweep_volumes()
             self._swept = True
 
-    async def _image(self) -> str:
+    async def _image(self, image: str) -> str:
         """The image as its ID: an ID is never pulled by any node (a name would make each node try
         the registry first). A name is resolved on this engine; an ID is taken as given (a manager
         that runs no instances need not hold the image)."""
-        if self.opts.image.startswith("sha256:"):
-            return self.opts.image
+        if image.startswith("sha256:"):
+            return image
         client = await self.client()
         try:
-            return (await self._call(client.images.get, self.opts.image)).id
+            return (await self._call(client.images.get, image)).id
         except docker.errors.NotFound as e:
-            raise self._image_missing() from e
+            raise self._image_missing(image) from e
 
     async def _ensure_network(self, client: docker.DockerClient) -> InstanceNetwork:
         if self.opts.instance_egress:  # refused here, not in SwarmOptions: every backend's options are parsed

@@ -100,18 +100,20 @@ def _checked(profile: str, field: str, value: Any, rules: Rules) -> Any:
     elif field == "image":
         problem = None if isinstance(value, str) and _IMAGE.match(value) else "must name a local image"
     else:
-        value = _typed(value, {**LIMITS, **TIMES}[field])
+        value = _typed(value, {**LIMITS, **TIMES}[field], numeric=field == "cpus")
         problem = "has the wrong type" if value is None else rules[field](value)
     if problem is not None:
         raise refuse(problem)
     return dict(value) if field == "env" else value
 
 
-def _typed(value: Any, kind: type) -> Any:
-    """The value as its field's type, or None: an integer is never a bool, and CPUs may be a number."""
+def _typed(value: Any, kind: type, numeric: bool) -> Any:
+    """The value as its field's type, or None: an integer is never a bool; a `numeric` string (CPUs)
+    may be written as a number."""
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
     if kind is int:
-        return value if isinstance(value, int) and not isinstance(value, bool) else None
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return value if is_number and isinstance(value, int) else None
+    if numeric and is_number:
         return str(value)
     return value if isinstance(value, str) else None
 

@@ -46,6 +46,14 @@ async def test_a_start_signs_and_carries_its_owner_profile_and_unpack(sink, rt):
     assert flow.metadata[START] == {"filename": "a.tgz", "unpack": "tar.gz", "profile": "default", "owner": "u-1@x"}
 
 
+async def test_a_start_may_name_a_declared_profile_and_no_other(sink, redis_url):
+    rt = runtime_for(redis_url=redis_url, profile_tables={"big": {"mem_limit": "4g"}})
+    flow = await run_headers(start_flow("a.csv", profile="big"), sink, rt)
+    assert flow.response is None and flow.metadata[START]["profile"] == "big"
+    flow = await through_api(start_flow("a.csv", profile="huge"), sink, rt)
+    assert (flow.response.status_code, body(flow)["code"]) == (400, "PROFILE_UNKNOWN") and START not in flow.metadata
+
+
 async def test_millisecond_timestamp_is_accepted(sink, rt):
     flow = await run_headers(start_flow(ts=str(int(time.time() * 1000))), sink, rt)
     assert flow.response is None and flow.metadata[START]

@@ -2,6 +2,7 @@
 
 import ipaddress
 import secrets
+from dataclasses import replace
 
 import docker
 import pytest
@@ -11,6 +12,7 @@ from backends import ImageMissing
 from backends import StartTimeout
 from backends.container_spec import LABEL_PREFIX
 from backends.docker_engine import DockerBackend
+from backends.docker_engine import DockerOptions
 from backends.docker_network import InstanceNetwork
 from backends.docker_network import subnet_and_gateway
 from backends.local_process import ProcessBackend
@@ -138,3 +140,27 @@ def test_the_hosts_address_on_a_network_is_known_when_the_engine_leaves_the_gate
     assert str(gateway) == host_address(bridge["Options"]["com.docker.network.bridge.name"])
     net = InstanceNetwork("bridge", "docker0", subnet, gateway, False)
     assert not net.holds_instance(str(gateway)) and net.holds_instance(str(gateway + 1))
+
+
+async def test_a_profiles_limits_image_and_environment_are_what_its_container_gets(engine):
+    backend = make()
+    changes = {"mem_limit": "2g", "cpus": 0.5, "pids_limit": 128, "disk_limit": "auto", "image": IMAGE}
+    limits = replace(backend.limits, **changes, env={"COURSE": "ml"})
+    instance = await backend.start(secrets.token_hex(16), "t0ken", limits)
+    try:
+        (container,) = managed(engine, backend)
+        host_config = container.attrs["HostConfig"]
+        assert (host_config["Memory"], host_config["NanoCpus"], host_config["PidsLimit"]) == (2 << 30, 5 * 10**8, 128)
+        assert host_config["Tmpfs"]["/home/datalab/work"].startswith("size=800m,")  # auto: what fits in 2g
+        env = container.attrs["Config"]["Env"]
+        assert "COURSE=ml" in env and "DATALAB_AUTH=t0ken" in env
+    finally:
+        await backend.stop(instance.handle)
+
+
+async def test_a_profiles_missing_image_fails_the_check_by_its_name(engine):
+    profiles = {"gpu": replace(make().limits, image="datalab-no-such-image:never")}
+    backend = DockerBackend(make().limits, DockerOptions(image=IMAGE), profiles)
+    with pytest.raises(ImageMissing) as missing:
+        await backend.check()
+    assert "datalab-no-such-image:never" in str(missing.value)

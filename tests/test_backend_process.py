@@ -12,6 +12,7 @@ import tempfile
 import threading
 import time
 import uuid
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -92,6 +93,22 @@ async def test_an_instance_is_confined_as_configured_and_removed(places):
     finally:
         await backend.stop(instance.handle)
     assert not home.exists() and processes_of(uid) == []
+
+
+async def test_a_profiles_limits_and_environment_are_what_its_process_gets(places):
+    """A start given a profile's limits (instances.py passes them) is held to them, not to the backend's own."""
+    backend = make(places)
+    limits = replace(backend.limits, mem_limit="2g", pids_limit=128, disk_limit="512m", env={"COURSE": "ml"})
+    instance = await backend.start(secrets.token_urlsafe(16), "t0ken", limits)
+    try:
+        pid = server_pid(backend, instance)
+        held = Path(f"/proc/{pid}/limits").read_text()
+        assert "Max data size             2147483648" in held and "Max processes             128" in held
+        assert "Max file size             536870912" in held
+        environment = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        assert b"COURSE=ml" in environment and b"DATALAB_AUTH=t0ken" in environment
+    finally:
+        await backend.stop(instance.handle)
 
 
 async def test_stop_ends_what_the_user_left_running(places):

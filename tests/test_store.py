@@ -115,3 +115,33 @@ async def test_no_session_for_an_ended_instance(redis_url):
     assert await store.add_session("S" * 32, "gone" * 8, 60) is False
     assert await store.redis.keys("unit:*") == []  # no refs set without a TTL left behind
     await store.close()
+
+
+async def test_weighed_capacity_sums_each_slots_weight_and_forgets_the_weights_of_slots_gone(redis_url):
+    store = await fresh_store(redis_url)
+    gib = 1 << 30
+    assert await store.reserve("big", NOW, 10, 4 * gib, weight=3 * gib) == Reservation.GRANTED
+    assert await store.reserve("a", NOW, 10, 4 * gib, weight=gib) == Reservation.GRANTED
+    assert await store.reserve("b", NOW, 10, 4 * gib, weight=gib) == Reservation.AT_CAPACITY
+    await store.release("big")
+    assert await store.reserve("b", NOW, 10, 4 * gib, weight=2 * gib) == Reservation.GRANTED
+    assert await store.reserve("c", NOW + 11, 10, 4 * gib, weight=4 * gib) == Reservation.GRANTED  # a, b ran out
+    assert await store.reserve("d", NOW + 11, 10, 4 * gib, weight=1) == Reservation.AT_CAPACITY
+    await store.drop_expired_leases(NOW + 11)
+    assert set(await store.redis.hkeys("unit:units")) == {b"c"}
+    await store.close()
+
+
+async def test_each_profile_has_its_own_pool(redis_url):
+    store = await fresh_store(redis_url)
+    assert await store.reserve("p1", NOW, 10, 10, pool_size=1) == Reservation.GRANTED
+    assert await store.reserve("b1", NOW, 10, 10, pool_size=1, profile="big") == Reservation.GRANTED
+    assert await store.reserve("b2", NOW, 10, 10, pool_size=1, profile="big") == Reservation.POOL_FULL
+    await store.add_to_pool(replace(instance("b"), profile="big"))
+    assert await store.pool_ids() == [] and await store.pool_ids(["default", "big"]) == ["b" * 32]
+    assert await store.claim_pooled(NOW) is None
+    assert (await store.claim_pooled(NOW, "big")).id == "b" * 32
+    await store.add_to_pool(replace(instance("c"), profile="big"))
+    assert await store.remove_instance("c" * 32, profile="big")  # culled while pooled: out of its pool
+    assert await store.pool_ids(["big"]) == []
+    await store.close()

@@ -512,6 +512,13 @@ def bad_route(env: Env) -> Answer:
         env.world.redis.set(key, real.to_json())
 
 
+def unknown_profile(env: Env) -> Answer:
+    """A rightly signed start naming a profile the operator never declared: refused before its
+    signature is spent or its body read."""
+    p = env.proxy("plain")
+    return env.ask(QUIET, lambda: p.upload("a.csv", CSV, profile="no-such-profile"))
+
+
 # The table: every code of docs/api.md's Errors table, except EXEMPT. Statuses are the docs'.
 ROWS = [
     ("bad_request-traversal_filename", upload("plain", "../../etc/passwd"), 400, "BAD_REQUEST"),
@@ -520,6 +527,7 @@ ROWS = [
     ("bad_request-missing_ts", plain_request("POST", "/datalab/start?filename=a.csv", data=CSV), 400, "BAD_REQUEST"),
     ("bad_request-non_utf8_filename", non_utf8_filename, 400, "BAD_REQUEST"),
     ("bad_request-malformed_nonce", plain_request("POST", "/datalab/stop?ts=1&nonce=../x"), 400, "BAD_REQUEST"),
+    ("profile_unknown", unknown_profile, 400, "PROFILE_UNKNOWN"),
     ("bad_signature", upload("plain", sign="0" * 64), 403, "BAD_SIGNATURE"),
     ("stale_timestamp-past", stale(-3600), 403, "STALE_TIMESTAMP"),
     ("stale_timestamp-future_ms", stale(3600), 403, "STALE_TIMESTAMP"),

@@ -250,14 +250,16 @@ class Settings:
     )
     pool_size: int = option(
         2,
-        "Instances kept started and ready for the next uploads, shared by all proxies on the Redis.",
+        "Instances of the default profile kept started and ready for the next uploads, shared by all "
+        "proxies on the Redis (each profile has its own pool: datalab_profiles).",
         check=non_negative,
     )
     boots_at_once: int = option(0, "Instances booting at once in this proxy; 0 means one per CPU.", check=non_negative)
     queue_timeout: int = option(30, "Seconds a start may wait for a boot slot before 503 CAPACITY.", check=positive)
     max_instances: int = option(
         0,
-        "Live and pooled instances across all proxies on the Redis; 0: what the engine's memory holds.",
+        "Live and pooled instances across all proxies on the Redis, a count; 0: what the engine's memory "
+        "holds, each instance weighing its profile's memory limit.",
         check=non_negative,
     )
     max_instances_per_owner: int = option(

@@ -58,7 +58,8 @@ class InstanceGauges:
         store, loop = self.runtime.store, self.loop
         if store is None or loop is None or loop.is_closed():
             return None
-        future = asyncio.run_coroutine_threadsafe(count_instances(store), loop)
+        profiles = list(self.runtime.settings.profile_table)
+        future = asyncio.run_coroutine_threadsafe(count_instances(store, profiles), loop)
         try:
             return future.result(SCRAPE_WAIT)
         except Exception as e:  # Redis away or slow: this scrape goes without the gauges
@@ -67,8 +68,9 @@ class InstanceGauges:
             return None
 
 
-async def count_instances(store: Store) -> dict[str, int]:
-    recorded, pooled = await store.instance_counts()
+async def count_instances(store: Store, profiles: list[str]) -> dict[str, int]:
+    """Live and pooled instances (pooled: in any of these profiles' pools)."""
+    recorded, pooled = await store.instance_counts(profiles)
     return {"live": recorded - pooled, "pooled": pooled}
 
 

@@ -570,9 +570,10 @@ class Store:
     async def instance_ids(self) -> set[str]:
         return {m.decode() for m in await self.redis.smembers(self.key("instances"))}
 
-    async def instance_counts(self) -> tuple[int, int]:
-        """(recorded, of which pooled), without reading every id: a metrics scrape stays O(pool)."""
-        pooled = await self.pool_ids()
+    async def instance_counts(self, profiles: Iterable[str] = (DEFAULT,)) -> tuple[int, int]:
+        """(recorded, of which pooled in these profiles' pools), without reading every id: a metrics
+        scrape stays O(pool)."""
+        pooled = await self.pool_ids(profiles)
         recorded = await self.redis.scard(self.key("instances"))
         if not pooled:
             return recorded, 0

@@ -220,7 +220,7 @@ async def test_the_instance_gauges_say_what_redis_holds(redis_url):
         for n in (1, 2):
             await s.add_to_pool(instance(n))
         assert await s.claim_pooled(time.time()) is not None
-        gauges = metrics.InstanceGauges(types.SimpleNamespace(store=s))
+        gauges = metrics.InstanceGauges(types.SimpleNamespace(store=s, settings=Settings()))
         gauges.loop = asyncio.get_running_loop()
         registry = CollectorRegistry()
         registry.register(gauges)
@@ -234,7 +234,7 @@ async def test_the_instance_gauges_say_what_redis_holds(redis_url):
 async def test_without_redis_the_gauges_are_absent_not_wrong():
     s = store.Store(store.connect("redis://127.0.0.1:1/0"), "unit:")
     try:
-        gauges = metrics.InstanceGauges(types.SimpleNamespace(store=s))
+        gauges = metrics.InstanceGauges(types.SimpleNamespace(store=s, settings=Settings()))
         gauges.loop = asyncio.get_running_loop()
         registry = CollectorRegistry()
         registry.register(gauges)

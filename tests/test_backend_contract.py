@@ -26,6 +26,7 @@ from backends import InventoryEntry
 from backends import StartTimeout
 from backends.docker_engine import LABEL_PREFIX
 from backends.docker_engine import DockerBackend
+from backends.memory_budget import size_bytes
 from backends.swarm import SwarmBackend
 from e2e.conftest import IMAGE
 from helpers import backend_of
@@ -155,6 +156,14 @@ async def test_check_and_capacity_where_it_can_run(backend):
     made = backend.make()
     await made.check()
     assert await made.capacity() >= 1
+
+
+async def test_its_memory_holds_its_capacity_at_the_default_limits(backend):
+    """Capacity across profiles is counted in memory (Backend.memory): at the default's limits it
+    holds as many instances as capacity() says (the one an engine too small still runs aside)."""
+    made = backend.make()
+    capacity = await made.capacity()
+    assert capacity == 1 or await made.memory() >= capacity * size_bytes(made.limits.mem_limit)
 
 
 async def test_a_handle_it_never_gave_stops_nothing(backend):

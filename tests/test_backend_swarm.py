@@ -7,6 +7,7 @@ tree mounted, as the proxy runs inside the cluster; the rest runs from the host.
 
 import asyncio
 import secrets
+from dataclasses import replace
 
 import docker
 import pytest
@@ -17,6 +18,7 @@ from backends import ImageMissing
 from backends import StartTimeout
 from backends.choice import choose
 from backends.container_spec import LABEL_PREFIX
+from backends.container_spec import ContainerSpec
 from backends.swarm import SwarmBackend
 from backends.swarm import ensure_overlay
 from e2e.conftest import IMAGE
@@ -156,3 +158,14 @@ async def test_stop_leaves_services_not_ours(engine):
         assert engine.services.get(other.id).id == other.id
     finally:
         other.remove()
+
+
+def test_a_profiles_limits_and_environment_are_its_services():
+    """A start given a profile's limits makes a service of them (what the engine is asked; no engine here)."""
+    backend = make()
+    changes = {"mem_limit": "2g", "cpus": 0.5, "pids_limit": 128, "disk_limit": "auto", "env": {"COURSE": "ml"}}
+    limits = backend.resolved(replace(backend.limits, **changes))
+    args = backend._service_args(ContainerSpec.from_limits(limits, "sha256:abc", "i" * 32, "t0ken", "net"))
+    assert args["resources"]["Limits"] == {"NanoCPUs": 5 * 10**8, "MemoryBytes": 2 << 30, "Pids": 128}
+    assert {"COURSE=ml", "DATALAB_AUTH=t0ken"} <= set(args["env"]) and args["image"] == "sha256:abc"
+    assert any(m["Target"] == "/home/datalab/work" and "size=800m" in str(m) for m in args["mounts"])

@@ -111,15 +111,12 @@ class Instances:
         self._capacity: int | None = None
         self._memory: int | None = None
         # The biggest working directory any profile's instance has: the work store takes it.
-        disk = max((each.disk_limit for each in self._all_limits()), key=size_bytes)
+        disk = max((each.disk_limit for each in (backend.limits, *backend.profiles.values())), key=size_bytes)
         directory = os.path.join(settings.work_dir, family_name(settings.key_prefix))
         self.work = WorkStore(
             store, directory, work_max_bytes(settings.work_max, disk), settings.work_ttl, settings.work_timeout
         )
         self.unpack_limits = UnpackLimits(settings.unpack_max_entries, size_bytes(backend.limits.disk_limit))
-
-    def _all_limits(self) -> list[Limits]:
-        return [self.backend.limits, *self.backend.profiles.values()]
 
     def limits_of(self, profile: str) -> Limits:
         """What the backend starts the profile's instances with (the default's for a name not declared)."""
@@ -135,8 +132,9 @@ class Instances:
 
     async def allowance(self, profile: str) -> tuple[int, int]:
         """What a slot for the profile's instance is reserved against, and what it weighs there
-        (store.reserve): datalab_max_instances slots, each weighing nothing but one; else the
-        engine's memory (asked once), each its memory limit, so capacity counts memory across profiles."""
+        (store.reserve): datalab_max_instances slots, each weighing one (0: store.reserve's count);
+        else the engine's memory (asked once), each its memory limit: capacity counts memory across
+        profiles."""
         if self.settings.max_instances:
             return self.settings.max_instances, 0
         if self._memory is None:

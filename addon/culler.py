@@ -25,6 +25,8 @@ from backends.jupyter import jupyter_activity
 from instances import CONTAINER_GONE
 from instances import Instances
 from lifetime import lifetime_of
+from options import option_name
+from profiles import DEFAULT
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +65,11 @@ class Activity:
         """A batch that could not be written goes into the next one (newer times win)."""
         for instance_id, seen in batch.items():
             self._seen[instance_id] = max(seen, self._seen.get(instance_id, 0.0))
+
+
+def limit_name(profile: str, field: str) -> str:
+    """How an end's reason names the limit it passed: the option for the default profile, else the profile's field."""
+    return option_name(field) if profile == DEFAULT else f"profile {profile!r}'s {field}"
 
 
 class Culler:
@@ -199,7 +206,7 @@ class Culler:
         if f is None or not f.running:
             return Verdict("gone", CONTAINER_GONE)
         if record.age(now) > life.max_age:
-            return Verdict("max_age", f"older than datalab_max_age ({life.max_age} s)")
+            return Verdict("max_age", f"older than {limit_name(record.profile, 'max_age')} ({life.max_age} s)")
         if record.id in pooled:
             return None
         last = activity.get(record.id, record.claimed or record.created)
@@ -215,7 +222,8 @@ class Culler:
         busy, reported = await jupyter_activity(record)
         last = max(last, min(reported or 0.0, now))  # (the instance's clock, or its user, may run ahead)
         if now - last > idle_timeout and not busy:
-            return Verdict("idle", f"idle for more than datalab_idle_timeout ({idle_timeout} s)", idle_since=last)
+            why = f"idle for more than {limit_name(record.profile, 'idle_timeout')} ({idle_timeout} s)"
+            return Verdict("idle", why, idle_since=last)
         if now - last > s.start_timeout and not await self.instances.store.reachable(record.id):
             return Verdict("unreachable", "no nonce or session can reach it any more", idle_since=last)
         return None

@@ -5,6 +5,7 @@ memory across profiles, a pool per profile, and culling by each instance's profi
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import replace
 
@@ -235,7 +236,8 @@ async def test_a_full_engine_fills_no_pool(make_instances):
     assert await inst.store.pool_ids(["big"]) == [] and len(inst.backend.starts) == 1
 
 
-async def test_culling_ends_each_instance_by_its_profiles_times(make_instances):
+async def test_culling_ends_each_instance_by_its_profiles_times(make_instances, caplog):
+    caplog.set_level(logging.INFO, logger="instances")
     inst = profiled(make_instances, {"short": {"max_age": 60, "idle_timeout": 30}}, max_age=3600)
     short = await inst.by_nonce((await inst.start(Order("a.csv", profile="short"), b"1\n")).nonce)
     plain = await inst.by_nonce((await inst.start(Order("b.csv"), b"2\n")).nonce)
@@ -243,6 +245,7 @@ async def test_culling_ends_each_instance_by_its_profiles_times(make_instances):
         await inst.store.redis.set(f"unit:instance:{record.id}", replace(record, claimed=time.time() - 120).to_json())
     assert await Culler(inst, Activity()).round() == 1
     assert inst.backend.ids() == {plain.id} and (await inst.store.ended(short.id)).cause == "max_age"
+    assert "older than profile 'short''s max_age (60 s)" in caplog.text
 
 
 async def test_an_unpacked_archive_is_bounded_by_its_profiles_disk(make_instances, monkeypatch):

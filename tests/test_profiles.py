@@ -23,6 +23,8 @@ from fake_backend import UNIT_SETTINGS
 from fake_backend import FakeBackend
 from instances import NoCapacity
 from instances import Order
+from lifetime import Lifetime
+from lifetime import lifetime_of
 from pool import PoolFiller
 
 BIG = {"mem_limit": "4g", "cpus": 2, "pids_limit": 512, "env": {"COURSE": "ml"}}
@@ -261,3 +263,10 @@ async def test_an_unpacked_archive_is_bounded_by_its_profiles_disk(make_instance
     await inst.start(Order("b.zip", unpack="zip"), b"PK")
     assert bounds == [3 << 30, 1 << 30]
     assert inst.work.max_bytes > 3 << 30  # the work store takes the biggest profile's work
+
+
+def test_the_instance_apis_deadlines_are_the_profiles(tmp_path):
+    """lifetime.py reads the limits the culler ends by: each instance's profile's."""
+    s = settings("[short]\nidle_timeout = 30\nmax_age = 60\n", tmp_path)
+    assert lifetime_of(s, "short") == Lifetime(30, 60)
+    assert lifetime_of(s, "default") == lifetime_of(s, "gone") == Lifetime(s.idle_timeout, s.max_age)

@@ -45,8 +45,9 @@ def test_a_receiver_gets_start_and_end_signed_and_all_it_missed_while_down(make_
         receiver.stop()
 
 
-def test_a_start_with_progress_queues_then_is_ready_in_a_burst(make_proxy):
-    proxy = make_proxy(datalab_boots_at_once=1)
+def test_a_start_with_progress_queues_then_is_ready_in_a_burst(make_proxy, world):
+    # A prefix of its own: another test's pooled instance on the shared one would need no boot.
+    proxy = make_proxy(prefix=world.sub("progress-burst"), datalab_boots_at_once=1)
     answers: list[list[tuple[str, dict]]] = []
 
     def start(i: int) -> None:

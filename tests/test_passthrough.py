@@ -5,6 +5,7 @@ stays in flight until it ends. End to end: tests/e2e/test_passthrough.py."""
 from __future__ import annotations
 
 import asyncio
+import types
 
 import pytest
 from mitmproxy import http
@@ -16,6 +17,8 @@ from mitmproxy.proxy.layers import tcp as tcp_layers
 from mitmproxy.test import taddons
 from mitmproxy.test import tflow
 
+import deadlines
+import heads
 import passthrough
 from config import Settings
 from deadlines import HeaderDeadline
@@ -156,3 +159,33 @@ async def passed_through() -> tuple[HeaderDeadline, Closes, http.HTTPFlow, WebSo
     await asyncio.sleep(1.3)
     assert closes.calls == []
     return deadline, closes, flow, addon
+
+
+class PausedSocket:
+    """A client's transport that OneRequestAtATime paused at its request."""
+
+    def __init__(self):
+        self.reading = False
+
+    def is_closing(self) -> bool:
+        return False
+
+    def is_reading(self) -> bool:
+        return self.reading
+
+    def resume_reading(self) -> None:
+        self.reading = True
+
+
+@pytest.mark.parametrize("status, resumed", [(101, True), (200, False)])
+def test_a_101_resumes_reading_whatever_the_http1_layer_holds(monkeypatch, status, resumed):
+    """Frames a client sent before its 101 (more than datalab_max_head) are no pipelined requests:
+    no further answer would resume reading, and the client's side would stall for good."""
+    socket = PausedSocket()
+    io = types.SimpleNamespace(writer=types.SimpleNamespace(transport=socket), reader=asyncio.StreamReader())
+    monkeypatch.setattr(deadlines, "client_io", lambda client: (None, io))
+    monkeypatch.setattr(deadlines.heads, "backlog", lambda client: 10 * heads.limits()[0])
+    flow = upgrade()
+    flow.response.status_code = status
+    deadlines.OneRequestAtATime().response(flow)
+    assert socket.reading is resumed

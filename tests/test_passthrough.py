@@ -182,7 +182,7 @@ def test_a_101_resumes_reading_whatever_the_http1_layer_holds(monkeypatch, statu
     """Frames a client sent before its 101 (more than datalab_max_head) are no pipelined requests:
     no further answer would resume reading, and the client's side would stall for good."""
     socket = PausedSocket()
-    io = types.SimpleNamespace(writer=types.SimpleNamespace(transport=socket), reader=asyncio.StreamReader())
+    io = types.SimpleNamespace(writer=types.SimpleNamespace(transport=socket), reader=types.SimpleNamespace())
     monkeypatch.setattr(deadlines, "client_io", lambda client: (None, io))
     monkeypatch.setattr(deadlines.heads, "backlog", lambda client: 10 * heads.limits()[0])
     flow = upgrade()

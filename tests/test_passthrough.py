@@ -189,3 +189,18 @@ def test_a_101_resumes_reading_whatever_the_http1_layer_holds(monkeypatch, statu
     flow.response.status_code = status
     deadlines.OneRequestAtATime().response(flow)
     assert socket.reading is resumed
+
+
+def test_a_101_to_another_upgrade_is_not_passed_through():
+    """Only a WebSocket's 101 (mitmproxy set the flow's `websocket`) goes flowless and spliced; a
+    101 to any other upgrade (Jupyter gives none: a hostile instance) keeps mitmproxy's TCP flow,
+    traced and trimmed, and its connection is no request in flight for the header deadline."""
+    addon = WebSocketPassthrough(holding(websocket="passthrough"))
+    flow = tflow.tflow(resp=True)
+    flow.metadata[ROUTED] = "i1"
+    flow.request.headers["Upgrade"] = "h2c"
+    flow.response.status_code = 101
+    with taddons.context(addon):
+        addon.response(flow)
+    assert PASSTHROUGH not in flow.metadata and flow.client_conn.id not in passthrough._BARE
+    assert http_layers.tcp.TCPLayer(Context(flow.client_conn, Options())).flow is not None

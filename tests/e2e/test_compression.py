@@ -89,3 +89,19 @@ def test_a_gzipped_page_that_reflects_a_url_holds_no_secret(page, path):
         assert CANARY.encode() in body  # (the reflection is there)
         config = json.loads(re.search(rb'id="jupyter-config-data"[^>]*>(.*?)</script>', body, re.S).group(1))
         assert config["token"] == ""
+
+
+def test_a_range_of_a_script_comes_as_it_is(make_proxy, world):
+    """A part of a file (206) is not gzipped: its Content-Range counts the file's own bytes. On the
+    process backend, which runs this tree's image/ (the built image has it once rebuilt)."""
+    proxy = make_proxy(prefix=world.sub("range"), datalab_backend="process")
+    browser = Browser(proxy)
+    nonce = proxy.start_instance("data.csv", CSV)
+    browser.view(nonce, "lab")
+    script = largest_script(browser)
+    whole = wire(browser, script, accept="identity").wire
+    r = wire(browser, script, Range="bytes=100-5099")
+    assert r.status_code == 206 and "Content-Encoding" not in r.headers, r.headers
+    assert r.headers["Content-Range"] == f"bytes 100-5099/{len(whole)}" and r.wire == whole[100:5100]
+    assert wire(browser, script).headers["Content-Encoding"] == "gzip"  # (the whole script still is)
+    assert proxy.stop_instance(nonce).status_code == 200

@@ -187,7 +187,8 @@ class OneRequestAtATime:
         self._pause(flow)
 
     def response(self, flow: http.HTTPFlow) -> None:
-        _reading(flow.client_conn, resume=True)
+        switched = flow.response is not None and flow.response.status_code == 101
+        _reading(flow.client_conn, resume=True, switched=switched)
 
     def error(self, flow: http.HTTPFlow) -> None:
         _reading(flow.client_conn, resume=True)
@@ -198,8 +199,11 @@ class OneRequestAtATime:
             _reading(flow.client_conn, resume=False)
 
 
-def _reading(client: connection.Client, resume: bool) -> None:
-    """Pause or resume reading from a client connection (its asyncio transport)."""
+def _reading(client: connection.Client, resume: bool, switched: bool = False) -> None:
+    """Pause or resume reading from a client connection (its asyncio transport). `switched`: its
+    answer was a 101, after which no answer comes to look again, and what the HTTP/1 layer holds
+    is no request but the new protocol's first bytes (a WebSocket's frames sent before the 101):
+    reading resumes whatever their size, or that direction would stall for good."""
     _, io = client_io(client)
     if io is None:
         return
@@ -207,7 +211,7 @@ def _reading(client: connection.Client, resume: bool) -> None:
     if transport.is_closing():
         return
     if resume and not transport.is_reading():
-        if heads.backlog(client) > heads.limits()[0] or getattr(io.reader, "_paused", False):
+        if (heads.backlog(client) > heads.limits()[0] and not switched) or getattr(io.reader, "_paused", False):
             # Requests enough are queued already: the next answer looks again. Or asyncio's own flow
             # control paused it, and resumes it once its buffer drains (resumed here, the reader
             # would never pause it again, and its buffer would grow without bound).

@@ -22,16 +22,18 @@ STREAMED_TYPES = ("text/event-stream",)
 
 
 def accepts_gzip(accept_encoding: str) -> bool:
-    """Whether an Accept-Encoding header accepts gzip (an entry `gzip` or `*` whose q is not 0)."""
+    """Whether an Accept-Encoding header accepts gzip: its entry `gzip`, else `*`, with a q that is
+    not 0 (an entry naming gzip wins over `*` wherever it stands, as RFC 9110 12.5.3 says)."""
+    weights: dict[str, bool] = {}
     for entry in accept_encoding.split(","):
         coding, *params = (part.strip().lower() for part in entry.split(";"))
-        if coding in ("gzip", "*"):
+        if coding in ("gzip", "*") and coding not in weights:
             q = next((p[2:] for p in params if p.startswith("q=")), "1")
             try:
-                return float(q) > 0
+                weights[coding] = float(q) > 0
             except ValueError:
-                return False
-    return False
+                weights[coding] = False
+    return weights.get("gzip", weights.get("*", False))
 
 
 def is_user_file(path: str, query: str, base_url: str = "/") -> bool:
@@ -54,6 +56,15 @@ class TextCompression(GZipContentEncoding):
 
     def _compressible_type(self, ctype: str) -> bool:
         return ctype not in STREAMED_TYPES and super()._compressible_type(ctype)
+
+    def transform_first_chunk(
+        self, status_code: int, headers: httputil.HTTPHeaders, chunk: bytes, finishing: bool
+    ) -> tuple[int, httputil.HTTPHeaders, bytes]:
+        """A part of a file (206, a Range asked for) goes as it is: its Content-Range counts the
+        file's own bytes, which a gzip body would no longer match (the client could not join it)."""
+        if status_code == 206 or "Content-Range" in headers:
+            self._gzipping = False
+        return super().transform_first_chunk(status_code, headers, chunk, finishing)
 
 
 def _jupyter_server_extension_points() -> list[dict[str, str]]:

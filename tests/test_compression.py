@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from tornado import httputil
 
+from datalab_compression import TextCompression
 from datalab_compression import accepts_gzip
 from datalab_compression import is_user_file
 
@@ -22,6 +24,9 @@ from datalab_compression import is_user_file
         ("br", False),
         ("xgzip", False),
         ("gzip;q=nonsense", False),
+        ("*;q=0, gzip", True),
+        ("*, gzip;q=0", False),
+        ("br, *;q=0.5", True),
     ],
 )
 def test_accept_encoding(header, accepted):
@@ -46,3 +51,28 @@ def test_accept_encoding(header, accepted):
 )
 def test_the_users_files_are_left_alone(path, query, base, user_file):
     assert is_user_file(path, query, base) is user_file
+
+
+def request(accept: str = "gzip") -> httputil.HTTPServerRequest:
+    return httputil.HTTPServerRequest(
+        method="GET", uri="/static/lab/main.js", headers=httputil.HTTPHeaders({"Accept-Encoding": accept})
+    )
+
+
+@pytest.mark.parametrize(
+    "status, extra, gzipped",
+    [
+        (200, {}, True),
+        (206, {"Content-Range": "bytes 0-4999/75427"}, False),  # a Range asked for: its offsets are the file's
+        (200, {"Content-Encoding": "br"}, False),
+        (200, {"Content-Type": "text/event-stream"}, False),
+    ],
+)
+def test_a_part_of_a_file_goes_as_it_is(status, extra, gzipped):
+    headers = httputil.HTTPHeaders({"Content-Type": "application/javascript", "Content-Length": "5000", **extra})
+    body = b"x" * 5000
+    status_out, headers_out, chunk = TextCompression(request()).transform_first_chunk(status, headers, body, True)
+    assert status_out == status
+    assert (headers_out.get("Content-Encoding") == "gzip") is gzipped
+    assert (chunk != body) is gzipped
+    assert headers_out["Content-Length"] == str(len(chunk))

@@ -5,6 +5,7 @@ stays in flight until it ends. End to end: tests/e2e/test_passthrough.py."""
 from __future__ import annotations
 
 import asyncio
+import types
 
 import pytest
 from mitmproxy import http
@@ -16,6 +17,8 @@ from mitmproxy.proxy.layers import tcp as tcp_layers
 from mitmproxy.test import taddons
 from mitmproxy.test import tflow
 
+import deadlines
+import heads
 import passthrough
 from config import Settings
 from deadlines import HeaderDeadline
@@ -156,3 +159,48 @@ async def passed_through() -> tuple[HeaderDeadline, Closes, http.HTTPFlow, WebSo
     await asyncio.sleep(1.3)
     assert closes.calls == []
     return deadline, closes, flow, addon
+
+
+class PausedSocket:
+    """A client's transport that OneRequestAtATime paused at its request."""
+
+    def __init__(self):
+        self.reading = False
+
+    def is_closing(self) -> bool:
+        return False
+
+    def is_reading(self) -> bool:
+        return self.reading
+
+    def resume_reading(self) -> None:
+        self.reading = True
+
+
+@pytest.mark.parametrize("status, resumed", [(101, True), (200, False)])
+def test_a_101_resumes_reading_whatever_the_http1_layer_holds(monkeypatch, status, resumed):
+    """Frames a client sent before its 101 (more than datalab_max_head) are no pipelined requests:
+    no further answer would resume reading, and the client's side would stall for good."""
+    socket = PausedSocket()
+    io = types.SimpleNamespace(writer=types.SimpleNamespace(transport=socket), reader=types.SimpleNamespace())
+    monkeypatch.setattr(deadlines, "client_io", lambda client: (None, io))
+    monkeypatch.setattr(deadlines.heads, "backlog", lambda client: 10 * heads.limits()[0])
+    flow = upgrade()
+    flow.response.status_code = status
+    deadlines.OneRequestAtATime().response(flow)
+    assert socket.reading is resumed
+
+
+def test_a_101_to_another_upgrade_is_not_passed_through():
+    """Only a WebSocket's 101 (mitmproxy set the flow's `websocket`) goes flowless and spliced; a
+    101 to any other upgrade (Jupyter gives none: a hostile instance) keeps mitmproxy's TCP flow,
+    traced and trimmed, and its connection is no request in flight for the header deadline."""
+    addon = WebSocketPassthrough(holding(websocket="passthrough"))
+    flow = tflow.tflow(resp=True)
+    flow.metadata[ROUTED] = "i1"
+    flow.request.headers["Upgrade"] = "h2c"
+    flow.response.status_code = 101
+    with taddons.context(addon):
+        addon.response(flow)
+    assert PASSTHROUGH not in flow.metadata and flow.client_conn.id not in passthrough._BARE
+    assert http_layers.tcp.TCPLayer(Context(flow.client_conn, Options())).flow is not None

@@ -6,6 +6,7 @@ when mitmproxy's internals move from what splice.py was written for (12.3.1)."""
 from __future__ import annotations
 
 import asyncio
+import sys
 import types
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -178,6 +179,32 @@ async def test_a_peer_that_does_not_read_pauses_the_other_instead_of_filling_mem
         rig.upstream_reads.set()
         for _ in range(64):
             assert await asyncio.wait_for(rig.reader.readexactly(MIB), 10) == chunk
+
+
+async def test_a_client_that_does_not_read_pauses_the_instance_instead_of_filling_memory():
+    """The instance echoes everything into a client that reads nothing: the proxy holds at most its
+    write buffers, and everything arrives once the client reads."""
+    async with proxied() as rig:
+        await echoed(rig, 1024)
+        chunk = b"\1" * MIB
+        for _ in range(64):
+            rig.writer.write(chunk)
+            await asyncio.sleep(0)
+        await asyncio.sleep(0.5)
+        held = sum(p.transport.get_write_buffer_size() for p in protocols(rig))
+        held += sum(len(io.reader._buffer) for io in rig.handler.transports.values())
+        assert held < 4 * MIB
+        for _ in range(64):
+            assert await asyncio.wait_for(rig.reader.readexactly(MIB), 10) == chunk
+
+
+async def test_bytes_sent_before_the_101_reach_the_instance_first(monkeypatch):
+    """A client that does not wait for the 101: what it sent behind its upgrade goes to the
+    instance after the 101, before what it sends later (the rig's instance echoes both back)."""
+    monkeypatch.setattr(sys.modules[__name__], "UPGRADE", UPGRADE + b"early ")
+    async with proxied() as rig:
+        rig.writer.write(b"late")
+        assert await asyncio.wait_for(rig.reader.readexactly(10), 5) == b"early late"
 
 
 class FakeTransport:

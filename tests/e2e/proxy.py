@@ -279,10 +279,32 @@ class Browser:
 def run_code(ws, code: str, timeout: float = 90.0, displays: list[dict] | None = None) -> str:
     """Send an execute_request on an open kernel channel and return the code's stdout once the
     kernel is idle again (display_data contents go into `displays` when given)."""
-    msg_id = uuid.uuid4().hex
-    request = {
+    request = execute_request(code)
+    msg_id = request["header"]["msg_id"]
+    out: list[str] = []
+    deadline = time.monotonic() + timeout
+    ws.send(json.dumps(request))
+    while time.monotonic() < deadline:
+        msg = json.loads(ws.recv(timeout=max(0.1, deadline - time.monotonic())))
+        if msg.get("parent_header", {}).get("msg_id") != msg_id:
+            continue
+        kind = msg["header"]["msg_type"]
+        if kind == "stream":
+            out.append(msg["content"]["text"])
+        elif kind == "display_data" and displays is not None:
+            displays.append(msg["content"])
+        elif kind == "error":
+            raise AssertionError("kernel error: " + "\n".join(msg["content"]["traceback"]))
+        elif kind == "status" and msg["content"]["execution_state"] == "idle":
+            return "".join(out)
+    raise TimeoutError("the kernel did not finish in time")
+
+
+def execute_request(code: str) -> dict:
+    """A kernel channel's execute_request message running `code` (its header's msg_id is fresh)."""
+    return {
         "header": {
-            "msg_id": msg_id,
+            "msg_id": uuid.uuid4().hex,
             "username": "e2e",
             "session": uuid.uuid4().hex,
             "msg_type": "execute_request",
@@ -301,23 +323,6 @@ def run_code(ws, code: str, timeout: float = 90.0, displays: list[dict] | None =
             "stop_on_error": True,
         },
     }
-    out: list[str] = []
-    deadline = time.monotonic() + timeout
-    ws.send(json.dumps(request))
-    while time.monotonic() < deadline:
-        msg = json.loads(ws.recv(timeout=max(0.1, deadline - time.monotonic())))
-        if msg.get("parent_header", {}).get("msg_id") != msg_id:
-            continue
-        kind = msg["header"]["msg_type"]
-        if kind == "stream":
-            out.append(msg["content"]["text"])
-        elif kind == "display_data" and displays is not None:
-            displays.append(msg["content"])
-        elif kind == "error":
-            raise AssertionError("kernel error: " + "\n".join(msg["content"]["traceback"]))
-        elif kind == "status" and msg["content"]["execution_state"] == "idle":
-            return "".join(out)
-    raise TimeoutError("the kernel did not finish in time")
 
 
 def events_of(answer: requests.Response) -> list[tuple[str, dict]]:

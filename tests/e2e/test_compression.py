@@ -5,6 +5,7 @@ clients that do not accept gzip) get what they always got."""
 from __future__ import annotations
 
 import gzip
+import json
 import re
 
 import pytest
@@ -65,3 +66,42 @@ def test_the_users_file_downloads_as_it_is_with_its_length(page, query):
     assert r.status_code == 200, r.wire[:200]
     assert "Content-Encoding" not in r.headers
     assert r.wire == CSV and r.headers["Content-Length"] == str(len(CSV))
+
+
+CANARY = "reflectedQ7Z"  # what a cross-site page could put in a URL the victim's browser opens
+SESSION_COOKIE = "datalab_session"  # (the default datalab_session_cookie)
+
+
+@pytest.mark.parametrize("path", [f"/lab/tree/{CANARY}", f"/lab/workspaces/{CANARY}", f"/{CANARY}"])
+def test_a_gzipped_page_that_reflects_a_url_holds_no_secret(page, path):
+    """BREACH needs a secret and attacker-chosen text in one compressed answer. Lab's page reflects
+    its URL (treePath, workspace) and is gzipped, but holds no secret: no Jupyter token (the proxy's
+    header is the credential, never echoed), neither the _xsrf cookie (a header, checked against
+    X-XSRFToken) nor the proxy's session cookie (taken off before the instance)."""
+    page.get("/lab")
+    secrets = [c.value.encode() for c in page.http.cookies if c.name in ("_xsrf", SESSION_COOKIE)]
+    r = wire(page, path)
+    assert r.headers.get("Content-Encoding") == "gzip", r.headers
+    body = gzip.decompress(r.wire)
+    assert len(secrets) == 2 and not [s for s in secrets if s in body]
+    assert b"xsrf" not in body.lower()
+    if r.status_code == 200:
+        assert CANARY.encode() in body  # (the reflection is there)
+        config = json.loads(re.search(rb'id="jupyter-config-data"[^>]*>(.*?)</script>', body, re.S).group(1))
+        assert config["token"] == ""
+
+
+def test_a_range_of_a_script_comes_as_it_is(make_proxy, world):
+    """A part of a file (206) is not gzipped: its Content-Range counts the file's own bytes. On the
+    process backend, which runs this tree's image/ (the built image has it once rebuilt)."""
+    proxy = make_proxy(prefix=world.sub("range"), datalab_backend="process")
+    browser = Browser(proxy)
+    nonce = proxy.start_instance("data.csv", CSV)
+    browser.view(nonce, "lab")
+    script = largest_script(browser)
+    whole = wire(browser, script, accept="identity").wire
+    r = wire(browser, script, Range="bytes=100-5099")
+    assert r.status_code == 206 and "Content-Encoding" not in r.headers, r.headers
+    assert r.headers["Content-Range"] == f"bytes 100-5099/{len(whole)}" and r.wire == whole[100:5100]
+    assert wire(browser, script).headers["Content-Encoding"] == "gzip"  # (the whole script still is)
+    assert proxy.stop_instance(nonce).status_code == 200

@@ -28,6 +28,7 @@ from metrics import Metrics
 from passthrough import WebSocketPassthrough
 from router import Router
 from runtime import Runtime
+from session_expiry import SessionExpiry
 from upload import UploadSink
 from upstream_deadline import UpstreamDeadline
 from websocket_bound import WebSocketBound
@@ -54,6 +55,7 @@ addons = [
     UpstreamDeadline(runtime),  # an instance's answer begins within datalab_upstream_timeout, or 504
     WebSocketBound(runtime),  # a WebSocket message is held up to datalab_max_ws_message
     WebSocketPassthrough(runtime),  # datalab_websocket=passthrough: routed WebSockets relayed as raw TCP
+    SessionExpiry(runtime),  # an open WebSocket is closed when its session expires
     OneRequestAtATime(),  # after the others: a flow is claimed (upload or not) before reading pauses
     SharedPort(runtime),  # run.sh --workers: several processes on one port
     deadline.after,  # last: a request is over once every other addon is done with it

@@ -550,6 +550,13 @@ class Store:
         raw = await self.redis.get(self.key("session", session_id))
         return raw.decode() if raw is not None else None
 
+    async def session_left(self, session_id: str) -> float | None:
+        """Seconds until the session expires; None once it has (or never existed)."""
+        left = await self.redis.pttl(self.key("session", session_id))
+        if left == -2:  # no such key
+            return None
+        return float("inf") if left == -1 else left / 1000
+
     async def all_instances(self) -> list[Instance]:
         """Every recorded instance, in one round trip for the records (culling reads them each round)."""
         return list((await self.records(sorted(await self.instance_ids()))).values())

@@ -98,7 +98,7 @@ def _checked(profile: str, field: str, value: Any, rules: Rules) -> Any:
     if field == "env":
         problem = env_problem(value)
     elif field == "image":
-        problem = None if isinstance(value, str) and _IMAGE.match(value) else "must name a local image"
+        problem = None if isinstance(value, str) and _IMAGE.fullmatch(value) else "must name a local image"
     else:
         value = _typed(value, {**LIMITS, **TIMES}[field], numeric=field == "cpus")
         problem = "has the wrong type" if value is None else rules[field](value)
@@ -126,7 +126,7 @@ def env_problem(env: Any) -> str | None:
     if len(env) > MAX_ENV:
         return f"has {len(env)} variables; at most {MAX_ENV}"
     for name, value in env.items():
-        if not _ENV_NAME.match(name):
+        if not _ENV_NAME.fullmatch(name):  # not match: `$` matches before a final newline
             return f"{name!r} is not a variable name (letters, digits and _, not starting with a digit)"
         if name in RESERVED_ENV or name.startswith(RESERVED_ENV_PREFIXES):
             return f"{name} is set by the proxy itself and may not be overridden"

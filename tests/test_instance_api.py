@@ -111,3 +111,18 @@ async def test_an_owner_at_its_cap_is_429_before_the_signature_is_spent(sink, rt
     assert not await rt.store.redis.exists(rt.store.key("signed", sign))  # the same request may come again
     flow = await through_api(start_flow("b.csv", owner="bob"), sink, rt)  # another owner starts
     assert flow.response.status_code == 200, flow.response.content
+
+
+async def test_an_owner_with_a_trailing_newline_is_refused_not_another_owner(sink, rt):
+    """Review (issue 20): `$` matched before a final newline, so 'alice\\n' was a valid owner of its
+    own (another Redis key): past alice's cap, and a newline in a signed subject and in log lines."""
+    await rt.instances.start(Order("a.csv", owner="alice"), b"x")
+    value = "alice\n"
+    ts = str(int(time.time()))
+    sign = signing.signature(KEY, ts, signing.start_subject("b.csv", {"owner": value}))
+    query = f"ts={ts}&filename=b.csv&owner=alice%0A"
+    flow = request_flow("POST", f"/datalab/start?{query}", {"X-SIGN": sign, "Content-Length": "1"}, b"x")
+    flow = await through_api(flow, sink, rt)
+    assert (flow.response.status_code, body(flow)["code"]) == (400, "BAD_REQUEST"), body(flow)
+    flow = await run_headers(listing(value), sink, rt)
+    assert (flow.response.status_code, body(flow)["code"]) == (400, "BAD_REQUEST"), body(flow)

@@ -63,6 +63,8 @@ def settings(text: str, tmp_path, suffix: str = ".toml", **changes) -> Settings:
         ({"big": {"env": ["A=1"]}}, "profile 'big', field env: must be a table"),
         ({"big": {"env": {"1A": "x"}}}, "field env: '1A' is not a variable name"),
         ({"big": {"env": {"A-B": "x"}}}, "field env: 'A-B' is not a variable name"),
+        ({"big": {"env": {"A\n": "x"}}}, "field env: 'A\\n' is not a variable name"),
+        ({"big": {"image": "img\n"}}, "profile 'big', field image: must name a local image"),
         ({"big": {"env": {"A": "x\ny"}}}, "field env: A must be a string of at most 4096 printable characters"),
         ({"big": {"env": {"A": 1}}}, "field env: A must be a string"),
         ({"big": {"env": {"A": "x" * 4097}}}, "field env: A must be a string"),

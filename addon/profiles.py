@@ -34,6 +34,7 @@ FIELDS = ("image", *LIMITS, *TIMES, "env")
 MAX_PROFILES = 64
 MAX_ENV = 64  # variables per profile
 MAX_ENV_VALUE = 4096  # characters
+MAX_INTEGER = 2**31 - 1  # a count or seconds (68 years): what every consumer of one takes
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
 _IMAGE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:@+-]{0,254}$")
 
@@ -101,7 +102,7 @@ def _checked(profile: str, field: str, value: Any, rules: Rules) -> Any:
         problem = None if isinstance(value, str) and _IMAGE.fullmatch(value) else "must name a local image"
     else:
         value = _typed(value, {**LIMITS, **TIMES}[field], numeric=field == "cpus")
-        problem = "has the wrong type" if value is None else rules[field](value)
+        problem = "has the wrong type" if value is None else _too_large(value) or rules[field](value)
     if problem is not None:
         raise refuse(problem)
     return dict(value) if field == "env" else value
@@ -116,6 +117,11 @@ def _typed(value: Any, kind: type, numeric: bool) -> Any:
     if numeric and is_number:
         return str(value)
     return value if isinstance(value, str) else None
+
+
+def _too_large(value: Any) -> str | None:
+    """An integer no engine (pids), Redis TTL or timer takes: refused here, not at each start."""
+    return f"is larger than {MAX_INTEGER}" if isinstance(value, int) and value > MAX_INTEGER else None
 
 
 def env_problem(env: Any) -> str | None:

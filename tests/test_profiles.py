@@ -281,3 +281,14 @@ def test_the_instance_apis_deadlines_are_the_profiles(tmp_path):
     s = settings("[short]\nidle_timeout = 30\nmax_age = 60\n", tmp_path)
     assert lifetime_of(s, "short") == Lifetime(30, 60)
     assert lifetime_of(s, "default") == lifetime_of(s, "gone") == Lifetime(s.idle_timeout, s.max_age)
+
+
+async def test_a_long_lived_profiles_work_record_and_owner_index_outlive_its_instance(make_instances):
+    """Review of issue 20: the live work record (and the owner's index) expired by the default's
+    max_age, so a profile living longer lost its work's record while it ran: its owner's cap no
+    longer counted it, its work was unknown, the instance API forgot it."""
+    month = 30 * 86400
+    inst = profiled(make_instances, {"long": {"max_age": month}}, max_age=3600, work_ttl=3600)
+    handed = await inst.start(Order("a.csv", profile="long", owner="alice"), b"1\n")
+    for key in (f"unit:work:{handed.work}", "unit:owned:alice"):
+        assert await inst.store.redis.ttl(key) > month, key

@@ -292,3 +292,23 @@ async def test_a_long_lived_profiles_work_record_and_owner_index_outlive_its_ins
     handed = await inst.start(Order("a.csv", profile="long", owner="alice"), b"1\n")
     for key in (f"unit:work:{handed.work}", "unit:owned:alice"):
         assert await inst.store.redis.ttl(key) > month, key
+
+
+async def test_a_removed_profiles_pool_is_ended_after_a_restart_without_it(make_instances):
+    """Review of issue 20: a profile taken out of the file leaves its warm pool behind the restart.
+    No proxy refills or hands out its pool any more; culling ends its instances (nothing can reach
+    them: unreachable), gives their memory back, and forgets the pool."""
+    before = profiled(make_instances, {"gpu": {"mem_limit": "2g", "pool_size": 1}}, slots=8, max_instances=0)
+    await PoolFiller(before).fill()
+    await until(lambda: pooled(before, {"gpu": 1}))
+    (orphan,) = await before.store.pool_ids(["gpu"])
+    after = make_instances(before.backend, max_instances=0)  # restarted without the file's gpu profile
+    record = await after.store.instance(orphan)
+    assert record is not None and record.profile == "gpu"
+    aged = replace(record, created=time.time() - 2 * after.settings.start_timeout)
+    await after.store.redis.set(f"unit:instance:{orphan}", aged.to_json())
+    await after.store.redis.zadd("unit:activity", {orphan: aged.created})
+    assert await Culler(after, Activity()).round() == 1
+    assert await after.store.instance(orphan) is None  # a pool instance was never handed out: no end note
+    assert await after.store.pool_ids(["gpu"]) == [] and orphan not in after.backend.ids()
+    assert not await after.store.redis.hexists("unit:units", orphan)

@@ -168,3 +168,18 @@ async def test_an_owners_listing_shows_booting_ready_and_ended(make_instances):
     assert [e.state for e in await info.of_owner("alice")] == ["ended", "ready"]
     assert await info.of_owner("bob") == []
     assert await info.of_work("u" * 32) is None
+
+
+async def test_a_listing_is_bounded_and_keeps_what_still_runs(make_instances):
+    """Review of issue 20: an owner's index keeps every start while its work's record lives (a week),
+    and a listing answered all of them: thousands of ended ones, megabytes. Now the oldest ended ones
+    are left out past MAX_LISTED, and counted; what still runs is always listed."""
+    inst = make_instances(FakeBackend(), idle_timeout=100, max_age=1000)
+    info = info_of(inst)
+    handed = [await inst.start(Order(f"{i}.csv", owner="alice"), DATA) for i in range(5)]
+    for h in handed[1:4]:
+        assert await inst.end(await inst.by_nonce(h.nonce), "stopped", "stopped")
+    listed, omitted = await info.listing("alice", most=3)
+    assert [e.filename for e in listed] == ["0.csv", "3.csv", "4.csv"] and omitted == 2
+    assert [e.state for e in listed] == ["ready", "ended", "ready"]
+    assert len(await info.of_owner("alice")) == 5

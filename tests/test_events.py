@@ -13,6 +13,7 @@ from events import event_body
 from events import http_poster
 from events import signature
 from receiver import EventReceiver
+from store import VIEWS_TOLD
 from store import EndNote
 from store import Store
 from store import StreamEvent
@@ -61,6 +62,19 @@ async def test_a_start_a_view_and_an_end_are_each_told_once_with_their_change(re
     assert all(e.items() >= common.items() for e in events)
     assert events[0]["filename"] == "a.csv" and float(events[0]["time"]) == NOW
     assert events[2]["cause"] == "idle" and float(events[2]["time"]) == NOW + 5
+    await store.close()
+
+
+async def test_views_without_end_do_not_flood_the_stream(redis_url):
+    """Review of issue 20: a nonce's holder may open views as fast as it asks (security.md), and each
+    was a view event: 100,000 of them trimmed every event still to be delivered out of the capped
+    stream while a receiver was down. Only an instance's first VIEWS_TOLD sessions are told."""
+    store = Store(connect(redis_url), "unit:")
+    live = instance("v")
+    await started(store, live)
+    for i in range(VIEWS_TOLD + 50):
+        assert await store.add_session(f"S{i:031d}", live.id, 60, NOW + 1)
+    assert [e["type"] for e in await recorded(store)] == ["start"] + ["view"] * VIEWS_TOLD
     await store.close()
 
 

@@ -533,7 +533,8 @@ class Api:
             result = entry.to_json()
         else:
             signed = self._check_signed(flow, "owner", inputs.check_owner, framed=signing.owner_listing_subject)
-            result = {"instances": [e.to_json() for e in await info.of_owner(signed.subject)]}
+            listed, omitted = await info.listing(signed.subject)
+            result = {"instances": [e.to_json() for e in listed], "omitted": omitted}
         flow.response = errors.json_response(200, {"code": "OK", "result": result})
 
     async def _current_health(self) -> Health:

@@ -48,6 +48,7 @@ SAMESITE = ("Lax", "Strict", "None")
 ROUTINGS = ("cookie", "subdomain")
 WEBSOCKET_MODES = ("parse", "passthrough")  # passthrough.py
 HOST_COOKIE_PREFIX = "__Host-"
+MAX_CPUS = 1_000_000  # a CPU limit in nanoseconds per second stays within Docker's int64
 # Without these, a client connection dies before the hooks run, or the instance sees the wrong Host.
 MITMPROXY_REQUIRED = {"connection_strategy": "lazy", "keep_host_header": True}
 # mitmproxy's default kills every client with a public address; a proxy facing the internet must serve them.
@@ -73,8 +74,9 @@ def parse_origins(text: str) -> frozenset[str]:
 
 
 def _positive_number(text: str) -> bool:
+    """A CPU count: positive and finite, and at most MAX_CPUS (its nanoseconds fit Docker's int64)."""
     try:
-        return float(text) > 0
+        return 0 < float(text) <= MAX_CPUS
     except ValueError:
         return False
 

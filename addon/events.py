@@ -15,6 +15,7 @@ It all runs in a background task: no request waits for a receiver.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import http.client
@@ -22,6 +23,7 @@ import json
 import logging
 import os
 import socket
+import threading
 import urllib.parse
 from collections.abc import Awaitable
 from collections.abc import Callable
@@ -59,25 +61,45 @@ def signature(key: str, body: bytes) -> str:
 
 
 def http_poster(url: str, timeout: float = POST_TIMEOUT) -> Post:
-    """POST to `url` (http or https; redirects are not followed) in a thread: the status it answers."""
+    """POST to `url` (http or https; redirects are not followed) in a thread: the status it answers.
+    `timeout` bounds the whole POST, not only each read: a receiver that trickles its answer a byte
+    at a time is cut then (its socket shut down), as one that says nothing is."""
     parts = urllib.parse.urlsplit(url)
     connection = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
 
     def post(body: bytes, headers: dict[str, str]) -> int:
         conn = connection(parts.hostname or "", parts.port, timeout=timeout)
+        cut = threading.Event()
+        deadline = threading.Timer(timeout, _cut_off, (conn, cut))
+        deadline.start()
         try:
             conn.request("POST", target, body, headers)
             answer = conn.getresponse()
             answer.read(MAX_ANSWER)
-            return answer.status
+        except Exception as e:
+            if cut.is_set():  # whatever the cut socket raised (TLS: not always an OSError)
+                raise TimeoutError(f"the receiver took more than {timeout} s") from e
+            raise
         finally:
+            deadline.cancel()
             conn.close()
+        if cut.is_set():  # a head cut short may still parse: it was not answered in time all the same
+            raise TimeoutError(f"the receiver took more than {timeout} s")
+        return answer.status
 
     async def posting(body: bytes, headers: dict[str, str]) -> int:
         return await asyncio.to_thread(post, body, headers)
 
     return posting
+
+
+def _cut_off(conn: http.client.HTTPConnection, cut: threading.Event) -> None:
+    """The POST's deadline: a blocked read wakes up to a socket shut down under it."""
+    cut.set()
+    if conn.sock is not None:
+        with contextlib.suppress(OSError):
+            conn.sock.shutdown(socket.SHUT_RDWR)
 
 
 def consumer_name() -> str:

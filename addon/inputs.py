@@ -83,14 +83,14 @@ _PROFILE_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 def check_owner(value: str) -> str:
     """An owner is the frontend's opaque id of its user: it names Redis keys and log lines, so it is
     short and of a few plain characters (a frontend with other ids sends a hash of them)."""
-    if not _OWNER_RE.match(value):
+    if not _OWNER_RE.fullmatch(value):  # not match: its `$` also matches before a final newline
         raise ValueError("owner is 1 to 128 characters of A-Z a-z 0-9 . _ @ + : -")
     return value
 
 
 def check_profile_name(value: str) -> str:
     """A profile's name, as the operator's profiles file and a start spell it."""
-    if not _PROFILE_RE.match(value):
+    if not _PROFILE_RE.fullmatch(value):
         raise ValueError("profile is 1 to 64 characters of a-z 0-9 _ -, starting with a letter or digit")
     return value
 

@@ -26,6 +26,7 @@ from store import Store
 from store import WorkRecord
 
 BOOTING, READY, ENDED = "booting", "ready", "ended"
+MAX_LISTED = 500  # entries one listing answers: every booting and ready one, then the newest ended
 
 
 @dataclass(frozen=True)
@@ -91,8 +92,23 @@ class InstanceInfo:
         ]
         return sorted(found, key=lambda e: (e.created, e.work))
 
+    async def listing(self, owner: str, most: int = MAX_LISTED) -> tuple[list[Entry], int]:
+        """The owner's entries as one answer holds them (`bounded`), and how many were left out."""
+        found = await self.of_owner(owner)
+        kept = bounded(found, most)
+        return kept, len(found) - len(kept)
+
     async def _entries(self, works: dict[str, WorkRecord]) -> list[Entry]:
         live = [w.instance for w in works.values() if w.state == "live"]
         records = await self.store.records(live)
         activity = await self.store.last_activity(live)
         return [entry(w, records.get(w.instance), activity.get(w.instance), self.settings) for w in works.values()]
+
+
+def bounded(entries: list[Entry], most: int) -> list[Entry]:
+    """At most `most` of these entries (oldest first), leaving out the oldest ended ones first: an
+    owner who started thousands within datalab_work_ttl is not answered megabytes of them, and
+    never loses sight of what still runs."""
+    surplus = max(0, len(entries) - most)
+    left_out = set([e.work for e in entries if e.state == ENDED][:surplus])  # entries: oldest first
+    return [e for e in entries if e.work not in left_out]

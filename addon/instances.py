@@ -192,9 +192,11 @@ class Instances:
             raise OwnerLimit(cap)
 
     def _work_lifetime(self) -> int:
-        """The longest a work's record lives: its instance's longest life, then the saved work's."""
+        """The longest a work's record lives: its instance's longest life (the longest-lived
+        profile's: a live work's record must outlive any instance), then the saved work's."""
         s = self.settings
-        return s.max_age + 2 * s.cull_interval + s.work_timeout + s.work_ttl
+        longest = max(profile.max_age for profile in s.profile_table.values())
+        return longest + 2 * s.cull_interval + s.work_timeout + s.work_ttl
 
     async def owner_at_cap(self, owner: str) -> bool:
         """Whether a start of this owner would be refused now (the api asks before spending a signature)."""

@@ -16,7 +16,11 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+from redis.asyncio.client import Pipeline
+
 from store import Store
+
+TIDY_AT_ONCE = 200  # owners tidied in one pipeline
 
 # KEYS: the owner's quota zset, the owner's index hash, the set of owners.
 # ARGV: owner, key prefix, now, mode (reserve, peek or tidy), lease expiry, cap (0: none), work id,
@@ -117,9 +121,12 @@ class Owners:
         work: str = "",
         entry: str = "",
         ttl: int = 0,
+        pipe: Pipeline | None = None,
     ) -> int:
+        """The script's answer; with `pipe`, queued there (its answer comes with the pipeline's: 0 here)."""
         args = [owner, self.store.prefix, now, mode, lease_until, cap, work, entry, ttl]
-        return int(await self._script(keys=self._keys(owner), args=args))
+        answer = await self._script(keys=self._keys(owner), args=args, client=pipe)
+        return 0 if pipe is not None else int(answer)
 
     async def reserve(self, owner: str, work_id: str, started: Started, lease_until: float, cap: int, ttl: int) -> bool:
         """Take a place for this start (until `lease_until`, then for as long as its work is live);
@@ -142,9 +149,14 @@ class Owners:
 
     async def tidy(self, now: float) -> None:
         """Reconciliation: every owner's leases run out and ended instances dropped, without waiting
-        for the owner's next start; an owner with nothing left is forgotten."""
-        for raw in await self.store.redis.smembers(self.store.key("owners")):
-            await self.held(raw.decode(), now)
+        for the owner's next start; an owner with nothing left is forgotten. TIDY_AT_ONCE owners a
+        round trip: every owner of the last week is tidied each culling round."""
+        owners = [raw.decode() for raw in await self.store.redis.smembers(self.store.key("owners"))]
+        for first in range(0, len(owners), TIDY_AT_ONCE):
+            async with self.store.redis.pipeline(transaction=False) as pipe:
+                for owner in owners[first : first + TIDY_AT_ONCE]:
+                    await self._run(owner, now, "tidy", pipe=pipe)
+                await pipe.execute()
 
     async def index(self, owner: str) -> tuple[dict[str, Started], dict[str, float]]:
         """The owner's starts the index still knows (work id -> Started) and the leases of those

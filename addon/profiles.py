@@ -34,6 +34,7 @@ FIELDS = ("image", *LIMITS, *TIMES, "env")
 MAX_PROFILES = 64
 MAX_ENV = 64  # variables per profile
 MAX_ENV_VALUE = 4096  # characters
+MAX_INTEGER = 2**31 - 1  # a count or seconds (68 years): what every consumer of one takes
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
 _IMAGE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:@+-]{0,254}$")
 
@@ -98,10 +99,10 @@ def _checked(profile: str, field: str, value: Any, rules: Rules) -> Any:
     if field == "env":
         problem = env_problem(value)
     elif field == "image":
-        problem = None if isinstance(value, str) and _IMAGE.match(value) else "must name a local image"
+        problem = None if isinstance(value, str) and _IMAGE.fullmatch(value) else "must name a local image"
     else:
         value = _typed(value, {**LIMITS, **TIMES}[field], numeric=field == "cpus")
-        problem = "has the wrong type" if value is None else rules[field](value)
+        problem = "has the wrong type" if value is None else _too_large(value) or rules[field](value)
     if problem is not None:
         raise refuse(problem)
     return dict(value) if field == "env" else value
@@ -118,6 +119,11 @@ def _typed(value: Any, kind: type, numeric: bool) -> Any:
     return value if isinstance(value, str) else None
 
 
+def _too_large(value: Any) -> str | None:
+    """An integer no engine (pids), Redis TTL or timer takes: refused here, not at each start."""
+    return f"is larger than {MAX_INTEGER}" if isinstance(value, int) and value > MAX_INTEGER else None
+
+
 def env_problem(env: Any) -> str | None:
     """What is wrong with a profile's environment variables, or None: names of letters, digits and
     '_'; values of printable characters without newlines; none the proxy sets itself (RESERVED_ENV)."""
@@ -126,7 +132,7 @@ def env_problem(env: Any) -> str | None:
     if len(env) > MAX_ENV:
         return f"has {len(env)} variables; at most {MAX_ENV}"
     for name, value in env.items():
-        if not _ENV_NAME.match(name):
+        if not _ENV_NAME.fullmatch(name):  # not match: `$` matches before a final newline
             return f"{name!r} is not a variable name (letters, digits and _, not starting with a digit)"
         if name in RESERVED_ENV or name.startswith(RESERVED_ENV_PREFIXES):
             return f"{name} is set by the proxy itself and may not be overridden"

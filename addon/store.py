@@ -62,6 +62,7 @@ log = logging.getLogger(__name__)
 ENDED_EVENT = "gone"  # the event kind for an ended instance (also spelled in the _REMOVE script)
 FOREVER = "+inf"
 EVENTS_MAX = 100_000  # events the lifecycle stream keeps, about (datalab_events_max)
+VIEWS_TOLD = 16  # sessions of one instance told as view events; more are opened untold
 EXPIRED_PER_CALL = 500  # work expiries told by one call of Store.expire_works (the rest: next round)
 
 # Lua, put before the scripts that tell events: the text fields of a JSON object (an instance's record,
@@ -273,8 +274,8 @@ return told
 """
 )
 
-# KEYS: instance record, session, refs, lifecycle. ARGV: id, session TTL, now, events max. A session
-# only for a live instance; its view event goes with it.
+# KEYS: instance record, session, refs, lifecycle. ARGV: id, session TTL, now, events max, views told. A
+# session only for a live instance; its view event goes with it (while refs holds at most `views told`).
 _ADD_SESSION = (
     _TEXT_OF
     + """
@@ -284,6 +285,9 @@ if not record then
 end
 redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[2])
 redis.call('SADD', KEYS[3], KEYS[2])
+if redis.call('SCARD', KEYS[3]) > tonumber(ARGV[5]) then
+  return 1
+end
 local text = text_of(record)
 redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[4], '*', 'type', 'view', 'time', ARGV[3], 'instance', ARGV[1],
   'work', text('work'), 'owner', text('owner'), 'profile', text('profile'))
@@ -535,11 +539,13 @@ class Store:
         return raw.decode() if raw is not None else None
 
     async def add_session(self, session_id: str, instance_id: str, ttl: int, now: float = 0.0) -> bool:
-        """Bind a session to the instance, and tell it (a view event); False (and nothing written) if
-        the instance has ended."""
+        """Bind a session to the instance, and tell it (a view event: the instance's first VIEWS_TOLD
+        sessions only, so a nonce opened again and again does not push undelivered events out of
+        the capped stream); False (and nothing written) if the instance has ended."""
         keys = [self.key("instance", instance_id), self.key("session", session_id), self.key("refs", instance_id)]
         keys += [self.key("lifecycle")]
-        return bool(await self._add_session(keys=keys, args=[instance_id, ttl, now or time.time(), self.events_max]))
+        args = [instance_id, ttl, now or time.time(), self.events_max, VIEWS_TOLD + 1]  # refs: its nonce, too
+        return bool(await self._add_session(keys=keys, args=args))
 
     async def spend_signature(self, signature: str, ttl: int) -> bool:
         """Mark a signature used for `ttl` seconds; False if it already was (a replay). One SET NX, so

@@ -13,8 +13,10 @@ from events import event_body
 from events import http_poster
 from events import signature
 from receiver import EventReceiver
+from store import VIEWS_TOLD
 from store import EndNote
 from store import Store
+from store import StreamEvent
 from store import WorkRecord
 from store import connect
 
@@ -60,6 +62,19 @@ async def test_a_start_a_view_and_an_end_are_each_told_once_with_their_change(re
     assert all(e.items() >= common.items() for e in events)
     assert events[0]["filename"] == "a.csv" and float(events[0]["time"]) == NOW
     assert events[2]["cause"] == "idle" and float(events[2]["time"]) == NOW + 5
+    await store.close()
+
+
+async def test_views_without_end_do_not_flood_the_stream(redis_url):
+    """Review of issue 20: a nonce's holder may open views as fast as it asks (security.md), and each
+    was a view event: 100,000 of them trimmed every event still to be delivered out of the capped
+    stream while a receiver was down. Only an instance's first VIEWS_TOLD sessions are told."""
+    store = Store(connect(redis_url), "unit:")
+    live = instance("v")
+    await started(store, live)
+    for i in range(VIEWS_TOLD + 50):
+        assert await store.add_session(f"S{i:031d}", live.id, 60, NOW + 1)
+    assert [e["type"] for e in await recorded(store)] == ["start"] + ["view"] * VIEWS_TOLD
     await store.close()
 
 
@@ -228,3 +243,67 @@ def test_an_event_body_names_every_field():
         "profile": "",
         "cause": "idle",
     }
+
+
+# Hostile receivers (review of issue 20): what one answers never holds the delivery past its timeout,
+# is never followed elsewhere, and the body it gets is exactly the one signed.
+
+
+async def hostile_receiver(answer) -> tuple[asyncio.Server, str, list[bytes]]:
+    """A loopback server that reads a request's head and body, keeps them, then runs `answer(writer)`."""
+    got: list[bytes] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = next(h for h in head.split(b"\r\n") if h.lower().startswith(b"content-length:"))
+            length = int(length.split(b":")[1])
+            got.append(head + await reader.readexactly(length))
+            await answer(writer)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    return server, f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/hook", got
+
+
+async def trickle(writer: asyncio.StreamWriter) -> None:
+    """A head that never ends, one byte at a time, each well within the poster's per-read timeout."""
+    writer.write(b"HTTP/1.1 200 OK\r\n")
+    for _ in range(200):
+        writer.write(b"X")
+        await writer.drain()
+        await asyncio.sleep(0.1)
+
+
+async def redirect(writer: asyncio.StreamWriter) -> None:
+    writer.write(b"HTTP/1.1 307 Temporary Redirect\r\nLocation: http://127.0.0.2:1/\r\nContent-Length: 0\r\n\r\n")
+    await writer.drain()
+
+
+async def test_a_receiver_that_trickles_its_answer_is_given_up_at_the_timeout():
+    server, url, _ = await hostile_receiver(trickle)
+    post = http_poster(url, timeout=0.5)
+    try:
+        # Each read gets a byte within the timeout: only a deadline on the whole POST ends it.
+        posting = asyncio.ensure_future(post(b"{}", {}))
+        done, _ = await asyncio.wait([posting], timeout=10 * 0.5)  # the trickle would go on for 20 s
+        assert done, "the POST was still reading the receiver's trickle"
+        assert isinstance(posting.exception(), (OSError, TimeoutError))
+    finally:
+        server.close()
+
+
+async def test_a_redirect_is_not_followed_and_is_not_taken_and_the_signature_is_over_the_bytes_sent():
+    server, url, got = await hostile_receiver(redirect)
+    try:
+        body = event_body(StreamEvent("1-0", {"type": "start", "time": "1", "owner": "ä"}))
+        headers = {"Content-Type": "application/json", "X-Datalab-Signature": signature(KEY, body)}
+        assert await http_poster(url, timeout=2)(body, headers) == 307  # not 2xx: retried, never followed
+        assert len(got) == 1 and got[0].endswith(b"\r\n\r\n" + body)
+        sent = got[0].split(b"\r\n\r\n", 1)[1]
+        assert f"X-Datalab-Signature: {signature(KEY, sent)}".encode() in got[0]
+    finally:
+        server.close()

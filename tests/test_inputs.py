@@ -163,3 +163,26 @@ def test_place_names_the_instance_host_its_own_and_every_other_instance_host_oth
     assert hosts.place(host_a.upper() + ".", public, a) == hosts.OWN  # DNS names ignore case and a final dot
     assert hosts.place(hosts.instance_host(b, public), public, a) == hosts.OTHER
     assert [hosts.place(h, public, a) for h in (public, "127.0.0.1:8443", "", "x.evil.example")] == [hosts.NEUTRAL] * 4
+
+
+@pytest.mark.parametrize("owner", ["alice\n", "a\n", "x" * 128 + "\n"])
+def test_an_owner_ending_in_a_newline_is_refused(owner):
+    """`$` matches before a final newline: the owner's rule is a full match."""
+    with pytest.raises(ValueError):
+        inputs.check_owner(owner)
+
+
+@pytest.mark.parametrize("owner", ["a", "x" * 128, "alice@example.org", "u:1.2_3+4-5"])
+def test_an_owner_at_the_limits_is_taken(owner):
+    assert inputs.check_owner(owner) == owner
+
+
+@pytest.mark.parametrize("owner", ["", "x" * 129, "al ice", "alice\r", "älice", "alice\x00"])
+def test_an_owner_past_the_limits_is_refused(owner):
+    with pytest.raises(ValueError):
+        inputs.check_owner(owner)
+
+
+def test_a_profile_name_ending_in_a_newline_is_refused():
+    with pytest.raises(ValueError):
+        inputs.check_profile_name("gpu\n")

@@ -17,6 +17,7 @@ from helpers import run_headers
 from helpers import runtime_for
 from helpers import start_flow
 from helpers import through_api
+from instance_info import InstanceInfo
 from instances import Order
 
 
@@ -69,7 +70,7 @@ async def test_a_read_does_not_spend_its_signature(sink, rt):
     sign = signing.signature(KEY, ts, signing.owner_listing_subject("bob"))
     for _ in range(2):
         flow = await run_headers(listing("bob", ts, sign), sink, rt)
-        assert flow.response.status_code == 200 and body(flow)["result"] == {"instances": []}
+        assert flow.response.status_code == 200 and body(flow)["result"] == {"instances": [], "omitted": 0}
 
 
 @pytest.mark.parametrize(
@@ -111,3 +112,57 @@ async def test_an_owner_at_its_cap_is_429_before_the_signature_is_spent(sink, rt
     assert not await rt.store.redis.exists(rt.store.key("signed", sign))  # the same request may come again
     flow = await through_api(start_flow("b.csv", owner="bob"), sink, rt)  # another owner starts
     assert flow.response.status_code == 200, flow.response.content
+
+
+async def test_an_owner_with_a_trailing_newline_is_refused_not_another_owner(sink, rt):
+    """Review (issue 20): `$` matched before a final newline, so 'alice\\n' was a valid owner of its
+    own (another Redis key): past alice's cap, and a newline in a signed subject and in log lines."""
+    await rt.instances.start(Order("a.csv", owner="alice"), b"x")
+    value = "alice\n"
+    ts = str(int(time.time()))
+    sign = signing.signature(KEY, ts, signing.start_subject("b.csv", {"owner": value}))
+    query = f"ts={ts}&filename=b.csv&owner=alice%0A"
+    flow = request_flow("POST", f"/datalab/start?{query}", {"X-SIGN": sign, "Content-Length": "1"}, b"x")
+    flow = await through_api(flow, sink, rt)
+    assert (flow.response.status_code, body(flow)["code"]) == (400, "BAD_REQUEST"), body(flow)
+    flow = await run_headers(listing(value), sink, rt)
+    assert (flow.response.status_code, body(flow)["code"]) == (400, "BAD_REQUEST"), body(flow)
+
+
+@pytest.mark.parametrize(
+    "query, signed, code",
+    [
+        ("owner=alice&owner=bob", {"owner": "alice"}, "BAD_REQUEST"),  # repeated: never one of the two
+        ("owner=alice&owner=alice", {"owner": "alice"}, "BAD_REQUEST"),
+        ("owner=", {"owner": ""}, "BAD_REQUEST"),  # empty: not the same as absent
+        ("profile=", {"profile": ""}, "BAD_REQUEST"),
+        ("unpack=", {"unpack": ""}, "BAD_REQUEST"),
+        ("owner=al%C3%AFce", {"owner": "al\u00efce"}, "BAD_REQUEST"),  # unicode: not an owner's characters
+        ("owner=alice", {}, "BAD_SIGNATURE"),  # added after signing
+        ("owner=al%69ce", {"owner": "alic"}, "BAD_SIGNATURE"),  # percent-encoded: the decoded value is signed
+        ("profile=default", {"profile": "default", "owner": "alice"}, "BAD_SIGNATURE"),  # dropped after signing
+    ],
+)
+async def test_a_starts_extras_are_one_each_and_signed_as_decoded(query, signed, code, sink, rt):
+    """Review of issue 20: a start's extra parameters cannot be repeated, emptied, or added, changed or
+    dropped after signing (403, or 400 before the signature is checked); nothing is spent or started."""
+    ts = str(int(time.time()))
+    sign = signing.signature(KEY, ts, signing.start_subject("b.csv", signed))
+    flow = request_flow(
+        "POST", f"/datalab/start?ts={ts}&filename=b.csv&{query}", {"X-SIGN": sign, "Content-Length": "1"}, b"x"
+    )
+    flow = await through_api(flow, sink, rt)
+    assert body(flow)["code"] == code, body(flow)
+    assert not await rt.store.redis.exists(rt.store.key("signed", sign))
+    assert await rt.store.redis.zcard(rt.store.key("slots")) == 0
+
+
+async def test_a_percent_encoded_extra_is_its_decoded_value(sink, rt):
+    ts = str(int(time.time()))
+    sign = signing.signature(KEY, ts, signing.start_subject("b.csv", {"owner": "alice"}))
+    flow = request_flow(
+        "POST", f"/datalab/start?ts={ts}&filename=b.csv&owner=al%69ce", {"X-SIGN": sign, "Content-Length": "1"}, b"x"
+    )
+    flow = await through_api(flow, sink, rt)
+    assert flow.response.status_code == 200, body(flow)
+    assert [e.owner for e in await InstanceInfo(rt.store, rt.instances.owners, rt.settings).of_owner("alice")]

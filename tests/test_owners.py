@@ -11,6 +11,7 @@ import time
 import pytest
 from test_instances import pooled
 
+import owners
 from backends import BackendError
 from fake_backend import FailingBackend
 from fake_backend import FakeBackend
@@ -120,6 +121,20 @@ async def test_reconciliation_forgets_ended_instances_then_the_owner(make_instan
     assert not {"owned:alice", "owners"} & keys_of(redis_url)
 
 
+async def test_reconciliation_tidies_owners_by_the_pipelineful(make_instances, redis_url):
+    """Review of issue 20: every owner of the last week is tidied each culling round, once a round
+    trip each (5,000 owners: 1 s of Redis calls a round); now TIDY_AT_ONCE to a round trip. Owners in
+    several batches, each with a lease run out, are all forgotten; one still starting is kept."""
+    inst = make_instances(FakeBackend())
+    gone = [f"user{i}" for i in range(2 * owners.TIDY_AT_ONCE + 7)]
+    for owner in gone:
+        assert await inst.owners.reserve(owner, "W" * 32, Started("a.csv", "default", 1.0), 2.0, 0, 60)
+    assert await inst.owners.reserve("alice", "A" * 32, Started("a.csv", "default", 1.0), time.time() + 60, 0, 60)
+    await inst.owners.tidy(time.time())
+    assert await inst.store.redis.smembers(inst.store.key("owners")) == {b"alice"}
+    assert await inst.owners.held("alice", time.time()) == 1
+
+
 async def test_a_bound_instance_counts_after_its_lease_even_if_its_proxy_died_before_anything_else(make_instances):
     inst = make_instances(FakeBackend(), max_instances_per_owner=1, queue_timeout=1, start_timeout=1)
     await inst.start(Order("a.csv", owner="alice"), DATA)
@@ -168,3 +183,18 @@ async def test_an_owners_listing_shows_booting_ready_and_ended(make_instances):
     assert [e.state for e in await info.of_owner("alice")] == ["ended", "ready"]
     assert await info.of_owner("bob") == []
     assert await info.of_work("u" * 32) is None
+
+
+async def test_a_listing_is_bounded_and_keeps_what_still_runs(make_instances):
+    """Review of issue 20: an owner's index keeps every start while its work's record lives (a week),
+    and a listing answered all of them: thousands of ended ones, megabytes. Now the oldest ended ones
+    are left out past MAX_LISTED, and counted; what still runs is always listed."""
+    inst = make_instances(FakeBackend(), idle_timeout=100, max_age=1000)
+    info = info_of(inst)
+    handed = [await inst.start(Order(f"{i}.csv", owner="alice"), DATA) for i in range(5)]
+    for h in handed[1:4]:
+        assert await inst.end(await inst.by_nonce(h.nonce), "stopped", "stopped")
+    listed, omitted = await info.listing("alice", most=3)
+    assert [e.filename for e in listed] == ["0.csv", "3.csv", "4.csv"] and omitted == 2
+    assert [e.state for e in listed] == ["ready", "ended", "ready"]
+    assert len(await info.of_owner("alice")) == 5

@@ -82,3 +82,36 @@ def test_a_client_gone_mid_progress_leaves_no_instance(make_proxy, world):
     time.sleep(5)  # a boot cancelled half way leaves nothing behind later either
     assert not world.containers(prefix)
     assert not [k for k in world.keys(prefix) if k.split(b":")[-2] in (b"instance", b"nonce")]
+
+
+def test_forty_progress_starts_at_once_each_get_an_answer_and_leave_nothing(make_proxy, world):
+    """Review of issue 20: a burst of 40 starts asking for their progress, on a proxy with room for
+    two instances: every one is answered (a stream that ends ready, or error with the JSON answer's
+    refusal; or that refusal itself before the body), the ready ones are live instances, and once
+    they are stopped no container, instance or nonce is left."""
+    prefix = world.sub("progress-burst")
+    proxy = make_proxy(prefix=prefix, datalab_max_instances=2, datalab_boots_at_once=1, datalab_queue_timeout=5)
+    outcomes: dict[int, tuple[str, dict]] = {}
+
+    def start(i: int) -> None:
+        answer = proxy.upload(f"burst{i}.csv", DATA, accept="text/event-stream")
+        if answer.headers.get("Content-Type") == "text/event-stream":
+            assert answer.status_code == 200
+            outcomes[i] = events_of(answer)[-1]
+        else:
+            outcomes[i] = ("refused", answer.json() | {"status": answer.status_code})
+
+    threads = [threading.Thread(target=start, args=(i,)) for i in range(40)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=240)
+    assert len(outcomes) == 40, sorted(outcomes)
+    ready = [data for name, data in outcomes.values() if name == "ready"]
+    others = [(name, data) for name, data in outcomes.values() if name != "ready"]
+    assert 1 <= len(ready) <= 2, outcomes
+    assert all(name in ("error", "refused") and data["status"] in (429, 503, 504) for name, data in others), others
+    for data in ready:
+        assert proxy.stop_instance(data["nonce"]).status_code == 200
+    wait_until(lambda: not world.containers(prefix), "every instance removed", timeout=60)
+    assert not [k for k in world.keys(prefix) if k.split(b":")[-2] in (b"instance", b"nonce")]

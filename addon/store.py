@@ -556,12 +556,14 @@ class Store:
         raw = await self.redis.get(self.key("session", session_id))
         return raw.decode() if raw is not None else None
 
-    async def session_left(self, session_id: str) -> float | None:
-        """Seconds until the session expires; None once it has (or never existed)."""
-        left = await self.redis.pttl(self.key("session", session_id))
-        if left == -2:  # no such key
-            return None
-        return float("inf") if left == -1 else left / 1000
+    async def sessions_left(self, session_ids: list[str]) -> list[float | None]:
+        """Seconds until each session expires (inf: never); None for one that has (or never existed).
+        One round trip for all of them."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for session_id in session_ids:
+                pipe.pttl(self.key("session", session_id))
+            lefts = await pipe.execute()
+        return [None if left == -2 else float("inf") if left == -1 else left / 1000 for left in lefts]
 
     async def all_instances(self) -> list[Instance]:
         """Every recorded instance, in one round trip for the records (culling reads them each round)."""

@@ -117,13 +117,13 @@ async def test_no_session_for_an_ended_instance(redis_url):
     await store.close()
 
 
-async def test_a_sessions_time_left_is_its_ttl_and_none_once_gone(redis_url):
+async def test_sessions_time_left_is_their_ttl_and_none_once_gone(redis_url):
     store = await fresh_store(redis_url)
     await store.redis.set("unit:session:" + "S" * 32, "i", ex=60)
-    assert 59 < await store.session_left("S" * 32) <= 60
-    assert await store.session_left("T" * 32) is None  # never made, or expired
-    await store.redis.persist("unit:session:" + "S" * 32)
-    assert await store.session_left("S" * 32) == float("inf")
+    await store.redis.set("unit:session:" + "P" * 32, "i")
+    left, gone, forever = await store.sessions_left(["S" * 32, "T" * 32, "P" * 32])
+    assert 59 < left <= 60 and gone is None and forever == float("inf")
+    assert await store.sessions_left([]) == []
     await store.close()
 
 

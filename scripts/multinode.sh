@@ -17,8 +17,8 @@
 # through its own node's engine, which must be a manager's, and three managers keep the swarm's quorum when one
 # node is lost. DATALAB_MN_MANAGERS=1 makes datalab-mn-1 the only manager (then no replica may run elsewhere).
 #
-# Each engine's data is on a volume (datalab-mn-N-engine): `up` again is quick (a running swarm is kept, an image
-# a node holds already is not loaded again). Its socket is also in /run/datalab-mn/datalab-mn-N/docker.sock,
+# Each engine's data is on a volume (datalab-mn-N-engine; or in memory: DATALAB_MN_ENGINE_DATA=tmpfs, see
+# engine_data): `up` again is quick (a running swarm is kept, an image a node holds already is not loaded again). Its socket is also in /run/datalab-mn/datalab-mn-N/docker.sock,
 # for `docker -H unix://...` from the host; every address of the bridge network is reachable from the host.
 # The images (DATALAB_IMAGE, DATALAB_PROXY_IMAGE: the host's, never rebuilt here) are loaded into every node by
 # `docker save | docker load` (saved once per image ID under $DATALAB_CACHE/multinode); the nodes never pull
@@ -70,12 +70,22 @@ ensure_node() {
       docker run --detach --name "$node" --hostname "$node" --label "$LABEL" \
         --cap-add ALL --cap-drop SYS_RESOURCE --security-opt seccomp=unconfined \
         --security-opt systempaths=unconfined --cgroupns private --network "$NETWORK" \
-        --mount "type=volume,src=$node-engine,dst=/var/lib/docker,volume-label=$LABEL" \
+        --mount "$(engine_data "$node")" \
         --mount "type=bind,src=$SOCKETS/$node,dst=/run/datalab-node" \
         "$NODE_IMAGE" >/dev/null ;;
     *) say "restarting node $node (it was $state)"
       mkdir -p "$SOCKETS/$node"
       docker start "$node" >/dev/null ;;
+  esac
+}
+
+# Where node $1's engine keeps its data (a --mount): a volume (kept while the node is), or memory (quicker to
+# fill and to remove, gone with the node: DATALAB_MN_ENGINE_DATA=tmpfs; ~1.3 GB of each node's images in RAM).
+engine_data() {
+  case "${DATALAB_MN_ENGINE_DATA:-volume}" in
+    volume) echo "type=volume,src=$1-engine,dst=/var/lib/docker,volume-label=$LABEL" ;;
+    tmpfs) echo "type=tmpfs,dst=/var/lib/docker" ;;
+    *) die "DATALAB_MN_ENGINE_DATA=$DATALAB_MN_ENGINE_DATA: volume or tmpfs" ;;
   esac
 }
 
@@ -171,16 +181,19 @@ up() {
 }
 
 down() {
-  local containers volumes
+  local containers
   containers=$(docker ps -aq --filter "label=$LABEL")
   if [ -n "$containers" ]; then
     say "removing the nodes"
     # shellcheck disable=SC2086
     docker rm --force --volumes $containers >/dev/null
   fi
-  volumes=$(docker volume ls -q --filter "label=$LABEL")
-  # shellcheck disable=SC2086
-  [ -z "$volumes" ] || docker volume rm $volumes >/dev/null
+  local volume pids=()
+  for volume in $(docker volume ls -q --filter "label=$LABEL"); do  # in parallel: each is an engine's files
+    docker volume rm "$volume" >/dev/null &
+    pids+=($!)
+  done
+  for volume in "${pids[@]}"; do wait "$volume" || die "a volume was not removed (see above)"; done
   docker network ls -q --filter "label=$LABEL" | xargs -r docker network rm >/dev/null
   rm -rf "$SOCKETS"
   say "down: nothing of the multi-node swarm is left (the node image and saved images stay in their caches)"
@@ -207,10 +220,9 @@ deploy() {
   local first=${NODES[0]} stack=${DATALAB_STACK:-datalab} network=${DATALAB_SWARM_NETWORK:-datalab-swarm} dir
   [ -n "${DATALAB_SIGN_KEY:-}" ] || die "set DATALAB_SIGN_KEY (the key the stack signs and checks with)"
   on "$first" node ls >/dev/null 2>&1 || die "no multi-node swarm is up: scripts/multinode.sh up"
-  export DOCKER_HOST="unix://$SOCKETS/$first/docker.sock" DATALAB_PORT=${DATALAB_PORT:-8080}
-  export DATALAB_REPLICAS=${DATALAB_REPLICAS:-2} DATALAB_SWARM_NETWORK=$network
-  if ! docker network inspect "$network" >/dev/null 2>&1; then
-    docker network create --driver overlay --internal --attachable \
+  export DATALAB_PORT=${DATALAB_PORT:-8080} DATALAB_REPLICAS=${DATALAB_REPLICAS:-2} DATALAB_SWARM_NETWORK=$network
+  if ! on "$first" network inspect "$network" >/dev/null 2>&1; then
+    on "$first" network create --driver overlay --internal --attachable \
       --label datalab.managed-by=datalab-proxy "$network" >/dev/null
   fi
   dir=$(mktemp -d)
@@ -223,29 +235,49 @@ deploy() {
     --set "datalab_swarm_constraint=node.labels.datalab.instances==true" \
     --set "datalab_swarm_network=$network" "$@" > "$dir/args.yml"
   say "deploying the stack $stack ($publish publishes port $DATALAB_PORT on $(address "$first"))"
-  docker stack deploy --resolve-image never -c "$here/deploy/datalab-stack.yml" -c "$here/deploy/publish-$publish.yml" \
+  on "$first" stack deploy --resolve-image never -c "$here/deploy/datalab-stack.yml" -c "$here/deploy/publish-$publish.yml" \
     -c "$here/deploy/multinode.yml" -c "$dir/args.yml" "$stack" >&2
   local service want
   for service in proxy:"$DATALAB_REPLICAS" redis:1 $([ "$publish" = edge ] && echo edge:1); do
     want=${service#*:}
     service="${stack}_${service%%:*}"
-    wait_running "$service" "$want"
+    wait_running "$first" "$service" "$want"
   done
+  wait_answering "http://$(address "$first"):$DATALAB_PORT"
   say "the stack $stack answers on http://$(address "$first"):$DATALAB_PORT/"
 }
 
-# Until $2 tasks of service $1 run (2 minutes at most); a task that failed or was rejected ends it, saying why.
+# Until the addon answers at $1 (its 404 for /datalab/: a replica's task runs before mitmdump listens).
+wait_answering() {
+  python3 - "$1" <<'PY' || die "nothing answered at $1/datalab/ within 60 s"
+import json, sys, time, urllib.error, urllib.request
+deadline = time.monotonic() + 60
+while time.monotonic() < deadline:
+    try:
+        urllib.request.urlopen(sys.argv[1] + "/datalab/", timeout=5)
+    except urllib.error.HTTPError as e:
+        if e.code == 404 and json.load(e).get("code") == "NOT_FOUND":
+            sys.exit(0)
+    except (OSError, ValueError):
+        pass
+    time.sleep(0.5)
+sys.exit(1)
+PY
+}
+
+# Until $3 tasks of service $2 run, as manager $1 sees them (2 minutes at most); a task that failed or was
+# rejected ends it, saying why.
 wait_running() {
-  local service=$1 want=$2 states i
+  local manager=$1 service=$2 want=$3 states i
   for i in $(seq 1 240); do
-    states=$(docker service ps --no-trunc --filter desired-state=running --format '{{.CurrentState}}|{{.Error}}' "$service")
+    states=$(on "$manager" service ps --no-trunc --filter desired-state=running --format '{{.CurrentState}}|{{.Error}}' "$service")
     [ "$(grep -c '^Running' <<<"$states" || true)" -ge "$want" ] && return 0
     if grep -qE '^(Rejected|Failed)' <<<"$states"; then
       die "a task of $service did not start: $(grep -E '^(Rejected|Failed)' <<<"$states" | head -1)"
     fi
     sleep 0.5
   done
-  die "$service: fewer than $want task(s) running after 2 minutes: $(docker service ps --no-trunc "$service" 2>&1 | tail -3)"
+  die "$service: fewer than $want task(s) running after 2 minutes: $(on "$manager" service ps --no-trunc "$service" 2>&1 | tail -3)"
 }
 
 case "${1:-}" in

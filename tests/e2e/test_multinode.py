@@ -1,0 +1,185 @@
+"""The stack on a three-node swarm on this machine (scripts/multinode.sh): nodes are containers with engines of
+their own, joined into a swarm that is not the host's; the stack is deployed there by `multinode.sh deploy`
+(deploy/datalab-stack.yml with deploy/multinode.yml), reached only through its published port on the first
+node's address.
+
+The seed's contract (start, view, a Jupyter request, a kernel's WebSocket round trip, static) with the instance
+on another node than the replica that answered, over the instances' overlay across engines. Which node runs
+the instance and which replica answered are found from the swarm's own task placement (the first node's
+engine), and from the answering replica's log (a marker in each request: its URL is logged).
+Needs the notebook and proxy images on the host; builds the node image when missing (scripts/build-node-image.sh).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import subprocess
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import docker
+import pytest
+import requests
+
+from e2e.proxy import Browser
+from e2e.proxy import Proxy
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "scripts" / "multinode.sh"
+SOCKETS = Path("/run/datalab-mn")
+NODES = ("datalab-mn-1", "datalab-mn-2", "datalab-mn-3")
+INSTANCE_NODES = {"datalab-mn-2", "datalab-mn-3"}  # datalab.instances (multinode.sh)
+PORT = 8080
+CSV = b"city,population\nReykjavik,139875\nNuuk,19872\n"
+UP_TIMEOUT = 900  # a first up may build the node image (debootstrap) and load the images into three engines
+ATTEMPTS = 8  # fresh connections per step until a replica on another node than the instance answered one
+
+
+def engine(node: str) -> docker.DockerClient:
+    return docker.DockerClient(base_url=f"unix://{SOCKETS / node / 'docker.sock'}", timeout=30)
+
+
+def node_address(node: str) -> str:
+    out = subprocess.run(
+        ["docker", "inspect", "-f", '{{(index .NetworkSettings.Networks "datalab-mn-net").IPAddress}}', node],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return out.stdout.strip()
+
+
+class NodeProxy(Proxy):
+    """The tests' client helpers (signing, uploads) pointed at a port published on a node's address."""
+
+    def __init__(self, address: str, port: int, prefix: str, sign_key: str, workdir: Path):
+        super().__init__("redis://unused", prefix, sign_key, workdir)
+        self.address = address
+        self.port = port
+
+    @property
+    def base(self) -> str:
+        return f"http://{self.address}:{self.port}"
+
+
+class MultiNodeStack:
+    """A stack deployed on the multi-node swarm, seen through the first node's engine (a manager's)."""
+
+    def __init__(self, workdir: Path):
+        self.name = f"dlmn{secrets.token_hex(3)}"
+        self.prefix = f"{self.name}:"
+        self.manager = engine(NODES[0])
+        self.proxy = NodeProxy(node_address(NODES[0]), PORT, self.prefix, secrets.token_hex(32), workdir)
+
+    def deploy(self) -> None:
+        env = os.environ | {
+            "DATALAB_STACK": self.name,
+            "DATALAB_KEY_PREFIX": self.prefix,
+            "DATALAB_SIGN_KEY": self.proxy.sign_key,
+            "DATALAB_PORT": str(PORT),
+        }
+        out = subprocess.run(
+            [str(SCRIPT), "deploy", "--set", "datalab_pool_size=0"], env=env, capture_output=True, text=True
+        )
+        assert out.returncode == 0, out.stderr[-3000:]
+
+    def node_of(self, task: dict) -> str:
+        return self.manager.nodes.get(task["NodeID"]).attrs["Description"]["Hostname"]
+
+    def instance_node(self) -> str:
+        """The node whose engine runs this stack's one instance."""
+        services = self.manager.services.list(filters={"label": f"datalab.prefix={self.prefix}"})
+        assert len(services) == 1
+        running = [t for t in services[0].tasks() if t["Status"]["State"] == "running"]
+        assert len(running) == 1
+        return self.node_of(running[0])
+
+    def replica_logs(self) -> dict[str, str]:
+        """Each running proxy replica's log, by the node it runs on."""
+        logs = {}
+        for task in self.manager.services.get(f"{self.name}_proxy").tasks(filters={"desired-state": "running"}):
+            node = self.node_of(task)
+            container = engine(node).containers.get(task["Status"]["ContainerStatus"]["ContainerID"])
+            logs[node] = container.logs().decode(errors="replace")
+        return logs
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    up = subprocess.run([str(SCRIPT), "up"], capture_output=True, text=True, timeout=UP_TIMEOUT)
+    try:
+        assert up.returncode == 0, up.stderr[-3000:]
+        s = MultiNodeStack(tmp_path_factory.mktemp("multinode"))
+        s.deploy()
+        yield s
+    finally:
+        down = subprocess.run([str(SCRIPT), "down"], capture_output=True, text=True, timeout=300)
+        assert down.returncode == 0, down.stderr[-3000:]
+
+
+def answered_across(stack: MultiNodeStack, away_from: str, step: Callable[[str], str]) -> str:
+    """Runs `step` (on fresh connections; it returns the marker its request carried) until a replica on
+    another node than `away_from` answered one: that replica's node."""
+    for _ in range(ATTEMPTS):
+        marker = step(uuid.uuid4().hex[:8])
+        served = [node for node, log in stack.replica_logs().items() if marker in log]
+        assert served, f"no replica logged {marker}"
+        if away_from not in served:
+            return served[0]
+    pytest.fail(f"no replica on another node than {away_from} answered in {ATTEMPTS} attempts")
+
+
+def test_the_contract_with_the_instance_on_another_node(stack):
+    started = time.monotonic()
+    nonce = stack.proxy.start_instance("cities.csv", CSV)
+    start_s = time.monotonic() - started
+    where = stack.instance_node()
+    assert where in INSTANCE_NODES
+    cookies = None
+
+    def view(marker: str) -> str:
+        nonlocal cookies
+        browser = Browser(stack.proxy)
+        r = browser.view(nonce, f"tree?m={marker}")
+        assert r.headers["Set-Cookie"].startswith("datalab_session=")
+        cookies = browser.http.cookies
+        page = browser.get(f"/tree?m={marker}")
+        assert page.status_code == 200 and "Jupyter" in page.text
+        return marker
+
+    def fresh() -> Browser:
+        return Browser(stack.proxy, http=requests.Session())
+
+    def jupyter_request(marker: str) -> str:
+        browser = fresh()
+        browser.http.cookies.update(cookies)
+        r = browser.get(f"/api/status?m={marker}")
+        assert r.status_code == 200 and "started" in r.json()
+        return marker
+
+    def kernel_round_trip(_: str) -> str:
+        browser = fresh()
+        browser.http.cookies.update(cookies)
+        kernel = browser.start_kernel()
+        assert browser.execute(kernel, "print(open('cities.csv').read(), end='')") == CSV.decode()
+        return f"/api/kernels/{kernel}/channels"  # in every WebSocket message's log line
+
+    def static(marker: str) -> str:
+        r = requests.get(stack.proxy.url(f"/datalab/static/{nonce}/files/cities.csv?m={marker}"), timeout=30)
+        assert r.status_code == 200 and r.content == CSV
+        return marker
+
+    answered = {
+        name: answered_across(stack, where, step)
+        for name, step in [
+            ("view", view),
+            ("jupyter", jupyter_request),
+            ("websocket", kernel_round_trip),
+            ("static", static),
+        ]
+    }
+    assert all(node != where for node in answered.values())
+    print(f"start {start_s:.1f} s; instance on {where}; answered from {answered}")

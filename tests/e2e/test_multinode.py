@@ -8,6 +8,8 @@ on another node than the replica that answered, over the instances' overlay acro
 the instance and which replica answered are found from the swarm's own task placement (the first node's
 engine), and from the answering replica's log (a marker in each request: its URL is logged).
 Needs the notebook and proxy images on the host; builds the node image when missing (scripts/build-node-image.sh).
+About 2 minutes on the 2-core machine (an `up` loading the images into three engines ~70 s, `down` ~25-40 s,
+the test ~15 s); it removes the multi-node swarm at the end, one that was up before it too.
 """
 
 from __future__ import annotations

@@ -18,7 +18,9 @@
 # node is lost. DATALAB_MN_MANAGERS=1 makes datalab-mn-1 the only manager (then no replica may run elsewhere).
 #
 # Each engine's data is on a volume (datalab-mn-N-engine; or in memory: DATALAB_MN_ENGINE_DATA=tmpfs, see
-# engine_data): `up` again is quick (a running swarm is kept, an image a node holds already is not loaded again). Its socket is also in /run/datalab-mn/datalab-mn-N/docker.sock,
+# engine_data): `up` again is quick (a running swarm is kept, an image a node holds already is not loaded again).
+# `up` also brings back a node that was stopped (`docker kill datalab-mn-3`: a node lost): restarted, it rejoins
+# by itself with its engine's data on a volume (~5 s), or joins anew (its old entry removed) and gets the images. Its socket is also in /run/datalab-mn/datalab-mn-N/docker.sock,
 # for `docker -H unix://...` from the host; every address of the bridge network is reachable from the host.
 # The images (DATALAB_IMAGE, DATALAB_PROXY_IMAGE: the host's, never rebuilt here) are loaded into every node by
 # `docker save | docker load` (saved once per image ID under $DATALAB_CACHE/multinode); the nodes never pull
@@ -103,7 +105,7 @@ wait_engine() {
 # The swarm: initialised on the first node, the others joined (as managers or workers); a node in another
 # swarm (a stale one) leaves it first. Each node gets its role labels.
 ensure_swarm() {
-  local first=${NODES[0]} node i ready token kind
+  local first=${NODES[0]} node i ready token kind state
   if [ "$(on "$first" info -f '{{.Swarm.LocalNodeState}}')" != active ]; then
     say "initialising the swarm on $first"
     on "$first" swarm init --advertise-addr "$(address "$first")" >/dev/null
@@ -113,12 +115,17 @@ ensure_swarm() {
     node=${NODES[$i]}
     [ "$i" = 0 ] && continue
     grep -qx "$node Ready" <<<"$ready" && continue
-    if [ "$(on "$node" info -f '{{.Swarm.LocalNodeState}}')" != inactive ]; then
-      on "$node" swarm leave --force >/dev/null
-    fi
-    # Entries a node left behind (it joins anew with another ID) go first.
-    on "$first" node ls --format '{{.ID}} {{.Hostname}} {{.Status}}' | awk -v n="$node" '$2 == n && $3 != "Ready" { print $1 }' \
-      | xargs -r docker -H "unix://$SOCKETS/$first/docker.sock" node rm --force >/dev/null
+    state=$(on "$node" info -f '{{.Swarm.LocalNodeState}}')
+    # A node restarted with its engine's data rejoins by itself within seconds.
+    [ "$state" = active ] && ready_within "$first" "$node" 30 && continue
+    [ "$state" = inactive ] || on "$node" swarm leave --force >/dev/null
+    # Entries a node left behind (it joins anew with another ID) go first: a manager's is demoted, then removed.
+    local stale
+    for stale in $(on "$first" node ls --format '{{.ID}} {{.Hostname}} {{.Status}}' \
+                   | awk -v n="$node" '$2 == n && $3 != "Ready" { print $1 }'); do
+      on "$first" node demote "$stale" >/dev/null 2>&1 || true
+      on "$first" node rm --force "$stale" >/dev/null
+    done
     if [ "$i" -lt "$MANAGERS" ]; then kind=manager; else kind=worker; fi
     say "joining $node to the swarm as a $kind"
     token=$(on "$first" swarm join-token -q "$kind")
@@ -129,6 +136,16 @@ ensure_swarm() {
     for role in ${ROLES[$node]}; do args+=(--label-add "datalab.$role=true"); done
     on "$first" node update "${args[@]}" "$node" >/dev/null
   done
+}
+
+# Whether manager $1 sees node $2 ready within $3 seconds.
+ready_within() {
+  local i
+  for i in $(seq 1 $(($3 * 2))); do
+    on "$1" node ls --format '{{.Hostname}} {{.Status}}' | grep -qx "$2 Ready" && return 0
+    sleep 0.5
+  done
+  return 1
 }
 
 # Image $1 in every node, as the host has it (the same ID): saved once per ID, loaded where it differs.

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Builds the image of a multi-node test swarm's node (scripts/multinode.sh) with no container registry, as
 # build-image.sh builds the notebook image: debootstrap a Debian rootfs holding Debian's Docker engine
-# (docker.io, with iptables and iproute2) and `docker import` it. A node is a container with nearly every privilege whose
-# entrypoint (deploy/node-entrypoint.sh) starts that engine; images reach it by `docker save | docker load`.
+# (docker.io, with iptables and iproute2) and `docker import` it. A node is a container with nearly every
+# privilege whose entrypoint (deploy/node-entrypoint.sh) starts that engine; images reach it by `docker save |
+# docker load`.
 #
 #   scripts/build-node-image.sh [--force] [IMAGE]     IMAGE defaults to $DATALAB_NODE_IMAGE or datalab-node:latest
 #

@@ -7,7 +7,8 @@
 #   scripts/multinode.sh down      remove every node, their engines' data, the network: nothing is left
 #   scripts/multinode.sh status    the nodes, their engines and their swarm
 #   scripts/multinode.sh deploy [mitmproxy arguments ...]
-#                                  deploy/datalab-stack.yml on that swarm (docs/operations.md "Multi-node swarm")
+#                                  deploy/datalab-stack.yml on that swarm (docs/operations.md: "A multi-node
+#                                  swarm on one machine")
 #
 # Nodes datalab-mn-1..3 (containers, hostnames and swarm nodes alike), their roles as node labels:
 #   datalab-mn-1  datalab.state (Redis, the edge), datalab.proxy   the stack's state: never an instance here
@@ -20,8 +21,9 @@
 # Each engine's data is on a volume (datalab-mn-N-engine; or in memory: DATALAB_MN_ENGINE_DATA=tmpfs, see
 # engine_data): `up` again is quick (a running swarm is kept, an image a node holds already is not loaded again).
 # `up` also brings back a node that was stopped (`docker kill datalab-mn-3`: a node lost): restarted, it rejoins
-# by itself with its engine's data on a volume (~5 s), or joins anew (its old entry removed) and gets the images. Its socket is also in /run/datalab-mn/datalab-mn-N/docker.sock,
-# for `docker -H unix://...` from the host; every address of the bridge network is reachable from the host.
+# by itself with its engine's data on a volume (~5 s), or joins anew (its old entry removed) and gets the images.
+# Each engine's socket is also in /run/datalab-mn/datalab-mn-N/docker.sock, for `docker -H unix://...` from the
+# host; every address of the bridge network is reachable from the host.
 # The images (DATALAB_IMAGE, DATALAB_PROXY_IMAGE: the host's, never rebuilt here) are loaded into every node by
 # `docker save | docker load` (saved once per image ID under $DATALAB_CACHE/multinode); the nodes never pull
 # anything (their network is internal: no way out, and their engines never ask a registry).
@@ -30,8 +32,9 @@
 # datalab.proxy node, instances only on datalab.instances nodes (--set datalab_swarm_constraint), Redis and its
 # append-only file on a volume of datalab-mn-1, DATALAB_PORT (default 8080) published on datalab-mn-1's address
 # (the edge: this kernel has no IPVS for Swarm's routing mesh; the mesh where it has). DATALAB_SIGN_KEY is
-# required; DATALAB_KEY_PREFIX, DATALAB_IMAGE, DATALAB_PROXY_IMAGE as for ./run.sh --swarm. Deploying again
-# updates the stack. It ends once every task runs and prints the URL.
+# required (fixed at a stack's first deployment: a secret cannot change); DATALAB_KEY_PREFIX, DATALAB_IMAGE,
+# DATALAB_PROXY_IMAGE as for ./run.sh --swarm. Deploying again updates the stack. It ends once the addon
+# answers on the published port, and prints the URL.
 # Needs root, a running Docker engine on the host, and the notebook and proxy images built.
 set -euo pipefail
 

@@ -50,6 +50,9 @@ from backends.docker_network import InstanceNetwork
 from backends.docker_network import made_or_found
 from backends.docker_network import refuse_unconfined
 from backends.docker_network import subnet_and_gateway
+from backends.placement import admits
+from backends.placement import parse_constraint
+from backends.placement import schedulable
 from options import holds
 from options import option
 
@@ -71,7 +74,10 @@ class SwarmOptions(DockerOptions):
         check=holds(bool, "must name an overlay network"),
     )
     swarm_constraint: str = option(
-        "", "Swarm backend: a placement constraint for instances, e.g. node.role==worker; empty: any node."
+        "",
+        "Swarm backend: a placement constraint for instances, e.g. node.role==worker; empty: any node. "
+        "Capacity counts the memory of the nodes it admits.",
+        check=lambda text: None if not text else constraint_problem(text),
     )
 
 
@@ -134,6 +140,21 @@ def ensure_overlay(client: docker.DockerClient, name: str) -> tuple[str, Instanc
         },
     )
     return net.id, InstanceNetwork(name, "", *subnet_and_gateway(name, attrs), False)
+
+
+def constraint_problem(text: str) -> str | None:
+    """Why datalab_swarm_constraint is not a constraint the capacity can weigh, or None."""
+    try:
+        parse_constraint(text)
+    except ValueError as e:
+        return f"must be a placement constraint: {e}"
+    return None
+
+
+def instance_memory(nodes: list[dict[str, Any]], constraint: str) -> int:
+    """Bytes of memory on the nodes (their inspect data) where an instance may run."""
+    admitted = parse_constraint(constraint) if constraint else None
+    return sum(n["Description"]["Resources"]["MemoryBytes"] for n in nodes if schedulable(n) and admits(admitted, n))
 
 
 def is_manager(info: dict[str, Any]) -> bool:
@@ -202,14 +223,11 @@ class SwarmBackend(DockerBackend):
         return await self.network()
 
     async def _memory(self) -> int:
-        """Memory of the swarm's active, ready nodes (the constraint is not weighed)."""
+        """Memory of the swarm's active, ready nodes that the placement constraint admits: those
+        that can run an instance."""
         client = await self.client()
         nodes = await self._call(client.nodes.list)
-        return sum(
-            n.attrs["Description"]["Resources"]["MemoryBytes"]
-            for n in nodes
-            if n.attrs["Status"]["State"] == "ready" and n.attrs["Spec"]["Availability"] == "active"
-        )
+        return instance_memory([n.attrs for n in nodes], self.opts.swarm_constraint)
 
     async def _create(self, spec: ContainerSpec) -> Service:
         client = await self.client()

@@ -61,6 +61,7 @@ log = logging.getLogger(__name__)
 # Task states after which the task never runs (https://docs.docker.com/engine/swarm/how-swarm-mode-works/swarm-task-states/)
 ENDED = ("complete", "failed", "shutdown", "rejected", "orphaned", "remove")
 UNSCHEDULABLE = "no suitable node"  # a pending task's Err when no node matches (constraint, resources)
+LABEL_STACK = "datalab.stack"  # the proxy's stack: two stacks of one key prefix never take each other's instances
 VOLUME_SUFFIXES = {WORK_DIR: "work", "/tmp": "tmp", "/dev/shm": "shm"}  # of each in-memory mount's volume
 
 
@@ -78,6 +79,14 @@ class SwarmOptions(DockerOptions):
         "Swarm backend: a placement constraint for instances, e.g. node.role==worker; empty: any node. "
         "Capacity counts the memory of the nodes it admits.",
         check=lambda text: None if not text else constraint_problem(text),
+    )
+    swarm_stack: str = option(
+        "",
+        "Swarm backend: the proxy's stack, in its instances' labels: a proxy lists, stops and sweeps only its "
+        "own stack's (stacks sharing datalab_key_prefix on one swarm never remove each other's instances); "
+        "deploy/datalab-stack.yml sets it to the stack's name. Empty: instances of any stack of the prefix.",
+        "DATALAB_SWARM_STACK",
+        check=r"[A-Za-z0-9_.\-]*",
     )
 
 
@@ -233,7 +242,14 @@ class SwarmBackend(DockerBackend):
         client = await self.client()
         return await self._call(client.services.create, **self._service_args(spec))
 
+    @property
+    def _family(self) -> dict[str, str]:
+        """The prefix's labels, and the stack's where the proxy knows its stack."""
+        stack = {LABEL_STACK: self.opts.swarm_stack} if self.opts.swarm_stack else {}
+        return {**super()._family, **stack}
+
     def _service_args(self, spec: ContainerSpec) -> dict[str, Any]:
+        labels, family = {**spec.labels, **self._family}, {**spec.family_labels, **self._family}
         resources = Resources(cpu_limit=spec.nano_cpus, mem_limit=docker.utils.parse_bytes(spec.mem_limit))
         resources["Limits"]["Pids"] = spec.pids_limit  # API 1.41; the SDK has no argument for it
         volumes = volume_names(spec.name)
@@ -241,8 +257,8 @@ class SwarmBackend(DockerBackend):
             image=spec.image,
             name=spec.name,
             env=[f"{name}={value}" for name, value in spec.environment.items()],
-            labels=spec.labels,
-            container_labels=spec.labels,
+            labels=labels,
+            container_labels=labels,
             networks=[spec.network],
             endpoint_spec=EndpointSpec(mode="dnsrr", ports={}),  # no port published, no virtual IP
             restart_policy=RestartPolicy(condition="none"),
@@ -251,10 +267,7 @@ class SwarmBackend(DockerBackend):
             dns_config=DNSConfig(nameservers=spec.nameservers),
             mounts=[
                 *spec.mounts,
-                *(
-                    in_memory(target, volumes[target], options, spec.family_labels)
-                    for target, options in spec.in_memory.items()
-                ),
+                *(in_memory(target, volumes[target], options, family) for target, options in spec.in_memory.items()),
             ],
             resources=resources,
             cap_drop=spec.cap_drop,

@@ -242,7 +242,10 @@ deploy() {
   on "$first" node ls >/dev/null 2>&1 || die "no multi-node swarm is up: scripts/multinode.sh up"
   export DATALAB_PORT=${DATALAB_PORT:-8080} DATALAB_REPLICAS=${DATALAB_REPLICAS:-2} DATALAB_SWARM_NETWORK=$network
   if ! on "$first" network inspect "$network" >/dev/null 2>&1; then
-    on "$first" network create --driver overlay --internal --attachable \
+    # encrypted where the nodes' kernel (this host's) has ESP, as the addon makes it (overlay_crypto.py)
+    local encrypted=()
+    grep -qE ' esp_(output|input)$' /proc/kallsyms 2>/dev/null && encrypted=(--opt encrypted)
+    on "$first" network create --driver overlay --internal --attachable "${encrypted[@]}" \
       --label datalab.managed-by=datalab-proxy "$network" >/dev/null
   fi
   dir=$(mktemp -d)

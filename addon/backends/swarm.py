@@ -18,6 +18,7 @@ overrides with services for containers.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -50,6 +51,9 @@ from backends.docker_network import InstanceNetwork
 from backends.docker_network import made_or_found
 from backends.docker_network import refuse_unconfined
 from backends.docker_network import subnet_and_gateway
+from backends.overlay_crypto import ENCRYPTED
+from backends.overlay_crypto import encryption_note
+from backends.overlay_crypto import kernel_has_esp
 from backends.placement import admits
 from backends.placement import parse_constraint
 from backends.placement import schedulable
@@ -134,10 +138,12 @@ def task_address(task: dict[str, Any], network_id: str) -> str | None:
     return None
 
 
-def ensure_overlay(client: docker.DockerClient, name: str) -> tuple[str, InstanceNetwork]:
-    """The overlay's id and addresses, created (labelled, internal, attachable) when missing; one of
-    that name that is not ours, not internal or not attachable is refused. Blocking: call it in a thread."""
-    net = made_or_found(client, name, driver="overlay", internal=True, attachable=True)
+def ensure_overlay(client: docker.DockerClient, name: str, esp: bool | None = None) -> tuple[str, InstanceNetwork]:
+    """The overlay's id and addresses, created (labelled, internal, attachable, and encrypted where
+    this kernel has ESP: `esp`, see overlay_crypto.py) when missing; one of that name that is not
+    ours, not internal or not attachable is refused. Says whether it is encrypted. Blocking: call it in a thread."""
+    encrypted = {"options": {ENCRYPTED: ""}} if esp else {}
+    net = made_or_found(client, name, driver="overlay", internal=True, attachable=True, **encrypted)
     attrs = net.attrs
     refuse_unconfined(
         name,
@@ -148,6 +154,8 @@ def ensure_overlay(client: docker.DockerClient, name: str) -> tuple[str, Instanc
             "the proxy cannot join it (not attachable)": attrs.get("Attachable") is not True,
         },
     )
+    note = encryption_note(name, attrs.get("Options") or {}, esp)
+    (log.info if ENCRYPTED in (attrs.get("Options") or {}) else log.warning)(note)
     return net.id, InstanceNetwork(name, "", *subnet_and_gateway(name, attrs), False)
 
 
@@ -224,7 +232,8 @@ class SwarmBackend(DockerBackend):
             raise BackendError(
                 "instances cannot be confined as configured", "datalab_instance_egress is not available on swarm"
             )
-        self._network_id, net = await self._call(ensure_overlay, client, self.opts.swarm_network)
+        esp = await asyncio.to_thread(kernel_has_esp)
+        self._network_id, net = await self._call(ensure_overlay, client, self.opts.swarm_network, esp)
         return net
 
     async def _confined(self) -> InstanceNetwork:

@@ -57,6 +57,10 @@ from backends.overlay_crypto import kernel_has_esp
 from backends.placement import admits
 from backends.placement import parse_constraint
 from backends.placement import schedulable
+from backends.volume_cleanup import LABEL_CLEANUP
+from backends.volume_cleanup import cleanup_job
+from backends.volume_cleanup import ended
+from backends.volume_cleanup import node_ids
 from options import holds
 from options import option
 
@@ -192,6 +196,7 @@ class SwarmBackend(DockerBackend):
         self._network_id = ""
         self._leftover: set[str] = set()  # volumes of removed services, in use when last tried
         self._swept = False
+        self._own_node = ""
 
     exits = Backend.exits  # not followed: Swarm's service events say nothing of a task's exit; reconciliation finds it
 
@@ -323,15 +328,49 @@ class SwarmBackend(DockerBackend):
     async def _list(self) -> list[Service]:
         client = await self.client()
         self._leftover = await self._remove_volumes(self._leftover)  # each reconciliation round, too
-        return await self._call(client.services.list, filters={"label": self._ours}, status=True)
+        listed = await self._call(client.services.list, filters={"label": self._ours}, status=True)
+        jobs = [each for each in listed if LABEL_CLEANUP in self._labels(each)]
+        await self._reap(jobs)
+        return [each for each in listed if LABEL_CLEANUP not in self._labels(each)]
+
+    async def _reap(self, jobs: list[Service]) -> None:
+        """Remove the volume clean-up jobs that ended (volume_cleanup.py); a failed one is logged."""
+        for job in jobs:
+            tasks = await self._call(job.tasks)
+            if ended(tasks, ENDED):
+                if any((t.get("Status") or {}).get("State") != "complete" for t in tasks):
+                    log.error("datalab: the volume clean-up job %s failed on its node: %s", job.name, tasks[-1])
+                try:
+                    await self._call(job.remove)
+                except docker.errors.NotFound:
+                    pass
 
     def _entry(self, service: Service) -> InventoryEntry:
         running = (service.attrs.get("ServiceStatus") or {}).get("RunningTasks", 0) > 0
         return InventoryEntry(self._labels(service).get(LABEL_INSTANCE, ""), service.id, running)
 
     async def _delete(self, service: Service) -> None:
+        """Remove the service, then its volumes: this engine's own at once (or at the next round),
+        another node's by a clean-up job there (volume_cleanup.py)."""
+        nodes = node_ids(await self._call(service.tasks))
+        image = service.attrs["Spec"]["TaskTemplate"]["ContainerSpec"]["Image"]
         await self._call(service.remove)
-        self._leftover |= set(volume_names(service.name).values())
+        volumes = sorted(volume_names(service.name).values())
+        self._leftover |= set(volumes)
+        client = await self.client()
+        for node in nodes - {await self._node_id()}:
+            job = cleanup_job(image, node, volumes, self._family)
+            try:
+                await self._call(client.services.create, name=f"{service.name}-cleanup", **job)
+            except BackendError as e:  # the instance is gone; only its volumes are left there
+                log.error("datalab: could not leave a volume clean-up job on node %s: %s", node[:12], e)
+
+    async def _node_id(self) -> str:
+        """This engine's node in the swarm (its own volumes it removes itself)."""
+        if not self._own_node:
+            client = await self.client()
+            self._own_node = ((await self._call(client.info)).get("Swarm") or {}).get("NodeID", "")
+        return self._own_node
 
     async def _remove(self, handle: str) -> None:
         await super()._remove(handle)

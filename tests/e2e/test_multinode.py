@@ -14,6 +14,7 @@ the test ~15 s); it removes the multi-node swarm at the end, one that was up bef
 
 from __future__ import annotations
 
+import asyncio
 import os
 import secrets
 import subprocess
@@ -26,8 +27,13 @@ import docker
 import pytest
 import requests
 
+from backends.container_spec import ContainerSpec
+from backends.swarm import SwarmBackend
+from backends.swarm import volume_names
+from e2e.conftest import IMAGE
 from e2e.proxy import Browser
 from e2e.proxy import Proxy
+from helpers import backend_of
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "multinode.sh"
@@ -37,6 +43,7 @@ INSTANCE_NODES = {"datalab-mn-2", "datalab-mn-3"}  # datalab.instances (multinod
 PORT = 8080
 CSV = b"city,population\nReykjavik,139875\nNuuk,19872\n"
 UP_TIMEOUT = 900  # a first up may build the node image (debootstrap) and load the images into three engines
+CONSTRAINT = "node.labels.datalab.instances==true"  # what multinode.sh deploy gives the replicas
 ATTEMPTS = 8  # fresh connections per step until a replica on another node than the instance answered one
 
 
@@ -185,3 +192,58 @@ def test_the_contract_with_the_instance_on_another_node(stack):
     }
     assert all(node != where for node in answered.values())
     print(f"start {start_s:.1f} s; instance on {where}; answered from {answered}")
+
+
+def rig_backend(**changes) -> SwarmBackend:
+    """A Swarm backend of a prefix of its own on the first node's engine (a manager), from the host."""
+    url = f"unix://{SOCKETS / NODES[0] / 'docker.sock'}"
+    return backend_of(SwarmBackend, **{"image": IMAGE, "docker_url": url, "swarm_constraint": CONSTRAINT, **changes})
+
+
+async def test_capacity_counts_only_the_nodes_the_constraint_admits(stack):
+    """Every node here reports the host's memory, so the count of nodes is what tells: 2 of 3 admit instances."""
+    one = stack.manager.nodes.list()[0].attrs["Description"]["Resources"]["MemoryBytes"]
+    assert all(n.attrs["Description"]["Resources"]["MemoryBytes"] == one for n in stack.manager.nodes.list())
+    assert await rig_backend().memory() == 2 * one
+    assert await rig_backend(swarm_constraint="").memory() == 3 * one
+    assert await rig_backend(swarm_constraint="node.role==manager").memory() == 3 * one  # all three are managers
+
+
+async def until(check: Callable[[], object], timeout: float, what: str) -> object:
+    """`check()` until it is true (bounded; no timing asserted beyond the bound)."""
+    deadline = time.monotonic() + timeout
+    while not (found := check()):
+        assert time.monotonic() < deadline, what
+        await asyncio.sleep(0.5)
+    return found
+
+
+async def test_a_stopped_instances_volumes_are_removed_on_the_node_that_ran_it(stack):
+    backend = rig_backend()
+    net = await backend.network()
+    image = await backend._image(IMAGE)
+    spec = ContainerSpec.from_limits(backend.resolved(backend.limits), image, "i" * 32, "t0ken", net.name)
+    service = await backend._create(spec)
+    try:
+
+        def running() -> str | None:
+            tasks = [t for t in service.tasks() if t["Status"]["State"] == "running"]
+            return stack.node_of(tasks[0]) if tasks else None
+
+        node = await until(running, 60, "the instance's task never ran")
+        assert node in INSTANCE_NODES and node != NODES[0]  # another engine than the one asked
+        names = set(volume_names(spec.name).values())
+        there = engine(node)
+        assert {v.name for v in there.volumes.list()} >= names  # made there, not on the manager
+    finally:
+        await backend.stop(service.id)
+
+    await until(lambda: not names & {v.name for v in there.volumes.list()}, 150, "the volumes stayed on their node")
+
+    ours = {"label": f"datalab.prefix={backend.limits.label_prefix}"}
+    for _ in range(60):  # each reconciliation round (inventory) removes the clean-up jobs that ended
+        await backend.inventory()
+        if not stack.manager.services.list(filters=ours):
+            break
+        await asyncio.sleep(1)
+    assert stack.manager.services.list(filters=ours) == []  # neither the instance nor its job is left

@@ -319,8 +319,19 @@ class SwarmBackend(DockerBackend):
         return await self._call(client.services.get, handle)
 
     async def _alive(self, service: Service) -> bool:
-        tasks = await self._call(service.tasks)
-        return any(task_running(t) for t in tasks)
+        """A task that runs on a node that is not down: a node lost with its instances keeps their
+        tasks `running` in the manager's record (nothing reports otherwise), as the service's
+        RunningTasks, which counts only tasks on nodes that are up, does not."""
+        client = await self.client()
+        for task in await self._call(service.tasks):
+            if task_running(task):
+                try:
+                    node = await self._call(client.nodes.get, task.get("NodeID", ""))
+                except docker.errors.NotFound:
+                    continue  # the node was removed from the swarm
+                if (node.attrs.get("Status") or {}).get("State") != "down":
+                    return True
+        return False
 
     def _labels(self, service: Service) -> dict[str, str]:
         return service.attrs["Spec"].get("Labels") or {}

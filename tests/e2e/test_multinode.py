@@ -15,9 +15,11 @@ the test ~15 s); it removes the multi-node swarm at the end, one that was up bef
 from __future__ import annotations
 
 import asyncio
+import io
 import os
 import secrets
 import subprocess
+import tarfile
 import time
 import uuid
 from collections.abc import Callable
@@ -26,6 +28,7 @@ from pathlib import Path
 import docker
 import pytest
 import requests
+import websockets
 
 from backends.container_spec import ContainerSpec
 from backends.swarm import SwarmBackend
@@ -33,6 +36,7 @@ from backends.swarm import volume_names
 from e2e.conftest import IMAGE
 from e2e.proxy import Browser
 from e2e.proxy import Proxy
+from e2e.proxy import run_code
 from helpers import backend_of
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -247,3 +251,169 @@ async def test_a_stopped_instances_volumes_are_removed_on_the_node_that_ran_it(s
             break
         await asyncio.sleep(1)
     assert stack.manager.services.list(filters=ours) == []  # neither the instance nor its job is left
+
+
+GONE_BOUND = 120  # seconds from a node's death to its sessions' 410 (reported; the bound only ends a hung test)
+
+
+def one_node_memory(stack: MultiNodeStack) -> int:
+    return stack.manager.nodes.list()[0].attrs["Description"]["Resources"]["MemoryBytes"]
+
+
+def session_on(stack: MultiNodeStack, node: str, attempts: int = 6) -> tuple[Browser, str, str]:
+    """A viewed session (its browser, its instance's nonce and work) whose instance runs on `node`: starts
+    until Swarm places one there (it spreads them), stopping the others."""
+    for _ in range(attempts):
+        nonce, work = stack.proxy.start_with_work("cities.csv", CSV)
+        services = stack.manager.services.list(filters={"label": f"datalab.prefix={stack.prefix}"})
+        placed = {stack.node_of(t): s for s in services for t in s.tasks() if t["Status"]["State"] == "running"}
+        newest = max(services, key=lambda s: s.attrs["CreatedAt"])
+        if placed.get(node) is newest:
+            browser = Browser(stack.proxy)
+            browser.view(nonce)
+            return browser, nonce, work
+        assert stack.proxy.stop_instance(nonce).status_code == 200
+    pytest.fail(f"no instance was placed on {node} in {attempts} starts")
+
+
+def kill(node: str) -> float:
+    subprocess.run(["docker", "kill", node], check=True, capture_output=True)
+    return time.monotonic()
+
+
+def bring_back() -> None:
+    up = subprocess.run([str(SCRIPT), "up"], capture_output=True, text=True, timeout=UP_TIMEOUT)
+    assert up.returncode == 0, up.stderr[-3000:]
+
+
+def ours_on(node: str, prefix: str) -> list[str]:
+    """What the stack's instances left on a node's engine: containers and volumes of its prefix."""
+    there = engine(node)
+    label = {"label": f"datalab.prefix={prefix}"}
+    return [c.name for c in there.containers.list(all=True, filters=label)] + [
+        v.name for v in there.volumes.list(filters=label)
+    ]
+
+
+async def test_a_worker_node_killed_ends_its_sessions_and_leaves_nothing_when_it_comes_back(stack):
+    node = "datalab-mn-3"  # instances only: no replica, no Redis
+    browser, nonce, work = session_on(stack, node)
+    kernel = browser.start_kernel()
+    with browser.kernel_channels(kernel) as ws:
+        assert run_code(ws, "print(6 * 7)") == "42\n"
+        died = kill(node)
+        while True:  # the session's requests until the proxy says its instance is gone
+            try:  # a request may wait for its connection to a dead node's address: not the test's 30 s
+                r = browser.http.get(browser.url("/api/status"), timeout=GONE_BOUND)
+            except requests.ReadTimeout:
+                r = None
+            if r is not None and r.status_code == 410:
+                break
+            assert time.monotonic() - died < GONE_BOUND, f"still {r and r.status_code} {GONE_BOUND} s after the kill"
+            await asyncio.sleep(0.5)
+        gone_s = time.monotonic() - died
+        assert r.json()["code"] == "INSTANCE_GONE"
+        with pytest.raises(websockets.exceptions.ConnectionClosed):  # the open WebSocket ends too
+            while True:
+                ws.recv(timeout=GONE_BOUND)
+        closed_s = time.monotonic() - died
+
+    one = one_node_memory(stack)
+    for _ in range(120):  # Swarm marks the node down after missed heartbeats
+        if await rig_backend().memory() == one:
+            break
+        await asyncio.sleep(0.5)
+    assert await rig_backend().memory() == one  # capacity: one instance node left, not two
+    capacity_s = time.monotonic() - died
+
+    for _ in range(120):  # its work: unsaved (the node is gone) or saved whole, never half
+        saved = stack.proxy.work(work)
+        if saved.status_code != 503:
+            break
+        await asyncio.sleep(1)
+    if saved.status_code == 200:
+        with tarfile.open(fileobj=io.BytesIO(saved.content), mode="r:gz") as archive:
+            assert archive.getmembers()  # a whole archive: read to its end
+    else:
+        assert (saved.status_code, saved.json()["code"]) == (410, "WORK_UNSAVED"), saved.text
+
+    back = time.monotonic()
+    bring_back()
+    await until(lambda: not ours_on(node, stack.prefix), 180, f"left on {node}: {ours_on(node, stack.prefix)}")
+    clean_s = time.monotonic() - back
+    assert await rig_backend().memory() == 2 * one
+    print(
+        f"node killed: 410 after {gone_s:.1f} s; by {closed_s:.1f} s the WebSocket was closed, by {capacity_s:.1f} s "
+        f"capacity was one node's; work {saved.status_code}; back: nothing of ours on {node} {clean_s:.1f} s after up"
+    )
+
+
+async def test_a_replicas_node_killed_the_other_replica_serves_every_session(stack):
+    node = "datalab-mn-2"  # a proxy replica (and instances); the other replica is on datalab-mn-1
+    browser, nonce, _ = session_on(stack, "datalab-mn-3")
+    assert browser.get("/api/status").status_code == 200
+    died = kill(node)
+    try:
+        served = 0
+        while served < 20:  # 20 requests in a row answered, each on a fresh connection
+            try:
+                r = Browser(stack.proxy, http=requests.Session())
+                r.http.cookies.update(browser.http.cookies)
+                ok = r.get("/api/status").status_code == 200
+            except requests.RequestException:
+                ok = False
+            served = served + 1 if ok else 0
+            assert time.monotonic() - died < GONE_BOUND, f"not served in a row {GONE_BOUND} s after the kill"
+            if not ok:
+                await asyncio.sleep(0.5)
+        print(f"replica's node killed: every request served again after {time.monotonic() - died:.1f} s")
+        kernel = Browser(stack.proxy, http=requests.Session())
+        kernel.http.cookies.update(browser.http.cookies)
+        assert kernel.execute(kernel.start_kernel(), "print(6 * 7)") == "42\n"
+    finally:
+        bring_back()
+    assert stack.proxy.stop_instance(nonce).status_code == 200
+
+
+def median(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[len(ordered) // 2]
+
+
+async def task_start_s(backend: SwarmBackend, client: docker.DockerClient) -> float:
+    """Seconds from a service's creation to its task running (placement, the node's container), then removed."""
+    net = await backend.network()
+    image = await backend._image(IMAGE)
+    spec = ContainerSpec.from_limits(backend.resolved(backend.limits), image, "i" * 32, "t0ken", net.name)
+    began = time.monotonic()
+    service = await backend._create(spec)
+    try:
+        await until(lambda: any(t["Status"]["State"] == "running" for t in service.tasks()), 60, "never ran")
+        return time.monotonic() - began
+    finally:
+        await backend.stop(service.id)
+
+
+async def test_start_times_multi_node_against_single_node_and_memory(stack):
+    """For the note (printed, nothing timed is asserted): in one run, alternating, a task's start on the
+    host's single-node swarm and on this swarm's instance nodes; starts through the stack's port; memory."""
+    single, multi = backend_of(SwarmBackend, image=IMAGE), rig_backend()
+    host = docker.from_env()
+    times: dict[str, list[float]] = {"single-node task": [], "multi-node task": [], "multi-node stack start": []}
+    for _ in range(5):
+        times["single-node task"].append(await task_start_s(single, host))
+        times["multi-node task"].append(await task_start_s(multi, stack.manager))
+        began = time.monotonic()
+        nonce = stack.proxy.start_instance("cities.csv", CSV)
+        times["multi-node stack start"].append(time.monotonic() - began)
+        assert stack.proxy.stop_instance(nonce).status_code == 200
+    medians = {what: round(median(each), 2) for what, each in times.items()}
+    ratio = medians["multi-node task"] / medians["single-node task"]
+    free = subprocess.run(["free", "-m"], capture_output=True, text=True).stdout
+    stats = subprocess.run(
+        ["docker", "stats", "--no-stream", "--format", "{{.Name}} {{.MemUsage}}", *NODES],
+        capture_output=True,
+        text=True,
+    ).stdout
+    print(f"start medians (s) {medians}; multi/single task {ratio:.2f}x\n{free}{stats}")
+    host.close()

@@ -7,9 +7,16 @@ The seed's contract (start, view, a Jupyter request, a kernel's WebSocket round 
 on another node than the replica that answered, over the instances' overlay across engines. Which node runs
 the instance and which replica answered are found from the swarm's own task placement (the first node's
 engine), and from the answering replica's log (a marker in each request: its URL is logged).
+Then, on that swarm: capacity counted from the nodes the constraint admits; a stopped instance's volumes
+removed on the worker that ran it; a worker node killed (`docker kill`) with an instance and an open kernel
+WebSocket on it (410, the WebSocket closed, capacity one node's, the work unsaved or whole, nothing left on it
+once `multinode.sh up` brings it back); a replica's node killed (the other replica serves every session);
+start-time medians against the host's single-node swarm and the machine's memory, printed for the note.
 Needs the notebook and proxy images on the host; builds the node image when missing (scripts/build-node-image.sh).
-About 2 minutes on the 2-core machine (an `up` loading the images into three engines ~70 s, `down` ~25-40 s,
-the test ~15 s); it removes the multi-node swarm at the end, one that was up before it too.
+The proxy image must hold this tree's addon (the stack runs it): DATALAB_PROXY_IMAGE names another than
+datalab-proxy:latest (scripts/build-proxy-image.sh IMAGE). About 5-6 minutes on the 2-core machine (an `up`
+~70 s, the node kill ~110 s, `down` ~25-40 s); it removes the multi-node swarm at the end, one that was up
+before it too.
 """
 
 from __future__ import annotations

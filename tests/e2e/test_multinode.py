@@ -399,6 +399,9 @@ async def task_start_s(backend: SwarmBackend, client: docker.DockerClient) -> fl
         return time.monotonic() - began
     finally:
         await backend.stop(service.id)
+        task = {"label": f"com.docker.swarm.service.id={service.id}"}
+        await until(lambda: not client.containers.list(all=True, filters=task), 60, "its container stayed")
+        await backend.stop(service.id)  # again, once its container is gone: this engine's volumes go too
 
 
 async def test_start_times_multi_node_against_single_node_and_memory(stack):

@@ -17,8 +17,10 @@ from backends import BackendError
 from backends import ImageMissing
 from backends import StartTimeout
 from backends.choice import choose
+from backends.container_spec import LABEL_INSTANCE
 from backends.container_spec import LABEL_PREFIX
 from backends.container_spec import ContainerSpec
+from backends.swarm import LABEL_STACK
 from backends.swarm import SwarmBackend
 from backends.swarm import ensure_overlay
 from e2e.conftest import IMAGE
@@ -169,3 +171,34 @@ def test_a_profiles_limits_and_environment_are_its_services():
     assert args["resources"]["Limits"] == {"NanoCPUs": 5 * 10**8, "MemoryBytes": 2 << 30, "Pids": 128}
     assert {"COURSE=ml", "DATALAB_AUTH=t0ken"} <= set(args["env"]) and args["image"] == "sha256:abc"
     assert any(m["Target"] == "/home/datalab/work" and "size=800m" in str(m) for m in args["mounts"])
+
+
+def test_the_stack_is_in_an_instances_labels_and_its_volumes():
+    """What the engine is asked (no engine here): the stack's label beside the prefix's, on the
+    service, its container and its in-memory volumes; no stack label where the stack is unknown."""
+    backend = make(swarm_stack="course-a")
+    spec = ContainerSpec.from_limits(backend.resolved(backend.limits), "sha256:abc", "i" * 32, "t0ken", "net")
+    args = backend._service_args(spec)
+    assert args["labels"][LABEL_STACK] == "course-a" and args["container_labels"][LABEL_STACK] == "course-a"
+    assert args["labels"][LABEL_PREFIX] == backend.limits.label_prefix
+    volumes = [m for m in args["mounts"] if m["Type"] == "volume"]
+    assert len(volumes) == 3 and all(m["VolumeOptions"]["Labels"][LABEL_STACK] == "course-a" for m in volumes)
+    assert LABEL_STACK not in make()._service_args(spec)["labels"]
+
+
+async def test_stacks_sharing_a_prefix_never_list_or_remove_each_others_instances(engine):
+    a = make(swarm_stack="stack-a")
+    b = make(swarm_stack="stack-b", label_prefix=a.limits.label_prefix)
+    image = engine.images.get(IMAGE).id
+    labels = {LABEL_PREFIX: a.limits.label_prefix, LABEL_STACK: "stack-a", LABEL_INSTANCE: "i" * 32}
+    service = engine.services.create(image, ["sleep", "infinity"], labels=labels)
+    try:
+        assert [e.handle for e in await b.inventory()] == []
+        await b.stop(service.id)
+        assert engine.services.get(service.id).id == service.id  # not b's: left alone
+        assert [e.handle for e in await a.inventory()] == [service.id]
+        await a.stop(service.id)
+        assert [s.id for s in engine.services.list(filters={"id": service.id})] == []
+    finally:
+        for left in engine.services.list(filters={"id": service.id}):
+            left.remove()

@@ -187,16 +187,21 @@ class DockerBackend(Backend):
             return False
 
     @property
-    def _ours(self) -> str:
+    def _family(self) -> dict[str, str]:
+        """The labels that mark this proxy family's instances (all of them must match)."""
+        return {LABEL_PREFIX: self.limits.label_prefix}
+
+    @property
+    def _ours(self) -> list[str]:
         """The label filter for this proxy family's instances."""
-        return f"{LABEL_PREFIX}={self.limits.label_prefix}"
+        return [f"{key}={value}" for key, value in self._family.items()]
 
     async def inventory(self) -> list[InventoryEntry]:
         return [self._entry(listed) for listed in await self._list()]
 
     async def exits(self) -> AsyncIterator[str]:
         client = await self.client()
-        filters = {"type": "container", "event": ["die", "destroy"], "label": [self._ours]}
+        filters = {"type": "container", "event": ["die", "destroy"], "label": self._ours}
         stream = await self._call(client.events, decode=True, filters=filters)
         queue: asyncio.Queue[dict | None] = asyncio.Queue()
         loop = asyncio.get_running_loop()
@@ -232,7 +237,8 @@ class DockerBackend(Backend):
     async def _remove(self, handle: str) -> None:
         try:
             made = await self._get(handle)
-            if self._labels(made).get(LABEL_PREFIX) != self.limits.label_prefix:
+            labels = self._labels(made)
+            if any(labels.get(key) != value for key, value in self._family.items()):
                 # a handle from a record not ours (Redis is not trusted blindly): never remove it
                 log.error("datalab: refusing to remove %s %s: not one of ours", self.kind, handle[:12])
                 return

@@ -18,6 +18,7 @@ overrides with services for containers.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -50,6 +51,16 @@ from backends.docker_network import InstanceNetwork
 from backends.docker_network import made_or_found
 from backends.docker_network import refuse_unconfined
 from backends.docker_network import subnet_and_gateway
+from backends.overlay_crypto import ENCRYPTED
+from backends.overlay_crypto import encryption_note
+from backends.overlay_crypto import kernel_has_esp
+from backends.placement import admits
+from backends.placement import parse_constraint
+from backends.placement import schedulable
+from backends.volume_cleanup import LABEL_CLEANUP
+from backends.volume_cleanup import cleanup_job
+from backends.volume_cleanup import ended
+from backends.volume_cleanup import node_ids
 from options import holds
 from options import option
 
@@ -58,6 +69,7 @@ log = logging.getLogger(__name__)
 # Task states after which the task never runs (https://docs.docker.com/engine/swarm/how-swarm-mode-works/swarm-task-states/)
 ENDED = ("complete", "failed", "shutdown", "rejected", "orphaned", "remove")
 UNSCHEDULABLE = "no suitable node"  # a pending task's Err when no node matches (constraint, resources)
+LABEL_STACK = "datalab.stack"  # the proxy's stack: two stacks of one key prefix never take each other's instances
 VOLUME_SUFFIXES = {WORK_DIR: "work", "/tmp": "tmp", "/dev/shm": "shm"}  # of each in-memory mount's volume
 
 
@@ -71,7 +83,18 @@ class SwarmOptions(DockerOptions):
         check=holds(bool, "must name an overlay network"),
     )
     swarm_constraint: str = option(
-        "", "Swarm backend: a placement constraint for instances, e.g. node.role==worker; empty: any node."
+        "",
+        "Swarm backend: a placement constraint for instances, e.g. node.role==worker; empty: any node. "
+        "Capacity counts the memory of the nodes it admits.",
+        check=lambda text: None if not text else constraint_problem(text),
+    )
+    swarm_stack: str = option(
+        "",
+        "Swarm backend: the proxy's stack, in its instances' labels: a proxy lists, stops and sweeps only its "
+        "own stack's (stacks sharing datalab_key_prefix on one swarm never remove each other's instances); "
+        "deploy/datalab-stack.yml sets it to the stack's name. Empty: instances of any stack of the prefix.",
+        "DATALAB_SWARM_STACK",
+        check=r"[A-Za-z0-9_.\-]*",
     )
 
 
@@ -119,10 +142,12 @@ def task_address(task: dict[str, Any], network_id: str) -> str | None:
     return None
 
 
-def ensure_overlay(client: docker.DockerClient, name: str) -> tuple[str, InstanceNetwork]:
-    """The overlay's id and addresses, created (labelled, internal, attachable) when missing; one of
-    that name that is not ours, not internal or not attachable is refused. Blocking: call it in a thread."""
-    net = made_or_found(client, name, driver="overlay", internal=True, attachable=True)
+def ensure_overlay(client: docker.DockerClient, name: str, esp: bool | None = None) -> tuple[str, InstanceNetwork]:
+    """The overlay's id and addresses, created (labelled, internal, attachable, and encrypted where
+    this kernel has ESP: `esp`, see overlay_crypto.py) when missing; one of that name that is not
+    ours, not internal or not attachable is refused. Says whether it is encrypted. Blocking: call it in a thread."""
+    encrypted = {"options": {ENCRYPTED: ""}} if esp else {}
+    net = made_or_found(client, name, driver="overlay", internal=True, attachable=True, **encrypted)
     attrs = net.attrs
     refuse_unconfined(
         name,
@@ -133,7 +158,24 @@ def ensure_overlay(client: docker.DockerClient, name: str) -> tuple[str, Instanc
             "the proxy cannot join it (not attachable)": attrs.get("Attachable") is not True,
         },
     )
+    note = encryption_note(name, attrs.get("Options") or {}, esp)
+    (log.info if ENCRYPTED in (attrs.get("Options") or {}) else log.warning)(note)
     return net.id, InstanceNetwork(name, "", *subnet_and_gateway(name, attrs), False)
+
+
+def constraint_problem(text: str) -> str | None:
+    """Why datalab_swarm_constraint is not a constraint the capacity can weigh, or None."""
+    try:
+        parse_constraint(text)
+    except ValueError as e:
+        return f"must be a placement constraint: {e}"
+    return None
+
+
+def instance_memory(nodes: list[dict[str, Any]], constraint: str) -> int:
+    """Bytes of memory on the nodes (their inspect data) where an instance may run."""
+    admitted = parse_constraint(constraint) if constraint else None
+    return sum(n["Description"]["Resources"]["MemoryBytes"] for n in nodes if schedulable(n) and admits(admitted, n))
 
 
 def is_manager(info: dict[str, Any]) -> bool:
@@ -154,6 +196,7 @@ class SwarmBackend(DockerBackend):
         self._network_id = ""
         self._leftover: set[str] = set()  # volumes of removed services, in use when last tried
         self._swept = False
+        self._own_node = ""
 
     exits = Backend.exits  # not followed: Swarm's service events say nothing of a task's exit; reconciliation finds it
 
@@ -194,7 +237,8 @@ class SwarmBackend(DockerBackend):
             raise BackendError(
                 "instances cannot be confined as configured", "datalab_instance_egress is not available on swarm"
             )
-        self._network_id, net = await self._call(ensure_overlay, client, self.opts.swarm_network)
+        esp = await asyncio.to_thread(kernel_has_esp)
+        self._network_id, net = await self._call(ensure_overlay, client, self.opts.swarm_network, esp)
         return net
 
     async def _confined(self) -> InstanceNetwork:
@@ -202,20 +246,24 @@ class SwarmBackend(DockerBackend):
         return await self.network()
 
     async def _memory(self) -> int:
-        """Memory of the swarm's active, ready nodes (the constraint is not weighed)."""
+        """Memory of the swarm's active, ready nodes that the placement constraint admits: those
+        that can run an instance."""
         client = await self.client()
         nodes = await self._call(client.nodes.list)
-        return sum(
-            n.attrs["Description"]["Resources"]["MemoryBytes"]
-            for n in nodes
-            if n.attrs["Status"]["State"] == "ready" and n.attrs["Spec"]["Availability"] == "active"
-        )
+        return instance_memory([n.attrs for n in nodes], self.opts.swarm_constraint)
 
     async def _create(self, spec: ContainerSpec) -> Service:
         client = await self.client()
         return await self._call(client.services.create, **self._service_args(spec))
 
+    @property
+    def _family(self) -> dict[str, str]:
+        """The prefix's labels, and the stack's where the proxy knows its stack."""
+        stack = {LABEL_STACK: self.opts.swarm_stack} if self.opts.swarm_stack else {}
+        return {**super()._family, **stack}
+
     def _service_args(self, spec: ContainerSpec) -> dict[str, Any]:
+        labels, family = {**spec.labels, **self._family}, {**spec.family_labels, **self._family}
         resources = Resources(cpu_limit=spec.nano_cpus, mem_limit=docker.utils.parse_bytes(spec.mem_limit))
         resources["Limits"]["Pids"] = spec.pids_limit  # API 1.41; the SDK has no argument for it
         volumes = volume_names(spec.name)
@@ -223,8 +271,8 @@ class SwarmBackend(DockerBackend):
             image=spec.image,
             name=spec.name,
             env=[f"{name}={value}" for name, value in spec.environment.items()],
-            labels=spec.labels,
-            container_labels=spec.labels,
+            labels=labels,
+            container_labels=labels,
             networks=[spec.network],
             endpoint_spec=EndpointSpec(mode="dnsrr", ports={}),  # no port published, no virtual IP
             restart_policy=RestartPolicy(condition="none"),
@@ -233,10 +281,7 @@ class SwarmBackend(DockerBackend):
             dns_config=DNSConfig(nameservers=spec.nameservers),
             mounts=[
                 *spec.mounts,
-                *(
-                    in_memory(target, volumes[target], options, spec.family_labels)
-                    for target, options in spec.in_memory.items()
-                ),
+                *(in_memory(target, volumes[target], options, family) for target, options in spec.in_memory.items()),
             ],
             resources=resources,
             cap_drop=spec.cap_drop,
@@ -274,8 +319,19 @@ class SwarmBackend(DockerBackend):
         return await self._call(client.services.get, handle)
 
     async def _alive(self, service: Service) -> bool:
-        tasks = await self._call(service.tasks)
-        return any(task_running(t) for t in tasks)
+        """A task that runs on a node that is not down: a node lost with its instances keeps their
+        tasks `running` in the manager's record (nothing reports otherwise), as the service's
+        RunningTasks, which counts only tasks on nodes that are up, does not."""
+        client = await self.client()
+        for task in await self._call(service.tasks):
+            if task_running(task):
+                try:
+                    node = await self._call(client.nodes.get, task.get("NodeID", ""))
+                except docker.errors.NotFound:
+                    continue  # the node was removed from the swarm
+                if (node.attrs.get("Status") or {}).get("State") != "down":
+                    return True
+        return False
 
     def _labels(self, service: Service) -> dict[str, str]:
         return service.attrs["Spec"].get("Labels") or {}
@@ -283,15 +339,49 @@ class SwarmBackend(DockerBackend):
     async def _list(self) -> list[Service]:
         client = await self.client()
         self._leftover = await self._remove_volumes(self._leftover)  # each reconciliation round, too
-        return await self._call(client.services.list, filters={"label": self._ours}, status=True)
+        listed = await self._call(client.services.list, filters={"label": self._ours}, status=True)
+        jobs = [each for each in listed if LABEL_CLEANUP in self._labels(each)]
+        await self._reap(jobs)
+        return [each for each in listed if LABEL_CLEANUP not in self._labels(each)]
+
+    async def _reap(self, jobs: list[Service]) -> None:
+        """Remove the volume clean-up jobs that ended (volume_cleanup.py); a failed one is logged."""
+        for job in jobs:
+            tasks = await self._call(job.tasks)
+            if ended(tasks, ENDED):
+                if any((t.get("Status") or {}).get("State") != "complete" for t in tasks):
+                    log.error("datalab: the volume clean-up job %s failed on its node: %s", job.name, tasks[-1])
+                try:
+                    await self._call(job.remove)
+                except docker.errors.NotFound:
+                    pass
 
     def _entry(self, service: Service) -> InventoryEntry:
         running = (service.attrs.get("ServiceStatus") or {}).get("RunningTasks", 0) > 0
         return InventoryEntry(self._labels(service).get(LABEL_INSTANCE, ""), service.id, running)
 
     async def _delete(self, service: Service) -> None:
+        """Remove the service, then its volumes: this engine's own at once (or at the next round),
+        another node's by a clean-up job there (volume_cleanup.py)."""
+        nodes = node_ids(await self._call(service.tasks))
+        image = service.attrs["Spec"]["TaskTemplate"]["ContainerSpec"]["Image"]
         await self._call(service.remove)
-        self._leftover |= set(volume_names(service.name).values())
+        volumes = sorted(volume_names(service.name).values())
+        self._leftover |= set(volumes)
+        client = await self.client()
+        for node in nodes - {await self._node_id()}:
+            job = cleanup_job(image, node, volumes, self._family)
+            try:
+                await self._call(client.services.create, name=f"{service.name}-cleanup", **job)
+            except BackendError as e:  # the instance is gone; only its volumes are left there
+                log.error("datalab: could not leave a volume clean-up job on node %s: %s", node[:12], e)
+
+    async def _node_id(self) -> str:
+        """This engine's node in the swarm (its own volumes it removes itself)."""
+        if not self._own_node:
+            client = await self.client()
+            self._own_node = ((await self._call(client.info)).get("Swarm") or {}).get("NodeID", "")
+        return self._own_node
 
     async def _remove(self, handle: str) -> None:
         await super()._remove(handle)

@@ -1,0 +1,19 @@
+#!/bin/sh
+# A multi-node test swarm's node (scripts/multinode.sh): its own Docker engine, in a container with every
+# capability the host has (not --privileged: this host's bounding set lacks CAP_SYS_RESOURCE, which
+# --privileged asks for, so runc refuses it), no seccomp filter, /proc/sys writable, its own cgroup namespace.
+# Docker mounts /sys and the cgroup hierarchies read-only there: remounted writable, the engine nests its containers'
+# cgroups under the node's own.
+# DOCKER_SERVICE_PREFER_OFFLINE_IMAGE=1: a service's task runs the image the node holds and the engine never
+# asks a registry for it (nor pins a tag to a digest); images reach a node by `docker save | docker load`.
+# The engine's data is on a volume (/var/lib/docker: overlay2 cannot sit on the container's own overlay).
+# It also listens in /run/datalab-node (a host directory mounted there): the host's docker -H reaches it.
+set -eu
+for m in /sys $(awk '$3 == "cgroup" || $3 == "cgroup2" { print $2 }' /proc/self/mounts); do
+  mount -o remount,bind,rw "$m"
+done
+export DOCKER_SERVICE_PREFER_OFFLINE_IMAGE=1
+rm -f /var/run/docker.pid /run/datalab-node/docker.sock
+mkdir -p /run/datalab-node
+exec dockerd --host unix:///var/run/docker.sock --host unix:///run/datalab-node/docker.sock \
+  --storage-driver overlay2 "$@"

@@ -13,7 +13,11 @@ for m in /sys $(awk '$3 == "cgroup" || $3 == "cgroup2" { print $2 }' /proc/self/
   mount -o remount,bind,rw "$m"
 done
 export DOCKER_SERVICE_PREFER_OFFLINE_IMAGE=1
-rm -f /var/run/docker.pid /run/datalab-node/docker.sock
+# A node killed hard and started again keeps its container's /run: the engine's runtime state from before is
+# stale. Its containerd pid file matters most: dockerd finds a live process under that pid (pids restart in the
+# new pid namespace; a thread of dockerd itself may hold it), waits for a containerd that never comes, and
+# gives up with "timeout waiting for containerd to start". /run is runtime state only: cleared.
+rm -rf /run/docker /run/docker.pid /run/containerd /run/datalab-node/docker.sock
 mkdir -p /run/datalab-node
 exec dockerd --host unix:///var/run/docker.sock --host unix:///run/datalab-node/docker.sock \
   --storage-driver overlay2 "$@"

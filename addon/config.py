@@ -214,6 +214,12 @@ class Settings:
         "has reached it whole; then 504 UPSTREAM_TIMEOUT. A begun answer or an open WebSocket is never cut.",
         check=positive,
     )
+    connect_timeout: int = option(
+        10,
+        "Seconds an instance's address may take to accept a connection (once tried); then the attempt is "
+        "given up (502), and the backend is asked whether the instance is gone (a lost swarm node's are).",
+        check=positive,
+    )
     max_head: int = option(  # tornado's own limit (Jupyter Server runs on it): what passes here, it takes
         64 * 1024,
         "Largest request head (request line and headers), in bytes; a bigger one is refused before it is "

@@ -17,6 +17,7 @@ answers must begin in time (upstream_deadline.py).
 
 from api import Api
 from config import Config
+from connect_deadline import ConnectDeadline
 from deadlines import HeaderDeadline
 from deadlines import OneRequestAtATime
 from guards import FailClosed
@@ -52,6 +53,7 @@ addons = [
     FailClosed(runtime, sink, files),
     TransportSecurity(runtime),
     TrimWebSockets(),
+    ConnectDeadline(runtime),  # a connection to an instance opens within datalab_connect_timeout, or 502
     UpstreamDeadline(runtime),  # an instance's answer begins within datalab_upstream_timeout, or 504
     WebSocketBound(runtime),  # a WebSocket message is held up to datalab_max_ws_message
     WebSocketPassthrough(runtime),  # datalab_websocket=passthrough: routed WebSockets relayed as raw TCP

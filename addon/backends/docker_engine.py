@@ -200,8 +200,15 @@ class DockerBackend(Backend):
         return [self._entry(listed) for listed in await self._list()]
 
     async def exits(self) -> AsyncIterator[str]:
-        client = await self.client()
         filters = {"type": "container", "event": ["die", "destroy"], "label": self._ours}
+        async for event in self._events(filters):
+            instance_id = event.get("Actor", {}).get("Attributes", {}).get(LABEL_INSTANCE)
+            if instance_id:
+                yield instance_id
+
+    async def _events(self, filters: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """The engine's events that match `filters`, as they happen; raises once the feed ends."""
+        client = await self.client()
         stream = await self._call(client.events, decode=True, filters=filters)
         queue: asyncio.Queue[dict | None] = asyncio.Queue()
         loop = asyncio.get_running_loop()
@@ -217,9 +224,7 @@ class DockerBackend(Backend):
         threading.Thread(target=pump, name="docker-events", daemon=True).start()
         try:
             while (event := await queue.get()) is not None:
-                instance_id = event.get("Actor", {}).get("Attributes", {}).get(LABEL_INSTANCE)
-                if instance_id:
-                    yield instance_id
+                yield event
         finally:
             await asyncio.to_thread(stream.close)
         raise EngineUnavailable("the Docker engine stopped sending events")

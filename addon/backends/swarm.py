@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import AsyncIterator
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -35,7 +36,6 @@ from docker.types import Mount
 from docker.types import Resources
 from docker.types import RestartPolicy
 
-from backends import Backend
 from backends import BackendError
 from backends import ImageMissing
 from backends import Instance
@@ -51,6 +51,8 @@ from backends.docker_network import InstanceNetwork
 from backends.docker_network import made_or_found
 from backends.docker_network import refuse_unconfined
 from backends.docker_network import subnet_and_gateway
+from backends.node_loss import instances_of
+from backends.node_loss import node_lost
 from backends.overlay_crypto import ENCRYPTED
 from backends.overlay_crypto import encryption_note
 from backends.overlay_crypto import kernel_has_esp
@@ -198,7 +200,16 @@ class SwarmBackend(DockerBackend):
         self._swept = False
         self._own_node = ""
 
-    exits = Backend.exits  # not followed: Swarm's service events say nothing of a task's exit; reconciliation finds it
+    async def exits(self) -> AsyncIterator[str]:
+        """The instances on each node the swarm marks down, as it does (node_loss.py). An instance
+        whose task exits on a live node is found by reconciliation: Swarm's events do not say."""
+        async for event in self._events({"type": "node"}):
+            node = node_lost(event)
+            if node:
+                client = await self.client()
+                tasks = await self._call(client.api.tasks, filters={"node": node, "desired-state": "running"})
+                for instance_id in instances_of(tasks, self._family):
+                    yield instance_id
 
     @classmethod
     def _judge(cls, client: docker.DockerClient, where: str) -> tuple[bool, str]:

@@ -22,6 +22,7 @@ before it too.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import os
 import secrets
@@ -30,6 +31,7 @@ import tarfile
 import time
 import uuid
 from collections.abc import Callable
+from collections.abc import Iterator
 from pathlib import Path
 
 import docker
@@ -203,6 +205,7 @@ def test_the_contract_with_the_instance_on_another_node(stack):
     }
     assert all(node != where for node in answered.values())
     print(f"start {start_s:.1f} s; instance on {where}; answered from {answered}")
+    assert stack.proxy.stop_instance(nonce).status_code == 200
 
 
 def rig_backend(**changes) -> SwarmBackend:
@@ -267,20 +270,31 @@ def one_node_memory(stack: MultiNodeStack) -> int:
     return stack.manager.nodes.list()[0].attrs["Description"]["Resources"]["MemoryBytes"]
 
 
-def session_on(stack: MultiNodeStack, node: str, attempts: int = 6) -> tuple[Browser, str, str]:
-    """A viewed session (its browser, its instance's nonce and work) whose instance runs on `node`: starts
-    until Swarm places one there (it spreads them), stopping the others."""
-    for _ in range(attempts):
+@contextlib.contextmanager
+def placing_only_on(stack: MultiNodeStack, node: str) -> Iterator[None]:
+    """New tasks go to `node` alone: the other instance nodes paused (their tasks run on). Swarm spreads by
+    tasks per node, and breaks a tie its own way: left to it, a test may never see an instance on `node`."""
+    others = [stack.manager.nodes.get(each) for each in sorted(INSTANCE_NODES - {node})]
+    for other in others:
+        other.update({**other.attrs["Spec"], "Availability": "pause"})
+    try:
+        yield
+    finally:
+        for other in others:
+            other.reload()
+            other.update({**other.attrs["Spec"], "Availability": "active"})
+
+
+def session_on(stack: MultiNodeStack, node: str) -> tuple[Browser, str, str]:
+    """A viewed session (its browser, its instance's nonce and work) whose instance runs on `node`."""
+    with placing_only_on(stack, node):
         nonce, work = stack.proxy.start_with_work("cities.csv", CSV)
-        services = stack.manager.services.list(filters={"label": f"datalab.prefix={stack.prefix}"})
-        placed = {stack.node_of(t): s for s in services for t in s.tasks() if t["Status"]["State"] == "running"}
-        newest = max(services, key=lambda s: s.attrs["CreatedAt"])
-        if placed.get(node) is newest:
-            browser = Browser(stack.proxy)
-            browser.view(nonce)
-            return browser, nonce, work
-        assert stack.proxy.stop_instance(nonce).status_code == 200
-    pytest.fail(f"no instance was placed on {node} in {attempts} starts")
+    services = stack.manager.services.list(filters={"label": f"datalab.prefix={stack.prefix}"})
+    newest = max(services, key=lambda s: s.attrs["CreatedAt"])
+    assert [stack.node_of(t) for t in newest.tasks() if t["Status"]["State"] == "running"] == [node]
+    browser = Browser(stack.proxy)
+    browser.view(nonce)
+    return browser, nonce, work
 
 
 def kill(node: str) -> float:

@@ -1,16 +1,21 @@
 """An instance that does not answer, end to end: a routed request to a frozen Jupyter (its server
 process SIGSTOPped inside its running container: the port accepts, nothing answers) gets a JSON
 504 UPSTREAM_TIMEOUT within datalab_upstream_timeout, over HTTP/1.1 and HTTP/2; once Jupyter runs
-again it is served; and a kernel WebSocket opened before lives through it all.
+again it is served; and a kernel WebSocket opened before lives through it all. An instance whose
+address accepts no connection (its packets dropped, as a lost node's are) is given up after
+datalab_connect_timeout, and served again once it accepts.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+from backends.container_spec import JUPYTER_PORT
 from e2e.helpers import record
 from e2e.helpers import signal_jupyter
 from e2e.proxy import Browser
@@ -27,6 +32,7 @@ CSV = b"x,y\n1,2\n"
 DEADLINE = 4  # seconds: datalab_upstream_timeout of these tests' proxies
 CLIENT_TIMEOUT = 30  # the clients' own bound: far beyond the deadline, so it is the proxy that answers
 STREAMS = 7  # HTTP/2 requests at once on one connection
+CONNECT = 2  # seconds: datalab_connect_timeout where a test needs it short
 
 
 def frozen(world, nonce: str, prefix: str | None = None):
@@ -121,3 +127,33 @@ def test_a_frozen_instance_answers_504_over_http2(redis_server, world, sign_key,
     finally:
         proxy.stop()
         asyncio.run(remove_all(redis_server.url, prefix))
+
+
+@contextlib.contextmanager
+def accepting_nothing(container):
+    """New connections to the container's Jupyter go unanswered: their SYNs dropped in its own
+    network namespace, as a host that is gone drops them (connections open already go on)."""
+    container.reload()
+    netns = ["nsenter", "--target", str(container.attrs["State"]["Pid"]), "--net", "iptables"]
+    rule = ["INPUT", "-p", "tcp", "--dport", str(JUPYTER_PORT), "--syn", "-j", "DROP"]
+    subprocess.run([*netns, "-I", *rule], check=True)
+    try:
+        yield
+    finally:
+        subprocess.run([*netns, "-D", *rule], check=True)
+
+
+def test_an_instance_that_accepts_no_connection_is_given_up_then_served_again(make_proxy, world):
+    proxy = make_proxy(datalab_connect_timeout=CONNECT)
+    nonce = proxy.start_instance("unreachable.csv", CSV)
+    browser = Browser(proxy)
+    browser.view(nonce)
+    with accepting_nothing(frozen(world, nonce)):
+        page = Browser(proxy)  # a new client connection: it needs a new connection to the instance
+        page.http.cookies.update(browser.http.cookies)
+        r = page.http.get(page.url("/api/contents/unreachable.csv"), timeout=CLIENT_TIMEOUT)
+        assert r.status_code == 502, r.text[:300]
+        assert f"did not accept a connection within {CONNECT} s" in r.text, r.text[:300]
+    # The backend still holds the instance: it was not ended for a connection given up.
+    r = Browser(proxy, http=page.http).get("/api/contents/unreachable.csv")
+    assert r.status_code == 200 and r.json()["name"] == "unreachable.csv", r.text[:300]

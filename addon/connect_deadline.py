@@ -16,7 +16,6 @@ its sessions get 410).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 
@@ -24,6 +23,7 @@ from mitmproxy import http
 from mitmproxy.connection import Connection
 from mitmproxy.connection import Server
 
+from flow_timers import FlowTimers
 from handlers import handler_of
 from marks import ROUTED
 from marks import STATIC
@@ -37,7 +37,7 @@ RECHECK = 1.0  # seconds until a request whose connection is not open is looked 
 class ConnectDeadline:
     def __init__(self, runtime: Runtime):
         self.runtime = runtime
-        self._timers: dict[str, asyncio.TimerHandle] = {}
+        self._timers = FlowTimers(self._check)
 
     @property
     def timeout(self) -> int:
@@ -56,22 +56,16 @@ class ConnectDeadline:
         self._forget(flow)
 
     async def done(self) -> None:
-        for timer in self._timers.values():
-            timer.cancel()
         self._timers.clear()
 
     def _arm(self, flow: http.HTTPFlow, delay: float) -> None:
-        self._forget(flow)
-        self._timers[flow.id] = asyncio.get_running_loop().call_later(delay, self._check, flow)
+        self._timers.arm(flow, delay)
 
     def _forget(self, flow: http.HTTPFlow) -> None:
-        timer = self._timers.pop(flow.id, None)
-        if timer is not None:
-            timer.cancel()
+        self._timers.disarm(flow)
 
     def _check(self, flow: http.HTTPFlow) -> None:
         """Give up an attempt older than the bound; look again at one younger, or still waiting."""
-        self._timers.pop(flow.id, None)
         if flow.response or flow.error or not flow.live:
             return
         handler = handler_of(flow.client_conn)

@@ -38,6 +38,7 @@ from mitmproxy.proxy.layers.http import HttpLayer
 from mitmproxy.proxy.layers.http._http1 import Http1Client
 
 import errors
+from flow_timers import FlowTimers
 from handlers import closing_answer
 from handlers import handler_of
 from marks import ROUTED
@@ -54,7 +55,7 @@ MAX_LAYERS = 16  # a layer stack is a handful deep; the walk to the HTTP layer s
 class UpstreamDeadline:
     def __init__(self, runtime: Runtime):
         self.runtime = runtime
-        self._timers: dict[str, asyncio.TimerHandle] = {}
+        self._timers = FlowTimers(self._expire)
         self._unsent: set[str] = set()  # flows whose deadline came before their connection opened
         self._answering: set[asyncio.Task] = set()
 
@@ -84,27 +85,18 @@ class UpstreamDeadline:
         self._forget(flow)
 
     async def done(self) -> None:
-        for timer in self._timers.values():
-            timer.cancel()
         self._timers.clear()
         self._unsent.clear()
         await asyncio.gather(*self._answering, return_exceptions=True)
 
     def _arm(self, flow: http.HTTPFlow, delay: float) -> None:
-        self._disarm(flow)
-        self._timers[flow.id] = asyncio.get_running_loop().call_later(delay, self._expire, flow)
-
-    def _disarm(self, flow: http.HTTPFlow) -> None:
-        timer = self._timers.pop(flow.id, None)
-        if timer is not None:
-            timer.cancel()
+        self._timers.arm(flow, delay)
 
     def _forget(self, flow: http.HTTPFlow) -> None:
-        self._disarm(flow)
+        self._timers.disarm(flow)
         self._unsent.discard(flow.id)
 
     def _expire(self, flow: http.HTTPFlow) -> None:
-        self._timers.pop(flow.id, None)
         task = asyncio.create_task(self._answer(flow))
         self._answering.add(task)
         task.add_done_callback(self._answering.discard)

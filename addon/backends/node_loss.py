@@ -26,7 +26,7 @@ def node_lost(event: Mapping[str, Any]) -> str | None:
 
 
 def instances_of(tasks: list[Mapping[str, Any]], family: Mapping[str, str]) -> list[str]:
-    """The instance ids of the tasks (a node's, meant to run) that carry all of `family`'s labels."""
+    """The instance ids of the tasks (a node's, not ended) that carry all of `family`'s labels."""
     found: list[str] = []
     for task in tasks:
         labels = ((task.get("Spec") or {}).get("ContainerSpec") or {}).get("Labels") or {}

@@ -206,9 +206,13 @@ class SwarmBackend(DockerBackend):
         async for event in self._events({"type": "node"}):
             node = node_lost(event)
             if node:
+                # Not filtered by desired state: Swarm's orchestrator sets a down node's tasks' desired
+                # state to `shutdown` in the commit that marks the node down (restart condition none:
+                # no new task), before this asks; their observed state stays `running`.
                 client = await self.client()
-                tasks = await self._call(client.api.tasks, filters={"node": node, "desired-state": "running"})
-                for instance_id in instances_of(tasks, self._family):
+                tasks = await self._call(client.api.tasks, filters={"node": node})
+                unended = [t for t in tasks if (t.get("Status") or {}).get("State") not in ENDED]
+                for instance_id in instances_of(unended, self._family):
                     yield instance_id
 
     @classmethod

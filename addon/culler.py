@@ -39,6 +39,7 @@ PROBES_AT_ONCE = 100
 # Instances a round ends at once: each end may stream its work archive to the work store, and a
 # round that ends hundreds (a burst reaching its max age together) would run them all side by side.
 ENDS_AT_ONCE = 16
+FEED_HELD = 60.0  # seconds an exits feed must have lasted for its loss to be retried after 1 s again
 
 
 @dataclass(frozen=True)
@@ -102,12 +103,15 @@ class Culler:
         """End instances the moment the backend reports them exited, so their sessions get 410 at once."""
         delay = 1.0
         while True:
+            followed_since = time.monotonic()
             try:
                 async for instance_id in self.instances.backend.exits():
-                    delay = 1.0
                     await self.instances.end_if_gone(instance_id)
             except Exception as e:  # the engine or Redis went away: reconciliation covers the gap
                 log.warning("datalab: not following instance exits (%s); retrying in %.0f s", e, delay)
+            # A feed that held a while was a good one (a swarm's node events are rare: counting ids would not
+            # tell): the next loss is retried at once again.
+            delay = 1.0 if time.monotonic() - followed_since > FEED_HELD else delay
             await asyncio.sleep(delay)
             delay = min(delay * 2, 30.0)
 

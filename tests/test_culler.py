@@ -251,3 +251,29 @@ async def test_a_round_whose_stop_fails_ends_the_others(make_instances):
         await inst.store.redis.zadd("unit:activity", {instance.id: time.time() - 2 * IDLE})
     assert await fake_round(inst) == 2  # both forgotten; their containers are left to a later round
     assert await inst.all() == [] and sorted(inst.backend.stops) == sorted([first.handle, second.handle])
+
+
+async def test_an_exits_feed_that_held_is_retried_at_once_and_one_that_breaks_backs_off(world, monkeypatch):
+    """A swarm's node events are rare: a feed that held a while, then broke (its engine restarted), is
+    retried after 1 s, however long the waits before it grew; feeds that break at once wait longer each time."""
+    rt, _, _ = world
+    clock = [0.0]
+    held = iter([0.0, 0.0, 0.0, 0.0, culler.FEED_HELD + 1, 0.0])  # how long each feed lasts before it breaks
+    waits: list[float] = []
+
+    async def exits():
+        clock[0] += next(held)
+        raise EngineUnavailable("the Docker engine stopped sending events")
+        yield ""  # an async generator
+
+    async def sleep(seconds: float) -> None:
+        waits.append(seconds)
+        if len(waits) == 6:
+            raise asyncio.CancelledError
+
+    rt.instances.backend.exits = exits
+    monkeypatch.setattr(culler.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(culler.asyncio, "sleep", sleep)
+    with pytest.raises(asyncio.CancelledError):
+        await Culler(rt.instances, rt.activity).follow_exits()
+    assert waits == [1.0, 2.0, 4.0, 8.0, 1.0, 2.0]

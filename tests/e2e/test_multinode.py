@@ -42,6 +42,7 @@ import websockets
 from backends.container_spec import ContainerSpec
 from backends.swarm import SwarmBackend
 from backends.swarm import volume_names
+from backends.volume_cleanup import LABEL_CLEANUP
 from e2e.conftest import IMAGE
 from e2e.proxy import Browser
 from e2e.proxy import Proxy
@@ -302,6 +303,13 @@ def session_on(stack: MultiNodeStack, node: str) -> tuple[Browser, str, str]:
     return browser, nonce, work
 
 
+def stack_services(stack: MultiNodeStack) -> list:
+    """The stack's instance services: not its proxies' (no prefix label), nor a volume clean-up job, which
+    waits for its node (volume_cleanup.py)."""
+    listed = stack.manager.services.list(filters={"label": f"datalab.prefix={stack.prefix}"})
+    return [s for s in listed if LABEL_CLEANUP not in (s.attrs["Spec"].get("Labels") or {})]
+
+
 def kill(node: str) -> float:
     subprocess.run(["docker", "kill", node], check=True, capture_output=True)
     return time.monotonic()
@@ -328,15 +336,19 @@ async def test_a_worker_node_killed_ends_its_sessions_and_leaves_nothing_when_it
     with browser.kernel_channels(kernel) as ws:
         assert run_code(ws, "print(6 * 7)") == "42\n"
         died = kill(node)
-        # No request meanwhile (a request's connection given up would check the instance, connect_deadline.py),
-        # and no reconciliation round for an hour: only the node's event can end the instance, closing its WebSocket.
-        with pytest.raises(websockets.exceptions.ConnectionClosed):
+        # No request meanwhile (a request's connection given up would check the instance: connect_deadline.py),
+        # and no reconciliation round for an hour: only the node's event can end the instance (its service
+        # removed), as Swarm marks the node down.
+        node_state = lambda: stack.manager.nodes.get(node).attrs["Status"]["State"]  # noqa: E731
+        await until(lambda: node_state() == "down", GONE_BOUND, f"{node} was never marked down")
+        down_s = time.monotonic() - died
+        await until(lambda: not stack_services(stack), GONE_BOUND, "the lost node's instance was not ended")
+        ended_s = time.monotonic() - died
+        r = browser.http.get(browser.url("/api/status"), timeout=30)
+        assert (r.status_code, r.json()["code"]) == (410, "INSTANCE_GONE"), r.text[:300]
+        with pytest.raises(websockets.exceptions.ConnectionClosed):  # its open WebSocket has ended too
             while True:
                 ws.recv(timeout=GONE_BOUND)
-        closed_s = time.monotonic() - died
-    r = browser.http.get(browser.url("/api/status"), timeout=30)
-    assert (r.status_code, r.json()["code"]) == (410, "INSTANCE_GONE"), r.text[:300]
-    gone_s = time.monotonic() - died
 
     one = one_node_memory(stack)
     for _ in range(120):  # Swarm marks the node down after missed heartbeats
@@ -363,7 +375,7 @@ async def test_a_worker_node_killed_ends_its_sessions_and_leaves_nothing_when_it
     clean_s = time.monotonic() - back
     assert await rig_backend().memory() == 2 * one
     print(
-        f"node killed: its WebSocket closed after {closed_s:.1f} s, 410 by {gone_s:.1f} s, by {capacity_s:.1f} s "
+        f"node killed: marked down after {down_s:.1f} s, its instance ended by {ended_s:.1f} s, by {capacity_s:.1f} s "
         f"capacity was one node's; work {saved.status_code}; back: nothing of ours on {node} {clean_s:.1f} s after up"
     )
 

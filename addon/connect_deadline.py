@@ -2,16 +2,18 @@
 
 An instance's address is on the proxy's own network: a connection that is not accepted within
 seconds never will be. The address has gone without a word, as a lost swarm node's instances'
-have: nothing answers, and the kernel would retry the connect for two minutes. mitmproxy sets no
-bound of its own, and a routed request (its body streamed) reaches its `request` hook only once
-its connection is open, so upstream_deadline.py's deadline never starts for it.
+have: nothing answers, and the kernel would retry the connect for two minutes, holding every
+request that waits for it. mitmproxy sets no bound of its own, and a routed request (its body
+streamed) reaches its `request` hook only once its connection is open, so upstream_deadline.py's
+deadline never starts for it.
 
-So from `requestheaders` on, a routed request (or a static fetch) is looked at until its
-connection is open: once the attempt to open it (counted from its start, not from a wait for one
-of mitmproxy's five connections per client and address) is older than the bound, it is cancelled.
-mitmproxy then answers its own 502 page (an answer an addon cannot make JSON: api.md, "Errors"),
-and its `error` hook runs, where router.py asks the backend whether the instance is gone (then
-its sessions get 410).
+So each upstream connection mitmproxy is about to open (the `server_connect` hook: once per
+connection, not per request, as kept-alive connections serve many) is looked at after the bound:
+once its attempt to open (counted from its start, not from a wait for one of mitmproxy's five
+connections per client and address) is older than that, it is cancelled. mitmproxy then answers
+its own 502 page to the requests that waited for it (an answer an addon cannot make JSON: api.md,
+"Errors"), and their `error` hook runs, where router.py asks the backend whether the instance is
+gone (then its sessions get 410).
 """
 
 from __future__ import annotations
@@ -19,84 +21,54 @@ from __future__ import annotations
 import logging
 import time
 
-from mitmproxy import http
-from mitmproxy.connection import Connection
-from mitmproxy.connection import Server
+from mitmproxy.proxy.server_hooks import ServerConnectionHookData
 
 from flow_timers import FlowTimers
 from handlers import handler_of
-from marks import ROUTED
-from marks import STATIC
 from runtime import Runtime
 
 log = logging.getLogger(__name__)
 
-RECHECK = 1.0  # seconds until a request whose connection is not open is looked at again
+RECHECK = 1.0  # seconds until a connection still waiting for its slot is looked at again
 
 
 class ConnectDeadline:
     def __init__(self, runtime: Runtime):
         self.runtime = runtime
-        self._timers = FlowTimers(self._check)
+        self._timers = FlowTimers(self._check, key=lambda data: data.server.id)
 
     @property
     def timeout(self) -> int:
         return self.runtime.settings.connect_timeout
 
-    def requestheaders(self, flow: http.HTTPFlow) -> None:
-        if flow.response or flow.error or not flow.live:
-            return
-        if ROUTED in flow.metadata or flow.metadata.get(STATIC):
-            self._arm(flow, min(RECHECK, self.timeout))
+    def server_connect(self, data: ServerConnectionHookData) -> None:
+        if data.server.error is None:  # not refused (guards.py)
+            self._timers.arm(data, self.timeout)
 
-    def responseheaders(self, flow: http.HTTPFlow) -> None:
-        self._forget(flow)
+    def server_connected(self, data: ServerConnectionHookData) -> None:
+        self._timers.disarm(data)
 
-    def error(self, flow: http.HTTPFlow) -> None:
-        self._forget(flow)
+    def server_connect_error(self, data: ServerConnectionHookData) -> None:
+        self._timers.disarm(data)
 
     async def done(self) -> None:
         self._timers.clear()
 
-    def _arm(self, flow: http.HTTPFlow, delay: float) -> None:
-        self._timers.arm(flow, delay)
-
-    def _forget(self, flow: http.HTTPFlow) -> None:
-        self._timers.disarm(flow)
-
-    def _check(self, flow: http.HTTPFlow) -> None:
+    def _check(self, data: ServerConnectionHookData) -> None:
         """Give up an attempt older than the bound; look again at one younger, or still waiting."""
-        if flow.response or flow.error or not flow.live:
+        server = data.server
+        if server.connected or server.timestamp_tcp_setup is not None or server.error is not None:
             return
-        handler = handler_of(flow.client_conn)
-        if handler is None:
-            return  # the client is gone: mitmproxy ends the flow itself
-        if flow.server_conn.connected or flow.server_conn.timestamp_tcp_setup:
-            return  # open: upstream_deadline.py bounds the answer from here
-        address = (flow.request.host, flow.request.port)
-        opening = [(conn, io.handler) for conn, io in handler.transports.items() if _opening(conn, address)]
-        if not opening:  # not asked for yet, or waiting for a slot
-            self._arm(flow, RECHECK)
+        handler = handler_of(data.client)
+        io = handler.transports.get(server) if handler is not None else None
+        if io is None or io.handler is None:
+            return  # the client is gone, and its connections with it
+        if server.timestamp_start is None:  # waiting for one of mitmproxy's connections per address
+            self._timers.arm(data, RECHECK)
             return
-        left = min(conn.timestamp_start for conn, _ in opening) + self.timeout - time.time()
-        if left > 0:
-            self._arm(flow, min(RECHECK, left))
+        if (left := server.timestamp_start + self.timeout - time.time()) > 0:
+            self._timers.arm(data, left)
             return
-        instance = flow.metadata.get(ROUTED) or "of a static fetch"
-        log.warning("datalab: instance %s did not accept a connection within %d s; giving up", instance, self.timeout)
-        for conn, task in opening:
-            if time.time() - conn.timestamp_start >= self.timeout:
-                task.cancel(f"datalab: the instance did not accept a connection within {self.timeout} s")
-
-
-def _opening(conn: Connection, address: tuple[str, int]) -> bool:
-    """A connection (of the flow's client) to `address` whose attempt to open has begun and not ended."""
-    return (
-        isinstance(conn, Server)
-        and conn.address is not None
-        and tuple(conn.address[:2]) == address
-        and conn.timestamp_start is not None
-        and conn.timestamp_tcp_setup is None
-        and not conn.connected
-        and conn.error is None
-    )
+        where = f"{server.address[0]}:{server.address[1]}" if server.address else "an instance"
+        log.warning("datalab: %s did not accept a connection within %d s; giving up", where, self.timeout)
+        io.handler.cancel(f"datalab: the instance did not accept a connection within {self.timeout} s")

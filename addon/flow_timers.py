@@ -1,4 +1,5 @@
-"""At most one pending call per flow, for the deadlines that look at a flow later (connect_deadline.py,
+"""At most one pending call per flow (or per whatever `key` names: connect_deadline.py keys its calls by
+their server connection), for the deadlines that look at it later (connect_deadline.py,
 upstream_deadline.py): armed again, the earlier call is cancelled; fired or disarmed, it is forgotten,
 so a flow that ends leaves nothing behind."""
 
@@ -6,21 +7,25 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from typing import Any
 
-from mitmproxy import http
+
+def _flow_id(flow: Any) -> str:
+    return flow.id
 
 
 class FlowTimers:
-    def __init__(self, fire: Callable[[http.HTTPFlow], None]):
+    def __init__(self, fire: Callable[[Any], None], key: Callable[[Any], str] = _flow_id):
         self._fire = fire
+        self._key = key
         self._timers: dict[str, asyncio.TimerHandle] = {}
 
-    def arm(self, flow: http.HTTPFlow, delay: float) -> None:
+    def arm(self, flow: Any, delay: float) -> None:
         self.disarm(flow)
-        self._timers[flow.id] = asyncio.get_running_loop().call_later(delay, self._fired, flow)
+        self._timers[self._key(flow)] = asyncio.get_running_loop().call_later(delay, self._fired, flow)
 
-    def disarm(self, flow: http.HTTPFlow) -> None:
-        timer = self._timers.pop(flow.id, None)
+    def disarm(self, flow: Any) -> None:
+        timer = self._timers.pop(self._key(flow), None)
         if timer is not None:
             timer.cancel()
 
@@ -32,6 +37,6 @@ class FlowTimers:
     def __len__(self) -> int:
         return len(self._timers)
 
-    def _fired(self, flow: http.HTTPFlow) -> None:
-        self._timers.pop(flow.id, None)
+    def _fired(self, flow: Any) -> None:
+        self._timers.pop(self._key(flow), None)
         self._fire(flow)

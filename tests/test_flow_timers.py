@@ -45,3 +45,14 @@ async def test_each_flow_has_its_own_call():
         timers.arm(each, 0.01)
     await asyncio.sleep(0.05)
     assert sorted(f.id for f in fired) == sorted(f.id for f in flows)
+
+
+async def test_calls_may_be_keyed_by_something_else_than_a_flow():
+    """connect_deadline.py's: one call per server connection, given its hook's data."""
+    fired = []
+    timers = FlowTimers(fired.append, key=lambda pair: pair[0])
+    timers.arm(("conn-1", "first"), 0.01)
+    timers.arm(("conn-1", "again"), 0.01)
+    timers.arm(("conn-2", "other"), 0.01)
+    await asyncio.sleep(0.05)
+    assert sorted(fired) == [("conn-1", "again"), ("conn-2", "other")]

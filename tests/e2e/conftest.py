@@ -71,7 +71,10 @@ class World:
         return self.redis.keys((prefix or self.prefix) + "*")
 
     def snapshot(self) -> tuple[set[str], set[bytes]]:
-        return {c.id for c in self.containers()}, set(self.keys())
+        """The containers and keys a request could leave behind; not a lock (a culling round's, held for
+        the round whenever it runs: store.py's `lock:<name>`)."""
+        held = (self.prefix + "lock:").encode()
+        return {c.id for c in self.containers()}, {k for k in self.keys() if not k.startswith(held)}
 
     def processes(self, prefix: str | None = None) -> ProcessBackend:
         """The process backend's view of a prefix's instances (its default directory, as the tests' proxies use)."""

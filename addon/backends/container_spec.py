@@ -59,6 +59,11 @@ def in_memory_mounts(disk_limit: str) -> dict[str, str]:
     }
 
 
+def carries(labels: dict[str, str], family: dict[str, str]) -> bool:
+    """Whether something labelled `labels` is the family's: every one of the family's labels, as is."""
+    return all(labels.get(key) == value for key, value in family.items())
+
+
 @dataclass(frozen=True)
 class ContainerSpec:
     image: str

@@ -42,6 +42,7 @@ from backends.container_spec import JUPYTER_PORT
 from backends.container_spec import LABEL_INSTANCE
 from backends.container_spec import LABEL_PREFIX
 from backends.container_spec import ContainerSpec
+from backends.container_spec import carries
 from backends.docker_network import InstanceNetwork
 from backends.docker_network import close_host_to
 from backends.docker_network import ensure_network
@@ -242,8 +243,7 @@ class DockerBackend(Backend):
     async def _remove(self, handle: str) -> None:
         try:
             made = await self._get(handle)
-            labels = self._labels(made)
-            if any(labels.get(key) != value for key, value in self._family.items()):
+            if not carries(self._labels(made), self._family):
                 # a handle from a record not ours (Redis is not trusted blindly): never remove it
                 log.error("datalab: refusing to remove %s %s: not one of ours", self.kind, handle[:12])
                 return

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from backends.container_spec import LABEL_INSTANCE
+from backends.container_spec import carries
 
 
 def node_lost(event: Mapping[str, Any]) -> str | None:
@@ -31,6 +32,6 @@ def instances_of(tasks: list[Mapping[str, Any]], family: Mapping[str, str]) -> l
     for task in tasks:
         labels = ((task.get("Spec") or {}).get("ContainerSpec") or {}).get("Labels") or {}
         instance_id = labels.get(LABEL_INSTANCE)
-        if instance_id and all(labels.get(k) == v for k, v in family.items()) and instance_id not in found:
+        if instance_id and carries(labels, family) and instance_id not in found:
             found.append(instance_id)
     return found

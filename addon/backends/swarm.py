@@ -131,8 +131,13 @@ def task_failure(task: dict[str, Any], image: str) -> BackendError | None:
     return None
 
 
+def task_state(task: dict[str, Any]) -> str | None:
+    """The task's observed state (what its node last reported)."""
+    return (task.get("Status") or {}).get("State")
+
+
 def task_running(task: dict[str, Any]) -> bool:
-    return (task.get("Status") or {}).get("State") == "running"
+    return task_state(task) == "running"
 
 
 def task_address(task: dict[str, Any], network_id: str) -> str | None:
@@ -211,7 +216,7 @@ class SwarmBackend(DockerBackend):
                 # no new task), before this asks; their observed state stays `running`.
                 client = await self.client()
                 tasks = await self._call(client.api.tasks, filters={"node": node})
-                unended = [t for t in tasks if (t.get("Status") or {}).get("State") not in ENDED]
+                unended = [t for t in tasks if task_state(t) not in ENDED]
                 for instance_id in instances_of(unended, self._family):
                     yield instance_id
 
@@ -364,7 +369,7 @@ class SwarmBackend(DockerBackend):
         for job in jobs:
             tasks = await self._call(job.tasks)
             if ended(tasks, ENDED):
-                if any((t.get("Status") or {}).get("State") != "complete" for t in tasks):
+                if any(task_state(t) != "complete" for t in tasks):
                     log.error("datalab: the volume clean-up job %s failed on its node: %s", job.name, tasks[-1])
                 try:
                     await self._call(job.remove)
